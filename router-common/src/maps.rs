@@ -1,0 +1,108 @@
+//! The BPF maps' names, sizes and value types: the contract between the XDP
+//! program and the daemon.
+
+/// LPM trie of IPv4 peer prefixes: `Key<[u8; 4]>` (address in network order)
+/// -> [`PeerPolicy`].
+pub const PEERS_V4: &str = "PEERS_V4";
+/// LPM trie of IPv6 peer prefixes: `Key<[u8; 16]>` -> [`PeerPolicy`].
+pub const PEERS_V6: &str = "PEERS_V6";
+/// Array with one [`PeerPolicy`]: what applies to sources in neither trie.
+pub const DEFAULT_POLICY: &str = "DEFAULT_POLICY";
+/// Array indexed by UDP port (host order): nonzero marks a CoAP port.
+pub const COAP_PORTS: &str = "COAP_PORTS";
+/// Array indexed by peer id: the peer's GCRA state (see `rate`), shared by
+/// all CPUs and updated with compare-and-swap.
+pub const PEER_RATE: &str = "PEER_RATE";
+/// LRU hash of unknown sources (IPv4 as ::ffff:a.b.c.d) -> GCRA state: the
+/// default rate applies to each unknown source separately.
+pub const UNKNOWN_RATE: &str = "UNKNOWN_RATE";
+/// Per-CPU array indexed by `Reason as u32` -> [`Counter`].
+pub const VERDICTS: &str = "VERDICTS";
+/// Per-CPU array indexed by peer id -> [`PeerCounters`].
+pub const PEER_STATS: &str = "PEER_STATS";
+
+/// Peer ids run from 1 to `MAX_PEERS - 1`; id 0 stands for unknown sources.
+pub const MAX_PEERS: u32 = 131_072;
+pub const UNKNOWN_PEER_ID: u32 = 0;
+/// Prefixes per address family across all peers.
+pub const MAX_PREFIXES: u32 = 262_144;
+/// Unknown sources whose rate state is kept (least recently seen evicted).
+pub const MAX_UNKNOWN_SOURCES: u32 = 65_536;
+pub const PORT_COUNT: u32 = 65_536;
+
+/// `PeerPolicy::action` values.
+pub const POLICY_ALLOW: u32 = 0;
+pub const POLICY_DENY: u32 = 1;
+
+/// What the fast path does with a peer's well-formed CoAP.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct PeerPolicy {
+    /// GCRA emission interval: 1 s / rate. 0 means no rate limit.
+    pub interval_ns: u64,
+    /// GCRA burst tolerance: (burst - 1) * interval_ns.
+    pub burst_ns: u64,
+    /// Index into `PEER_RATE` and `PEER_STATS`.
+    pub peer_id: u32,
+    /// [`POLICY_ALLOW`] or [`POLICY_DENY`].
+    pub action: u32,
+}
+
+/// Packets and bytes (whole frames, as XDP sees them).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Counter {
+    pub packets: u64,
+    pub bytes: u64,
+}
+
+impl Counter {
+    #[inline(always)]
+    pub fn add(&mut self, bytes: u64) {
+        self.packets += 1;
+        self.bytes += bytes;
+    }
+
+    pub fn merge(&mut self, other: &Counter) {
+        self.packets += other.packets;
+        self.bytes += other.bytes;
+    }
+}
+
+/// Per-peer policy verdicts for well-formed CoAP.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct PeerCounters {
+    pub accepted: Counter,
+    /// Denied, unknown-and-dropped or over the rate.
+    pub dropped: Counter,
+}
+
+impl PeerCounters {
+    pub fn merge(&mut self, other: &PeerCounters) {
+        self.accepted.merge(&other.accepted);
+        self.dropped.merge(&other.dropped);
+    }
+}
+
+/// IPv4 addresses as keys of the IPv6-sized `UNKNOWN_RATE` map (RFC 4291
+/// section 2.5.5.2, IPv4-mapped IPv6 address).
+#[inline(always)]
+pub const fn v4_mapped(addr: [u8; 4]) -> [u8; 16] {
+    [
+        0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff, addr[0], addr[1], addr[2], addr[3],
+    ]
+}
+
+#[cfg(feature = "user")]
+mod pod {
+    // SAFETY: all three are repr(C), made of integers, with no padding
+    // (sizes asserted below), so any byte pattern is a valid value.
+    unsafe impl aya::Pod for super::PeerPolicy {}
+    unsafe impl aya::Pod for super::Counter {}
+    unsafe impl aya::Pod for super::PeerCounters {}
+}
+
+const _: () = assert!(core::mem::size_of::<PeerPolicy>() == 24);
+const _: () = assert!(core::mem::size_of::<Counter>() == 16);
+const _: () = assert!(core::mem::size_of::<PeerCounters>() == 32);

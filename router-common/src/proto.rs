@@ -1,0 +1,47 @@
+//! Wire constants for the headers the fast path parses.
+
+pub const ETH_HLEN: usize = 14;
+pub const ETH_P_IPV4: u16 = 0x0800;
+pub const ETH_P_IPV6: u16 = 0x86DD;
+/// IEEE 802.1Q customer VLAN tag.
+pub const ETH_P_8021Q: u16 = 0x8100;
+/// IEEE 802.1ad service VLAN tag (the outer tag of Q-in-Q).
+pub const ETH_P_8021AD: u16 = 0x88A8;
+pub const VLAN_HLEN: usize = 4;
+/// VLAN tags the parser walks (Q-in-Q). A third tag is left to the kernel.
+pub const MAX_VLAN_TAGS: usize = 2;
+
+pub const IPV4_MIN_HLEN: usize = 20;
+pub const IPV6_HLEN: usize = 40;
+/// IPv4 flags/fragment-offset field: More Fragments bit and offset mask.
+pub const IPV4_MF: u16 = 0x2000;
+pub const IPV4_OFFSET_MASK: u16 = 0x1FFF;
+
+pub const IPPROTO_HOPOPTS: u8 = 0;
+pub const IPPROTO_TCP: u8 = 6;
+pub const IPPROTO_UDP: u8 = 17;
+pub const IPPROTO_ROUTING: u8 = 43;
+pub const IPPROTO_FRAGMENT: u8 = 44;
+pub const IPPROTO_AH: u8 = 51;
+pub const IPPROTO_ICMPV6: u8 = 58;
+pub const IPPROTO_DSTOPTS: u8 = 60;
+/// IPv6 extension headers walked before giving up (RFC 8200 section 4.1
+/// recommends at most one of each, in a fixed order: this is ample).
+pub const MAX_IPV6_EXT_HEADERS: usize = 8;
+/// IPv6 fragment header: offset mask and More Fragments bit of its second u16.
+pub const IPV6_FRAG_OFFSET_MASK: u16 = 0xFFF8;
+pub const IPV6_FRAG_MF: u16 = 0x0001;
+
+pub const UDP_HLEN: usize = 8;
+
+/// CoAP over UDP (RFC 7252 section 3).
+pub const COAP_HLEN: usize = 4;
+pub const COAP_VERSION: u8 = 1;
+pub const COAP_MAX_TOKEN_LEN: u8 = 8;
+pub const COAP_DEFAULT_PORT: u16 = 5683;
+
+/// Whether a CoAP code class (the top 3 bits of the Code byte) can occur:
+/// 0 request/Empty, 2 success, 4 client error, 5 server error (section 12.1).
+pub const fn coap_code_class_valid(code: u8) -> bool {
+    matches!(code >> 5, 0 | 2 | 4 | 5)
+}

@@ -1,0 +1,652 @@
+//! The TOML config file (DESIGN.md, "Config"): parsing and validation.
+//!
+//! Every key is optional. The file is read into [`ConfigFile`] (serde, with
+//! unknown keys rejected), then validated as a whole into [`Config`]; errors
+//! name the offending field the way a user writes it, e.g.
+//! `peer[1].prefix[0]`.
+
+use std::collections::HashMap;
+use std::net::{IpAddr, SocketAddr};
+use std::path::{Path, PathBuf};
+use std::str::FromStr;
+
+use serde::Deserialize;
+use thiserror::Error;
+
+use crate::template::Template;
+
+#[derive(Debug, Error)]
+pub enum ConfigError {
+    #[error("cannot read {path}: {source}")]
+    Read {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{path}: {message}")]
+    Syntax { path: PathBuf, message: String },
+    #[error("{field}: {message}")]
+    Invalid { field: String, message: String },
+}
+
+fn invalid(field: impl Into<String>, message: impl Into<String>) -> ConfigError {
+    ConfigError::Invalid {
+        field: field.into(),
+        message: message.into(),
+    }
+}
+
+// ---- The file as written -------------------------------------------------
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ConfigFile {
+    pub coap: CoapSection,
+    pub fastpath: FastpathSection,
+    pub mqtt: MqttSection,
+    pub control: ControlSection,
+    pub metrics: MetricsSection,
+    pub defaults: DefaultsSection,
+    pub peer: Vec<PeerSection>,
+    pub route: Vec<RouteSection>,
+    pub upstream: Vec<UpstreamSection>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct CoapSection {
+    pub listen: Option<Vec<String>>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct FastpathSection {
+    pub interfaces: Vec<String>,
+    pub mode: Option<String>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct MqttSection {
+    pub listen: Option<String>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ControlSection {
+    pub socket: Option<PathBuf>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct MetricsSection {
+    pub listen: Option<String>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct DefaultsSection {
+    pub unknown_peers: Option<String>,
+    pub topic: Option<String>,
+    pub rate: Option<String>,
+    pub burst: Option<u32>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PeerSection {
+    pub name: String,
+    #[serde(default)]
+    pub prefix: Vec<String>,
+    #[serde(default)]
+    pub deny: bool,
+    pub topic: Option<String>,
+    pub rate: Option<String>,
+    pub burst: Option<u32>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RouteSection {
+    pub name: String,
+    #[serde(rename = "match")]
+    pub path_match: String,
+    pub peer: Option<String>,
+    pub method: Option<String>,
+    pub topic: String,
+    #[serde(default)]
+    pub qos: u8,
+    #[serde(default)]
+    pub retain: bool,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct UpstreamSection {
+    pub name: String,
+    pub url: String,
+    #[serde(default)]
+    pub topics: Vec<String>,
+    pub durability: Option<String>,
+}
+
+// ---- The validated config ------------------------------------------------
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum XdpMode {
+    /// Native if the driver supports it, else generic; the result is logged.
+    Auto,
+    Native,
+    /// Generic XDP, in the kernel's receive path (`XDP_FLAGS_SKB_MODE`).
+    Skb,
+    /// No XDP at all.
+    Off,
+}
+
+impl FromStr for XdpMode {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "auto" => Ok(XdpMode::Auto),
+            "native" => Ok(XdpMode::Native),
+            "skb" => Ok(XdpMode::Skb),
+            "off" => Ok(XdpMode::Off),
+            _ => Err(format!("{s:?} is not one of auto, native, skb, off")),
+        }
+    }
+}
+
+/// A packet rate limit. `None` inside means unlimited.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Rate(pub Option<u32>);
+
+impl FromStr for Rate {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        if s == "unlimited" {
+            return Ok(Rate(None));
+        }
+        let per_sec = s
+            .strip_suffix("/s")
+            .and_then(|n| n.trim().parse::<u32>().ok())
+            .filter(|&n| n > 0)
+            .ok_or_else(|| format!("{s:?} is not a rate: write \"N/s\" (N >= 1) or \"unlimited\""))?;
+        Ok(Rate(Some(per_sec)))
+    }
+}
+
+/// An IP prefix with its host bits clear.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct Prefix {
+    pub addr: IpAddr,
+    pub len: u8,
+}
+
+impl FromStr for Prefix {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        let (addr, len) = match s.split_once('/') {
+            Some((a, l)) => (a, Some(l)),
+            None => (s, None),
+        };
+        let addr: IpAddr = addr
+            .parse()
+            .map_err(|_| format!("{s:?} is not an IP prefix (e.g. 10.1.0.0/24, fd00::/64)"))?;
+        let max = if addr.is_ipv4() { 32 } else { 128 };
+        let len = match len {
+            None => max,
+            Some(l) => l
+                .parse::<u8>()
+                .ok()
+                .filter(|&l| l <= max)
+                .ok_or_else(|| format!("{s:?}: prefix length must be 0..={max}"))?,
+        };
+        let prefix = Prefix { addr, len };
+        if prefix.network() != addr {
+            return Err(format!(
+                "{s:?} has host bits set; the network is {}/{len}",
+                prefix.network()
+            ));
+        }
+        Ok(prefix)
+    }
+}
+
+impl Prefix {
+    /// The address with everything past `len` bits cleared.
+    pub fn network(&self) -> IpAddr {
+        match self.addr {
+            IpAddr::V4(a) => {
+                let mask = u32::MAX.checked_shl(32 - u32::from(self.len)).unwrap_or(0);
+                IpAddr::V4((u32::from(a) & mask).into())
+            }
+            IpAddr::V6(a) => {
+                let mask = u128::MAX.checked_shl(128 - u32::from(self.len)).unwrap_or(0);
+                IpAddr::V6((u128::from(a) & mask).into())
+            }
+        }
+    }
+
+    pub fn contains(&self, ip: IpAddr) -> bool {
+        ip.is_ipv4() == self.addr.is_ipv4() && Prefix { addr: ip, len: self.len }.network() == self.addr
+    }
+}
+
+impl std::fmt::Display for Prefix {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}/{}", self.addr, self.len)
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum UnknownPeers {
+    Allow,
+    Drop,
+}
+
+#[derive(Clone, Debug)]
+pub struct Defaults {
+    pub unknown_peers: UnknownPeers,
+    pub topic: Template,
+    pub rate: Rate,
+    pub burst: u32,
+}
+
+#[derive(Clone, Debug)]
+pub struct Peer {
+    pub name: String,
+    pub prefixes: Vec<Prefix>,
+    pub deny: bool,
+    pub topic: Option<Template>,
+    pub rate: Option<Rate>,
+    pub burst: Option<u32>,
+}
+
+#[derive(Clone, Debug)]
+pub struct Route {
+    pub name: String,
+    pub path_match: String,
+    pub peer: Option<String>,
+    pub method: Option<String>,
+    pub topic: Template,
+    pub qos: u8,
+    pub retain: bool,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Durability {
+    Memory,
+    Disk,
+}
+
+#[derive(Clone, Debug)]
+pub struct Upstream {
+    pub name: String,
+    pub url: String,
+    pub topics: Vec<String>,
+    pub durability: Durability,
+}
+
+#[derive(Clone, Debug)]
+pub struct Config {
+    pub coap_listen: Vec<SocketAddr>,
+    pub interfaces: Vec<String>,
+    pub xdp_mode: XdpMode,
+    pub mqtt_listen: SocketAddr,
+    pub control_socket: PathBuf,
+    pub metrics_listen: SocketAddr,
+    pub defaults: Defaults,
+    pub peers: Vec<Peer>,
+    pub routes: Vec<Route>,
+    pub upstreams: Vec<Upstream>,
+}
+
+pub const DEFAULT_COAP_LISTEN: [&str; 2] = ["0.0.0.0:5683", "[::]:5683"];
+pub const DEFAULT_MQTT_LISTEN: &str = "127.0.0.1:1883";
+pub const DEFAULT_CONTROL_SOCKET: &str = "/run/m2m-router/control.sock";
+pub const DEFAULT_METRICS_LISTEN: &str = "127.0.0.1:9683";
+pub const DEFAULT_TOPIC: &str = "m2m/{peer}/{path}";
+pub const DEFAULT_RATE: &str = "100/s";
+pub const DEFAULT_BURST: u32 = 50;
+
+impl Default for Config {
+    fn default() -> Self {
+        ConfigFile::default()
+            .validate()
+            .expect("the built-in defaults are valid")
+    }
+}
+
+impl Config {
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_owned(),
+            source,
+        })?;
+        Config::parse(&text).map_err(|e| match e {
+            ConfigError::Syntax { message, .. } => ConfigError::Syntax {
+                path: path.to_owned(),
+                message,
+            },
+            other => other,
+        })
+    }
+
+    pub fn parse(text: &str) -> Result<Config, ConfigError> {
+        let file: ConfigFile = toml::from_str(text).map_err(|e| ConfigError::Syntax {
+            path: PathBuf::from("<config>"),
+            message: e.to_string(),
+        })?;
+        file.validate()
+    }
+
+    /// The CoAP ports the fast path guards: those of the listen addresses.
+    pub fn coap_ports(&self) -> Vec<u16> {
+        let mut ports: Vec<u16> = self.coap_listen.iter().map(SocketAddr::port).collect();
+        ports.sort_unstable();
+        ports.dedup();
+        ports
+    }
+}
+
+fn parse_field<T: FromStr<Err = String>>(field: &str, value: &str) -> Result<T, ConfigError> {
+    value.parse().map_err(|m| invalid(field, m))
+}
+
+fn socket_addr(field: &str, value: &str) -> Result<SocketAddr, ConfigError> {
+    value.parse().map_err(|_| {
+        invalid(
+            field,
+            format!("{value:?} is not an address with a port (e.g. 0.0.0.0:5683, [::]:5683)"),
+        )
+    })
+}
+
+fn template(field: &str, value: &str) -> Result<Template, ConfigError> {
+    Template::compile(value).map_err(|m| invalid(field, m))
+}
+
+fn name(field: &str, value: &str, seen: &mut HashMap<String, usize>, i: usize) -> Result<(), ConfigError> {
+    let ok = !value.is_empty()
+        && value
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'));
+    if !ok {
+        return Err(invalid(
+            field,
+            format!("{value:?}: names use letters, digits, '-', '_' and '.'"),
+        ));
+    }
+    if let Some(first) = seen.insert(value.to_owned(), i) {
+        return Err(invalid(field, format!("{value:?} is already the name of entry {first}")));
+    }
+    Ok(())
+}
+
+impl ConfigFile {
+    pub fn validate(self) -> Result<Config, ConfigError> {
+        let coap_listen = match &self.coap.listen {
+            None => DEFAULT_COAP_LISTEN.iter().map(|a| a.parse().unwrap()).collect(),
+            Some(list) => list
+                .iter()
+                .enumerate()
+                .map(|(i, a)| socket_addr(&format!("coap.listen[{i}]"), a))
+                .collect::<Result<Vec<_>, _>>()?,
+        };
+        if coap_listen.is_empty() {
+            return Err(invalid("coap.listen", "at least one address is needed"));
+        }
+        for (i, iface) in self.fastpath.interfaces.iter().enumerate() {
+            if iface.is_empty() || iface.len() >= libc::IFNAMSIZ || iface.contains(['/', ' ']) {
+                return Err(invalid(
+                    format!("fastpath.interfaces[{i}]"),
+                    format!("{iface:?} is not a valid interface name"),
+                ));
+            }
+        }
+        let xdp_mode = parse_field("fastpath.mode", self.fastpath.mode.as_deref().unwrap_or("auto"))?;
+        let mqtt_listen = socket_addr(
+            "mqtt.listen",
+            self.mqtt.listen.as_deref().unwrap_or(DEFAULT_MQTT_LISTEN),
+        )?;
+        let metrics_listen = socket_addr(
+            "metrics.listen",
+            self.metrics.listen.as_deref().unwrap_or(DEFAULT_METRICS_LISTEN),
+        )?;
+        let control_socket = self
+            .control
+            .socket
+            .unwrap_or_else(|| PathBuf::from(DEFAULT_CONTROL_SOCKET));
+        if control_socket.as_os_str().is_empty() {
+            return Err(invalid("control.socket", "empty path"));
+        }
+
+        let defaults = Defaults {
+            unknown_peers: match self.defaults.unknown_peers.as_deref().unwrap_or("allow") {
+                "allow" => UnknownPeers::Allow,
+                "drop" => UnknownPeers::Drop,
+                other => {
+                    return Err(invalid(
+                        "defaults.unknown_peers",
+                        format!("{other:?} is not one of allow, drop"),
+                    ))
+                }
+            },
+            topic: template(
+                "defaults.topic",
+                self.defaults.topic.as_deref().unwrap_or(DEFAULT_TOPIC),
+            )?,
+            rate: parse_field("defaults.rate", self.defaults.rate.as_deref().unwrap_or(DEFAULT_RATE))?,
+            burst: self.defaults.burst.unwrap_or(DEFAULT_BURST),
+        };
+        if defaults.burst == 0 {
+            return Err(invalid("defaults.burst", "must be at least 1"));
+        }
+
+        let peers = validate_peers(self.peer)?;
+        let routes = validate_routes(self.route, &peers)?;
+        let upstreams = validate_upstreams(self.upstream)?;
+        Ok(Config {
+            coap_listen,
+            interfaces: self.fastpath.interfaces,
+            xdp_mode,
+            mqtt_listen,
+            control_socket,
+            metrics_listen,
+            defaults,
+            peers,
+            routes,
+            upstreams,
+        })
+    }
+}
+
+fn validate_peers(sections: Vec<PeerSection>) -> Result<Vec<Peer>, ConfigError> {
+    let mut names = HashMap::new();
+    let mut owners: HashMap<Prefix, String> = HashMap::new();
+    let mut peers = Vec::with_capacity(sections.len());
+    for (i, p) in sections.into_iter().enumerate() {
+        let at = |key: &str| format!("peer[{i}].{key}");
+        name(&at("name"), &p.name, &mut names, i)?;
+        if p.prefix.is_empty() {
+            return Err(invalid(at("prefix"), "a peer needs at least one prefix"));
+        }
+        let mut prefixes = Vec::with_capacity(p.prefix.len());
+        for (j, text) in p.prefix.iter().enumerate() {
+            let field = format!("peer[{i}].prefix[{j}]");
+            let prefix: Prefix = parse_field(&field, text)?;
+            if let Some(owner) = owners.insert(prefix, p.name.clone()) {
+                return Err(invalid(field, format!("{prefix} already belongs to peer {owner:?}")));
+            }
+            prefixes.push(prefix);
+        }
+        if p.burst == Some(0) {
+            return Err(invalid(at("burst"), "must be at least 1"));
+        }
+        peers.push(Peer {
+            topic: p.topic.as_deref().map(|t| template(&at("topic"), t)).transpose()?,
+            rate: p.rate.as_deref().map(|r| parse_field(&at("rate"), r)).transpose()?,
+            name: p.name,
+            prefixes,
+            deny: p.deny,
+            burst: p.burst,
+        });
+    }
+    Ok(peers)
+}
+
+fn validate_routes(sections: Vec<RouteSection>, peers: &[Peer]) -> Result<Vec<Route>, ConfigError> {
+    let mut names = HashMap::new();
+    let mut routes = Vec::with_capacity(sections.len());
+    for (i, r) in sections.into_iter().enumerate() {
+        let at = |key: &str| format!("route[{i}].{key}");
+        name(&at("name"), &r.name, &mut names, i)?;
+        if r.path_match.is_empty() {
+            return Err(invalid(at("match"), "empty Uri-Path glob"));
+        }
+        if let Some(peer) = &r.peer {
+            if !peers.iter().any(|p| &p.name == peer) {
+                return Err(invalid(at("peer"), format!("no peer is named {peer:?}")));
+            }
+        }
+        if let Some(m) = &r.method {
+            if !matches!(m.as_str(), "GET" | "POST" | "PUT" | "DELETE" | "FETCH" | "PATCH" | "iPATCH") {
+                return Err(invalid(at("method"), format!("{m:?} is not a CoAP method")));
+            }
+        }
+        if r.qos > 1 {
+            return Err(invalid(at("qos"), format!("{} is not 0 or 1", r.qos)));
+        }
+        routes.push(Route {
+            topic: template(&at("topic"), &r.topic)?,
+            name: r.name,
+            path_match: r.path_match,
+            peer: r.peer,
+            method: r.method,
+            qos: r.qos,
+            retain: r.retain,
+        });
+    }
+    Ok(routes)
+}
+
+fn validate_upstreams(sections: Vec<UpstreamSection>) -> Result<Vec<Upstream>, ConfigError> {
+    let mut names = HashMap::new();
+    let mut upstreams = Vec::with_capacity(sections.len());
+    for (i, u) in sections.into_iter().enumerate() {
+        let at = |key: &str| format!("upstream[{i}].{key}");
+        name(&at("name"), &u.name, &mut names, i)?;
+        if !(u.url.starts_with("mqtt://") || u.url.starts_with("mqtts://")) {
+            return Err(invalid(at("url"), format!("{:?} must start with mqtt:// or mqtts://", u.url)));
+        }
+        for (j, filter) in u.topics.iter().enumerate() {
+            if filter.is_empty() || filter.contains('\0') {
+                return Err(invalid(format!("upstream[{i}].topics[{j}]"), "invalid topic filter"));
+            }
+        }
+        let durability = match u.durability.as_deref().unwrap_or("memory") {
+            "memory" => Durability::Memory,
+            "disk" => Durability::Disk,
+            other => {
+                return Err(invalid(at("durability"), format!("{other:?} is not one of memory, disk")))
+            }
+        };
+        upstreams.push(Upstream {
+            topics: if u.topics.is_empty() { vec!["#".into()] } else { u.topics },
+            name: u.name,
+            url: u.url,
+            durability,
+        });
+    }
+    Ok(upstreams)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn field_of(text: &str) -> String {
+        match Config::parse(text) {
+            Err(ConfigError::Invalid { field, .. }) => field,
+            other => panic!("expected a field error, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn empty_file_gives_the_documented_defaults() {
+        let c = Config::parse("").unwrap();
+        assert_eq!(c.coap_ports(), vec![5683]);
+        assert_eq!(c.xdp_mode, XdpMode::Auto);
+        assert!(c.interfaces.is_empty());
+        assert_eq!(c.defaults.unknown_peers, UnknownPeers::Allow);
+        assert_eq!(c.defaults.rate, Rate(Some(100)));
+        assert_eq!(c.defaults.burst, 50);
+        assert_eq!(c.defaults.topic.as_str(), "m2m/{peer}/{path}");
+        assert_eq!(c.mqtt_listen.to_string(), "127.0.0.1:1883");
+    }
+
+    #[test]
+    fn the_design_example_parses() {
+        let c = Config::parse(include_str!("../../docs/example.toml")).unwrap();
+        assert_eq!(c.peers[0].name, "meter-17");
+        assert_eq!(c.peers[0].prefixes.len(), 2);
+        assert_eq!(c.peers[0].rate, Some(Rate(Some(200))));
+        assert_eq!(c.routes[0].qos, 1);
+        assert_eq!(c.upstreams[0].durability, Durability::Disk);
+    }
+
+    #[test]
+    fn errors_name_the_field() {
+        assert_eq!(field_of("[fastpath]\nmode = \"fast\""), "fastpath.mode");
+        assert_eq!(field_of("[coap]\nlisten = [\"0.0.0.0\"]"), "coap.listen[0]");
+        assert_eq!(field_of("[defaults]\nrate = \"lots\""), "defaults.rate");
+        assert_eq!(field_of("[defaults]\nunknown_peers = \"maybe\""), "defaults.unknown_peers");
+        assert_eq!(
+            field_of("[[peer]]\nname = \"a\"\nprefix = [\"10.0.0.0/8\", \"10.0.0.300/32\"]"),
+            "peer[0].prefix[1]"
+        );
+        assert_eq!(field_of("[[peer]]\nname = \"a\"\nprefix = [\"10.0.0.1/8\"]"), "peer[0].prefix[0]");
+        assert_eq!(
+            field_of("[[peer]]\nname = \"a\"\nprefix = [\"10.0.0.0/8\"]\n[[peer]]\nname = \"a\"\nprefix = [\"10.1.0.0/16\"]"),
+            "peer[1].name"
+        );
+        assert_eq!(
+            field_of("[[peer]]\nname = \"a\"\nprefix = [\"10.0.0.0/8\"]\n[[peer]]\nname = \"b\"\nprefix = [\"10.0.0.0/8\"]"),
+            "peer[1].prefix[0]"
+        );
+        assert_eq!(field_of("[[peer]]\nname = \"a\"\nprefix = [\"::1\"]\ntopic = \"x/#\""), "peer[0].topic");
+        assert_eq!(
+            field_of("[[route]]\nname = \"r\"\nmatch = \"a/*\"\ntopic = \"t\"\nqos = 2"),
+            "route[0].qos"
+        );
+        assert_eq!(
+            field_of("[[route]]\nname = \"r\"\nmatch = \"a/*\"\ntopic = \"t\"\npeer = \"ghost\""),
+            "route[0].peer"
+        );
+        assert_eq!(field_of("[[upstream]]\nname = \"u\"\nurl = \"http://x\""), "upstream[0].url");
+    }
+
+    #[test]
+    fn unknown_keys_and_wrong_types_are_syntax_errors_naming_the_key() {
+        for (text, key) in [("[fastpath]\nmodes = \"auto\"", "modes"), ("[defaults]\nburst = \"x\"", "burst")] {
+            match Config::parse(text) {
+                Err(ConfigError::Syntax { message, .. }) => {
+                    assert!(message.contains(key), "{message}")
+                }
+                other => panic!("expected a syntax error, got {other:?}"),
+            }
+        }
+    }
+
+    #[test]
+    fn prefixes() {
+        let p: Prefix = "10.1.0.0/16".parse().unwrap();
+        assert!(p.contains("10.1.200.3".parse().unwrap()));
+        assert!(!p.contains("10.2.0.1".parse().unwrap()));
+        assert!(!p.contains("::1".parse().unwrap()));
+        let host: Prefix = "fd00::17".parse().unwrap();
+        assert_eq!(host.len, 128);
+        assert!("0.0.0.0/0".parse::<Prefix>().is_ok());
+        assert!("10.0.0.0/33".parse::<Prefix>().is_err());
+    }
+}

@@ -1,0 +1,313 @@
+//! The XDP fast path, seen from the daemon: load the program, fill its maps
+//! from the config, attach it, read its counters.
+
+mod tables;
+
+pub use tables::PolicyTables;
+
+use std::collections::BTreeMap;
+use std::io;
+use std::net::IpAddr;
+
+use aya::maps::lpm_trie::{Key, LpmTrie};
+use aya::maps::{Array, MapError, PerCpuArray};
+use aya::programs::{ProgramError, TestRun, TestRunOptions, Xdp, XdpMode as AyaXdpMode};
+use aya::{Ebpf, EbpfError};
+use router_common::maps::{self as names, Counter, PeerCounters, PeerPolicy};
+use router_common::reason::Reason;
+use thiserror::Error;
+
+use crate::config::XdpMode;
+
+/// The XDP object built by `router/build.rs`, embedded in the binary.
+static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(env!("M2M_ROUTER_EBPF_OBJ"));
+const PROGRAM: &str = "m2m_router";
+
+#[derive(Debug, Error)]
+pub enum FastpathError {
+    #[error("loading the XDP object failed: {source}{}", permission_hint(.source))]
+    Load {
+        #[source]
+        source: EbpfError,
+    },
+    #[error("the kernel verifier rejected the XDP program ({io_error}).\nVerifier log:\n{verifier_log}")]
+    Verifier {
+        io_error: io::Error,
+        verifier_log: String,
+    },
+    #[error("loading the XDP program failed: {source}{}", permission_hint(.source))]
+    Program {
+        #[source]
+        source: ProgramError,
+    },
+    #[error("interface {iface:?} does not exist (see `ip link`)")]
+    NoSuchInterface { iface: String },
+    #[error("attaching XDP to {iface} in {mode} mode failed: {source}{hint}")]
+    Attach {
+        iface: String,
+        mode: &'static str,
+        #[source]
+        source: ProgramError,
+        hint: String,
+    },
+    #[error("BPF map {map}: {source}")]
+    Map {
+        map: &'static str,
+        #[source]
+        source: MapError,
+    },
+    #[error("invalid fast-path policy: {0}")]
+    Policy(String),
+}
+
+/// Walks an error's sources for an OS error code.
+fn os_error(err: &(dyn std::error::Error + 'static)) -> Option<i32> {
+    let mut cur = Some(err);
+    while let Some(e) = cur {
+        if let Some(io) = e.downcast_ref::<io::Error>() {
+            return io.raw_os_error();
+        }
+        cur = e.source();
+    }
+    None
+}
+
+fn permission_hint(err: &(dyn std::error::Error + 'static)) -> &'static str {
+    match os_error(err) {
+        Some(libc::EPERM) | Some(libc::EACCES) => {
+            "\nhint: loading XDP needs root (or CAP_BPF, CAP_NET_ADMIN and CAP_PERFMON); \
+             or run with --xdp-mode off"
+        }
+        _ => "",
+    }
+}
+
+/// The mode an attachment actually got (DESIGN.md invariant 4: reported,
+/// never silently changed).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum AttachedMode {
+    Native,
+    Generic,
+}
+
+impl std::fmt::Display for AttachedMode {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            AttachedMode::Native => "native",
+            AttachedMode::Generic => "generic (skb)",
+        })
+    }
+}
+
+/// The loaded XDP program and its maps. Dropping it detaches the program
+/// from every interface (aya detaches the links it owns on drop).
+pub struct Fastpath {
+    ebpf: Ebpf,
+    tables: PolicyTables,
+    attached: Vec<(String, AttachedMode)>,
+}
+
+impl Fastpath {
+    /// Loads the program into the kernel (verifier included) and fills the
+    /// maps. Nothing is attached yet.
+    pub fn load(tables: PolicyTables) -> Result<Fastpath, FastpathError> {
+        let mut ebpf = Ebpf::load(EBPF_OBJECT).map_err(|source| FastpathError::Load { source })?;
+        program_mut(&mut ebpf)?
+            .load()
+            .map_err(|source| match source {
+                ProgramError::LoadError {
+                    io_error,
+                    verifier_log,
+                } => FastpathError::Verifier {
+                    io_error,
+                    verifier_log: verifier_log.to_string(),
+                },
+                source => FastpathError::Program { source },
+            })?;
+        let mut fastpath = Fastpath {
+            ebpf,
+            tables: PolicyTables::default(),
+            attached: Vec::new(),
+        };
+        fastpath.install(tables)?;
+        Ok(fastpath)
+    }
+
+    /// Writes the policy tables into the maps. Called once at load on
+    /// freshly created (empty) maps.
+    fn install(&mut self, tables: PolicyTables) -> Result<(), FastpathError> {
+        let mut ports: Array<_, u32> = self.map_mut(names::COAP_PORTS)?;
+        for &port in &tables.coap_ports {
+            ports
+                .set(u32::from(port), 1, 0)
+                .map_err(|source| map_error(names::COAP_PORTS, source))?;
+        }
+        let mut default: Array<_, PeerPolicy> = self.map_mut(names::DEFAULT_POLICY)?;
+        default
+            .set(0, tables.default_policy, 0)
+            .map_err(|source| map_error(names::DEFAULT_POLICY, source))?;
+        for (prefix, policy) in &tables.prefixes {
+            match prefix.addr {
+                IpAddr::V4(a) => {
+                    let mut trie: LpmTrie<_, [u8; 4], PeerPolicy> = self.map_mut(names::PEERS_V4)?;
+                    trie.insert(&Key::new(u32::from(prefix.len), a.octets()), policy, 0)
+                        .map_err(|source| map_error(names::PEERS_V4, source))?;
+                }
+                IpAddr::V6(a) => {
+                    let mut trie: LpmTrie<_, [u8; 16], PeerPolicy> = self.map_mut(names::PEERS_V6)?;
+                    trie.insert(&Key::new(u32::from(prefix.len), a.octets()), policy, 0)
+                        .map_err(|source| map_error(names::PEERS_V6, source))?;
+                }
+            }
+        }
+        self.tables = tables;
+        Ok(())
+    }
+
+    fn map_mut<'a, T>(&'a mut self, name: &'static str) -> Result<T, FastpathError>
+    where
+        T: TryFrom<&'a mut aya::maps::Map, Error = MapError>,
+    {
+        let map = self
+            .ebpf
+            .map_mut(name)
+            .unwrap_or_else(|| panic!("the XDP object defines map {name}"));
+        T::try_from(map).map_err(|source| map_error(name, source))
+    }
+
+    fn map<'a, T>(&'a self, name: &'static str) -> Result<T, FastpathError>
+    where
+        T: TryFrom<&'a aya::maps::Map, Error = MapError>,
+    {
+        let map = self
+            .ebpf
+            .map(name)
+            .unwrap_or_else(|| panic!("the XDP object defines map {name}"));
+        T::try_from(map).map_err(|source| map_error(name, source))
+    }
+
+    pub fn tables(&self) -> &PolicyTables {
+        &self.tables
+    }
+
+    /// Attaches to `iface`. `Auto` tries native first, then generic.
+    pub fn attach(&mut self, iface: &str, mode: XdpMode) -> Result<AttachedMode, FastpathError> {
+        let got = match mode {
+            XdpMode::Native => self.attach_as(iface, AttachedMode::Native, mode)?,
+            XdpMode::Skb => self.attach_as(iface, AttachedMode::Generic, mode)?,
+            XdpMode::Auto => match self.attach_as(iface, AttachedMode::Native, mode) {
+                Ok(got) => got,
+                Err(FastpathError::Attach { source, .. }) => {
+                    tracing::info!(
+                        iface,
+                        error = %source,
+                        "native XDP not available, trying generic (skb) mode"
+                    );
+                    self.attach_as(iface, AttachedMode::Generic, mode)?
+                }
+                Err(other) => return Err(other),
+            },
+            XdpMode::Off => unreachable!("the daemon does not load XDP in mode off"),
+        };
+        self.attached.push((iface.to_owned(), got));
+        Ok(got)
+    }
+
+    fn attach_as(
+        &mut self,
+        iface: &str,
+        want: AttachedMode,
+        requested: XdpMode,
+    ) -> Result<AttachedMode, FastpathError> {
+        let (flags, mode_name) = match want {
+            AttachedMode::Native => (AyaXdpMode::Driver, "native"),
+            AttachedMode::Generic => (AyaXdpMode::Skb, "generic (skb)"),
+        };
+        let program = program_mut(&mut self.ebpf)?;
+        match program.attach(iface, flags) {
+            Ok(_) => Ok(want),
+            Err(ProgramError::UnknownInterface { .. }) => Err(FastpathError::NoSuchInterface {
+                iface: iface.to_owned(),
+            }),
+            Err(source) => {
+                let hint = match os_error(&source) {
+                    Some(libc::EBUSY) | Some(libc::EEXIST) => format!(
+                        "\nhint: another XDP program is attached to {iface} (see `ip link show {iface}`)"
+                    ),
+                    Some(libc::EPERM) | Some(libc::EACCES) => {
+                        "\nhint: attaching XDP needs root (or CAP_NET_ADMIN)".to_owned()
+                    }
+                    _ if requested == XdpMode::Native => format!(
+                        "\nhint: the driver of {iface} may lack native XDP; try --xdp-mode skb"
+                    ),
+                    _ => String::new(),
+                };
+                Err(FastpathError::Attach {
+                    iface: iface.to_owned(),
+                    mode: mode_name,
+                    source,
+                    hint,
+                })
+            }
+        }
+    }
+
+    /// Interfaces attached so far, with the mode each got.
+    pub fn attached(&self) -> &[(String, AttachedMode)] {
+        &self.attached
+    }
+
+    /// Runs the program once or `repeat` times on `frame` with
+    /// BPF_PROG_TEST_RUN (kernel 4.12+; XDP frames need at least 14 bytes).
+    pub fn test_run(&self, frame: &[u8], repeat: u32) -> Result<aya::programs::TestRunResult, FastpathError> {
+        let program: &Xdp = self
+            .ebpf
+            .program(PROGRAM)
+            .expect("the object defines the program")
+            .try_into()
+            .map_err(|source| FastpathError::Program { source })?;
+        let mut opts = TestRunOptions::new();
+        opts.data_in = Some(frame);
+        opts.repeat = repeat;
+        program
+            .test_run(opts)
+            .map_err(|source| FastpathError::Program { source })
+    }
+
+    /// Verdict counters summed over all CPUs, by reason.
+    pub fn verdicts(&self) -> Result<BTreeMap<u32, (Reason, Counter)>, FastpathError> {
+        let array: PerCpuArray<_, Counter> = self.map(names::VERDICTS)?;
+        let mut out = BTreeMap::new();
+        for &reason in Reason::ALL {
+            let per_cpu = array
+                .get(&(reason as u32), 0)
+                .map_err(|source| map_error(names::VERDICTS, source))?;
+            let mut sum = Counter::default();
+            per_cpu.iter().for_each(|c| sum.merge(c));
+            out.insert(reason as u32, (reason, sum));
+        }
+        Ok(out)
+    }
+
+    /// One peer's policy counters summed over all CPUs (id 0: unknown sources).
+    pub fn peer_counters(&self, peer_id: u32) -> Result<PeerCounters, FastpathError> {
+        let array: PerCpuArray<_, PeerCounters> = self.map(names::PEER_STATS)?;
+        let per_cpu = array
+            .get(&peer_id, 0)
+            .map_err(|source| map_error(names::PEER_STATS, source))?;
+        let mut sum = PeerCounters::default();
+        per_cpu.iter().for_each(|c| sum.merge(c));
+        Ok(sum)
+    }
+}
+
+fn program_mut(ebpf: &mut Ebpf) -> Result<&mut Xdp, FastpathError> {
+    ebpf.program_mut(PROGRAM)
+        .expect("the object defines the program")
+        .try_into()
+        .map_err(|source| FastpathError::Program { source })
+}
+
+fn map_error(map: &'static str, source: MapError) -> FastpathError {
+    FastpathError::Map { map, source }
+}

@@ -1,0 +1,9 @@
+//! m2m-router: routes CoAP from M2M devices to MQTT topics, with an XDP fast
+//! path in front. See DESIGN.md for the architecture; this crate is the
+//! daemon and its CLI.
+
+pub mod config;
+pub mod daemon;
+pub mod fastpath;
+pub mod report;
+pub mod template;

@@ -1,0 +1,46 @@
+//! Human-readable counter reports (printed on SIGUSR1 and at shutdown until
+//! the control socket's `stats` command exists).
+
+use std::fmt::Write as _;
+
+use router_common::maps::UNKNOWN_PEER_ID;
+
+use crate::fastpath::{Fastpath, FastpathError};
+
+/// The verdict counters (nonzero only) and each peer's policy counters.
+pub fn stats(fastpath: &Fastpath) -> Result<String, FastpathError> {
+    let mut out = String::from("fast path verdicts:\n");
+    let mut any = false;
+    for (reason, counter) in fastpath.verdicts()?.values() {
+        if counter.packets > 0 {
+            any = true;
+            let _ = writeln!(
+                out,
+                "  {:<22} {:>12} packets {:>14} bytes",
+                reason.label(),
+                counter.packets,
+                counter.bytes
+            );
+        }
+    }
+    if !any {
+        out.push_str("  (no packets seen yet)\n");
+    }
+    out.push_str("peers (well-formed CoAP):\n");
+    let tables = fastpath.tables();
+    for peer_id in 0..tables.peer_names.len() as u32 {
+        let c = fastpath.peer_counters(peer_id)?;
+        if peer_id != UNKNOWN_PEER_ID || c.accepted.packets + c.dropped.packets > 0 {
+            let _ = writeln!(
+                out,
+                "  {:<22} accepted {:>10} packets {:>12} bytes   dropped {:>10} packets {:>12} bytes",
+                tables.peer_name(peer_id),
+                c.accepted.packets,
+                c.accepted.bytes,
+                c.dropped.packets,
+                c.dropped.bytes
+            );
+        }
+    }
+    Ok(out)
+}
