@@ -23,7 +23,11 @@ fn main() {
     }
     let manifest = PathBuf::from(env::var("CARGO_MANIFEST_DIR").unwrap());
     let workspace = manifest.parent().expect("router/ sits in the workspace");
-    for dir in ["router-ebpf/src", "router-ebpf/Cargo.toml", "router-common/src"] {
+    for dir in [
+        "router-ebpf/src",
+        "router-ebpf/Cargo.toml",
+        "router-common/src",
+    ] {
         println!("cargo:rerun-if-changed={}", workspace.join(dir).display());
     }
     let target_dir = env::var_os("CARGO_TARGET_DIR")
@@ -32,8 +36,14 @@ fn main() {
         .join("ebpf");
     let tools_bin = tools_bin();
     for (what, path) in [
-        ("Debian's rustc (package rustc-web)", PathBuf::from(DEBIAN_RUSTC)),
-        ("Debian's cargo (package cargo-web)", PathBuf::from(DEBIAN_CARGO)),
+        (
+            "Debian's rustc (package rustc-web)",
+            PathBuf::from(DEBIAN_RUSTC),
+        ),
+        (
+            "Debian's cargo (package cargo-web)",
+            PathBuf::from(DEBIAN_CARGO),
+        ),
         ("bpf-linker 0.13.0", tools_bin.join("bpf-linker")),
     ] {
         if !path.exists() {
@@ -48,7 +58,14 @@ fn main() {
     let mut cargo = Command::new(DEBIAN_CARGO);
     cargo
         .current_dir(workspace)
-        .args(["build", "--package", "router-ebpf", "--release", "--target", BPF_TARGET])
+        .args([
+            "build",
+            "--package",
+            "router-ebpf",
+            "--release",
+            "--target",
+            BPF_TARGET,
+        ])
         .arg("--target-dir")
         .arg(&target_dir);
     // Start from a clean environment: the outer cargo exports RUSTC,
@@ -75,7 +92,10 @@ fn main() {
         // allows them with this switch.
         .env("RUSTC_BOOTSTRAP", "1")
         // BTF (for the verifier log and bpftool) needs debuginfo plus --btf.
-        .env("CARGO_ENCODED_RUSTFLAGS", "-Cdebuginfo=2\x1f-Clink-arg=--btf");
+        .env(
+            "CARGO_ENCODED_RUSTFLAGS",
+            "-Cdebuginfo=2\x1f-Clink-arg=--btf",
+        );
     let output = cargo.output().expect("run Debian's cargo");
     if !output.status.success() {
         panic!(
@@ -83,7 +103,10 @@ fn main() {
             String::from_utf8_lossy(&output.stderr)
         );
     }
-    let object = target_dir.join(BPF_TARGET).join("release").join("router-ebpf");
+    let object = target_dir
+        .join(BPF_TARGET)
+        .join("release")
+        .join("router-ebpf");
     println!("cargo:rustc-env=M2M_ROUTER_EBPF_OBJ={}", object.display());
 }
 

@@ -124,12 +124,19 @@ fn ipv4(frame: &[u8], off: usize) -> Result<Transport, Reason> {
     }
     let total_len = usize::from(be16(frame, off + 2).unwrap_or(0));
     let frag = be16(frame, off + 6).unwrap_or(0);
-    let src = [frame[off + 12], frame[off + 13], frame[off + 14], frame[off + 15]];
+    let src = [
+        frame[off + 12],
+        frame[off + 13],
+        frame[off + 14],
+        frame[off + 15],
+    ];
     Ok(Transport {
         src: Source::V4(src),
         proto: frame[off + 9],
         l4_off: off + hlen,
-        l4_len: total_len.checked_sub(hlen).filter(|_| frame.len() >= off + total_len),
+        l4_len: total_len
+            .checked_sub(hlen)
+            .filter(|_| frame.len() >= off + total_len),
         first_fragment: frag & IPV4_MF != 0 && frag & IPV4_OFFSET_MASK == 0,
         later_fragment: frag & IPV4_OFFSET_MASK != 0,
     })

@@ -12,8 +12,8 @@
 #![feature(core_intrinsics)]
 #![allow(internal_features)]
 
-use core::mem::size_of;
 use core::intrinsics::{atomic_cxchg, AtomicOrdering};
+use core::mem::size_of;
 
 use aya_ebpf::bindings::{xdp_action, BPF_NOEXIST};
 use aya_ebpf::helpers::bpf_ktime_get_ns;
@@ -23,7 +23,7 @@ use aya_ebpf::maps::{Array, LpmTrie, LruHashMap, PerCpuArray};
 use aya_ebpf::programs::XdpContext;
 use router_common::maps::{
     v4_mapped, Counter, PeerCounters, PeerPolicy, MAX_PEERS, MAX_PREFIXES, MAX_UNKNOWN_SOURCES,
-    PORT_COUNT, POLICY_DENY, UNKNOWN_PEER_ID,
+    POLICY_DENY, PORT_COUNT, UNKNOWN_PEER_ID,
 };
 use router_common::proto::*;
 use router_common::rate::gcra_admit;

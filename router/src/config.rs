@@ -170,7 +170,9 @@ impl FromStr for Rate {
             .strip_suffix("/s")
             .and_then(|n| n.trim().parse::<u32>().ok())
             .filter(|&n| n > 0)
-            .ok_or_else(|| format!("{s:?} is not a rate: write \"N/s\" (N >= 1) or \"unlimited\""))?;
+            .ok_or_else(|| {
+                format!("{s:?} is not a rate: write \"N/s\" (N >= 1) or \"unlimited\"")
+            })?;
         Ok(Rate(Some(per_sec)))
     }
 }
@@ -221,14 +223,22 @@ impl Prefix {
                 IpAddr::V4((u32::from(a) & mask).into())
             }
             IpAddr::V6(a) => {
-                let mask = u128::MAX.checked_shl(128 - u32::from(self.len)).unwrap_or(0);
+                let mask = u128::MAX
+                    .checked_shl(128 - u32::from(self.len))
+                    .unwrap_or(0);
                 IpAddr::V6((u128::from(a) & mask).into())
             }
         }
     }
 
     pub fn contains(&self, ip: IpAddr) -> bool {
-        ip.is_ipv4() == self.addr.is_ipv4() && Prefix { addr: ip, len: self.len }.network() == self.addr
+        ip.is_ipv4() == self.addr.is_ipv4()
+            && Prefix {
+                addr: ip,
+                len: self.len,
+            }
+            .network()
+                == self.addr
     }
 }
 
@@ -366,7 +376,12 @@ fn template(field: &str, value: &str) -> Result<Template, ConfigError> {
     Template::compile(value).map_err(|m| invalid(field, m))
 }
 
-fn name(field: &str, value: &str, seen: &mut HashMap<String, usize>, i: usize) -> Result<(), ConfigError> {
+fn name(
+    field: &str,
+    value: &str,
+    seen: &mut HashMap<String, usize>,
+    i: usize,
+) -> Result<(), ConfigError> {
     let ok = !value.is_empty()
         && value
             .chars()
@@ -378,7 +393,10 @@ fn name(field: &str, value: &str, seen: &mut HashMap<String, usize>, i: usize) -
         ));
     }
     if let Some(first) = seen.insert(value.to_owned(), i) {
-        return Err(invalid(field, format!("{value:?} is already the name of entry {first}")));
+        return Err(invalid(
+            field,
+            format!("{value:?} is already the name of entry {first}"),
+        ));
     }
     Ok(())
 }
@@ -386,7 +404,10 @@ fn name(field: &str, value: &str, seen: &mut HashMap<String, usize>, i: usize) -
 impl ConfigFile {
     pub fn validate(self) -> Result<Config, ConfigError> {
         let coap_listen = match &self.coap.listen {
-            None => DEFAULT_COAP_LISTEN.iter().map(|a| a.parse().unwrap()).collect(),
+            None => DEFAULT_COAP_LISTEN
+                .iter()
+                .map(|a| a.parse().unwrap())
+                .collect(),
             Some(list) => list
                 .iter()
                 .enumerate()
@@ -404,14 +425,20 @@ impl ConfigFile {
                 ));
             }
         }
-        let xdp_mode = parse_field("fastpath.mode", self.fastpath.mode.as_deref().unwrap_or("auto"))?;
+        let xdp_mode = parse_field(
+            "fastpath.mode",
+            self.fastpath.mode.as_deref().unwrap_or("auto"),
+        )?;
         let mqtt_listen = socket_addr(
             "mqtt.listen",
             self.mqtt.listen.as_deref().unwrap_or(DEFAULT_MQTT_LISTEN),
         )?;
         let metrics_listen = socket_addr(
             "metrics.listen",
-            self.metrics.listen.as_deref().unwrap_or(DEFAULT_METRICS_LISTEN),
+            self.metrics
+                .listen
+                .as_deref()
+                .unwrap_or(DEFAULT_METRICS_LISTEN),
         )?;
         let control_socket = self
             .control
@@ -436,7 +463,10 @@ impl ConfigFile {
                 "defaults.topic",
                 self.defaults.topic.as_deref().unwrap_or(DEFAULT_TOPIC),
             )?,
-            rate: parse_field("defaults.rate", self.defaults.rate.as_deref().unwrap_or(DEFAULT_RATE))?,
+            rate: parse_field(
+                "defaults.rate",
+                self.defaults.rate.as_deref().unwrap_or(DEFAULT_RATE),
+            )?,
             burst: self.defaults.burst.unwrap_or(DEFAULT_BURST),
         };
         if defaults.burst == 0 {
@@ -476,7 +506,10 @@ fn validate_peers(sections: Vec<PeerSection>) -> Result<Vec<Peer>, ConfigError> 
             let field = format!("peer[{i}].prefix[{j}]");
             let prefix: Prefix = parse_field(&field, text)?;
             if let Some(owner) = owners.insert(prefix, p.name.clone()) {
-                return Err(invalid(field, format!("{prefix} already belongs to peer {owner:?}")));
+                return Err(invalid(
+                    field,
+                    format!("{prefix} already belongs to peer {owner:?}"),
+                ));
             }
             prefixes.push(prefix);
         }
@@ -484,8 +517,16 @@ fn validate_peers(sections: Vec<PeerSection>) -> Result<Vec<Peer>, ConfigError> 
             return Err(invalid(at("burst"), "must be at least 1"));
         }
         peers.push(Peer {
-            topic: p.topic.as_deref().map(|t| template(&at("topic"), t)).transpose()?,
-            rate: p.rate.as_deref().map(|r| parse_field(&at("rate"), r)).transpose()?,
+            topic: p
+                .topic
+                .as_deref()
+                .map(|t| template(&at("topic"), t))
+                .transpose()?,
+            rate: p
+                .rate
+                .as_deref()
+                .map(|r| parse_field(&at("rate"), r))
+                .transpose()?,
             name: p.name,
             prefixes,
             deny: p.deny,
@@ -510,7 +551,10 @@ fn validate_routes(sections: Vec<RouteSection>, peers: &[Peer]) -> Result<Vec<Ro
             }
         }
         if let Some(m) = &r.method {
-            if !matches!(m.as_str(), "GET" | "POST" | "PUT" | "DELETE" | "FETCH" | "PATCH" | "iPATCH") {
+            if !matches!(
+                m.as_str(),
+                "GET" | "POST" | "PUT" | "DELETE" | "FETCH" | "PATCH" | "iPATCH"
+            ) {
                 return Err(invalid(at("method"), format!("{m:?} is not a CoAP method")));
             }
         }
@@ -537,22 +581,35 @@ fn validate_upstreams(sections: Vec<UpstreamSection>) -> Result<Vec<Upstream>, C
         let at = |key: &str| format!("upstream[{i}].{key}");
         name(&at("name"), &u.name, &mut names, i)?;
         if !(u.url.starts_with("mqtt://") || u.url.starts_with("mqtts://")) {
-            return Err(invalid(at("url"), format!("{:?} must start with mqtt:// or mqtts://", u.url)));
+            return Err(invalid(
+                at("url"),
+                format!("{:?} must start with mqtt:// or mqtts://", u.url),
+            ));
         }
         for (j, filter) in u.topics.iter().enumerate() {
             if filter.is_empty() || filter.contains('\0') {
-                return Err(invalid(format!("upstream[{i}].topics[{j}]"), "invalid topic filter"));
+                return Err(invalid(
+                    format!("upstream[{i}].topics[{j}]"),
+                    "invalid topic filter",
+                ));
             }
         }
         let durability = match u.durability.as_deref().unwrap_or("memory") {
             "memory" => Durability::Memory,
             "disk" => Durability::Disk,
             other => {
-                return Err(invalid(at("durability"), format!("{other:?} is not one of memory, disk")))
+                return Err(invalid(
+                    at("durability"),
+                    format!("{other:?} is not one of memory, disk"),
+                ))
             }
         };
         upstreams.push(Upstream {
-            topics: if u.topics.is_empty() { vec!["#".into()] } else { u.topics },
+            topics: if u.topics.is_empty() {
+                vec!["#".into()]
+            } else {
+                u.topics
+            },
             name: u.name,
             url: u.url,
             durability,
@@ -600,12 +657,18 @@ mod tests {
         assert_eq!(field_of("[fastpath]\nmode = \"fast\""), "fastpath.mode");
         assert_eq!(field_of("[coap]\nlisten = [\"0.0.0.0\"]"), "coap.listen[0]");
         assert_eq!(field_of("[defaults]\nrate = \"lots\""), "defaults.rate");
-        assert_eq!(field_of("[defaults]\nunknown_peers = \"maybe\""), "defaults.unknown_peers");
+        assert_eq!(
+            field_of("[defaults]\nunknown_peers = \"maybe\""),
+            "defaults.unknown_peers"
+        );
         assert_eq!(
             field_of("[[peer]]\nname = \"a\"\nprefix = [\"10.0.0.0/8\", \"10.0.0.300/32\"]"),
             "peer[0].prefix[1]"
         );
-        assert_eq!(field_of("[[peer]]\nname = \"a\"\nprefix = [\"10.0.0.1/8\"]"), "peer[0].prefix[0]");
+        assert_eq!(
+            field_of("[[peer]]\nname = \"a\"\nprefix = [\"10.0.0.1/8\"]"),
+            "peer[0].prefix[0]"
+        );
         assert_eq!(
             field_of("[[peer]]\nname = \"a\"\nprefix = [\"10.0.0.0/8\"]\n[[peer]]\nname = \"a\"\nprefix = [\"10.1.0.0/16\"]"),
             "peer[1].name"
@@ -614,7 +677,10 @@ mod tests {
             field_of("[[peer]]\nname = \"a\"\nprefix = [\"10.0.0.0/8\"]\n[[peer]]\nname = \"b\"\nprefix = [\"10.0.0.0/8\"]"),
             "peer[1].prefix[0]"
         );
-        assert_eq!(field_of("[[peer]]\nname = \"a\"\nprefix = [\"::1\"]\ntopic = \"x/#\""), "peer[0].topic");
+        assert_eq!(
+            field_of("[[peer]]\nname = \"a\"\nprefix = [\"::1\"]\ntopic = \"x/#\""),
+            "peer[0].topic"
+        );
         assert_eq!(
             field_of("[[route]]\nname = \"r\"\nmatch = \"a/*\"\ntopic = \"t\"\nqos = 2"),
             "route[0].qos"
@@ -623,12 +689,18 @@ mod tests {
             field_of("[[route]]\nname = \"r\"\nmatch = \"a/*\"\ntopic = \"t\"\npeer = \"ghost\""),
             "route[0].peer"
         );
-        assert_eq!(field_of("[[upstream]]\nname = \"u\"\nurl = \"http://x\""), "upstream[0].url");
+        assert_eq!(
+            field_of("[[upstream]]\nname = \"u\"\nurl = \"http://x\""),
+            "upstream[0].url"
+        );
     }
 
     #[test]
     fn unknown_keys_and_wrong_types_are_syntax_errors_naming_the_key() {
-        for (text, key) in [("[fastpath]\nmodes = \"auto\"", "modes"), ("[defaults]\nburst = \"x\"", "burst")] {
+        for (text, key) in [
+            ("[fastpath]\nmodes = \"auto\"", "modes"),
+            ("[defaults]\nburst = \"x\"", "burst"),
+        ] {
             match Config::parse(text) {
                 Err(ConfigError::Syntax { message, .. }) => {
                     assert!(message.contains(key), "{message}")

@@ -58,9 +58,14 @@ fn start_fastpath(config: &Config) -> anyhow::Result<Option<Fastpath>> {
 
 async fn serve(fastpath: Option<&Fastpath>) -> anyhow::Result<()> {
     let mut interrupt = signal(SignalKind::interrupt()).context("installing the SIGINT handler")?;
-    let mut terminate = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
-    let mut user1 = signal(SignalKind::user_defined1()).context("installing the SIGUSR1 handler")?;
-    tracing::info!(pid = std::process::id(), "m2m-router running; SIGUSR1 prints counters");
+    let mut terminate =
+        signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
+    let mut user1 =
+        signal(SignalKind::user_defined1()).context("installing the SIGUSR1 handler")?;
+    tracing::info!(
+        pid = std::process::id(),
+        "m2m-router running; SIGUSR1 prints counters"
+    );
     loop {
         tokio::select! {
             _ = interrupt.recv() => break,

@@ -132,7 +132,9 @@ mod tests {
 
     #[test]
     fn rejects_bad_templates() {
-        for bad in ["", "a/+/b", "a/#", "{nope}", "{path.x}", "a/{peer", "a}", "a\0"] {
+        for bad in [
+            "", "a/+/b", "a/#", "{nope}", "{path.x}", "a/{peer", "a}", "a\0",
+        ] {
             assert!(Template::compile(bad).is_err(), "{bad:?} accepted");
         }
     }

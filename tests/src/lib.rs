@@ -1,0 +1,40 @@
+//! Test kit for m2m-router's integration tests and benchmarks.
+//!
+//! - [`netns`]: network namespaces joined by a veth pair, removed on drop,
+//!   and a way to run code inside one;
+//! - [`packet`]: an Ethernet/VLAN/IPv4/IPv6/UDP/CoAP frame builder;
+//! - [`require_root`]: privileged tests fail loudly, never skip.
+
+pub mod netns;
+pub mod packet;
+
+/// Fails the calling test with the reason when it cannot run here.
+pub fn require_root() {
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        panic!(
+            "this test loads XDP programs and creates network namespaces: it must run as root \
+             (use `cargo xtask test` as root); it does not skip itself"
+        );
+    }
+}
+
+/// A tiny deterministic PRNG (xorshift64*), so failures reproduce.
+pub struct Rng(u64);
+
+impl Rng {
+    pub fn new(seed: u64) -> Rng {
+        Rng(seed.max(1))
+    }
+
+    pub fn next_u64(&mut self) -> u64 {
+        self.0 ^= self.0 >> 12;
+        self.0 ^= self.0 << 25;
+        self.0 ^= self.0 >> 27;
+        self.0.wrapping_mul(0x2545_F491_4F6C_DD1D)
+    }
+
+    pub fn below(&mut self, n: usize) -> usize {
+        (self.next_u64() % n as u64) as usize
+    }
+}

@@ -1,1 +1,273 @@
-fn main(){}
+//! `cargo xtask <command>`: sets up what a fresh machine lacks, then builds,
+//! runs or tests m2m-router. Every step says what it does and is skipped when
+//! already done, so running it twice costs nothing.
+//!
+//!   cargo xtask build            toolchain + eBPF object + release daemon
+//!   cargo xtask run -- ARGS      build, then `m2m-router ARGS` (as root)
+//!   cargo xtask test             toolchain + test tools, fmt, clippy, all tests
+//!   cargo xtask bootstrap        only install what is missing
+
+use std::env;
+use std::ffi::OsString;
+use std::path::{Path, PathBuf};
+use std::process::{Command, ExitCode};
+
+use anyhow::{bail, Context, Result};
+
+/// Debian packages for building the eBPF side (see TOOLCHAIN notes):
+/// Debian's Rust 1.96 with a ready-built `core` for bpfel-unknown-none, and
+/// the LLVM 22 library bpf-linker links against.
+const BUILD_PACKAGES: &[&str] = &[
+    "rustc-web",
+    "cargo-web",
+    "libstd-rust-web-dev-bpf",
+    "libllvm22",
+];
+/// Extra packages the tests use: `ip` for network namespaces, `coap-client`
+/// as a real device, bpftool to inspect attachments.
+const TEST_PACKAGES: &[&str] = &["iproute2", "libcoap3-bin", "bpftool"];
+const BPF_LINKER_VERSION: &str = "0.13.0";
+
+fn main() -> ExitCode {
+    let args: Vec<OsString> = env::args_os().skip(1).collect();
+    match dispatch(&args) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(err) => {
+            eprintln!("xtask: error: {err:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn dispatch(args: &[OsString]) -> Result<()> {
+    let command = args.first().and_then(|a| a.to_str()).unwrap_or("help");
+    let rest = args.get(1..).unwrap_or_default();
+    let rest = match rest.first().and_then(|a| a.to_str()) {
+        Some("--") => &rest[1..],
+        _ => rest,
+    };
+    match command {
+        "bootstrap" => {
+            ensure_packages(BUILD_PACKAGES)?;
+            ensure_packages(TEST_PACKAGES)?;
+            ensure_bpf_linker()
+        }
+        "build" => build(),
+        "run" => {
+            build()?;
+            let binary = workspace().join("target/release/m2m-router");
+            step(&format!("running {} {}", binary.display(), join(rest)));
+            let err = exec(Command::new(&binary).args(rest));
+            Err(err).context("starting m2m-router")
+        }
+        "test" => test(rest),
+        "help" | "--help" | "-h" => {
+            println!(
+                "usage: cargo xtask <bootstrap | build | run -- ARGS | test [-- CARGO TEST ARGS]>"
+            );
+            Ok(())
+        }
+        other => bail!("unknown command {other:?}; try `cargo xtask help`"),
+    }
+}
+
+fn build() -> Result<()> {
+    ensure_packages(BUILD_PACKAGES)?;
+    ensure_bpf_linker()?;
+    step("building the XDP program and the daemon (release)");
+    cargo(&["build", "--release", "--package", "m2m-router"])
+}
+
+fn test(extra: &[OsString]) -> Result<()> {
+    if !is_root() {
+        bail!(
+            "the test suite loads XDP programs and creates network namespaces: run it as root \
+             (the privileged tests would fail, not skip)"
+        );
+    }
+    ensure_packages(BUILD_PACKAGES)?;
+    ensure_packages(TEST_PACKAGES)?;
+    ensure_bpf_linker()?;
+    step("checking formatting (cargo fmt --check)");
+    cargo(&["fmt", "--all", "--check"])?;
+    step("linting (cargo clippy, warnings are errors)");
+    cargo(&[
+        "clippy",
+        "--workspace",
+        "--all-targets",
+        "--",
+        "-D",
+        "warnings",
+    ])?;
+    step("running every test, the privileged ones included");
+    let mut args: Vec<OsString> = ["test", "--workspace"].iter().map(Into::into).collect();
+    args.extend(extra.iter().cloned());
+    let status = Command::new(cargo_bin())
+        .current_dir(workspace())
+        .args(&args)
+        .status()
+        .context("running cargo test")?;
+    if !status.success() {
+        bail!("tests failed");
+    }
+    step("all tests passed");
+    Ok(())
+}
+
+/// Installs the Debian packages of `wanted` that are not installed yet.
+fn ensure_packages(wanted: &[&str]) -> Result<()> {
+    let missing: Vec<&str> = wanted
+        .iter()
+        .copied()
+        .filter(|p| !package_installed(p))
+        .collect();
+    if missing.is_empty() {
+        return Ok(());
+    }
+    if !is_root() {
+        bail!(
+            "missing Debian packages {}: install them with `sudo apt-get install {}` or run as root",
+            missing.join(" "),
+            missing.join(" ")
+        );
+    }
+    step(&format!(
+        "installing Debian packages: {}",
+        missing.join(" ")
+    ));
+    run(Command::new("apt-get")
+        .arg("update")
+        .arg("-q")
+        .env("DEBIAN_FRONTEND", "noninteractive"))?;
+    run(Command::new("apt-get")
+        .args(["install", "-y", "-q", "--no-install-recommends"])
+        .args(&missing)
+        .env("DEBIAN_FRONTEND", "noninteractive"))
+}
+
+fn package_installed(name: &str) -> bool {
+    Command::new("dpkg-query")
+        .args(["-W", "-f=${Status}", name])
+        .output()
+        .map(|o| {
+            o.status.success()
+                && String::from_utf8_lossy(&o.stdout).contains("install ok installed")
+        })
+        .unwrap_or(false)
+}
+
+/// Where bpf-linker is installed; router/build.rs looks in the same place.
+fn tools_root() -> PathBuf {
+    if let Some(dir) = env::var_os("M2M_ROUTER_TOOLS") {
+        return PathBuf::from(dir);
+    }
+    let cache = env::var_os("XDG_CACHE_HOME")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| Path::new(&env::var_os("HOME").unwrap_or_default()).join(".cache"));
+    cache.join("m2m-router").join("tools")
+}
+
+/// bpf-linker 0.13.0 built against Debian's LLVM 22. A plain
+/// `cargo install bpf-linker` would find LLVM 14's llvm-config and fail, so
+/// its build script gets a prefix whose lib/ holds an unversioned libLLVM.so.
+fn ensure_bpf_linker() -> Result<()> {
+    let root = tools_root();
+    let linker = root.join("bin/bpf-linker");
+    let current = Command::new(&linker)
+        .arg("--version")
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).contains(BPF_LINKER_VERSION))
+        .unwrap_or(false);
+    if current {
+        return Ok(());
+    }
+    let libllvm = find_libllvm22().context("libLLVM 22 not found (Debian package libllvm22)")?;
+    let prefix = root.join("llvm22");
+    std::fs::create_dir_all(prefix.join("lib"))?;
+    let link = prefix.join("lib/libLLVM.so");
+    let _ = std::fs::remove_file(&link);
+    std::os::unix::fs::symlink(&libllvm, &link)?;
+    step(&format!(
+        "installing bpf-linker {BPF_LINKER_VERSION} (LLVM 22) into {} (about 90 s, once)",
+        root.display()
+    ));
+    run(Command::new(cargo_bin())
+        .args([
+            "install",
+            &format!("bpf-linker@{BPF_LINKER_VERSION}"),
+            "--locked",
+        ])
+        .args(["--no-default-features", "--features", "llvm-22", "--root"])
+        .arg(&root)
+        .env("LLVM_PREFIX", &prefix))
+}
+
+fn find_libllvm22() -> Option<PathBuf> {
+    let dirs = [
+        "/usr/lib/x86_64-linux-gnu",
+        "/usr/lib/aarch64-linux-gnu",
+        "/usr/lib",
+    ];
+    dirs.iter().find_map(|dir| {
+        std::fs::read_dir(dir)
+            .ok()?
+            .flatten()
+            .map(|e| e.path())
+            .find(|p| {
+                p.file_name()
+                    .and_then(|n| n.to_str())
+                    .is_some_and(|n| n.starts_with("libLLVM.so.22") || n == "libLLVM-22.so")
+            })
+    })
+}
+
+fn workspace() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .unwrap()
+        .to_path_buf()
+}
+
+fn cargo_bin() -> OsString {
+    env::var_os("CARGO").unwrap_or_else(|| "cargo".into())
+}
+
+fn cargo(args: &[&str]) -> Result<()> {
+    run(Command::new(cargo_bin())
+        .current_dir(workspace())
+        .args(args))
+}
+
+fn run(cmd: &mut Command) -> Result<()> {
+    let status = cmd.status().with_context(|| format!("starting {cmd:?}"))?;
+    if !status.success() {
+        bail!("{cmd:?} failed ({status})");
+    }
+    Ok(())
+}
+
+fn exec(cmd: &mut Command) -> std::io::Error {
+    use std::os::unix::process::CommandExt as _;
+    cmd.exec()
+}
+
+fn is_root() -> bool {
+    // SAFETY: geteuid has no preconditions.
+    unsafe { libc_geteuid() == 0 }
+}
+
+extern "C" {
+    #[link_name = "geteuid"]
+    fn libc_geteuid() -> u32;
+}
+
+fn step(what: &str) {
+    eprintln!("xtask: {what}");
+}
+
+fn join(args: &[OsString]) -> String {
+    args.iter()
+        .map(|a| a.to_string_lossy())
+        .collect::<Vec<_>>()
+        .join(" ")
+}

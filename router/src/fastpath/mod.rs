@@ -30,7 +30,9 @@ pub enum FastpathError {
         #[source]
         source: EbpfError,
     },
-    #[error("the kernel verifier rejected the XDP program ({io_error}).\nVerifier log:\n{verifier_log}")]
+    #[error(
+        "the kernel verifier rejected the XDP program ({io_error}).\nVerifier log:\n{verifier_log}"
+    )]
     Verifier {
         io_error: io::Error,
         verifier_log: String,
@@ -149,12 +151,14 @@ impl Fastpath {
         for (prefix, policy) in &tables.prefixes {
             match prefix.addr {
                 IpAddr::V4(a) => {
-                    let mut trie: LpmTrie<_, [u8; 4], PeerPolicy> = self.map_mut(names::PEERS_V4)?;
+                    let mut trie: LpmTrie<_, [u8; 4], PeerPolicy> =
+                        self.map_mut(names::PEERS_V4)?;
                     trie.insert(&Key::new(u32::from(prefix.len), a.octets()), policy, 0)
                         .map_err(|source| map_error(names::PEERS_V4, source))?;
                 }
                 IpAddr::V6(a) => {
-                    let mut trie: LpmTrie<_, [u8; 16], PeerPolicy> = self.map_mut(names::PEERS_V6)?;
+                    let mut trie: LpmTrie<_, [u8; 16], PeerPolicy> =
+                        self.map_mut(names::PEERS_V6)?;
                     trie.insert(&Key::new(u32::from(prefix.len), a.octets()), policy, 0)
                         .map_err(|source| map_error(names::PEERS_V6, source))?;
                 }
@@ -259,7 +263,11 @@ impl Fastpath {
 
     /// Runs the program once or `repeat` times on `frame` with
     /// BPF_PROG_TEST_RUN (kernel 4.12+; XDP frames need at least 14 bytes).
-    pub fn test_run(&self, frame: &[u8], repeat: u32) -> Result<aya::programs::TestRunResult, FastpathError> {
+    pub fn test_run(
+        &self,
+        frame: &[u8],
+        repeat: u32,
+    ) -> Result<aya::programs::TestRunResult, FastpathError> {
         let program: &Xdp = self
             .ebpf
             .program(PROGRAM)
@@ -291,13 +299,20 @@ impl Fastpath {
 
     /// One peer's policy counters summed over all CPUs (id 0: unknown sources).
     pub fn peer_counters(&self, peer_id: u32) -> Result<PeerCounters, FastpathError> {
+        let mut sum = PeerCounters::default();
+        self.peer_counters_per_cpu(peer_id)?
+            .iter()
+            .for_each(|c| sum.merge(c));
+        Ok(sum)
+    }
+
+    /// One peer's policy counters, one entry per possible CPU.
+    pub fn peer_counters_per_cpu(&self, peer_id: u32) -> Result<Vec<PeerCounters>, FastpathError> {
         let array: PerCpuArray<_, PeerCounters> = self.map(names::PEER_STATS)?;
         let per_cpu = array
             .get(&peer_id, 0)
             .map_err(|source| map_error(names::PEER_STATS, source))?;
-        let mut sum = PeerCounters::default();
-        per_cpu.iter().for_each(|c| sum.merge(c));
-        Ok(sum)
+        Ok(per_cpu.to_vec())
     }
 }
 
