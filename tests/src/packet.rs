@@ -118,7 +118,7 @@ impl UdpFrame {
             (IpAddr::V4(s), IpAddr::V4(d)) => {
                 frame.extend_from_slice(&0x0800u16.to_be_bytes());
                 let mut opts = self.ipv4_options.clone();
-                while opts.len() % 4 != 0 {
+                while !opts.len().is_multiple_of(4) {
                     opts.push(1); // NOP
                 }
                 let hlen = 20 + opts.len();

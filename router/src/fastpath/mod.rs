@@ -11,7 +11,9 @@ use std::net::IpAddr;
 
 use aya::maps::lpm_trie::{Key, LpmTrie};
 use aya::maps::{Array, MapError, PerCpuArray};
-use aya::programs::{ProgramError, TestRun, TestRunOptions, Xdp, XdpMode as AyaXdpMode};
+use aya::programs::{
+    ProgramError, TestRun, TestRunOptions, TestRunResult, Xdp, XdpMode as AyaXdpMode,
+};
 use aya::{Ebpf, EbpfError};
 use router_common::maps::{self as names, Counter, PeerCounters, PeerPolicy};
 use router_common::reason::Reason;
@@ -22,13 +24,14 @@ use crate::config::XdpMode;
 /// The XDP object built by `router/build.rs`, embedded in the binary.
 static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(env!("M2M_ROUTER_EBPF_OBJ"));
 const PROGRAM: &str = "m2m_router";
+const BASELINE: &str = "xdp_pass_baseline";
 
 #[derive(Debug, Error)]
 pub enum FastpathError {
     #[error("loading the XDP object failed: {source}{}", permission_hint(.source))]
     Load {
         #[source]
-        source: EbpfError,
+        source: Box<EbpfError>,
     },
     #[error(
         "the kernel verifier rejected the XDP program ({io_error}).\nVerifier log:\n{verifier_log}"
@@ -40,7 +43,7 @@ pub enum FastpathError {
     #[error("loading the XDP program failed: {source}{}", permission_hint(.source))]
     Program {
         #[source]
-        source: ProgramError,
+        source: Box<ProgramError>,
     },
     #[error("interface {iface:?} does not exist (see `ip link`)")]
     NoSuchInterface { iface: String },
@@ -49,7 +52,7 @@ pub enum FastpathError {
         iface: String,
         mode: &'static str,
         #[source]
-        source: ProgramError,
+        source: Box<ProgramError>,
         hint: String,
     },
     #[error("BPF map {map}: {source}")]
@@ -113,7 +116,9 @@ impl Fastpath {
     /// Loads the program into the kernel (verifier included) and fills the
     /// maps. Nothing is attached yet.
     pub fn load(tables: PolicyTables) -> Result<Fastpath, FastpathError> {
-        let mut ebpf = Ebpf::load(EBPF_OBJECT).map_err(|source| FastpathError::Load { source })?;
+        let mut ebpf = Ebpf::load(EBPF_OBJECT).map_err(|source| FastpathError::Load {
+            source: source.into(),
+        })?;
         program_mut(&mut ebpf)?
             .load()
             .map_err(|source| match source {
@@ -124,7 +129,9 @@ impl Fastpath {
                     io_error,
                     verifier_log: verifier_log.to_string(),
                 },
-                source => FastpathError::Program { source },
+                source => FastpathError::Program {
+                    source: source.into(),
+                },
             })?;
         let mut fastpath = Fastpath {
             ebpf,
@@ -249,7 +256,7 @@ impl Fastpath {
                 Err(FastpathError::Attach {
                     iface: iface.to_owned(),
                     mode: mode_name,
-                    source,
+                    source: source.into(),
                     hint,
                 })
             }
@@ -263,23 +270,45 @@ impl Fastpath {
 
     /// Runs the program once or `repeat` times on `frame` with
     /// BPF_PROG_TEST_RUN (kernel 4.12+; XDP frames need at least 14 bytes).
-    pub fn test_run(
-        &self,
+    pub fn test_run(&self, frame: &[u8], repeat: u32) -> Result<TestRunResult, FastpathError> {
+        self.run_program(PROGRAM, frame, repeat)
+    }
+
+    /// Like [`Fastpath::test_run`], for the empty XDP_PASS program the object
+    /// carries as a benchmark baseline (loaded on first use).
+    pub fn test_run_baseline(
+        &mut self,
         frame: &[u8],
         repeat: u32,
-    ) -> Result<aya::programs::TestRunResult, FastpathError> {
+    ) -> Result<TestRunResult, FastpathError> {
+        let program: &mut Xdp = self
+            .ebpf
+            .program_mut(BASELINE)
+            .expect("the object defines the baseline")
+            .try_into()
+            .map_err(program_error)?;
+        if program.fd().is_err() {
+            program.load().map_err(program_error)?;
+        }
+        self.run_program(BASELINE, frame, repeat)
+    }
+
+    fn run_program(
+        &self,
+        name: &str,
+        frame: &[u8],
+        repeat: u32,
+    ) -> Result<TestRunResult, FastpathError> {
         let program: &Xdp = self
             .ebpf
-            .program(PROGRAM)
+            .program(name)
             .expect("the object defines the program")
             .try_into()
-            .map_err(|source| FastpathError::Program { source })?;
+            .map_err(program_error)?;
         let mut opts = TestRunOptions::new();
         opts.data_in = Some(frame);
         opts.repeat = repeat;
-        program
-            .test_run(opts)
-            .map_err(|source| FastpathError::Program { source })
+        program.test_run(opts).map_err(program_error)
     }
 
     /// Verdict counters summed over all CPUs, by reason.
@@ -320,7 +349,13 @@ fn program_mut(ebpf: &mut Ebpf) -> Result<&mut Xdp, FastpathError> {
     ebpf.program_mut(PROGRAM)
         .expect("the object defines the program")
         .try_into()
-        .map_err(|source| FastpathError::Program { source })
+        .map_err(program_error)
+}
+
+fn program_error(source: ProgramError) -> FastpathError {
+    FastpathError::Program {
+        source: source.into(),
+    }
 }
 
 fn map_error(map: &'static str, source: MapError) -> FastpathError {

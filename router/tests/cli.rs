@@ -1,0 +1,275 @@
+//! The `m2m-router` binary as a user runs it: `check-config`, and `run` in a
+//! network namespace (on its `lo` by default, and on a veth in native mode),
+//! counters on SIGUSR1, clean detach on SIGTERM, clear errors.
+//!
+//! The `run` tests are privileged: they need root.
+
+use std::io::{BufRead, BufReader};
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc::{channel, Receiver};
+use std::time::{Duration, Instant};
+
+use m2m_router_tests::netns::{Netns, Topology, DEV_V4, GW_IF, GW_V4};
+use m2m_router_tests::require_root;
+
+const BIN: &str = env!("CARGO_BIN_EXE_m2m-router");
+
+fn temp_file(name: &str, text: &str) -> std::path::PathBuf {
+    let path = std::env::temp_dir().join(format!("m2m-cli-{}-{name}", std::process::id()));
+    std::fs::write(&path, text).unwrap();
+    path
+}
+
+#[test]
+fn check_config_accepts_the_example_and_names_bad_fields() {
+    let example = concat!(env!("CARGO_MANIFEST_DIR"), "/../docs/example.toml");
+    let ok = Command::new(BIN)
+        .args(["check-config", example])
+        .output()
+        .unwrap();
+    assert!(
+        ok.status.success(),
+        "{}",
+        String::from_utf8_lossy(&ok.stderr)
+    );
+    assert!(String::from_utf8_lossy(&ok.stdout).contains("ok: 1 peers, 1 routes, 1 upstreams"));
+
+    for (text, field) in [
+        (
+            "[[peer]]\nname = \"m\"\nprefix = [\"10.0.0.300/32\"]\n",
+            "peer[0].prefix[0]",
+        ),
+        ("[fastpath]\nmode = \"turbo\"\n", "fastpath.mode"),
+        ("[defaults]\nrate = \"fast\"\n", "defaults.rate"),
+        ("[coap]\nlisten = \"0.0.0.0:5683\"\n", "listen"),
+        ("[[peer]\n", "expected"),
+    ] {
+        let path = temp_file("bad.toml", text);
+        let out = Command::new(BIN)
+            .arg("check-config")
+            .arg(&path)
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(1), "{text:?}: {stderr}");
+        assert!(
+            stderr.contains(field),
+            "{text:?}: error does not name {field}: {stderr}"
+        );
+        assert!(!stderr.contains("panicked"), "{stderr}");
+    }
+    let missing = Command::new(BIN)
+        .args(["check-config", "/nonexistent.toml"])
+        .output()
+        .unwrap();
+    assert_eq!(missing.status.code(), Some(1));
+}
+
+/// A running daemon with its output lines collected.
+struct Daemon {
+    child: Child,
+    lines: Receiver<String>,
+    seen: Vec<String>,
+}
+
+impl Daemon {
+    fn start(ns: &Netns, args: &[&str]) -> Daemon {
+        let mut child = ns
+            .command(BIN)
+            .arg("run")
+            .args(args)
+            .env("RUST_LOG", "info")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let (tx, lines) = channel();
+        let out = child.stdout.take().unwrap();
+        let err = child.stderr.take().unwrap();
+        let tx2 = tx.clone();
+        std::thread::spawn(move || {
+            BufReader::new(out)
+                .lines()
+                .map_while(Result::ok)
+                .for_each(|l| drop(tx.send(l)))
+        });
+        std::thread::spawn(move || {
+            BufReader::new(err)
+                .lines()
+                .map_while(Result::ok)
+                .for_each(|l| drop(tx2.send(l)))
+        });
+        Daemon {
+            child,
+            lines,
+            seen: Vec::new(),
+        }
+    }
+
+    /// Waits for an output line containing `needle`.
+    fn expect_line(&mut self, needle: &str) -> String {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while let Some(left) = deadline.checked_duration_since(Instant::now()) {
+            match self.lines.recv_timeout(left) {
+                Ok(line) => {
+                    self.seen.push(line.clone());
+                    if line.contains(needle) {
+                        return line;
+                    }
+                }
+                Err(_) => break,
+            }
+        }
+        panic!(
+            "no line containing {needle:?}; output so far:\n{}",
+            self.seen.join("\n")
+        );
+    }
+
+    fn signal(&self, sig: i32) {
+        // `ip netns exec` execs the binary, so the child's pid is the daemon's.
+        // SAFETY: kill on our own child's pid.
+        assert_eq!(unsafe { libc::kill(self.child.id() as i32, sig) }, 0);
+    }
+
+    /// SIGTERM, then the exit status must be success.
+    fn stop(mut self) {
+        self.signal(libc::SIGTERM);
+        let status = self.child.wait().unwrap();
+        self.expect_line("m2m-router stopped");
+        assert!(
+            status.success(),
+            "exit {status}; output:\n{}",
+            self.seen.join("\n")
+        );
+    }
+}
+
+fn link_show(ns: &Netns, iface: &str) -> String {
+    let out = ns
+        .command("ip")
+        .args(["link", "show", iface])
+        .output()
+        .unwrap();
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+fn coap_client(ns: &Netns, uri: &str) {
+    let out = ns
+        .command("coap-client-notls")
+        .args(["-m", "post", "-e", "21.5", "-B", "1", uri])
+        .output()
+        .expect("coap-client-notls (Debian package libcoap3-bin)");
+    // Nobody serves CoAP yet (the uplink issue), so the client times out or
+    // gets ICMP port unreachable; what matters is the datagram it sent.
+    let _ = out;
+}
+
+#[test]
+fn run_attaches_to_lo_by_default_counts_and_detaches() {
+    require_root();
+    let ns = Netns::create("cli-lo");
+    let mut daemon = Daemon::start(&ns, &[]);
+    let attached = daemon.expect_line("XDP attached");
+    assert!(
+        attached.contains("lo") && attached.contains("generic"),
+        "{attached}"
+    );
+    daemon.expect_line("m2m-router running");
+    assert!(
+        link_show(&ns, "lo").contains("xdpgeneric"),
+        "{}",
+        link_show(&ns, "lo")
+    );
+
+    coap_client(&ns, "coap://127.0.0.1/sensors/temp");
+    daemon.signal(libc::SIGUSR1);
+    let accept = daemon.expect_line("accept");
+    let packets: u64 = accept
+        .split_whitespace()
+        .nth(1)
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(0);
+    assert!(packets >= 1, "{accept}");
+    daemon.stop();
+    assert!(
+        !link_show(&ns, "lo").contains("xdp"),
+        "still attached after exit"
+    );
+}
+
+#[test]
+fn run_on_a_veth_in_native_mode_applies_the_config() {
+    require_root();
+    let topo = Topology::new("cli-veth");
+    let config = temp_file(
+        "veth.toml",
+        &format!(
+            "[[peer]]\nname = \"banned\"\nprefix = [\"{}/32\"]\ndeny = true\n",
+            DEV_V4[1]
+        ),
+    );
+    let mut daemon = Daemon::start(
+        &topo.gw,
+        &[
+            "--iface",
+            GW_IF,
+            "--xdp-mode",
+            "native",
+            "--config",
+            config.to_str().unwrap(),
+        ],
+    );
+    let attached = daemon.expect_line("XDP attached");
+    assert!(attached.contains("native"), "{attached}");
+    daemon.expect_line("m2m-router running");
+    let shown = link_show(&topo.gw, GW_IF);
+    assert!(
+        shown.contains("xdp") && !shown.contains("xdpgeneric"),
+        "{shown}"
+    );
+
+    // coap-client cannot choose its source address among several, so send
+    // from a socket bound to the banned peer's address instead.
+    let sock = topo.device_socket(DEV_V4[1].into());
+    let msg = m2m_router_tests::packet::coap_post(7, b"21.5");
+    sock.send_to(&msg, (GW_V4, 5683)).unwrap();
+    std::thread::sleep(Duration::from_millis(200));
+    daemon.signal(libc::SIGUSR1);
+    let denied = daemon.expect_line("drop_denied");
+    assert!(denied.contains(" 1 packets"), "{denied}");
+    let banned = daemon.expect_line("banned");
+    assert!(banned.contains("dropped          1 packets"), "{banned}");
+    daemon.stop();
+    assert!(
+        !link_show(&topo.gw, GW_IF).contains("xdp"),
+        "still attached after exit"
+    );
+}
+
+#[test]
+fn run_fails_clearly_on_a_missing_interface_or_an_impossible_mode() {
+    require_root();
+    let ns = Netns::create("cli-err");
+    for (args, needle) in [
+        (
+            &["--iface", "nope0"][..],
+            "interface \"nope0\" does not exist",
+        ),
+        (&["--xdp-mode", "native"][..], "try --xdp-mode skb"),
+        (
+            &["--xdp-mode", "sideways"][..],
+            "not one of auto, native, skb, off",
+        ),
+    ] {
+        let out = ns.command(BIN).arg("run").args(args).output().unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{args:?} succeeded");
+        assert!(stderr.contains(needle), "{args:?}: {stderr}");
+        assert!(!stderr.contains("panicked"), "{stderr}");
+    }
+    assert!(
+        !link_show(&ns, "lo").contains("xdp"),
+        "nothing left attached"
+    );
+}
