@@ -6,6 +6,7 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand};
 use m2m_router::config::{Config, XdpMode};
 use m2m_router::daemon;
+use m2m_router::fastpath::FastpathError;
 
 /// Routes CoAP from M2M devices to MQTT topics, with an XDP fast path.
 #[derive(Parser)]
@@ -68,7 +69,16 @@ fn main() -> ExitCode {
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(err) => {
-            eprintln!("m2m-router: error: {err:#}");
+            eprintln!("m2m-router: error: {err}");
+            for cause in err.chain().skip(1) {
+                eprintln!("  caused by: {cause}");
+            }
+            if let Some(hint) = err
+                .downcast_ref::<FastpathError>()
+                .and_then(FastpathError::hint)
+            {
+                eprintln!("hint: {hint}");
+            }
             ExitCode::FAILURE
         }
     }

@@ -248,6 +248,38 @@ fn run_on_a_veth_in_native_mode_applies_the_config() {
 }
 
 #[test]
+fn run_with_xdp_off_says_so_and_attaches_nothing() {
+    require_root();
+    let ns = Netns::create("cli-off");
+    let mut daemon = Daemon::start(&ns, &["--xdp-mode", "off"]);
+    daemon.expect_line("XDP fast path off");
+    daemon.expect_line("m2m-router running");
+    assert!(!link_show(&ns, "lo").contains("xdp"));
+    daemon.stop();
+}
+
+#[test]
+fn run_as_an_unprivileged_user_says_what_is_needed() {
+    require_root();
+    let ns = Netns::create("cli-user");
+    let out = ns
+        .command("setpriv")
+        .args([
+            "--reuid=65534",
+            "--regid=65534",
+            "--clear-groups",
+            "--inh-caps=-all",
+        ])
+        .args([BIN, "run"])
+        .output()
+        .expect("setpriv (Debian package util-linux)");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(stderr.contains("needs root"), "{stderr}");
+    assert!(!stderr.contains("panicked"), "{stderr}");
+}
+
+#[test]
 fn run_fails_clearly_on_a_missing_interface_or_an_impossible_mode() {
     require_root();
     let ns = Netns::create("cli-err");

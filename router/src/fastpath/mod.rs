@@ -28,7 +28,7 @@ const BASELINE: &str = "xdp_pass_baseline";
 
 #[derive(Debug, Error)]
 pub enum FastpathError {
-    #[error("loading the XDP object failed: {source}{}", permission_hint(.source))]
+    #[error("loading the XDP object failed")]
     Load {
         #[source]
         source: Box<EbpfError>,
@@ -40,14 +40,14 @@ pub enum FastpathError {
         io_error: io::Error,
         verifier_log: String,
     },
-    #[error("loading the XDP program failed: {source}{}", permission_hint(.source))]
+    #[error("loading the XDP program failed")]
     Program {
         #[source]
         source: Box<ProgramError>,
     },
     #[error("interface {iface:?} does not exist (see `ip link`)")]
     NoSuchInterface { iface: String },
-    #[error("attaching XDP to {iface} in {mode} mode failed: {source}{hint}")]
+    #[error("attaching XDP to {iface} in {mode} mode failed")]
     Attach {
         iface: String,
         mode: &'static str,
@@ -55,7 +55,7 @@ pub enum FastpathError {
         source: Box<ProgramError>,
         hint: String,
     },
-    #[error("BPF map {map}: {source}")]
+    #[error("BPF map {map}")]
     Map {
         map: &'static str,
         #[source]
@@ -77,13 +77,27 @@ fn os_error(err: &(dyn std::error::Error + 'static)) -> Option<i32> {
     None
 }
 
-fn permission_hint(err: &(dyn std::error::Error + 'static)) -> &'static str {
+fn permission_hint(err: &(dyn std::error::Error + 'static)) -> Option<String> {
     match os_error(err) {
-        Some(libc::EPERM) | Some(libc::EACCES) => {
-            "\nhint: loading XDP needs root (or CAP_BPF, CAP_NET_ADMIN and CAP_PERFMON); \
+        Some(libc::EPERM) | Some(libc::EACCES) => Some(
+            "loading XDP needs root (or CAP_BPF, CAP_NET_ADMIN and CAP_PERFMON); \
              or run with --xdp-mode off"
+                .to_owned(),
+        ),
+        _ => None,
+    }
+}
+
+impl FastpathError {
+    /// What the operator can do about the error, when we know.
+    pub fn hint(&self) -> Option<String> {
+        match self {
+            FastpathError::Load { source } => permission_hint(&**source),
+            FastpathError::Program { source } => permission_hint(&**source),
+            FastpathError::Attach { hint, .. } if !hint.is_empty() => Some(hint.clone()),
+            FastpathError::Map { source, .. } => permission_hint(source),
+            _ => None,
         }
-        _ => "",
     }
 }
 
@@ -243,14 +257,14 @@ impl Fastpath {
             Err(source) => {
                 let hint = match os_error(&source) {
                     Some(libc::EBUSY) | Some(libc::EEXIST) => format!(
-                        "\nhint: another XDP program is attached to {iface} (see `ip link show {iface}`)"
+                        "another XDP program is attached to {iface} (see `ip link show {iface}`)"
                     ),
                     Some(libc::EPERM) | Some(libc::EACCES) => {
-                        "\nhint: attaching XDP needs root (or CAP_NET_ADMIN)".to_owned()
+                        "attaching XDP needs root (or CAP_NET_ADMIN)".to_owned()
                     }
-                    _ if requested == XdpMode::Native => format!(
-                        "\nhint: the driver of {iface} may lack native XDP; try --xdp-mode skb"
-                    ),
+                    _ if requested == XdpMode::Native => {
+                        format!("the driver of {iface} may lack native XDP; try --xdp-mode skb")
+                    }
                     _ => String::new(),
                 };
                 Err(FastpathError::Attach {
