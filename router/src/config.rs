@@ -56,6 +56,10 @@ pub struct ConfigFile {
 #[serde(deny_unknown_fields, default)]
 pub struct CoapSection {
     pub listen: Option<Vec<String>>,
+    pub max_payload: Option<usize>,
+    pub workers: Option<usize>,
+    pub dedup_per_peer: Option<usize>,
+    pub dedup_total: Option<usize>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -69,6 +73,11 @@ pub struct FastpathSection {
 #[serde(deny_unknown_fields, default)]
 pub struct MqttSection {
     pub listen: Option<String>,
+    pub username: Option<String>,
+    pub password: Option<String>,
+    pub max_packet_size: Option<usize>,
+    pub session_queue: Option<usize>,
+    pub max_inflight: Option<usize>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -297,12 +306,39 @@ pub struct Upstream {
     pub durability: Durability,
 }
 
+/// `[coap]` tuning beyond the listen addresses.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct CoapTuning {
+    /// Largest request payload; more is answered 4.13.
+    pub max_payload: usize,
+    /// Worker threads (sockets) per listen address; 0 means one per CPU.
+    pub workers: usize,
+    /// Duplicate-detection entries kept per peer endpoint and in total.
+    pub dedup_per_peer: usize,
+    pub dedup_total: usize,
+}
+
+/// `[mqtt]`: the embedded broker.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct MqttSettings {
+    pub listen: SocketAddr,
+    /// When set, clients must present this user name and password.
+    pub username: Option<String>,
+    pub password: Option<String>,
+    pub max_packet_size: usize,
+    /// Messages queued per session (also while a persistent session is offline).
+    pub session_queue: usize,
+    /// Unacknowledged QoS 1 messages per connection.
+    pub max_inflight: usize,
+}
+
 #[derive(Clone, Debug)]
 pub struct Config {
     pub coap_listen: Vec<SocketAddr>,
+    pub coap: CoapTuning,
+    pub mqtt: MqttSettings,
     pub interfaces: Vec<String>,
     pub xdp_mode: XdpMode,
-    pub mqtt_listen: SocketAddr,
     pub control_socket: PathBuf,
     pub metrics_listen: SocketAddr,
     pub defaults: Defaults,
@@ -372,6 +408,14 @@ fn socket_addr(field: &str, value: &str) -> Result<SocketAddr, ConfigError> {
     })
 }
 
+fn positive(field: &str, value: Option<usize>, default: usize) -> Result<usize, ConfigError> {
+    match value {
+        Some(0) => Err(invalid(field, "must be at least 1")),
+        Some(v) => Ok(v),
+        None => Ok(default),
+    }
+}
+
 fn template(field: &str, value: &str) -> Result<Template, ConfigError> {
     Template::compile(value).map_err(|m| invalid(field, m))
 }
@@ -429,10 +473,35 @@ impl ConfigFile {
             "fastpath.mode",
             self.fastpath.mode.as_deref().unwrap_or("auto"),
         )?;
-        let mqtt_listen = socket_addr(
-            "mqtt.listen",
-            self.mqtt.listen.as_deref().unwrap_or(DEFAULT_MQTT_LISTEN),
-        )?;
+        let coap = CoapTuning {
+            max_payload: positive("coap.max_payload", self.coap.max_payload, 4096)?,
+            workers: self.coap.workers.unwrap_or(0),
+            dedup_per_peer: positive("coap.dedup_per_peer", self.coap.dedup_per_peer, 256)?,
+            dedup_total: positive("coap.dedup_total", self.coap.dedup_total, 1_000_000)?,
+        };
+        if coap.max_payload > 65_000 {
+            return Err(invalid(
+                "coap.max_payload",
+                "a UDP datagram holds at most 65,000 bytes of payload",
+            ));
+        }
+        if self.mqtt.username.is_some() != self.mqtt.password.is_some() {
+            return Err(invalid(
+                "mqtt.password",
+                "set both mqtt.username and mqtt.password, or neither",
+            ));
+        }
+        let mqtt = MqttSettings {
+            listen: socket_addr(
+                "mqtt.listen",
+                self.mqtt.listen.as_deref().unwrap_or(DEFAULT_MQTT_LISTEN),
+            )?,
+            username: self.mqtt.username,
+            password: self.mqtt.password,
+            max_packet_size: positive("mqtt.max_packet_size", self.mqtt.max_packet_size, 1 << 20)?,
+            session_queue: positive("mqtt.session_queue", self.mqtt.session_queue, 10_000)?,
+            max_inflight: positive("mqtt.max_inflight", self.mqtt.max_inflight, 64)?,
+        };
         let metrics_listen = socket_addr(
             "metrics.listen",
             self.metrics
@@ -478,9 +547,10 @@ impl ConfigFile {
         let upstreams = validate_upstreams(self.upstream)?;
         Ok(Config {
             coap_listen,
+            coap,
+            mqtt,
             interfaces: self.fastpath.interfaces,
             xdp_mode,
-            mqtt_listen,
             control_socket,
             metrics_listen,
             defaults,
@@ -639,7 +709,8 @@ mod tests {
         assert_eq!(c.defaults.rate, Rate(Some(100)));
         assert_eq!(c.defaults.burst, 50);
         assert_eq!(c.defaults.topic.as_str(), "m2m/{peer}/{path}");
-        assert_eq!(c.mqtt_listen.to_string(), "127.0.0.1:1883");
+        assert_eq!(c.mqtt.listen.to_string(), "127.0.0.1:1883");
+        assert_eq!(c.coap.max_payload, 4096);
     }
 
     #[test]

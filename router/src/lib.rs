@@ -2,8 +2,12 @@
 //! path in front. See DESIGN.md for the architecture; this crate is the
 //! daemon and its CLI.
 
+pub mod coap;
 pub mod config;
 pub mod daemon;
 pub mod fastpath;
+pub mod mapping;
+pub mod mqtt;
 pub mod report;
 pub mod template;
+pub mod worker;

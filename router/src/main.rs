@@ -32,6 +32,9 @@ enum Command {
         /// CoAP listen address (repeatable); its port is guarded by XDP.
         #[arg(long = "coap-listen", value_name = "ADDR")]
         coap_listen: Vec<SocketAddr>,
+        /// MQTT broker listen address.
+        #[arg(long = "mqtt-listen", value_name = "ADDR")]
+        mqtt_listen: Option<SocketAddr>,
     },
     /// Validate a config file and say what it configures.
     CheckConfig { file: PathBuf },
@@ -52,6 +55,7 @@ fn main() -> ExitCode {
             ifaces,
             xdp_mode,
             coap_listen,
+            mqtt_listen,
         } => load_config(config.as_deref()).and_then(|mut c| {
             if !ifaces.is_empty() {
                 c.interfaces = ifaces;
@@ -61,6 +65,9 @@ fn main() -> ExitCode {
             }
             if !coap_listen.is_empty() {
                 c.coap_listen = coap_listen;
+            }
+            if let Some(addr) = mqtt_listen {
+                c.mqtt.listen = addr;
             }
             daemon::run(c)
         }),

@@ -2,13 +2,44 @@
 //! the control socket's `stats` command exists).
 
 use std::fmt::Write as _;
+use std::sync::atomic::Ordering;
 
 use router_common::maps::UNKNOWN_PEER_ID;
 
+use crate::daemon::Running;
 use crate::fastpath::{Fastpath, FastpathError};
 
+pub fn render(running: &Running) -> Result<String, FastpathError> {
+    let mut out = match &running.fastpath {
+        Some(fastpath) => fastpath_stats(fastpath)?,
+        None => String::from("fast path off: no verdict counters\n"),
+    };
+    out.push_str("coap uplink:\n");
+    for (name, value) in running.uplink.snapshot() {
+        let _ = writeln!(out, "  {name:<22} {value:>12}");
+    }
+    let b = &running.broker.stats;
+    out.push_str("mqtt broker:\n");
+    for (name, value) in [
+        ("published", &b.published),
+        ("enqueued", &b.enqueued),
+        ("dropped", &b.dropped),
+        ("connections", &b.connections),
+        ("protocol_errors", &b.protocol_errors),
+    ] {
+        let _ = writeln!(out, "  {name:<22} {:>12}", value.load(Ordering::Relaxed));
+    }
+    for (client, queued, dropped) in running.broker.session_stats() {
+        let _ = writeln!(
+            out,
+            "  session {client:<30} queued {queued:>8} dropped {dropped:>10}"
+        );
+    }
+    Ok(out)
+}
+
 /// The verdict counters (nonzero only) and each peer's policy counters.
-pub fn stats(fastpath: &Fastpath) -> Result<String, FastpathError> {
+pub fn fastpath_stats(fastpath: &Fastpath) -> Result<String, FastpathError> {
     let mut out = String::from("fast path verdicts:\n");
     let mut any = false;
     for (reason, counter) in fastpath.verdicts()?.values() {

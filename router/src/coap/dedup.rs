@@ -1,0 +1,185 @@
+//! Duplicate detection (RFC 7252 section 4.5): a message with the same
+//! source endpoint and Message ID seen within EXCHANGE_LIFETIME is a
+//! retransmission. It is not processed again; a CON gets the same response.
+//!
+//! Each worker owns one cache (a peer endpoint always lands on the same
+//! worker), so there is no locking. Entries are small and inline (the
+//! response is rebuilt from its code and token), and bounded per peer and in
+//! total; an entry evicted early is counted, since a retransmission arriving
+//! after it would be processed twice.
+
+use std::collections::{HashMap, VecDeque};
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+
+/// RFC 7252 section 4.8.2 with the default transmission parameters.
+pub const EXCHANGE_LIFETIME: Duration = Duration::from_secs(247);
+
+/// What was answered to a message.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Answer {
+    /// Response code; 0 for "nothing was sent" (a NON request).
+    pub code: u8,
+    pub token_len: u8,
+    pub token: [u8; 8],
+}
+
+struct Exchange {
+    mid: u16,
+    at: Instant,
+    answer: Answer,
+}
+
+pub struct DedupCache {
+    peers: HashMap<SocketAddr, VecDeque<Exchange>>,
+    per_peer: usize,
+    max_total: usize,
+    total: usize,
+    /// Entries dropped before their lifetime ended.
+    pub evictions: u64,
+}
+
+impl DedupCache {
+    pub fn new(per_peer: usize, max_total: usize) -> DedupCache {
+        DedupCache {
+            peers: HashMap::new(),
+            per_peer: per_peer.max(1),
+            max_total: max_total.max(1),
+            total: 0,
+            evictions: 0,
+        }
+    }
+
+    /// The answer given to (`peer`, `mid`) within the exchange lifetime.
+    pub fn lookup(&self, peer: &SocketAddr, mid: u16, now: Instant) -> Option<Answer> {
+        self.peers
+            .get(peer)?
+            .iter()
+            .rev()
+            .find(|e| e.mid == mid && now.duration_since(e.at) < EXCHANGE_LIFETIME)
+            .map(|e| e.answer)
+    }
+
+    pub fn insert(&mut self, peer: SocketAddr, mid: u16, answer: Answer, now: Instant) {
+        if self.total >= self.max_total {
+            self.evict_one(&peer, now);
+        }
+        let log = self.peers.entry(peer).or_default();
+        // Expired entries leave from the front (insertion order = age).
+        while log
+            .front()
+            .is_some_and(|e| now.duration_since(e.at) >= EXCHANGE_LIFETIME)
+        {
+            log.pop_front();
+            self.total -= 1;
+        }
+        if log.len() >= self.per_peer {
+            log.pop_front();
+            self.total -= 1;
+            self.evictions += 1;
+        }
+        log.push_back(Exchange {
+            mid,
+            at: now,
+            answer,
+        });
+        self.total += 1;
+    }
+
+    /// Makes room under the total bound: the oldest entry of this peer, else
+    /// of any peer (expired ones first, which cost no eviction).
+    fn evict_one(&mut self, peer: &SocketAddr, now: Instant) {
+        let victim = match self.peers.get(peer) {
+            Some(log) if !log.is_empty() => *peer,
+            _ => match self.peers.iter().find(|(_, log)| !log.is_empty()) {
+                Some((p, _)) => *p,
+                None => return,
+            },
+        };
+        if let Some(log) = self.peers.get_mut(&victim) {
+            if let Some(old) = log.pop_front() {
+                self.total -= 1;
+                if now.duration_since(old.at) < EXCHANGE_LIFETIME {
+                    self.evictions += 1;
+                }
+            }
+            if log.is_empty() {
+                self.peers.remove(&victim);
+            }
+        }
+    }
+
+    /// Drops expired entries and forgotten peers; call now and then.
+    pub fn sweep(&mut self, now: Instant) {
+        let mut removed = 0;
+        self.peers.retain(|_, log| {
+            while log
+                .front()
+                .is_some_and(|e| now.duration_since(e.at) >= EXCHANGE_LIFETIME)
+            {
+                log.pop_front();
+                removed += 1;
+            }
+            !log.is_empty()
+        });
+        self.total -= removed;
+    }
+
+    pub fn len(&self) -> usize {
+        self.total
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.total == 0
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const A: Answer = Answer {
+        code: 0x44,
+        token_len: 1,
+        token: [9, 0, 0, 0, 0, 0, 0, 0],
+    };
+
+    fn peer(port: u16) -> SocketAddr {
+        SocketAddr::from(([10, 0, 0, 1], port))
+    }
+
+    #[test]
+    fn remembers_within_lifetime_only() {
+        let mut c = DedupCache::new(8, 100);
+        let t0 = Instant::now();
+        c.insert(peer(1), 7, A, t0);
+        assert_eq!(
+            c.lookup(&peer(1), 7, t0 + Duration::from_secs(246)),
+            Some(A)
+        );
+        assert_eq!(c.lookup(&peer(2), 7, t0), None, "another endpoint");
+        assert_eq!(c.lookup(&peer(1), 8, t0), None, "another MID");
+        assert_eq!(c.lookup(&peer(1), 7, t0 + EXCHANGE_LIFETIME), None);
+        c.sweep(t0 + EXCHANGE_LIFETIME);
+        assert!(c.is_empty());
+        assert_eq!(c.evictions, 0);
+    }
+
+    #[test]
+    fn bounds_per_peer_and_total_count_evictions() {
+        let mut c = DedupCache::new(4, 10);
+        let t = Instant::now();
+        for mid in 0..6 {
+            c.insert(peer(1), mid, A, t);
+        }
+        assert_eq!(c.len(), 4);
+        assert_eq!(c.evictions, 2);
+        assert_eq!(c.lookup(&peer(1), 0, t), None);
+        assert_eq!(c.lookup(&peer(1), 5, t), Some(A));
+        for p in 2..10 {
+            c.insert(peer(p), 1, A, t);
+        }
+        assert_eq!(c.len(), 10);
+        assert!(c.evictions >= 4);
+    }
+}

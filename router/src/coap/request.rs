@@ -1,0 +1,142 @@
+//! A CoAP request's options, as the uplink needs them (RFC 7252 section 5.10).
+
+use super::message::{option, uint_option, Message};
+
+/// Uri-Path segments kept per request; more is answered 4.00.
+pub const MAX_PATH_SEGMENTS: usize = 16;
+
+/// The Uri-Path, borrowed from the datagram.
+#[derive(Clone, Copy, Debug)]
+pub struct Path<'a> {
+    segments: [&'a str; MAX_PATH_SEGMENTS],
+    len: usize,
+}
+
+impl<'a> Path<'a> {
+    pub fn segments(&self) -> &[&'a str] {
+        &self.segments[..self.len]
+    }
+}
+
+#[derive(Clone, Copy, Debug)]
+pub struct Request<'a> {
+    pub method: u8,
+    pub path: Path<'a>,
+    pub content_format: Option<u16>,
+}
+
+/// Why a request cannot be served, with the response code it gets.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum RequestError {
+    /// 4.02: an unrecognised critical option (section 5.4.1).
+    BadOption(u16),
+    /// 4.00: e.g. a Uri-Path that is not UTF-8 or too deep.
+    BadRequest(&'static str),
+    /// 5.05: Proxy-Uri / Proxy-Scheme (section 5.7.2); we are no proxy.
+    ProxyingNotSupported,
+}
+
+impl RequestError {
+    pub fn code(&self) -> u8 {
+        use super::message::code;
+        match self {
+            RequestError::BadOption(_) => code::BAD_OPTION,
+            RequestError::BadRequest(_) => code::BAD_REQUEST,
+            RequestError::ProxyingNotSupported => code::PROXYING_NOT_SUPPORTED,
+        }
+    }
+}
+
+/// Reads the options a request may carry. Elective options we do not know
+/// are ignored (section 5.4.1); critical ones we do not know are an error.
+pub fn parse<'a>(msg: &Message<'a>) -> Result<Request<'a>, RequestError> {
+    let mut path = Path {
+        segments: [""; MAX_PATH_SEGMENTS],
+        len: 0,
+    };
+    let mut content_format = None;
+    for (number, value) in msg.options() {
+        match number {
+            option::URI_PATH => {
+                if path.len == MAX_PATH_SEGMENTS {
+                    return Err(RequestError::BadRequest("Uri-Path too deep"));
+                }
+                path.segments[path.len] = std::str::from_utf8(value)
+                    .map_err(|_| RequestError::BadRequest("Uri-Path is not UTF-8"))?;
+                path.len += 1;
+            }
+            option::CONTENT_FORMAT => {
+                content_format = Some(
+                    uint_option(value)
+                        .and_then(|v| u16::try_from(v).ok())
+                        .ok_or(RequestError::BadRequest("bad Content-Format"))?,
+                );
+            }
+            option::PROXY_URI | option::PROXY_SCHEME => {
+                return Err(RequestError::ProxyingNotSupported)
+            }
+            // Understood, and harmless to ignore for a publish endpoint.
+            option::IF_MATCH
+            | option::URI_HOST
+            | option::ETAG
+            | option::IF_NONE_MATCH
+            | option::OBSERVE
+            | option::URI_PORT
+            | option::MAX_AGE
+            | option::URI_QUERY
+            | option::ACCEPT
+            | option::LOCATION_PATH
+            | option::LOCATION_QUERY
+            | option::SIZE1 => {}
+            n if option::is_critical(n) => return Err(RequestError::BadOption(n)),
+            _ => {}
+        }
+    }
+    Ok(Request {
+        method: msg.code,
+        path,
+        content_format,
+    })
+}
+
+/// The media type of a CoAP Content-Format (IANA "CoAP Content-Formats"
+/// registry), carried to MQTT 5 subscribers as the content type.
+pub fn content_type(format: u16) -> Option<&'static str> {
+    Some(match format {
+        0 => "text/plain; charset=utf-8",
+        40 => "application/link-format",
+        41 => "application/xml",
+        42 => "application/octet-stream",
+        47 => "application/exi",
+        50 => "application/json",
+        51 => "application/json-patch+json",
+        52 => "application/merge-patch+json",
+        60 => "application/cbor",
+        61 => "application/cwt",
+        110 => "application/senml+json",
+        111 => "application/sensml+json",
+        112 => "application/senml+cbor",
+        113 => "application/sensml+cbor",
+        _ => return None,
+    })
+}
+
+/// The reverse, for GET responses.
+pub fn content_format(media_type: &[u8]) -> Option<u16> {
+    [0u16, 40, 41, 42, 47, 50, 51, 52, 60, 61, 110, 111, 112, 113]
+        .into_iter()
+        .find(|&f| content_type(f).map(str::as_bytes) == Some(media_type))
+}
+
+pub fn method_name(code: u8) -> &'static str {
+    match code {
+        1 => "GET",
+        2 => "POST",
+        3 => "PUT",
+        4 => "DELETE",
+        5 => "FETCH",
+        6 => "PATCH",
+        7 => "iPATCH",
+        _ => "UNKNOWN",
+    }
+}

@@ -1,0 +1,323 @@
+//! The CoAP server side of the uplink (RFC 7252): what a worker does with
+//! each datagram. POST/PUT publish and are answered 2.04 once published;
+//! GET reads the last value published on the topic; retransmissions are
+//! answered again and never published twice.
+
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Instant;
+
+use bytes::{Bytes, BytesMut};
+
+use super::dedup::{Answer, DedupCache};
+use super::message::{self, code, option, peek_header, Message, ACK, CON, NON, RST};
+use super::request::{self, content_type, RequestError};
+use crate::mapping::{self, Mapper};
+use crate::mqtt::{Broker, Message as MqttMessage};
+
+/// Uplink counters, shared by all workers.
+#[derive(Debug, Default)]
+pub struct UplinkStats {
+    pub received: AtomicU64,
+    pub published: AtomicU64,
+    pub duplicates: AtomicU64,
+    /// Not CoAP at all (bad header, option encoding, ...).
+    pub malformed: AtomicU64,
+    pub resets_sent: AtomicU64,
+    /// Requests answered with a 4.xx/5.xx code.
+    pub rejected: AtomicU64,
+    pub too_large: AtomicU64,
+    /// ACK, RST and responses from devices (downlink traffic, not yet routed).
+    pub ignored: AtomicU64,
+    pub dedup_evictions: AtomicU64,
+}
+
+impl UplinkStats {
+    pub fn snapshot(&self) -> Vec<(&'static str, u64)> {
+        let f = |a: &AtomicU64| a.load(Ordering::Relaxed);
+        vec![
+            ("received", f(&self.received)),
+            ("published", f(&self.published)),
+            ("duplicates", f(&self.duplicates)),
+            ("malformed", f(&self.malformed)),
+            ("resets_sent", f(&self.resets_sent)),
+            ("rejected", f(&self.rejected)),
+            ("too_large", f(&self.too_large)),
+            ("ignored", f(&self.ignored)),
+            ("dedup_evictions", f(&self.dedup_evictions)),
+        ]
+    }
+}
+
+#[derive(Clone, Debug)]
+pub struct UplinkConfig {
+    /// Largest payload accepted; more is answered 4.13 with Size1.
+    pub max_payload: usize,
+    pub dedup_per_peer: usize,
+    pub dedup_total: usize,
+}
+
+impl Default for UplinkConfig {
+    fn default() -> Self {
+        UplinkConfig {
+            max_payload: 4096,
+            dedup_per_peer: 256,
+            dedup_total: 1_000_000,
+        }
+    }
+}
+
+/// One worker's uplink state.
+pub struct Uplink {
+    config: UplinkConfig,
+    mapper: Arc<Mapper>,
+    broker: Arc<Broker>,
+    stats: Arc<UplinkStats>,
+    dedup: DedupCache,
+    topic: String,
+    /// Message IDs for NON responses (section 4.4: ours to choose).
+    next_mid: u16,
+}
+
+impl Uplink {
+    pub fn new(
+        config: UplinkConfig,
+        mapper: Arc<Mapper>,
+        broker: Arc<Broker>,
+        stats: Arc<UplinkStats>,
+    ) -> Uplink {
+        Uplink {
+            dedup: DedupCache::new(config.dedup_per_peer, config.dedup_total),
+            config,
+            mapper,
+            broker,
+            stats,
+            topic: String::with_capacity(256),
+            next_mid: rand_mid(),
+        }
+    }
+
+    /// Handles one datagram from `src`; leaves the reply, if any, in `out`.
+    /// `truncated`: the datagram was larger than the receive buffer.
+    pub fn handle(
+        &mut self,
+        dgram: &[u8],
+        truncated: bool,
+        src: SocketAddr,
+        now: Instant,
+        out: &mut Vec<u8>,
+    ) -> bool {
+        self.stats.received.fetch_add(1, Ordering::Relaxed);
+        out.clear();
+        let msg = match Message::decode(dgram) {
+            Ok(m) if !truncated => m,
+            Ok(m) => return self.too_large(&m, out),
+            Err(_) => {
+                self.stats.malformed.fetch_add(1, Ordering::Relaxed);
+                // Section 4.2: a CON that cannot be processed is rejected with RST.
+                return match peek_header(dgram) {
+                    Some((CON, mid)) => self.reset(mid, out),
+                    _ => false,
+                };
+            }
+        };
+        match (msg.mtype, msg.code) {
+            (CON, code::EMPTY) => self.reset(msg.mid, out), // "CoAP ping", section 4.3
+            (CON | NON, _) if msg.is_request() => self.request(&msg, src, now, out),
+            (CON, _) => {
+                // A response we did not ask for (section 4.2).
+                self.stats.ignored.fetch_add(1, Ordering::Relaxed);
+                self.reset(msg.mid, out)
+            }
+            _ => {
+                self.stats.ignored.fetch_add(1, Ordering::Relaxed);
+                false
+            }
+        }
+    }
+
+    fn request(&mut self, msg: &Message, src: SocketAddr, now: Instant, out: &mut Vec<u8>) -> bool {
+        if let Some(answer) = self.dedup.lookup(&src, msg.mid, now) {
+            self.stats.duplicates.fetch_add(1, Ordering::Relaxed);
+            if msg.mtype != CON || answer.code == 0 {
+                return false;
+            }
+            message::encode(
+                out,
+                ACK,
+                answer.code,
+                msg.mid,
+                &answer.token[..usize::from(answer.token_len)],
+                &[],
+                &[],
+            );
+            return true;
+        }
+        let (code, cacheable) = match request::parse(msg) {
+            Err(RequestError::BadOption(_)) if msg.mtype == NON => {
+                // Section 5.4.1: a NON with an unknown critical option is rejected silently.
+                self.stats.rejected.fetch_add(1, Ordering::Relaxed);
+                return false;
+            }
+            Err(e) => (e.code(), true),
+            Ok(req) => match req.method {
+                code::POST | code::PUT => (self.publish(msg, &req, src), true),
+                code::GET => return self.get(msg, &req, src, out),
+                _ => (code::METHOD_NOT_ALLOWED, true),
+            },
+        };
+        if code >> 5 != 2 {
+            self.stats.rejected.fetch_add(1, Ordering::Relaxed);
+        }
+        let mut token = [0u8; 8];
+        token[..msg.token.len()].copy_from_slice(msg.token);
+        let reply = msg.mtype == CON;
+        if cacheable {
+            let answer = Answer {
+                code: if reply { code } else { 0 },
+                token_len: msg.token.len() as u8,
+                token,
+            };
+            self.dedup.insert(src, msg.mid, answer, now);
+            self.stats
+                .dedup_evictions
+                .store(self.dedup.evictions, Ordering::Relaxed);
+        }
+        if !reply {
+            // The uplink answers NON requests with nothing.
+            return false;
+        }
+        // Piggybacked response (section 5.2.1), sent only now that the
+        // message was accepted by the broker (DESIGN.md invariant 1).
+        message::encode(out, ACK, code, msg.mid, msg.token, &[], &[]);
+        true
+    }
+
+    /// Publishes a POST/PUT payload; returns the response code.
+    fn publish(&mut self, msg: &Message, req: &request::Request, src: SocketAddr) -> u8 {
+        if msg.payload.len() > self.config.max_payload {
+            self.stats.too_large.fetch_add(1, Ordering::Relaxed);
+            return code::REQUEST_ENTITY_TOO_LARGE;
+        }
+        let mreq = mapping::Request {
+            src,
+            method: req.method,
+            path: req.path.segments(),
+        };
+        let delivery = match self.mapper.map(&mreq, &mut self.topic) {
+            Ok(d) => d,
+            Err(_) => return code::BAD_REQUEST,
+        };
+        // One allocation holds topic and payload; subscribers share it.
+        let mut buf = BytesMut::with_capacity(self.topic.len() + msg.payload.len());
+        buf.extend_from_slice(self.topic.as_bytes());
+        buf.extend_from_slice(msg.payload);
+        let mut all = buf.freeze();
+        let topic = all.split_to(self.topic.len());
+        self.broker.publish(
+            MqttMessage {
+                topic,
+                payload: all,
+                qos: delivery.qos,
+                retain: delivery.retain,
+                content_type: req
+                    .content_format
+                    .and_then(content_type)
+                    .map(|t| Bytes::from_static(t.as_bytes())),
+                properties: None,
+            },
+            None,
+        );
+        self.stats.published.fetch_add(1, Ordering::Relaxed);
+        code::CHANGED
+    }
+
+    /// GET: the last value published on the topic a POST to this path
+    /// would publish to.
+    fn get(
+        &mut self,
+        msg: &Message,
+        req: &request::Request,
+        src: SocketAddr,
+        out: &mut Vec<u8>,
+    ) -> bool {
+        let mreq = mapping::Request {
+            src,
+            method: code::POST,
+            path: req.path.segments(),
+        };
+        let found = match self.mapper.map(&mreq, &mut self.topic) {
+            Ok(_) => self.broker.last_value(self.topic.as_bytes()),
+            Err(_) => None,
+        };
+        let (mtype, mid) = match msg.mtype {
+            CON => (ACK, msg.mid),
+            _ => (NON, self.fresh_mid()),
+        };
+        match found {
+            Some(m) => {
+                let mut cf = [0u8; 4];
+                let format = m.content_type.as_deref().and_then(request::content_format);
+                let opts: &[(u16, &[u8])] = match format {
+                    Some(f) => &[(
+                        option::CONTENT_FORMAT,
+                        message::uint_bytes(u32::from(f), &mut cf),
+                    )],
+                    None => &[],
+                };
+                message::encode(out, mtype, code::CONTENT, mid, msg.token, opts, &m.payload);
+            }
+            None => {
+                self.stats.rejected.fetch_add(1, Ordering::Relaxed);
+                message::encode(out, mtype, code::NOT_FOUND, mid, msg.token, &[], &[]);
+            }
+        }
+        true
+    }
+
+    fn too_large(&mut self, msg: &Message, out: &mut Vec<u8>) -> bool {
+        self.stats.too_large.fetch_add(1, Ordering::Relaxed);
+        if msg.mtype != CON {
+            return false;
+        }
+        // Section 5.9.2.9: 4.13 with Size1 telling the largest we accept.
+        let mut size = [0u8; 4];
+        let size1 = message::uint_bytes(self.config.max_payload as u32, &mut size);
+        message::encode(
+            out,
+            ACK,
+            code::REQUEST_ENTITY_TOO_LARGE,
+            msg.mid,
+            msg.token,
+            &[(option::SIZE1, size1)],
+            &[],
+        );
+        true
+    }
+
+    fn reset(&mut self, mid: u16, out: &mut Vec<u8>) -> bool {
+        self.stats.resets_sent.fetch_add(1, Ordering::Relaxed);
+        message::encode(out, RST, code::EMPTY, mid, &[], &[], &[]);
+        true
+    }
+
+    fn fresh_mid(&mut self) -> u16 {
+        self.next_mid = self.next_mid.wrapping_add(1);
+        self.next_mid
+    }
+
+    /// Drops expired duplicate-detection state; call about once a second.
+    pub fn sweep(&mut self, now: Instant) {
+        self.dedup.sweep(now);
+    }
+}
+
+/// A start for our Message IDs that differs between runs (section 4.4
+/// recommends randomising it).
+fn rand_mid() -> u16 {
+    let t = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap_or_default();
+    (t.subsec_nanos() ^ std::process::id()) as u16
+}

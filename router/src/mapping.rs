@@ -1,0 +1,426 @@
+//! From an M2M peer and a CoAP request to an IoT topic (DESIGN.md, topic
+//! templates): the first matching `[[route]]`, else the peer's template,
+//! else `[defaults] topic`. Templates are compiled once; rendering writes
+//! into a caller's reusable `String`, so the hot path allocates nothing.
+
+use std::collections::HashMap;
+use std::fmt::Write as _;
+use std::net::{IpAddr, SocketAddr};
+
+use crate::coap::request::method_name;
+use crate::config::{Config, Prefix};
+use crate::template::{Part, Template};
+
+/// A peer as the data plane knows it.
+#[derive(Debug)]
+pub struct PeerInfo {
+    pub name: String,
+    pub topic: Option<Template>,
+}
+
+/// Longest-prefix match over peer prefixes: one hash map per prefix length,
+/// longest first, so a lookup is a handful of hash probes however many
+/// peers there are.
+#[derive(Debug, Default)]
+pub struct PeerIndex {
+    v4: Vec<(u8, HashMap<u32, u32>)>,
+    v6: Vec<(u8, HashMap<u128, u32>)>,
+}
+
+fn mask_v4(addr: u32, len: u8) -> u32 {
+    addr & u32::MAX.checked_shl(32 - u32::from(len)).unwrap_or(0)
+}
+
+fn mask_v6(addr: u128, len: u8) -> u128 {
+    addr & u128::MAX.checked_shl(128 - u32::from(len)).unwrap_or(0)
+}
+
+impl PeerIndex {
+    pub fn insert(&mut self, prefix: Prefix, peer: u32) {
+        match prefix.addr {
+            IpAddr::V4(a) => {
+                table(&mut self.v4, prefix.len).insert(mask_v4(a.into(), prefix.len), peer)
+            }
+            IpAddr::V6(a) => {
+                table(&mut self.v6, prefix.len).insert(mask_v6(a.into(), prefix.len), peer)
+            }
+        };
+    }
+
+    pub fn lookup(&self, ip: IpAddr) -> Option<u32> {
+        match ip {
+            IpAddr::V4(a) => {
+                let a = u32::from(a);
+                self.v4
+                    .iter()
+                    .find_map(|(len, t)| t.get(&mask_v4(a, *len)).copied())
+            }
+            IpAddr::V6(a) => {
+                if let Some(v4) = a.to_ipv4_mapped() {
+                    return self.lookup(IpAddr::V4(v4));
+                }
+                let a = u128::from(a);
+                self.v6
+                    .iter()
+                    .find_map(|(len, t)| t.get(&mask_v6(a, *len)).copied())
+            }
+        }
+    }
+}
+
+fn table<K>(tables: &mut Vec<(u8, HashMap<K, u32>)>, len: u8) -> &mut HashMap<K, u32> {
+    let i = match tables.iter().position(|(l, _)| *l <= len) {
+        Some(i) if tables[i].0 == len => i,
+        Some(i) => {
+            tables.insert(i, (len, HashMap::new()));
+            i
+        }
+        None => {
+            tables.push((len, HashMap::new()));
+            tables.len() - 1
+        }
+    };
+    &mut tables[i].1
+}
+
+/// One level of a route's Uri-Path glob.
+#[derive(Debug)]
+enum Glob {
+    Literal(String),
+    /// `*`: exactly one segment.
+    One,
+    /// `**` (last only): any number of segments, none included.
+    Rest,
+}
+
+#[derive(Debug)]
+struct Route {
+    glob: Vec<Glob>,
+    peer: Option<u32>,
+    method: Option<u8>,
+    topic: Template,
+    qos: u8,
+    retain: bool,
+}
+
+impl Route {
+    fn matches(&self, peer: Option<u32>, method: u8, path: &[&str]) -> bool {
+        if self.peer.is_some() && self.peer != peer {
+            return false;
+        }
+        if self.method.is_some_and(|m| m != method) {
+            return false;
+        }
+        let mut segs = path.iter();
+        for g in &self.glob {
+            match g {
+                Glob::Rest => return true,
+                Glob::One => {
+                    if segs.next().is_none() {
+                        return false;
+                    }
+                }
+                Glob::Literal(l) => {
+                    if segs.next() != Some(&l.as_str()) {
+                        return false;
+                    }
+                }
+            }
+        }
+        segs.next().is_none()
+    }
+}
+
+/// Delivery options of a mapped message.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Delivery {
+    pub qos: u8,
+    pub retain: bool,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum MapError {
+    /// `{path.N}` with fewer than N+1 segments.
+    MissingSegment(usize),
+    /// A value would put `+`, `#` or NUL into the topic name.
+    InvalidCharacter,
+    EmptyTopic,
+}
+
+impl MapError {
+    pub fn message(&self) -> &'static str {
+        match self {
+            MapError::MissingSegment(_) => "the topic template needs more Uri-Path segments",
+            MapError::InvalidCharacter => {
+                "Uri-Path contains '+', '#' or NUL, not allowed in a topic"
+            }
+            MapError::EmptyTopic => "the topic would be empty",
+        }
+    }
+}
+
+#[derive(Debug)]
+pub struct Mapper {
+    peers: PeerIndex,
+    infos: Vec<PeerInfo>,
+    routes: Vec<Route>,
+    default_topic: Template,
+}
+
+/// What the mapping knows of a request.
+pub struct Request<'a> {
+    pub src: SocketAddr,
+    pub method: u8,
+    pub path: &'a [&'a str],
+}
+
+impl Mapper {
+    pub fn from_config(config: &Config) -> Mapper {
+        let mut peers = PeerIndex::default();
+        let mut infos = Vec::with_capacity(config.peers.len());
+        for (i, p) in config.peers.iter().enumerate() {
+            for prefix in &p.prefixes {
+                peers.insert(*prefix, i as u32);
+            }
+            infos.push(PeerInfo {
+                name: p.name.clone(),
+                topic: p.topic.clone(),
+            });
+        }
+        let routes = config
+            .routes
+            .iter()
+            .map(|r| Route {
+                glob: r
+                    .path_match
+                    .trim_matches('/')
+                    .split('/')
+                    .map(|s| match s {
+                        "*" => Glob::One,
+                        "**" => Glob::Rest,
+                        l => Glob::Literal(l.to_owned()),
+                    })
+                    .collect(),
+                peer: r
+                    .peer
+                    .as_ref()
+                    .and_then(|n| config.peers.iter().position(|p| &p.name == n))
+                    .map(|i| i as u32),
+                method: r
+                    .method
+                    .as_deref()
+                    .and_then(|m| (1..=7).find(|&c| method_name(c) == m)),
+                topic: r.topic.clone(),
+                qos: r.qos,
+                retain: r.retain,
+            })
+            .collect();
+        Mapper {
+            peers,
+            infos,
+            routes,
+            default_topic: config.defaults.topic.clone(),
+        }
+    }
+
+    pub fn peer(&self, ip: IpAddr) -> Option<&PeerInfo> {
+        self.peers.lookup(ip).map(|i| &self.infos[i as usize])
+    }
+
+    /// Renders the topic for `req` into `out` (cleared first).
+    pub fn map(&self, req: &Request, out: &mut String) -> Result<Delivery, MapError> {
+        let peer_id = self.peers.lookup(req.src.ip());
+        let peer = peer_id.map(|i| &self.infos[i as usize]);
+        let (template, delivery) = match self
+            .routes
+            .iter()
+            .find(|r| r.matches(peer_id, req.method, req.path))
+        {
+            Some(r) => (
+                &r.topic,
+                Delivery {
+                    qos: r.qos,
+                    retain: r.retain,
+                },
+            ),
+            None => (
+                peer.and_then(|p| p.topic.as_ref())
+                    .unwrap_or(&self.default_topic),
+                Delivery {
+                    qos: 0,
+                    retain: false,
+                },
+            ),
+        };
+        out.clear();
+        for part in template.parts() {
+            match part {
+                Part::Literal(s) => out.push_str(s),
+                Part::Peer => match peer {
+                    Some(p) => out.push_str(&p.name),
+                    None => write_ip(out, req.src.ip()),
+                },
+                Part::Ip => write_ip(out, req.src.ip()),
+                Part::Port => {
+                    let _ = write!(out, "{}", req.src.port());
+                }
+                Part::Path => {
+                    for (i, seg) in req.path.iter().enumerate() {
+                        if i > 0 {
+                            out.push('/');
+                        }
+                        push_segment(out, seg)?;
+                    }
+                }
+                Part::PathSegment(n) => {
+                    push_segment(out, req.path.get(*n).ok_or(MapError::MissingSegment(*n))?)?
+                }
+                Part::Method => out.push_str(method_name(req.method)),
+            }
+        }
+        if out.is_empty() {
+            return Err(MapError::EmptyTopic);
+        }
+        Ok(delivery)
+    }
+}
+
+fn write_ip(out: &mut String, ip: IpAddr) {
+    let ip = match ip {
+        IpAddr::V6(a) => a.to_ipv4_mapped().map_or(ip, IpAddr::V4),
+        v4 => v4,
+    };
+    let _ = write!(out, "{ip}");
+}
+
+fn push_segment(out: &mut String, seg: &str) -> Result<(), MapError> {
+    if seg.contains(['+', '#', '\0']) {
+        return Err(MapError::InvalidCharacter);
+    }
+    out.push_str(seg);
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn mapper() -> Mapper {
+        Mapper::from_config(
+            &Config::parse(
+                r#"
+                [defaults]
+                topic = "m2m/{peer}/{path}"
+                [[peer]]
+                name = "meter-17"
+                prefix = ["10.1.0.0/24", "fd00::/64"]
+                topic = "plant/{peer}/{path}"
+                [[peer]]
+                name = "meter-18"
+                prefix = ["10.1.0.18/32"]
+                [[route]]
+                name = "alarms"
+                match = "alarm/*"
+                peer = "meter-17"
+                topic = "alarms/{peer}/{path.1}"
+                qos = 1
+                retain = true
+                [[route]]
+                name = "gets"
+                match = "cfg/**"
+                method = "PUT"
+                topic = "cfg/{method}/{ip}/{port}"
+                "#,
+            )
+            .unwrap(),
+        )
+    }
+
+    fn render(
+        m: &Mapper,
+        src: &str,
+        method: u8,
+        path: &[&str],
+    ) -> Result<(String, Delivery), MapError> {
+        let mut out = String::new();
+        let req = Request {
+            src: src.parse().unwrap(),
+            method,
+            path,
+        };
+        m.map(&req, &mut out).map(|d| (out, d))
+    }
+
+    #[test]
+    fn first_route_then_peer_then_default() {
+        let m = mapper();
+        let (t, d) = render(&m, "10.1.0.5:5683", 2, &["alarm", "fire"]).unwrap();
+        assert_eq!(
+            (t.as_str(), d),
+            (
+                "alarms/meter-17/fire",
+                Delivery {
+                    qos: 1,
+                    retain: true
+                }
+            )
+        );
+        let (t, _) = render(&m, "10.1.0.5:5683", 2, &["sensors", "temp"]).unwrap();
+        assert_eq!(t, "plant/meter-17/sensors/temp");
+        // Longest prefix: .18 is its own peer, which has no template.
+        let (t, _) = render(&m, "10.1.0.18:5683", 2, &["alarm", "fire"]).unwrap();
+        assert_eq!(t, "m2m/meter-18/alarm/fire");
+        let (t, _) = render(&m, "[fd00::9]:1", 2, &["x"]).unwrap();
+        assert_eq!(t, "plant/meter-17/x");
+        let (t, _) = render(&m, "192.0.2.1:40000", 3, &["cfg", "a", "b"]).unwrap();
+        assert_eq!(t, "cfg/PUT/192.0.2.1/40000");
+        let (t, _) = render(&m, "[::ffff:192.0.2.1]:9", 2, &["t"]).unwrap();
+        assert_eq!(t, "m2m/192.0.2.1/t", "v4-mapped sources show as IPv4");
+    }
+
+    #[test]
+    fn invalid_topics_are_refused() {
+        let m = mapper();
+        let (t, _) = render(&m, "10.1.0.5:1", 2, &["alarm"]).unwrap();
+        assert_eq!(t, "plant/meter-17/alarm", "alarm/* needs two segments");
+        let short =
+            Mapper::from_config(&Config::parse("[defaults]\ntopic = \"x/{path.2}\"").unwrap());
+        assert_eq!(
+            render(&short, "10.9.0.5:1", 2, &["a", "b"]).unwrap_err(),
+            MapError::MissingSegment(2)
+        );
+        assert_eq!(
+            render(&m, "10.9.0.5:1", 2, &["a+b"]).unwrap_err(),
+            MapError::InvalidCharacter
+        );
+        assert_eq!(
+            render(&m, "10.9.0.5:1", 2, &["#"]).unwrap_err(),
+            MapError::InvalidCharacter
+        );
+    }
+
+    #[test]
+    fn index_scales_to_many_peers() {
+        let mut idx = PeerIndex::default();
+        for i in 0..100_000u32 {
+            idx.insert(
+                Prefix {
+                    addr: IpAddr::V4((0x0a00_0000 + i).into()),
+                    len: 32,
+                },
+                i,
+            );
+        }
+        idx.insert(
+            Prefix {
+                addr: "10.0.0.0".parse().unwrap(),
+                len: 8,
+            },
+            999_999,
+        );
+        assert_eq!(idx.lookup("10.0.0.5".parse().unwrap()), Some(5));
+        assert_eq!(idx.lookup("10.1.134.159".parse().unwrap()), Some(99_999));
+        assert_eq!(idx.lookup("10.200.0.1".parse().unwrap()), Some(999_999));
+        assert_eq!(idx.lookup("11.0.0.1".parse().unwrap()), None);
+    }
+}

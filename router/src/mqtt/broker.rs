@@ -1,0 +1,384 @@
+//! The embedded broker's shared state: sessions, their subscriptions and
+//! bounded delivery queues, and retained messages.
+//!
+//! Publishing (from a CoAP worker or an MQTT client) is synchronous and
+//! never waits on a subscriber: each matching session gets the message on
+//! its own bounded queue, or, when that queue is full, the message is
+//! dropped for that session alone and counted. A slow subscriber therefore
+//! cannot stall the data plane or anyone else.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
+
+use bytes::Bytes;
+use tokio::sync::{mpsc, Notify};
+
+use super::codec::{Properties, SubscriptionOptions};
+use super::topic;
+
+/// A message as the broker routes it. Cloning shares the bytes.
+#[derive(Clone, Debug)]
+pub struct Message {
+    pub topic: Bytes,
+    pub payload: Bytes,
+    pub qos: u8,
+    pub retain: bool,
+    /// MQTT 5 content type (a CoAP Content-Format travels here).
+    pub content_type: Option<Bytes>,
+    /// Other MQTT 5 properties, from MQTT publishers only.
+    pub properties: Option<Arc<Properties>>,
+}
+
+/// One message on its way to one session.
+#[derive(Clone, Debug)]
+pub struct Delivery {
+    pub message: Message,
+    /// Granted QoS: the lower of the message's and the subscription's.
+    pub qos: u8,
+    pub retain: bool,
+    pub subscription_id: Option<u32>,
+    /// Set when the message is sent again after a reconnect.
+    pub dup: bool,
+}
+
+#[derive(Clone, Debug)]
+pub struct BrokerConfig {
+    /// Messages queued per session before drops (also while offline).
+    pub session_queue: usize,
+    /// QoS 1 messages in flight per connection, unacknowledged.
+    pub max_inflight: usize,
+    pub max_packet_size: usize,
+    pub username: Option<String>,
+    pub password: Option<String>,
+}
+
+impl Default for BrokerConfig {
+    fn default() -> Self {
+        BrokerConfig {
+            session_queue: 10_000,
+            max_inflight: 64,
+            max_packet_size: 1 << 20,
+            username: None,
+            password: None,
+        }
+    }
+}
+
+#[derive(Debug, Default)]
+pub struct BrokerStats {
+    /// Messages published into the broker.
+    pub published: AtomicU64,
+    /// Messages put on a session queue.
+    pub enqueued: AtomicU64,
+    /// Messages dropped because a session's queue was full.
+    pub dropped: AtomicU64,
+    pub connections: AtomicU64,
+    /// Connections closed for a protocol violation or malformed packet.
+    pub protocol_errors: AtomicU64,
+}
+
+pub struct Session {
+    pub client_id: Bytes,
+    tx: mpsc::Sender<Delivery>,
+    /// The queue's receiving end while no connection holds it.
+    parked: Mutex<Option<mpsc::Receiver<Delivery>>>,
+    /// QoS 1 deliveries unacknowledged when the last connection ended.
+    unacked: Mutex<Vec<Delivery>>,
+    /// Messages dropped for this session (queue full).
+    pub dropped: AtomicU64,
+    /// Wakes the connection holding the session when another takes it over.
+    pub takeover: Notify,
+    persistent: AtomicBool,
+}
+
+struct Subscription {
+    filter: Bytes,
+    options: SubscriptionOptions,
+    id: Option<u32>,
+}
+
+struct Entry {
+    session: Arc<Session>,
+    subscriptions: Vec<Subscription>,
+}
+
+pub struct Broker {
+    pub config: BrokerConfig,
+    sessions: RwLock<HashMap<Bytes, Entry>>,
+    retained: Mutex<HashMap<Bytes, Message>>,
+    /// The newest message of every topic, retained or not, for CoAP GET.
+    /// Sharded by topic so the workers seldom meet on one lock.
+    last_values: Vec<Mutex<HashMap<Bytes, Message>>>,
+    pub stats: BrokerStats,
+}
+
+const LAST_VALUE_SHARDS: usize = 16;
+/// Topics whose last value is kept; past it, new topics are not remembered.
+const MAX_LAST_VALUES: usize = 1 << 20;
+
+fn shard_of(topic: &[u8]) -> usize {
+    // FNV-1a: cheap and good enough to spread topics over the shards.
+    let h = topic.iter().fold(0xcbf2_9ce4_8422_2325u64, |h, &b| {
+        (h ^ u64::from(b)).wrapping_mul(0x100_0000_01b3)
+    });
+    (h % LAST_VALUE_SHARDS as u64) as usize
+}
+
+/// What a connection gets when it attaches to a session.
+pub struct Attached {
+    pub session: Arc<Session>,
+    pub session_present: bool,
+    pub queue: mpsc::Receiver<Delivery>,
+    pub unacked: Vec<Delivery>,
+}
+
+impl Broker {
+    pub fn new(config: BrokerConfig) -> Arc<Broker> {
+        Arc::new(Broker {
+            config,
+            sessions: RwLock::new(HashMap::new()),
+            retained: Mutex::new(HashMap::new()),
+            last_values: (0..LAST_VALUE_SHARDS)
+                .map(|_| Mutex::new(HashMap::new()))
+                .collect(),
+            stats: BrokerStats::default(),
+        })
+    }
+
+    /// Routes `message` to every matching session. Never blocks on a
+    /// subscriber. `origin` is the publishing client (for MQTT 5 No Local).
+    pub fn publish(&self, message: Message, origin: Option<&[u8]>) {
+        self.stats.published.fetch_add(1, Ordering::Relaxed);
+        if message.retain {
+            let mut retained = self.retained.lock().unwrap();
+            if message.payload.is_empty() {
+                retained.remove(&message.topic);
+            } else {
+                retained.insert(message.topic.clone(), message.clone());
+            }
+        }
+        {
+            let mut last = self.last_values[shard_of(&message.topic)].lock().unwrap();
+            if let Some(slot) = last.get_mut(&message.topic) {
+                *slot = message.clone();
+            } else if last.len() < MAX_LAST_VALUES / LAST_VALUE_SHARDS {
+                last.insert(message.topic.clone(), message.clone());
+            }
+        }
+        let sessions = self.sessions.read().unwrap();
+        for entry in sessions.values() {
+            let mut best: Option<&Subscription> = None;
+            for sub in &entry.subscriptions {
+                if sub.options.no_local && origin == Some(&entry.session.client_id[..]) {
+                    continue;
+                }
+                if topic::matches(&sub.filter, &message.topic)
+                    && best.is_none_or(|b| sub.options.qos > b.options.qos)
+                {
+                    best = Some(sub);
+                }
+            }
+            if let Some(sub) = best {
+                let delivery = Delivery {
+                    qos: message.qos.min(sub.options.qos),
+                    retain: message.retain && sub.options.retain_as_published,
+                    subscription_id: sub.id,
+                    dup: false,
+                    message: message.clone(),
+                };
+                self.enqueue(&entry.session, delivery);
+            }
+        }
+    }
+
+    fn enqueue(&self, session: &Session, delivery: Delivery) {
+        match session.tx.try_send(delivery) {
+            Ok(()) => {
+                self.stats.enqueued.fetch_add(1, Ordering::Relaxed);
+            }
+            Err(_) => {
+                session.dropped.fetch_add(1, Ordering::Relaxed);
+                self.stats.dropped.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+    }
+
+    /// The newest message published on `topic`, retained or not.
+    pub fn last_value(&self, topic: &[u8]) -> Option<Message> {
+        self.last_values[shard_of(topic)]
+            .lock()
+            .unwrap()
+            .get(topic)
+            .cloned()
+    }
+
+    /// The newest retained message of `topic`, if any.
+    pub fn retained(&self, topic: &[u8]) -> Option<Message> {
+        self.retained.lock().unwrap().get(topic).cloned()
+    }
+
+    /// Attaches a connection to the session `client_id`, creating or (with
+    /// `clean_start`) replacing it. If another connection holds it, that one
+    /// is told to close and this waits (up to 2 s) for it to let go.
+    pub async fn attach(
+        &self,
+        client_id: &Bytes,
+        clean_start: bool,
+        persistent: bool,
+    ) -> Option<Attached> {
+        for _ in 0..200 {
+            if let Some(attached) = self.try_attach(client_id, clean_start, persistent) {
+                return Some(attached);
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+        }
+        None
+    }
+
+    fn try_attach(
+        &self,
+        client_id: &Bytes,
+        clean_start: bool,
+        persistent: bool,
+    ) -> Option<Attached> {
+        let mut sessions = self.sessions.write().unwrap();
+        if let Some(entry) = sessions.get(client_id) {
+            let parked = entry.session.parked.lock().unwrap().take();
+            let Some(queue) = parked else {
+                // Held by a live connection: ask it to go.
+                entry.session.takeover.notify_one();
+                return None;
+            };
+            if !clean_start {
+                entry
+                    .session
+                    .persistent
+                    .store(persistent, Ordering::Relaxed);
+                let unacked = std::mem::take(&mut *entry.session.unacked.lock().unwrap());
+                return Some(Attached {
+                    session: entry.session.clone(),
+                    session_present: true,
+                    queue,
+                    unacked,
+                });
+            }
+            sessions.remove(client_id);
+        }
+        let (tx, queue) = mpsc::channel(self.config.session_queue.max(1));
+        let session = Arc::new(Session {
+            client_id: client_id.clone(),
+            tx,
+            parked: Mutex::new(None),
+            unacked: Mutex::new(Vec::new()),
+            dropped: AtomicU64::new(0),
+            takeover: Notify::new(),
+            persistent: AtomicBool::new(persistent),
+        });
+        sessions.insert(
+            client_id.clone(),
+            Entry {
+                session: session.clone(),
+                subscriptions: Vec::new(),
+            },
+        );
+        Some(Attached {
+            session,
+            session_present: false,
+            queue,
+            unacked: Vec::new(),
+        })
+    }
+
+    /// The connection is gone: a persistent session keeps its queue and
+    /// unacknowledged messages for the next connection; any other is removed.
+    pub fn detach(
+        &self,
+        session: &Arc<Session>,
+        queue: mpsc::Receiver<Delivery>,
+        unacked: Vec<Delivery>,
+    ) {
+        let mut sessions = self.sessions.write().unwrap();
+        let current = sessions
+            .get(&session.client_id)
+            .is_some_and(|e| Arc::ptr_eq(&e.session, session));
+        if !current {
+            return;
+        }
+        if session.persistent.load(Ordering::Relaxed) {
+            *session.unacked.lock().unwrap() = unacked;
+            *session.parked.lock().unwrap() = Some(queue);
+        } else {
+            sessions.remove(&session.client_id);
+        }
+    }
+
+    /// Adds or replaces a subscription; returns the matching retained
+    /// messages to send (per the retain handling option).
+    pub fn subscribe(
+        &self,
+        session: &Arc<Session>,
+        filter: Bytes,
+        options: SubscriptionOptions,
+        id: Option<u32>,
+    ) -> Vec<Message> {
+        let mut sessions = self.sessions.write().unwrap();
+        let Some(entry) = sessions.get_mut(&session.client_id) else {
+            return Vec::new();
+        };
+        let existed = entry.subscriptions.iter().position(|s| s.filter == filter);
+        let sub = Subscription {
+            filter: filter.clone(),
+            options,
+            id,
+        };
+        match existed {
+            Some(i) => entry.subscriptions[i] = sub,
+            None => entry.subscriptions.push(sub),
+        }
+        drop(sessions);
+        let send_retained = match options.retain_handling {
+            0 => true,
+            1 => existed.is_none(),
+            _ => false,
+        };
+        if !send_retained {
+            return Vec::new();
+        }
+        self.retained
+            .lock()
+            .unwrap()
+            .values()
+            .filter(|m| topic::matches(&filter, &m.topic))
+            .cloned()
+            .collect()
+    }
+
+    /// Removes a subscription; whether it existed.
+    pub fn unsubscribe(&self, session: &Arc<Session>, filter: &[u8]) -> bool {
+        let mut sessions = self.sessions.write().unwrap();
+        let Some(entry) = sessions.get_mut(&session.client_id) else {
+            return false;
+        };
+        let before = entry.subscriptions.len();
+        entry.subscriptions.retain(|s| s.filter != filter);
+        entry.subscriptions.len() != before
+    }
+
+    /// (client id, queued, dropped) per session, for reports.
+    pub fn session_stats(&self) -> Vec<(String, usize, u64)> {
+        let sessions = self.sessions.read().unwrap();
+        sessions
+            .values()
+            .map(|e| {
+                let s = &e.session;
+                let queued = s.tx.max_capacity() - s.tx.capacity();
+                (
+                    String::from_utf8_lossy(&s.client_id).into_owned(),
+                    queued,
+                    s.dropped.load(Ordering::Relaxed),
+                )
+            })
+            .collect()
+    }
+}

@@ -1,0 +1,416 @@
+//! One MQTT client connection: CONNECT, then packets in and deliveries out
+//! until the client leaves, breaks the protocol, misses its keep-alive or is
+//! taken over by a newer connection with the same client id.
+
+use std::collections::{HashSet, VecDeque};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::{Bytes, BytesMut};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio::time::{timeout, Instant};
+
+use super::broker::{Attached, Broker, Delivery, Message};
+use super::codec::{self, CodecError, Connect, OutProps, OutPublish, Packet, Publish, V311, V5};
+use super::topic;
+
+/// How long a new connection has to send CONNECT.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+static NEXT_CLIENT: AtomicU64 = AtomicU64::new(1);
+
+/// Why a connection ended.
+enum End {
+    /// DISCONNECT with reason 0: no will message.
+    Normal,
+    Closed,
+    Error(CodecError),
+    KeepAlive,
+    TakenOver,
+}
+
+pub async fn serve(mut stream: TcpStream, broker: Arc<Broker>) {
+    let _ = stream.set_nodelay(true);
+    broker.stats.connections.fetch_add(1, Ordering::Relaxed);
+    let mut inbuf = BytesMut::with_capacity(4096);
+    let mut out = BytesMut::with_capacity(4096);
+    let connect = match timeout(
+        CONNECT_TIMEOUT,
+        read_connect(&mut stream, &mut inbuf, &broker),
+    )
+    .await
+    {
+        Ok(Ok(c)) => c,
+        Ok(Err(err)) => {
+            broker.stats.protocol_errors.fetch_add(1, Ordering::Relaxed);
+            // A bad protocol version still gets its CONNACK (3.1.1: 0x01).
+            if let CodecError::UnsupportedVersion(v) = err {
+                let (version, code) = if v == V5 { (V5, 0x84) } else { (V311, 0x01) };
+                codec::connack(&mut out, version, false, code, &OutProps::default());
+                let _ = stream.write_all(&out).await;
+            }
+            return;
+        }
+        Err(_) => return,
+    };
+    let version = connect.version;
+    if let Some(code) = refuse(&connect, &broker) {
+        codec::connack(&mut out, version, false, code, &OutProps::default());
+        let _ = stream.write_all(&out).await;
+        return;
+    }
+    let (client_id, assigned) = if connect.client_id.is_empty() {
+        let id = format!("m2m-auto-{}", NEXT_CLIENT.fetch_add(1, Ordering::Relaxed));
+        (Bytes::from(id), true)
+    } else {
+        (connect.client_id.clone(), false)
+    };
+    // 3.1.1: Clean Session 0 keeps the session; 5: a Session Expiry > 0 does.
+    let persistent = match version {
+        V5 => connect.properties.session_expiry.unwrap_or(0) > 0,
+        _ => !connect.clean_start,
+    };
+    let Some(attached) = broker
+        .attach(&client_id, connect.clean_start, persistent)
+        .await
+    else {
+        codec::connack(
+            &mut out,
+            version,
+            false,
+            if version == V5 { 0x89 } else { 0x03 },
+            &OutProps::default(),
+        );
+        let _ = stream.write_all(&out).await;
+        return;
+    };
+    let mut props = OutProps::default();
+    if assigned {
+        props.bytes(0x12, &client_id);
+    }
+    props.byte(0x24, 1); // Maximum QoS 1
+    props.u32(0x27, broker.config.max_packet_size as u32);
+    props.byte(0x2A, 0); // no shared subscriptions
+    codec::connack(&mut out, version, attached.session_present, 0, &props);
+    drop(props);
+    let mut conn = Connection {
+        version,
+        broker: broker.clone(),
+        keep_alive: Duration::from_secs(u64::from(connect.keep_alive)),
+        client_max_packet: connect.properties.maximum_packet_size.unwrap_or(u32::MAX) as usize,
+        receive_max: usize::from(connect.properties.receive_maximum.unwrap_or(u16::MAX))
+            .min(broker.config.max_inflight)
+            .max(1),
+        inflight: VecDeque::new(),
+        next_id: 1,
+        qos2_received: HashSet::new(),
+        out,
+    };
+    let Attached {
+        session,
+        queue,
+        unacked,
+        ..
+    } = attached;
+    let mut queue = queue;
+    for mut d in unacked {
+        d.dup = true;
+        conn.send(d);
+    }
+    let end = conn
+        .run(&mut stream, &mut inbuf, &session, &mut queue)
+        .await;
+    if let End::Error(e) = &end {
+        broker.stats.protocol_errors.fetch_add(1, Ordering::Relaxed);
+        if version == V5 {
+            conn.out.clear();
+            codec::disconnect(&mut conn.out, e.reason_code());
+            let _ = stream.write_all(&conn.out).await;
+        }
+    }
+    if let (End::TakenOver, V5) = (&end, version) {
+        conn.out.clear();
+        codec::disconnect(&mut conn.out, 0x8E);
+        let _ = stream.write_all(&conn.out).await;
+    }
+    if !matches!(end, End::Normal) {
+        if let Some(will) = &connect.will {
+            broker.publish(
+                Message {
+                    topic: will.topic.clone(),
+                    payload: will.payload.clone(),
+                    qos: will.qos.min(1),
+                    retain: will.retain,
+                    content_type: will.properties.content_type.clone(),
+                    properties: None,
+                },
+                Some(&client_id),
+            );
+        }
+    }
+    let unacked = conn.inflight.into_iter().map(|(_, d)| d).collect();
+    broker.detach(&session, queue, unacked);
+}
+
+async fn read_connect(
+    stream: &mut TcpStream,
+    inbuf: &mut BytesMut,
+    broker: &Broker,
+) -> Result<Connect, CodecError> {
+    loop {
+        if let Some(packet) = codec::decode(inbuf, 0, broker.config.max_packet_size)? {
+            return match packet {
+                Packet::Connect(c) => Ok(*c),
+                _ => Err(CodecError::Protocol("the first packet must be CONNECT")),
+            };
+        }
+        match stream.read_buf(inbuf).await {
+            Ok(0) | Err(_) => return Err(CodecError::Protocol("closed before CONNECT")),
+            Ok(_) => {}
+        }
+    }
+}
+
+/// A CONNACK refusal code, if the client may not connect.
+fn refuse(c: &Connect, broker: &Broker) -> Option<u8> {
+    let v5 = c.version == V5;
+    if c.client_id.is_empty() && !c.clean_start && !v5 {
+        return Some(0x02); // 3.1.1: identifier rejected
+    }
+    if c.properties.authentication_method.is_some() {
+        return Some(0x8C); // v5: bad authentication method
+    }
+    if let Some(want) = &broker.config.username {
+        let user_ok = c.username.as_deref() == Some(want.as_bytes());
+        let pass_ok = c.password.as_deref() == broker.config.password.as_deref().map(str::as_bytes);
+        if !(user_ok && pass_ok) {
+            return Some(if v5 { 0x86 } else { 0x04 });
+        }
+    }
+    None
+}
+
+struct Connection {
+    version: u8,
+    broker: Arc<Broker>,
+    keep_alive: Duration,
+    client_max_packet: usize,
+    receive_max: usize,
+    inflight: VecDeque<(u16, Delivery)>,
+    next_id: u16,
+    qos2_received: HashSet<u16>,
+    out: BytesMut,
+}
+
+impl Connection {
+    async fn run(
+        &mut self,
+        stream: &mut TcpStream,
+        inbuf: &mut BytesMut,
+        session: &Arc<super::broker::Session>,
+        queue: &mut tokio::sync::mpsc::Receiver<Delivery>,
+    ) -> End {
+        // Section 3.1.2.10 (both versions): 1.5 keep-alive periods of silence.
+        let grace = self.keep_alive + self.keep_alive / 2;
+        let mut deadline = Instant::now() + grace;
+        loop {
+            if !self.out.is_empty() {
+                if stream.write_all(&self.out).await.is_err() {
+                    return End::Closed;
+                }
+                self.out.clear();
+            }
+            let can_send = self.inflight.len() < self.receive_max;
+            tokio::select! {
+                read = stream.read_buf(inbuf) => {
+                    match read {
+                        Ok(0) | Err(_) => return End::Closed,
+                        Ok(_) => {}
+                    }
+                    deadline = Instant::now() + grace;
+                    loop {
+                        match codec::decode(inbuf, self.version, self.broker.config.max_packet_size) {
+                            Ok(Some(packet)) => {
+                                if let Some(end) = self.handle(packet, session) {
+                                    return end;
+                                }
+                            }
+                            Ok(None) => break,
+                            Err(e) => return End::Error(e),
+                        }
+                    }
+                }
+                Some(delivery) = queue.recv(), if can_send => {
+                    self.send(delivery);
+                    // Drain what is already queued into the same write.
+                    while self.inflight.len() < self.receive_max && self.out.len() < 64 * 1024 {
+                        match queue.try_recv() {
+                            Ok(d) => self.send(d),
+                            Err(_) => break,
+                        }
+                    }
+                }
+                _ = tokio::time::sleep_until(deadline), if !self.keep_alive.is_zero() => return End::KeepAlive,
+                _ = session.takeover.notified() => return End::TakenOver,
+            }
+        }
+    }
+
+    /// Handles one packet; `Some` ends the connection.
+    fn handle(&mut self, packet: Packet, session: &Arc<super::broker::Session>) -> Option<End> {
+        let v = self.version;
+        match packet {
+            Packet::Publish(p) => return self.publish(p, session),
+            Packet::PubAck(id) => {
+                if let Some(i) = self.inflight.iter().position(|(pid, _)| *pid == id) {
+                    self.inflight.remove(i);
+                }
+            }
+            Packet::PubRel(id) => {
+                self.qos2_received.remove(&id);
+                codec::ack_packet(&mut self.out, v, 7, id, 0);
+            }
+            // We never send QoS 2, so PUBREC/PUBCOMP from a client are stray.
+            Packet::PubRec(_) | Packet::PubComp(_) => {}
+            Packet::Subscribe {
+                packet_id,
+                subscription_id,
+                filters,
+            } => {
+                let mut codes = Vec::with_capacity(filters.len());
+                let mut retained = Vec::new();
+                for (filter, mut options) in filters {
+                    if !topic::valid_filter(&filter) {
+                        codes.push(if v == V5 { 0x8F } else { 0x80 });
+                    } else if filter.starts_with(b"$share/") {
+                        codes.push(if v == V5 { 0x9E } else { 0x80 });
+                    } else {
+                        options.qos = options.qos.min(1);
+                        codes.push(options.qos);
+                        let granted = options.qos;
+                        retained.extend(
+                            self.broker
+                                .subscribe(session, filter, options, subscription_id)
+                                .into_iter()
+                                .map(|m| (m, granted)),
+                        );
+                    }
+                }
+                codec::suback(&mut self.out, v, packet_id, &codes);
+                for (message, granted) in retained {
+                    self.send(Delivery {
+                        qos: message.qos.min(granted),
+                        retain: true,
+                        subscription_id,
+                        dup: false,
+                        message,
+                    });
+                }
+            }
+            Packet::Unsubscribe { packet_id, filters } => {
+                let codes: Vec<u8> = filters
+                    .iter()
+                    .map(|f| {
+                        if self.broker.unsubscribe(session, f) {
+                            0x00
+                        } else {
+                            0x11
+                        }
+                    })
+                    .collect();
+                codec::unsuback(&mut self.out, v, packet_id, &codes);
+            }
+            Packet::PingReq => codec::pingresp(&mut self.out),
+            Packet::Disconnect { reason, .. } => {
+                return Some(if reason == 0 {
+                    End::Normal
+                } else {
+                    End::Closed
+                });
+            }
+            Packet::Auth => return Some(End::Error(CodecError::Protocol("AUTH without a method"))),
+            Packet::Connect(_) => return Some(End::Error(CodecError::Protocol("second CONNECT"))),
+        }
+        None
+    }
+
+    fn publish(&mut self, p: Publish, session: &Arc<super::broker::Session>) -> Option<End> {
+        if p.properties.topic_alias.is_some() {
+            // We announce Topic Alias Maximum 0 (the default).
+            return Some(End::Error(CodecError::Protocol("topic alias not allowed")));
+        }
+        if p.qos == 2 && !self.qos2_received.insert(p.packet_id) {
+            // Retransmitted QoS 2 publish: already routed, only re-acknowledge.
+            codec::ack_packet(&mut self.out, self.version, 5, p.packet_id, 0);
+            return None;
+        }
+        let has_props = p.properties != Default::default();
+        let message = Message {
+            topic: p.topic,
+            payload: p.payload,
+            qos: p.qos.min(1),
+            retain: p.retain,
+            content_type: p.properties.content_type.clone(),
+            properties: has_props.then(|| Arc::new(p.properties)),
+        };
+        self.broker.publish(message, Some(&session.client_id));
+        match p.qos {
+            1 => codec::ack_packet(&mut self.out, self.version, 4, p.packet_id, 0),
+            2 => codec::ack_packet(&mut self.out, self.version, 5, p.packet_id, 0),
+            _ => {}
+        }
+        None
+    }
+
+    /// Encodes a delivery; QoS 1 ones wait in `inflight` for their PUBACK.
+    fn send(&mut self, d: Delivery) {
+        let packet_id = if d.qos > 0 { self.next_packet_id() } else { 0 };
+        let empty = Default::default();
+        let properties = d.message.properties.as_deref().unwrap_or(&empty);
+        let merged;
+        let properties = match (&d.message.content_type, properties.content_type.is_none()) {
+            (Some(ct), true) => {
+                merged = codec::Properties {
+                    content_type: Some(ct.clone()),
+                    ..properties.clone()
+                };
+                &merged
+            }
+            _ => properties,
+        };
+        let before = self.out.len();
+        codec::publish_packet(
+            &mut self.out,
+            self.version,
+            &OutPublish {
+                topic: &d.message.topic,
+                payload: &d.message.payload,
+                qos: d.qos,
+                retain: d.retain,
+                dup: d.dup,
+                packet_id,
+                properties,
+                subscription_id: d.subscription_id,
+            },
+        );
+        if self.out.len() - before > self.client_max_packet {
+            // MQTT 5 section 3.1.2.11.4: too big for the client: discard.
+            self.out.truncate(before);
+            return;
+        }
+        if d.qos > 0 {
+            self.inflight.push_back((packet_id, d));
+        }
+    }
+
+    fn next_packet_id(&mut self) -> u16 {
+        loop {
+            let id = self.next_id;
+            self.next_id = self.next_id.wrapping_add(1).max(1);
+            if !self.inflight.iter().any(|(pid, _)| *pid == id) {
+                return id;
+            }
+        }
+    }
+}
