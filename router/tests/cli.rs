@@ -4,11 +4,10 @@
 //!
 //! The `run` tests are privileged: they need root.
 
-use std::io::{BufRead, BufReader};
-use std::process::{Child, Command, Stdio};
-use std::sync::mpsc::{channel, Receiver};
-use std::time::{Duration, Instant};
+use std::process::Command;
+use std::time::Duration;
 
+use m2m_router_tests::daemon::Daemon;
 use m2m_router_tests::netns::{Netns, Topology, DEV_V4, GW_IF, GW_V4};
 use m2m_router_tests::require_root;
 
@@ -65,86 +64,6 @@ fn check_config_accepts_the_example_and_names_bad_fields() {
     assert_eq!(missing.status.code(), Some(1));
 }
 
-/// A running daemon with its output lines collected.
-struct Daemon {
-    child: Child,
-    lines: Receiver<String>,
-    seen: Vec<String>,
-}
-
-impl Daemon {
-    fn start(ns: &Netns, args: &[&str]) -> Daemon {
-        let mut child = ns
-            .command(BIN)
-            .arg("run")
-            .args(args)
-            .env("RUST_LOG", "info")
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap();
-        let (tx, lines) = channel();
-        let out = child.stdout.take().unwrap();
-        let err = child.stderr.take().unwrap();
-        let tx2 = tx.clone();
-        std::thread::spawn(move || {
-            BufReader::new(out)
-                .lines()
-                .map_while(Result::ok)
-                .for_each(|l| drop(tx.send(l)))
-        });
-        std::thread::spawn(move || {
-            BufReader::new(err)
-                .lines()
-                .map_while(Result::ok)
-                .for_each(|l| drop(tx2.send(l)))
-        });
-        Daemon {
-            child,
-            lines,
-            seen: Vec::new(),
-        }
-    }
-
-    /// Waits for an output line containing `needle`.
-    fn expect_line(&mut self, needle: &str) -> String {
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while let Some(left) = deadline.checked_duration_since(Instant::now()) {
-            match self.lines.recv_timeout(left) {
-                Ok(line) => {
-                    self.seen.push(line.clone());
-                    if line.contains(needle) {
-                        return line;
-                    }
-                }
-                Err(_) => break,
-            }
-        }
-        panic!(
-            "no line containing {needle:?}; output so far:\n{}",
-            self.seen.join("\n")
-        );
-    }
-
-    fn signal(&self, sig: i32) {
-        // `ip netns exec` execs the binary, so the child's pid is the daemon's.
-        // SAFETY: kill on our own child's pid.
-        assert_eq!(unsafe { libc::kill(self.child.id() as i32, sig) }, 0);
-    }
-
-    /// SIGTERM, then the exit status must be success.
-    fn stop(mut self) {
-        self.signal(libc::SIGTERM);
-        let status = self.child.wait().unwrap();
-        self.expect_line("m2m-router stopped");
-        assert!(
-            status.success(),
-            "exit {status}; output:\n{}",
-            self.seen.join("\n")
-        );
-    }
-}
-
 fn link_show(ns: &Netns, iface: &str) -> String {
     let out = ns
         .command("ip")
@@ -169,7 +88,7 @@ fn coap_client(ns: &Netns, uri: &str) {
 fn run_attaches_to_lo_by_default_counts_and_detaches() {
     require_root();
     let ns = Netns::create("cli-lo");
-    let mut daemon = Daemon::start(&ns, &[]);
+    let mut daemon = Daemon::start(&ns, BIN, &[]);
     let attached = daemon.expect_line("XDP attached");
     assert!(
         attached.contains("lo") && attached.contains("generic"),
@@ -211,6 +130,7 @@ fn run_on_a_veth_in_native_mode_applies_the_config() {
     );
     let mut daemon = Daemon::start(
         &topo.gw,
+        BIN,
         &[
             "--iface",
             GW_IF,
@@ -251,7 +171,7 @@ fn run_on_a_veth_in_native_mode_applies_the_config() {
 fn run_with_xdp_off_says_so_and_attaches_nothing() {
     require_root();
     let ns = Netns::create("cli-off");
-    let mut daemon = Daemon::start(&ns, &["--xdp-mode", "off"]);
+    let mut daemon = Daemon::start(&ns, BIN, &["--xdp-mode", "off"]);
     daemon.expect_line("XDP fast path off");
     daemon.expect_line("m2m-router running");
     assert!(!link_show(&ns, "lo").contains("xdp"));

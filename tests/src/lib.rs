@@ -5,6 +5,8 @@
 //! - [`packet`]: an Ethernet/VLAN/IPv4/IPv6/UDP/CoAP frame builder;
 //! - [`require_root`]: privileged tests fail loudly, never skip.
 
+pub mod daemon;
+pub mod mqtt;
 pub mod netns;
 pub mod packet;
 

@@ -23,9 +23,16 @@ const BUILD_PACKAGES: &[&str] = &[
     "libstd-rust-web-dev-bpf",
     "libllvm22",
 ];
-/// Extra packages the tests use: `ip` for network namespaces, `ping`, `coap-client`
-/// as a real device, bpftool to inspect attachments.
-const TEST_PACKAGES: &[&str] = &["iproute2", "iputils-ping", "libcoap3-bin", "bpftool"];
+/// Extra packages the tests use: `ip` for network namespaces, `ping`,
+/// `coap-client` as a real device, `mosquitto_sub` as a real subscriber,
+/// bpftool to inspect attachments.
+const TEST_PACKAGES: &[&str] = &[
+    "iproute2",
+    "iputils-ping",
+    "libcoap3-bin",
+    "mosquitto-clients",
+    "bpftool",
+];
 const BPF_LINKER_VERSION: &str = "0.13.0";
 
 fn main() -> ExitCode {

@@ -162,6 +162,9 @@ impl Uplink {
             }
             Err(e) => (e.code(), true),
             Ok(req) => match req.method {
+                code::POST | code::PUT if msg.payload.len() > self.config.max_payload => {
+                    return self.too_large(msg, out);
+                }
                 code::POST | code::PUT => (self.publish(msg, &req, src), true),
                 code::GET => return self.get(msg, &req, src, out),
                 _ => (code::METHOD_NOT_ALLOWED, true),
@@ -196,10 +199,6 @@ impl Uplink {
 
     /// Publishes a POST/PUT payload; returns the response code.
     fn publish(&mut self, msg: &Message, req: &request::Request, src: SocketAddr) -> u8 {
-        if msg.payload.len() > self.config.max_payload {
-            self.stats.too_large.fetch_add(1, Ordering::Relaxed);
-            return code::REQUEST_ENTITY_TOO_LARGE;
-        }
         let mreq = mapping::Request {
             src,
             method: req.method,
@@ -276,8 +275,11 @@ impl Uplink {
         true
     }
 
+    /// Too large to accept: not published, not remembered (a retry with the
+    /// same MID gets the same answer anyway).
     fn too_large(&mut self, msg: &Message, out: &mut Vec<u8>) -> bool {
         self.stats.too_large.fetch_add(1, Ordering::Relaxed);
+        self.stats.rejected.fetch_add(1, Ordering::Relaxed);
         if msg.mtype != CON {
             return false;
         }

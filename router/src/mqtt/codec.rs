@@ -129,6 +129,11 @@ pub enum Packet {
 /// Decodes one client-to-server packet from the front of `buf`.
 /// `version` is 0 until CONNECT has been read. `Ok(None)`: need more bytes.
 pub fn decode(buf: &mut BytesMut, version: u8, max_size: usize) -> Result<Option<Packet>> {
+    // Refuse a wrong first packet at its first byte: garbage (an HTTP request,
+    // say) could otherwise announce a length and keep us waiting for it.
+    if version == 0 && buf.first().is_some_and(|b| b >> 4 != 1) {
+        return Err(CodecError::Protocol("the first packet must be CONNECT"));
+    }
     let Some((header_len, body_len)) = frame_length(buf)? else {
         return Ok(None);
     };

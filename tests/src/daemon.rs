@@ -1,0 +1,114 @@
+//! The `m2m-router` binary run inside a test namespace, its output lines
+//! collected so tests can wait for what it says.
+
+use std::io::{BufRead, BufReader};
+use std::process::{Child, Stdio};
+use std::sync::mpsc::{channel, Receiver};
+use std::time::{Duration, Instant};
+
+use crate::netns::Netns;
+
+pub struct Daemon {
+    child: Child,
+    lines: Receiver<String>,
+    pub seen: Vec<String>,
+}
+
+impl Daemon {
+    /// `BIN run ARGS` inside `ns`, logging at info.
+    pub fn start(ns: &Netns, bin: &str, args: &[&str]) -> Daemon {
+        let mut child = ns
+            .command(bin)
+            .arg("run")
+            .args(args)
+            .env("RUST_LOG", "info")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("start m2m-router");
+        let (tx, lines) = channel();
+        let out = child.stdout.take().unwrap();
+        let err = child.stderr.take().unwrap();
+        let tx2 = tx.clone();
+        std::thread::spawn(move || {
+            for l in BufReader::new(out).lines().map_while(Result::ok) {
+                let _ = tx.send(l);
+            }
+        });
+        std::thread::spawn(move || {
+            for l in BufReader::new(err).lines().map_while(Result::ok) {
+                let _ = tx2.send(l);
+            }
+        });
+        Daemon {
+            child,
+            lines,
+            seen: Vec::new(),
+        }
+    }
+
+    /// Starts and waits until the daemon says it is running.
+    pub fn running(ns: &Netns, bin: &str, args: &[&str]) -> Daemon {
+        let mut d = Daemon::start(ns, bin, args);
+        d.expect_line("m2m-router running");
+        d
+    }
+
+    /// Waits (up to 10 s) for an output line containing `needle`.
+    pub fn expect_line(&mut self, needle: &str) -> String {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while let Some(left) = deadline.checked_duration_since(Instant::now()) {
+            match self.lines.recv_timeout(left) {
+                Ok(line) => {
+                    self.seen.push(line.clone());
+                    if line.contains(needle) {
+                        return line;
+                    }
+                }
+                Err(_) => break,
+            }
+        }
+        panic!(
+            "no line containing {needle:?}; output so far:\n{}",
+            self.seen.join("\n")
+        );
+    }
+
+    /// The counter named `name` from a fresh SIGUSR1 report.
+    pub fn counter(&mut self, name: &str) -> u64 {
+        self.signal(libc::SIGUSR1);
+        let line = self.expect_line(&format!("  {name} "));
+        line.split_whitespace()
+            .nth(1)
+            .and_then(|n| n.parse().ok())
+            .unwrap_or_else(|| panic!("no number in {line:?}"))
+    }
+
+    pub fn signal(&self, sig: i32) {
+        // `ip netns exec` execs the binary, so the child's pid is the daemon's.
+        // SAFETY: kill on our own child's pid.
+        assert_eq!(unsafe { libc::kill(self.child.id() as i32, sig) }, 0);
+    }
+
+    /// SIGTERM; the daemon must exit successfully.
+    pub fn stop(mut self) {
+        self.signal(libc::SIGTERM);
+        let status = self.child.wait().unwrap();
+        self.expect_line("m2m-router stopped");
+        assert!(
+            status.success(),
+            "exit {status}; output:\n{}",
+            self.seen.join("\n")
+        );
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        // A failed test must not leave the daemon behind.
+        if let Ok(None) = self.child.try_wait() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}

@@ -1,0 +1,209 @@
+//! MQTT clients for tests: a real `mosquitto_sub` (Debian mosquitto-clients)
+//! whose output lines are collected, and a raw TCP client for the cases no
+//! well-behaved client produces (garbage, a subscriber that never reads).
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::process::{Child, Stdio};
+use std::sync::mpsc::{channel, Receiver};
+use std::time::{Duration, Instant};
+
+use crate::netns::Netns;
+
+/// A message as mosquitto_sub printed it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Received {
+    pub topic: String,
+    pub payload: String,
+    /// MQTT 5 content type, empty when absent.
+    pub content_type: String,
+}
+
+const READY_TOPIC: &str = "m2m-test/ready";
+
+pub struct MosquittoSub {
+    child: Child,
+    lines: Receiver<String>,
+}
+
+impl MosquittoSub {
+    /// Subscribes (MQTT 5) to `filters` on 127.0.0.1:1883 inside `ns` and
+    /// returns once the subscription demonstrably works.
+    pub fn start(ns: &Netns, filters: &[&str], extra: &[&str]) -> MosquittoSub {
+        let mut cmd = ns.command("mosquitto_sub");
+        cmd.args([
+            "-h",
+            "127.0.0.1",
+            "-p",
+            "1883",
+            "-V",
+            "mqttv5",
+            "-v",
+            "-F",
+            "%t|%p|%C",
+        ]);
+        for f in filters.iter().chain(std::iter::once(&READY_TOPIC)) {
+            cmd.args(["-t", f]);
+        }
+        cmd.args(extra);
+        let mut child = cmd
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("mosquitto_sub (Debian package mosquitto-clients)");
+        let (tx, lines) = channel();
+        let out = child.stdout.take().unwrap();
+        std::thread::spawn(move || {
+            for l in BufReader::new(out).lines().map_while(Result::ok) {
+                let _ = tx.send(l);
+            }
+        });
+        let sub = MosquittoSub { child, lines };
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            assert!(
+                Instant::now() < deadline,
+                "mosquitto_sub never received the readiness probe"
+            );
+            let ok = ns
+                .command("mosquitto_pub")
+                .args([
+                    "-h",
+                    "127.0.0.1",
+                    "-p",
+                    "1883",
+                    "-t",
+                    READY_TOPIC,
+                    "-m",
+                    "x",
+                ])
+                .status()
+                .expect("mosquitto_pub")
+                .success();
+            if ok {
+                if let Ok(line) = sub.lines.recv_timeout(Duration::from_millis(300)) {
+                    if line.starts_with(READY_TOPIC) {
+                        // Swallow further probes still in flight.
+                        while sub.lines.recv_timeout(Duration::from_millis(100)).is_ok() {}
+                        return sub;
+                    }
+                }
+            } else {
+                std::thread::sleep(Duration::from_millis(100));
+            }
+        }
+    }
+
+    /// Waits for `n` messages (or `timeout`), then for a quiet `settle`
+    /// period that would reveal extra (duplicate) deliveries.
+    pub fn collect(&self, n: usize, timeout: Duration, settle: Duration) -> Vec<Received> {
+        let mut got = Vec::new();
+        let deadline = Instant::now() + timeout;
+        while got.len() < n {
+            let Some(left) = deadline.checked_duration_since(Instant::now()) else {
+                break;
+            };
+            match self.lines.recv_timeout(left) {
+                Ok(line) => got.extend(parse(&line)),
+                Err(_) => break,
+            }
+        }
+        while let Ok(line) = self.lines.recv_timeout(settle) {
+            got.extend(parse(&line));
+        }
+        got
+    }
+}
+
+fn parse(line: &str) -> Option<Received> {
+    let mut parts = line.splitn(3, '|');
+    let topic = parts.next()?.to_owned();
+    if topic == READY_TOPIC {
+        return None;
+    }
+    Some(Received {
+        topic,
+        payload: parts.next().unwrap_or("").to_owned(),
+        content_type: parts.next().unwrap_or("").to_owned(),
+    })
+}
+
+impl Drop for MosquittoSub {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// An MQTT 3.1.1 client speaking raw bytes.
+pub struct RawClient {
+    pub stream: TcpStream,
+}
+
+impl RawClient {
+    pub fn connect(addr: SocketAddr) -> RawClient {
+        let stream = TcpStream::connect(addr).expect("connect to the broker");
+        stream
+            .set_read_timeout(Some(Duration::from_secs(5)))
+            .unwrap();
+        RawClient { stream }
+    }
+
+    /// CONNECT (clean session) and read the CONNACK return code.
+    pub fn handshake(&mut self, client_id: &str) -> u8 {
+        let mut body = vec![0, 4, b'M', b'Q', b'T', b'T', 4, 0x02, 0, 60];
+        body.extend_from_slice(&(client_id.len() as u16).to_be_bytes());
+        body.extend_from_slice(client_id.as_bytes());
+        self.send_packet(0x10, &body);
+        let mut ack = [0u8; 4];
+        self.stream.read_exact(&mut ack).expect("CONNACK");
+        assert_eq!(ack[0], 0x20, "CONNACK expected, got {ack:?}");
+        ack[3]
+    }
+
+    /// SUBSCRIBE to one filter at `qos`; returns the SUBACK code.
+    pub fn subscribe(&mut self, filter: &str, qos: u8) -> u8 {
+        let mut body = vec![0, 1];
+        body.extend_from_slice(&(filter.len() as u16).to_be_bytes());
+        body.extend_from_slice(filter.as_bytes());
+        body.push(qos);
+        self.send_packet(0x82, &body);
+        let mut ack = [0u8; 5];
+        self.stream.read_exact(&mut ack).expect("SUBACK");
+        assert_eq!(ack[0], 0x90, "SUBACK expected, got {ack:?}");
+        ack[4]
+    }
+
+    fn send_packet(&mut self, first: u8, body: &[u8]) {
+        let mut p = vec![first];
+        let mut len = body.len();
+        loop {
+            let mut b = (len & 0x7f) as u8;
+            len >>= 7;
+            if len > 0 {
+                b |= 0x80;
+            }
+            p.push(b);
+            if len == 0 {
+                break;
+            }
+        }
+        p.extend_from_slice(body);
+        self.stream.write_all(&p).expect("write to the broker");
+    }
+
+    /// Whether the server has closed the connection (read returns 0 or an error).
+    pub fn closed_by_server(&mut self) -> bool {
+        let mut buf = [0u8; 256];
+        loop {
+            match self.stream.read(&mut buf) {
+                Ok(0) => return true,
+                Ok(_) => continue,
+                Err(e) => {
+                    return e.kind() != std::io::ErrorKind::WouldBlock
+                        && e.kind() != std::io::ErrorKind::TimedOut
+                }
+            }
+        }
+    }
+}
