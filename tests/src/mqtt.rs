@@ -149,16 +149,61 @@ impl RawClient {
         RawClient { stream }
     }
 
-    /// CONNECT (clean session) and read the CONNACK return code.
+    /// CONNECT (clean session, keep-alive 60 s) and read the CONNACK return code.
     pub fn handshake(&mut self, client_id: &str) -> u8 {
-        let mut body = vec![0, 4, b'M', b'Q', b'T', b'T', 4, 0x02, 0, 60];
+        self.mqtt_connect(client_id, true, 60).1
+    }
+
+    /// CONNECT with the given Clean Session flag and keep-alive; returns
+    /// (session present, return code).
+    pub fn mqtt_connect(&mut self, client_id: &str, clean: bool, keep_alive: u16) -> (bool, u8) {
+        let ka = keep_alive.to_be_bytes();
+        let flags = if clean { 0x02 } else { 0x00 };
+        let mut body = vec![0, 4, b'M', b'Q', b'T', b'T', 4, flags, ka[0], ka[1]];
         body.extend_from_slice(&(client_id.len() as u16).to_be_bytes());
         body.extend_from_slice(client_id.as_bytes());
         self.send_packet(0x10, &body);
         let mut ack = [0u8; 4];
         self.stream.read_exact(&mut ack).expect("CONNACK");
         assert_eq!(ack[0], 0x20, "CONNACK expected, got {ack:?}");
-        ack[3]
+        (ack[2] & 1 == 1, ack[3])
+    }
+
+    /// Reads one PUBLISH: (DUP, QoS, packet id, topic, payload).
+    pub fn read_publish(&mut self) -> (bool, u8, u16, String, Vec<u8>) {
+        let mut first = [0u8; 1];
+        self.stream.read_exact(&mut first).expect("PUBLISH");
+        assert_eq!(first[0] >> 4, 3, "PUBLISH expected, got {:#x}", first[0]);
+        let mut len = 0usize;
+        for i in 0..4 {
+            let mut b = [0u8; 1];
+            self.stream.read_exact(&mut b).unwrap();
+            len |= usize::from(b[0] & 0x7f) << (7 * i);
+            if b[0] & 0x80 == 0 {
+                break;
+            }
+        }
+        let mut body = vec![0u8; len];
+        self.stream.read_exact(&mut body).unwrap();
+        let qos = (first[0] >> 1) & 3;
+        let tlen = usize::from(u16::from_be_bytes([body[0], body[1]]));
+        let topic = String::from_utf8(body[2..2 + tlen].to_vec()).unwrap();
+        let mut at = 2 + tlen;
+        let id = if qos > 0 {
+            at += 2;
+            u16::from_be_bytes([body[at - 2], body[at - 1]])
+        } else {
+            0
+        };
+        (first[0] & 0x08 != 0, qos, id, topic, body[at..].to_vec())
+    }
+
+    pub fn puback(&mut self, id: u16) {
+        self.send_packet(0x40, &id.to_be_bytes());
+    }
+
+    pub fn disconnect(&mut self) {
+        self.send_packet(0xe0, &[]);
     }
 
     /// SUBSCRIBE to one filter at `qos`; returns the SUBACK code.

@@ -1,0 +1,203 @@
+//! The embedded MQTT broker on loopback, with stock clients (mosquitto_sub,
+//! mosquitto_pub) and a raw one: retained messages, QoS 1 with PUBACK and
+//! redelivery, persistent sessions, keep-alive, MQTT 3.1.1 and 5 side by side.
+
+use std::net::SocketAddr;
+use std::process::Command;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use m2m_router::mqtt::{self, Broker, BrokerConfig, Message};
+use m2m_router_tests::mqtt::RawClient;
+
+/// A broker on 127.0.0.1:<free port>, served by its own runtime thread.
+fn start_broker(config: BrokerConfig) -> (Arc<Broker>, SocketAddr) {
+    let broker = Broker::new(config);
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    listener.set_nonblocking(true).unwrap();
+    let b = broker.clone();
+    std::thread::spawn(move || {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        rt.block_on(async move {
+            let listener = tokio::net::TcpListener::from_std(listener).unwrap();
+            mqtt::serve(listener, b).await;
+        });
+    });
+    (broker, addr)
+}
+
+fn message(topic: &'static str, payload: &'static str, qos: u8, retain: bool) -> Message {
+    Message {
+        topic: Bytes::from_static(topic.as_bytes()),
+        payload: Bytes::from_static(payload.as_bytes()),
+        qos,
+        retain,
+        content_type: None,
+        properties: None,
+    }
+}
+
+/// mosquitto_sub that exits after `count` messages; returns its lines.
+fn sub(addr: SocketAddr, args: &[&str], count: usize) -> Vec<String> {
+    let out = Command::new("mosquitto_sub")
+        .args([
+            "-h",
+            "127.0.0.1",
+            "-p",
+            &addr.port().to_string(),
+            "-v",
+            "-W",
+            "5",
+        ])
+        .args(["-C", &count.to_string()])
+        .args(args)
+        .output()
+        .expect("mosquitto_sub (Debian package mosquitto-clients)");
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(str::to_owned)
+        .collect()
+}
+
+fn publish(addr: SocketAddr, args: &[&str]) {
+    let ok = Command::new("mosquitto_pub")
+        .args(["-h", "127.0.0.1", "-p", &addr.port().to_string()])
+        .args(args)
+        .status()
+        .unwrap()
+        .success();
+    assert!(ok, "mosquitto_pub {args:?}");
+}
+
+#[test]
+fn retained_messages_reach_later_subscribers_of_both_versions() {
+    let (broker, addr) = start_broker(BrokerConfig::default());
+    publish(addr, &["-r", "-t", "plant/m1/temp", "-m", "old"]);
+    publish(addr, &["-r", "-t", "plant/m1/temp", "-m", "new"]);
+    broker.publish(message("plant/m2/temp", "coap", 0, true), None);
+    for version in ["mqttv311", "mqttv5"] {
+        let mut got = sub(addr, &["-V", version, "-t", "plant/+/temp"], 2);
+        got.sort();
+        assert_eq!(
+            got,
+            vec!["plant/m1/temp new", "plant/m2/temp coap"],
+            "{version}"
+        );
+    }
+    // An empty retained payload clears it (MQTT 3.3.1.3).
+    publish(addr, &["-r", "-t", "plant/m1/temp", "-n"]);
+    assert_eq!(
+        sub(addr, &["-t", "plant/+/temp"], 2),
+        vec!["plant/m2/temp coap"]
+    );
+}
+
+#[test]
+fn qos1_is_redelivered_to_a_persistent_session_until_acknowledged() {
+    let (broker, addr) = start_broker(BrokerConfig::default());
+    let mut c = RawClient::connect(addr);
+    assert_eq!(c.mqtt_connect("keeper", false, 60), (false, 0));
+    assert_eq!(c.subscribe("q/#", 1), 1);
+    broker.publish(message("q/a", "one", 1, false), None);
+    let (dup, qos, id, topic, payload) = c.read_publish();
+    assert_eq!(
+        (dup, qos, topic.as_str(), &payload[..]),
+        (false, 1, "q/a", &b"one"[..])
+    );
+    // Gone without a PUBACK; more arrives while offline.
+    drop(c);
+    std::thread::sleep(Duration::from_millis(200));
+    broker.publish(message("q/b", "two", 1, false), None);
+    let mut c = RawClient::connect(addr);
+    assert_eq!(
+        c.mqtt_connect("keeper", false, 60),
+        (true, 0),
+        "session present"
+    );
+    let (dup, _, id_again, topic, _) = c.read_publish();
+    assert_eq!(
+        (dup, id_again, topic.as_str()),
+        (true, id, "q/a"),
+        "unacknowledged one again, DUP set"
+    );
+    c.puback(id_again);
+    let (dup, _, id2, topic, _) = c.read_publish();
+    assert_eq!(
+        (dup, topic.as_str()),
+        (false, "q/b"),
+        "then what was queued offline"
+    );
+    c.puback(id2);
+    c.disconnect();
+    std::thread::sleep(Duration::from_millis(200));
+    // Acknowledged: nothing comes back on the next connection.
+    let mut c = RawClient::connect(addr);
+    assert_eq!(c.mqtt_connect("keeper", false, 60), (true, 0));
+    c.stream
+        .set_read_timeout(Some(Duration::from_millis(300)))
+        .unwrap();
+    let mut buf = [0u8; 16];
+    assert!(
+        std::io::Read::read(&mut c.stream, &mut buf).is_err(),
+        "nothing to redeliver"
+    );
+    // A clean session starts empty.
+    let mut c = RawClient::connect(addr);
+    assert_eq!(c.mqtt_connect("keeper", true, 60), (false, 0));
+}
+
+#[test]
+fn mosquitto_persistent_session_gets_what_was_published_while_away() {
+    let (broker, addr) = start_broker(BrokerConfig::default());
+    // Subscribe once with a persistent session, then leave.
+    let got = sub(
+        addr,
+        &["-c", "-i", "away", "-q", "1", "-t", "away/#", "-W", "1"],
+        1,
+    );
+    assert!(got.is_empty());
+    for topic in ["away/1", "away/2", "away/3"] {
+        broker.publish(message(topic, "x", 1, false), None);
+    }
+    let got = sub(addr, &["-c", "-i", "away", "-q", "1", "-t", "away/#"], 3);
+    assert_eq!(got, vec!["away/1 x", "away/2 x", "away/3 x"]);
+}
+
+#[test]
+fn a_silent_client_is_dropped_after_one_and_a_half_keep_alives() {
+    let (_broker, addr) = start_broker(BrokerConfig::default());
+    let mut c = RawClient::connect(addr);
+    assert_eq!(c.mqtt_connect("sleepy", true, 1), (false, 0));
+    let start = Instant::now();
+    assert!(c.closed_by_server());
+    let waited = start.elapsed();
+    assert!(
+        waited >= Duration::from_millis(1400) && waited < Duration::from_secs(4),
+        "{waited:?}"
+    );
+}
+
+#[test]
+fn a_full_queue_drops_for_that_session_only() {
+    let (broker, addr) = start_broker(BrokerConfig {
+        session_queue: 10,
+        ..BrokerConfig::default()
+    });
+    // A persistent session that is offline: its queue holds 10.
+    let mut c = RawClient::connect(addr);
+    c.mqtt_connect("offline", false, 60);
+    c.subscribe("f/#", 1);
+    c.disconnect();
+    std::thread::sleep(Duration::from_millis(200));
+    for _ in 0..25 {
+        broker.publish(message("f/x", "m", 1, false), None);
+    }
+    let stats = broker.session_stats();
+    let (_, queued, dropped) = stats.iter().find(|(id, _, _)| id == "offline").unwrap();
+    assert_eq!((*queued, *dropped), (10, 15));
+}
