@@ -201,3 +201,19 @@ fn a_full_queue_drops_for_that_session_only() {
     let (_, queued, dropped) = stats.iter().find(|(id, _, _)| id == "offline").unwrap();
     assert_eq!((*queued, *dropped), (10, 15));
 }
+
+#[test]
+fn packets_pipelined_behind_connect_are_not_left_waiting() {
+    use std::io::{Read, Write};
+    let (_broker, addr) = start_broker(BrokerConfig::default());
+    let mut s = std::net::TcpStream::connect(addr).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
+    // CONNECT and SUBSCRIBE in one write, as fast clients send them.
+    let mut both = vec![0x10, 12, 0, 4, b'M', b'Q', b'T', b'T', 4, 2, 0, 60, 0, 0];
+    both.extend_from_slice(&[0x82, 6, 0, 9, 0, 1, b'#', 0]);
+    s.write_all(&both).unwrap();
+    let mut acks = [0u8; 9];
+    s.read_exact(&mut acks)
+        .expect("CONNACK and SUBACK without sending anything more");
+    assert_eq!(acks, [0x20, 2, 0, 0, 0x90, 3, 0, 9, 0]);
+}

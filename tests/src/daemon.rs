@@ -90,6 +90,17 @@ impl Daemon {
         assert_eq!(unsafe { libc::kill(self.child.id() as i32, sig) }, 0);
     }
 
+    /// Like `stop`, printing the daemon's output to stderr if `show`.
+    pub fn stop_and_show(mut self, show: bool) {
+        self.signal(libc::SIGTERM);
+        let status = self.child.wait().unwrap();
+        self.expect_line("m2m-router stopped");
+        if show {
+            eprintln!("{}", self.seen.join("\n"));
+        }
+        assert!(status.success(), "exit {status}");
+    }
+
     /// SIGTERM; the daemon must exit successfully.
     pub fn stop(mut self) {
         self.signal(libc::SIGTERM);

@@ -215,6 +215,19 @@ impl Connection {
         let grace = self.keep_alive + self.keep_alive / 2;
         let mut deadline = Instant::now() + grace;
         loop {
+            // Packets already buffered come first: CONNECT may have arrived
+            // together with what followed it.
+            loop {
+                match codec::decode(inbuf, self.version, self.broker.config.max_packet_size) {
+                    Ok(Some(packet)) => {
+                        if let Some(end) = self.handle(packet, session) {
+                            return end;
+                        }
+                    }
+                    Ok(None) => break,
+                    Err(e) => return End::Error(e),
+                }
+            }
             if !self.out.is_empty() {
                 if stream.write_all(&self.out).await.is_err() {
                     return End::Closed;
@@ -229,17 +242,6 @@ impl Connection {
                         Ok(_) => {}
                     }
                     deadline = Instant::now() + grace;
-                    loop {
-                        match codec::decode(inbuf, self.version, self.broker.config.max_packet_size) {
-                            Ok(Some(packet)) => {
-                                if let Some(end) = self.handle(packet, session) {
-                                    return end;
-                                }
-                            }
-                            Ok(None) => break,
-                            Err(e) => return End::Error(e),
-                        }
-                    }
                 }
                 Some(delivery) = queue.recv(), if can_send => {
                     self.send(delivery);

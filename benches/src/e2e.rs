@@ -1,0 +1,230 @@
+//! End-to-end load: CoAP datagrams offered from a device namespace, through
+//! m2m-router (XDP native on the gateway veth, workers, embedded broker), to
+//! one MQTT subscriber in the gateway namespace. Reports offered and
+//! delivered msgs/s, loss, latency percentiles (send timestamp carried in the
+//! payload; both namespaces share CLOCK_MONOTONIC) and the router's own CPU
+//! time per delivered message (utime + stime from /proc/PID/stat).
+//!
+//!   cargo build --release && sudo ./target/release/e2e [SECONDS] [PEERS] [RATE] [con|non]
+//!
+//! RATE 0 means flat out. Needs root (namespaces, XDP).
+
+use std::io::{BufReader, Read, Write};
+use std::net::{SocketAddr, TcpStream, UdpSocket};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use m2m_router_tests::daemon::Daemon;
+use m2m_router_tests::netns::{Topology, DEV_V4, GW_IF, GW_V4};
+use m2m_router_tests::packet::coap;
+
+fn monotonic_ns() -> u64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: clock_gettime writes the timespec we own.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
+}
+
+/// utime + stime of `pid`, in seconds.
+fn cpu_seconds(pid: u32) -> f64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    let after_comm = stat.rsplit_once(')').map_or("", |(_, r)| r);
+    let fields: Vec<&str> = after_comm.split_whitespace().collect();
+    let ticks: u64 = fields.get(11).and_then(|v| v.parse().ok()).unwrap_or(0)
+        + fields.get(12).and_then(|v| v.parse().ok()).unwrap_or(0);
+    // SAFETY: sysconf has no preconditions.
+    ticks as f64 / unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64
+}
+
+struct Received {
+    count: u64,
+    latencies_ns: Vec<u64>,
+    out_of_order: u64,
+}
+
+/// A minimal MQTT 3.1.1 subscriber to "load/#" that decodes PUBLISH frames
+/// from a buffered stream until `stop` and no data for a while.
+fn subscribe(
+    addr: SocketAddr,
+    peers: usize,
+    stop: Arc<AtomicBool>,
+) -> std::thread::JoinHandle<Received> {
+    let mut s = TcpStream::connect(addr).expect("connect to the embedded broker");
+    s.write_all(&[
+        0x10, 16, 0, 4, b'M', b'Q', b'T', b'T', 4, 2, 0, 0, 0, 4, b'l', b'o', b'a', b'd',
+    ])
+    .unwrap();
+    s.write_all(&[0x82, 11, 0, 1, 0, 6, b'l', b'o', b'a', b'd', b'/', b'#', 0])
+        .unwrap();
+    s.set_read_timeout(Some(Duration::from_millis(500)))
+        .unwrap();
+    std::thread::spawn(move || {
+        let mut r = BufReader::with_capacity(1 << 20, s);
+        let mut last_seq = vec![0u32; peers];
+        let mut got = Received {
+            count: 0,
+            latencies_ns: Vec::with_capacity(1 << 20),
+            out_of_order: 0,
+        };
+        let mut head = [0u8; 1];
+        let mut body = Vec::new();
+        loop {
+            if r.read_exact(&mut head).is_err() {
+                if stop.load(Ordering::Relaxed) {
+                    return got;
+                }
+                continue;
+            }
+            let mut len = 0usize;
+            for i in 0..4 {
+                let mut b = [0u8; 1];
+                r.read_exact(&mut b).unwrap();
+                len |= usize::from(b[0] & 0x7f) << (7 * i);
+                if b[0] & 0x80 == 0 {
+                    break;
+                }
+            }
+            body.resize(len, 0);
+            r.read_exact(&mut body).unwrap();
+            if head[0] >> 4 != 3 {
+                continue; // CONNACK, SUBACK
+            }
+            let now = monotonic_ns();
+            let tlen = usize::from(u16::from_be_bytes([body[0], body[1]]));
+            let p = &body[2 + tlen..];
+            if p.len() < 16 {
+                continue;
+            }
+            let peer = u32::from_be_bytes(p[0..4].try_into().unwrap()) as usize;
+            let seq = u32::from_be_bytes(p[4..8].try_into().unwrap());
+            let sent = u64::from_be_bytes(p[8..16].try_into().unwrap());
+            if seq <= last_seq[peer] && last_seq[peer] != 0 {
+                got.out_of_order += 1;
+            }
+            last_seq[peer] = seq;
+            got.count += 1;
+            got.latencies_ns.push(now.saturating_sub(sent));
+        }
+    })
+}
+
+fn percentile(sorted: &[u64], p: f64) -> f64 {
+    if sorted.is_empty() {
+        return f64::NAN;
+    }
+    sorted[((sorted.len() - 1) as f64 * p) as usize] as f64 / 1000.0
+}
+
+fn main() {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let seconds: f64 = args.first().map_or(5.0, |a| a.parse().unwrap());
+    let peers: usize = args.get(1).map_or(100, |a| a.parse().unwrap());
+    let rate: f64 = args.get(2).map_or(0.0, |a| a.parse().unwrap());
+    let con = args.get(3).is_none_or(|m| m == "con");
+    let bin = std::env::var("M2M_ROUTER_BIN").unwrap_or_else(|_| {
+        concat!(env!("CARGO_MANIFEST_DIR"), "/../target/release/m2m-router").into()
+    });
+
+    let topo = Topology::new("e2e");
+    let config = std::env::temp_dir().join(format!("m2m-e2e-{}.toml", std::process::id()));
+    std::fs::write(
+        &config,
+        "[defaults]\nrate = \"unlimited\"\ntopic = \"load/{port}\"\n[mqtt]\nsession_queue = 1000000\n",
+    )
+    .unwrap();
+    let daemon = Daemon::running(
+        &topo.gw,
+        &bin,
+        &[
+            "--iface",
+            GW_IF,
+            "--xdp-mode",
+            "native",
+            "--config",
+            config.to_str().unwrap(),
+        ],
+    );
+    let pid_line = daemon
+        .seen
+        .iter()
+        .find(|l| l.contains("pid="))
+        .cloned()
+        .unwrap_or_default();
+    let pid: u32 = pid_line
+        .rsplit("pid=")
+        .next()
+        .and_then(|p| p.trim().parse().ok())
+        .expect("daemon pid");
+    let stop = Arc::new(AtomicBool::new(false));
+    let receiver = topo
+        .gw
+        .run(|| subscribe("127.0.0.1:1883".parse().unwrap(), peers, stop.clone()));
+    std::thread::sleep(Duration::from_millis(300));
+
+    let sockets: Vec<UdpSocket> = (0..peers)
+        .map(|i| topo.device_socket(DEV_V4[i % 4].into()))
+        .collect();
+    let dst = SocketAddr::new(GW_V4.into(), 5683);
+    let cpu_before = cpu_seconds(pid);
+    let start = Instant::now();
+    let mut sent: u64 = 0;
+    let mut seq = 0u32;
+    let mut payload = [0u8; 16];
+    'send: loop {
+        seq += 1;
+        for (i, sock) in sockets.iter().enumerate() {
+            let elapsed = start.elapsed().as_secs_f64();
+            if elapsed >= seconds {
+                break 'send;
+            }
+            if rate > 0.0 {
+                while (sent as f64) > rate * start.elapsed().as_secs_f64() {
+                    std::hint::spin_loop();
+                }
+            }
+            payload[0..4].copy_from_slice(&(i as u32).to_be_bytes());
+            payload[4..8].copy_from_slice(&seq.to_be_bytes());
+            payload[8..16].copy_from_slice(&monotonic_ns().to_be_bytes());
+            let msg = coap(
+                if con { 0 } else { 1 },
+                0x02,
+                seq as u16,
+                &[],
+                &[0xb1, b'x'],
+                &payload,
+            );
+            if sock.send_to(&msg, dst).is_ok() {
+                sent += 1;
+            }
+        }
+    }
+    let send_time = start.elapsed().as_secs_f64();
+    std::thread::sleep(Duration::from_secs(1));
+    let cpu = cpu_seconds(pid) - cpu_before;
+    stop.store(true, Ordering::Relaxed);
+    let mut got = receiver.join().unwrap();
+    got.latencies_ns.sort_unstable();
+    let _ = std::fs::remove_file(&config);
+    if std::env::var_os("E2E_VERBOSE").is_some() {
+        daemon.signal(libc::SIGUSR1);
+        std::thread::sleep(Duration::from_millis(300));
+    }
+    daemon.stop_and_show(std::env::var_os("E2E_VERBOSE").is_some());
+
+    println!(
+        "| {} | {peers} | {:.0} | {:.0} | {:.2}% | {:.0} | {:.0} | {:.0} | {:.2} | {} |",
+        if con { "CON" } else { "NON" },
+        sent as f64 / send_time,
+        got.count as f64 / send_time,
+        100.0 * (sent.saturating_sub(got.count)) as f64 / sent.max(1) as f64,
+        percentile(&got.latencies_ns, 0.5),
+        percentile(&got.latencies_ns, 0.99),
+        percentile(&got.latencies_ns, 0.999),
+        cpu * 1e6 / got.count.max(1) as f64,
+        got.out_of_order,
+    );
+}
