@@ -1,12 +1,19 @@
 //! The BPF maps' names, sizes and value types: the contract between the XDP
 //! program and the daemon.
 
-/// LPM trie of IPv4 peer prefixes: `Key<[u8; 4]>` (address in network order)
-/// -> [`PeerPolicy`].
-pub const PEERS_V4: &str = "PEERS_V4";
-/// LPM trie of IPv6 peer prefixes: `Key<[u8; 16]>` -> [`PeerPolicy`].
-pub const PEERS_V6: &str = "PEERS_V6";
-/// Array with one [`PeerPolicy`]: what applies to sources in neither trie.
+/// The policy tables come in two copies, 0 and 1. The XDP program reads
+/// `ACTIVE_TABLES[0]` once per packet and uses that copy; the daemon writes a
+/// change into the other copy, then flips the index with one map update, so
+/// no packet ever sees half of a change (then it brings the old copy up to
+/// date for the next change).
+pub const ACTIVE_TABLES: &str = "ACTIVE_TABLES";
+/// LPM tries of IPv4 peer prefixes, copies 0 and 1: `Key<[u8; 4]>`
+/// (address in network order) -> [`PeerPolicy`].
+pub const PEERS_V4: [&str; 2] = ["PEERS_V4_0", "PEERS_V4_1"];
+/// LPM tries of IPv6 peer prefixes: `Key<[u8; 16]>` -> [`PeerPolicy`].
+pub const PEERS_V6: [&str; 2] = ["PEERS_V6_0", "PEERS_V6_1"];
+/// Array of two [`PeerPolicy`], one per copy: what applies to sources in
+/// neither trie.
 pub const DEFAULT_POLICY: &str = "DEFAULT_POLICY";
 /// Array indexed by UDP port (host order): nonzero marks a CoAP port.
 pub const COAP_PORTS: &str = "COAP_PORTS";

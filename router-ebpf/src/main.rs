@@ -29,12 +29,19 @@ use router_common::proto::*;
 use router_common::rate::gcra_admit;
 use router_common::reason::{Action, Reason, REASON_COUNT};
 
-#[map(name = "PEERS_V4")]
-static PEERS_V4: LpmTrie<[u8; 4], PeerPolicy> = LpmTrie::with_max_entries(MAX_PREFIXES, 0);
-#[map(name = "PEERS_V6")]
-static PEERS_V6: LpmTrie<[u8; 16], PeerPolicy> = LpmTrie::with_max_entries(MAX_PREFIXES, 0);
+// Two copies of the policy tables; see `router_common::maps::ACTIVE_TABLES`.
+#[map(name = "ACTIVE_TABLES")]
+static ACTIVE_TABLES: Array<u32> = Array::with_max_entries(1, 0);
+#[map(name = "PEERS_V4_0")]
+static PEERS_V4_0: LpmTrie<[u8; 4], PeerPolicy> = LpmTrie::with_max_entries(MAX_PREFIXES, 0);
+#[map(name = "PEERS_V4_1")]
+static PEERS_V4_1: LpmTrie<[u8; 4], PeerPolicy> = LpmTrie::with_max_entries(MAX_PREFIXES, 0);
+#[map(name = "PEERS_V6_0")]
+static PEERS_V6_0: LpmTrie<[u8; 16], PeerPolicy> = LpmTrie::with_max_entries(MAX_PREFIXES, 0);
+#[map(name = "PEERS_V6_1")]
+static PEERS_V6_1: LpmTrie<[u8; 16], PeerPolicy> = LpmTrie::with_max_entries(MAX_PREFIXES, 0);
 #[map(name = "DEFAULT_POLICY")]
-static DEFAULT_POLICY: Array<PeerPolicy> = Array::with_max_entries(1, 0);
+static DEFAULT_POLICY: Array<PeerPolicy> = Array::with_max_entries(2, 0);
 #[map(name = "COAP_PORTS")]
 static COAP_PORTS: Array<u32> = Array::with_max_entries(PORT_COUNT, 0);
 #[map(name = "PEER_RATE")]
@@ -297,9 +304,13 @@ fn check_coap(ctx: &XdpContext, off: usize, coap_len: usize) -> Result<(), Reaso
 
 #[inline(always)]
 fn apply_policy(src: Source) -> (Reason, u32) {
-    let found = match src {
-        Source::V4(addr) => PEERS_V4.get(Key::new(32, addr)),
-        Source::V6(addr) => PEERS_V6.get(Key::new(128, addr)),
+    // Read once: every lookup of this packet uses the same copy.
+    let copy = ACTIVE_TABLES.get(0).map_or(0, |&c| c & 1);
+    let found = match (src, copy) {
+        (Source::V4(addr), 0) => PEERS_V4_0.get(Key::new(32, addr)),
+        (Source::V4(addr), _) => PEERS_V4_1.get(Key::new(32, addr)),
+        (Source::V6(addr), 0) => PEERS_V6_0.get(Key::new(128, addr)),
+        (Source::V6(addr), _) => PEERS_V6_1.get(Key::new(128, addr)),
     };
     if let Some(rule) = found {
         let reason = if rule.action == POLICY_DENY {
@@ -311,7 +322,7 @@ fn apply_policy(src: Source) -> (Reason, u32) {
         };
         return (reason, rule.peer_id);
     }
-    let reason = match DEFAULT_POLICY.get(0) {
+    let reason = match DEFAULT_POLICY.get(copy) {
         Some(rule) if rule.action != POLICY_DENY => {
             let addr = match src {
                 Source::V4(a) => v4_mapped(a),

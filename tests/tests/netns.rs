@@ -250,6 +250,49 @@ fn unknown_sources_are_dropped_by_policy(mode: XdpMode) {
     assert_eq!(gw.fp.peer_counters(0).unwrap().dropped.packets, 8);
 }
 
+fn live_policy_changes_take_effect_at_once(mode: XdpMode) {
+    let mut gw = Gateway::start("live", mode, "allow");
+    let apply = |gw: &mut Gateway, text: String| {
+        let config = Config::parse(&text).unwrap();
+        let tables = PolicyTables::build(&config, Some(gw.fp.tables())).unwrap();
+        gw.fp.apply(tables).expect("apply");
+    };
+    let meter = |extra: &str| {
+        format!(
+            "[defaults]\nrate = \"unlimited\"\nunknown_peers = \"drop\"\n[[peer]]\nname = \"meter\"\nprefix = [\"{}/32\"]\n{extra}\n",
+            DEV_V4[METER]
+        )
+    };
+    gw.send(METER, false, 5683, &posts(3));
+    assert_eq!(gw.received(), 3);
+    // Deny: dropped from the next packet on.
+    apply(&mut gw, meter("deny = true"));
+    gw.send(METER, false, 5683, &posts(3));
+    assert_eq!(gw.received(), 0);
+    assert_eq!(gw.wait_count(Reason::DropDenied, 3), 3);
+    // Removed, unknown sources dropped.
+    apply(&mut gw, "[defaults]\nunknown_peers = \"drop\"\n".to_owned());
+    gw.send(METER, false, 5683, &posts(2));
+    assert_eq!(gw.received(), 0);
+    assert_eq!(gw.wait_count(Reason::DropUnknownPeer, 2), 2);
+    // Back, with a rate of 10/s and a burst of 2: the rate holds at once, and
+    // the peer starts with fresh counters and a full bucket.
+    apply(&mut gw, meter("rate = \"10/s\"\nburst = 2"));
+    gw.send(METER, false, 5683, &posts(20));
+    let delivered = gw.received();
+    assert!(
+        (2..=4).contains(&delivered),
+        "delivered {delivered} of 20 at 10/s, burst 2"
+    );
+    let id = gw.fp.tables().peer_id("meter").unwrap();
+    let c = gw.fp.peer_counters(id).unwrap();
+    assert_eq!(
+        c.accepted.packets + c.dropped.packets,
+        20,
+        "counters start from zero: {c:?}"
+    );
+}
+
 macro_rules! in_both_modes {
     ($($name:ident),* $(,)?) => {
         mod native {
@@ -267,4 +310,5 @@ in_both_modes!(
     over_rate_traffic_is_dropped,
     non_coap_traffic_passes_untouched,
     unknown_sources_are_dropped_by_policy,
+    live_policy_changes_take_effect_at_once,
 );

@@ -5,12 +5,12 @@ mod tables;
 
 pub use tables::PolicyTables;
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::io;
 use std::net::IpAddr;
 
 use aya::maps::lpm_trie::{Key, LpmTrie};
-use aya::maps::{Array, MapError, PerCpuArray};
+use aya::maps::{Array, MapError, PerCpuArray, PerCpuValues};
 use aya::programs::{
     ProgramError, TestRun, TestRunOptions, TestRunResult, Xdp, XdpMode as AyaXdpMode,
 };
@@ -19,7 +19,7 @@ use router_common::maps::{self as names, Counter, PeerCounters, PeerPolicy};
 use router_common::reason::Reason;
 use thiserror::Error;
 
-use crate::config::XdpMode;
+use crate::config::{Prefix, XdpMode};
 
 /// The XDP object built by `router/build.rs`, embedded in the binary.
 static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(env!("M2M_ROUTER_EBPF_OBJ"));
@@ -123,6 +123,8 @@ impl std::fmt::Display for AttachedMode {
 pub struct Fastpath {
     ebpf: Ebpf,
     tables: PolicyTables,
+    /// Which copy of the policy tables the program reads.
+    active: usize,
     attached: Vec<(String, AttachedMode)>,
 }
 
@@ -150,14 +152,14 @@ impl Fastpath {
         let mut fastpath = Fastpath {
             ebpf,
             tables: PolicyTables::default(),
+            active: 0,
             attached: Vec::new(),
         };
         fastpath.install(tables)?;
         Ok(fastpath)
     }
 
-    /// Writes the policy tables into the maps. Called once at load on
-    /// freshly created (empty) maps.
+    /// Writes the tables into both copies of the freshly created maps.
     fn install(&mut self, tables: PolicyTables) -> Result<(), FastpathError> {
         let mut ports: Array<_, u32> = self.map_mut(names::COAP_PORTS)?;
         for &port in &tables.coap_ports {
@@ -165,27 +167,138 @@ impl Fastpath {
                 .set(u32::from(port), 1, 0)
                 .map_err(|source| map_error(names::COAP_PORTS, source))?;
         }
-        let mut default: Array<_, PeerPolicy> = self.map_mut(names::DEFAULT_POLICY)?;
-        default
-            .set(0, tables.default_policy, 0)
-            .map_err(|source| map_error(names::DEFAULT_POLICY, source))?;
-        for (prefix, policy) in &tables.prefixes {
-            match prefix.addr {
-                IpAddr::V4(a) => {
-                    let mut trie: LpmTrie<_, [u8; 4], PeerPolicy> =
-                        self.map_mut(names::PEERS_V4)?;
-                    trie.insert(&Key::new(u32::from(prefix.len), a.octets()), policy, 0)
-                        .map_err(|source| map_error(names::PEERS_V4, source))?;
-                }
-                IpAddr::V6(a) => {
-                    let mut trie: LpmTrie<_, [u8; 16], PeerPolicy> =
-                        self.map_mut(names::PEERS_V6)?;
-                    trie.insert(&Key::new(u32::from(prefix.len), a.octets()), policy, 0)
-                        .map_err(|source| map_error(names::PEERS_V6, source))?;
-                }
-            }
+        let empty = PolicyTables::default();
+        for copy in 0..2 {
+            self.write_changes(copy, &empty, &tables)?;
         }
         self.tables = tables;
+        Ok(())
+    }
+
+    /// Replaces the policy, live. The change goes into the spare copy of the
+    /// tables, then one map update makes it the active copy, so every packet
+    /// sees either the old policy or the new one (`maps::ACTIVE_TABLES`).
+    /// If writing the spare copy fails, it is rolled back and the active
+    /// copy, never touched, keeps working.
+    pub fn apply(&mut self, new: PolicyTables) -> Result<(), FastpathError> {
+        if new.coap_ports != self.tables.coap_ports {
+            return Err(FastpathError::Policy(
+                "the CoAP ports (from [coap] listen) change only with a restart".into(),
+            ));
+        }
+        let spare = 1 - self.active;
+        let current = self.tables.clone();
+        if let Err(err) = self.write_changes(spare, &current, &new) {
+            if let Err(undo) = self.write_changes(spare, &new, &current) {
+                tracing::error!(error = %undo, "rolling back the spare policy copy failed");
+            }
+            return Err(err);
+        }
+        self.reset_reassigned_ids(&current, &new)?;
+        let mut active: Array<_, u32> = self.map_mut(names::ACTIVE_TABLES)?;
+        active
+            .set(0, spare as u32, 0)
+            .map_err(|source| map_error(names::ACTIVE_TABLES, source))?;
+        self.active = spare;
+        // Bring the now-spare copy up to date for the next change.
+        if let Err(err) = self.write_changes(1 - spare, &current, &new) {
+            tracing::error!(error = %err, "updating the spare policy copy failed");
+        }
+        self.tables = new;
+        Ok(())
+    }
+
+    /// Makes copy `copy` of the tables go from `from` to `to`.
+    fn write_changes(
+        &mut self,
+        copy: usize,
+        from: &PolicyTables,
+        to: &PolicyTables,
+    ) -> Result<(), FastpathError> {
+        let before: HashMap<Prefix, PeerPolicy> = from.prefixes.iter().copied().collect();
+        let after: HashMap<Prefix, PeerPolicy> = to.prefixes.iter().copied().collect();
+        for prefix in before.keys().filter(|p| !after.contains_key(p)) {
+            self.remove_prefix(copy, prefix)?;
+        }
+        for (prefix, policy) in &after {
+            if before.get(prefix) != Some(policy) {
+                self.insert_prefix(copy, prefix, policy)?;
+            }
+        }
+        let mut default: Array<_, PeerPolicy> = self.map_mut(names::DEFAULT_POLICY)?;
+        default
+            .set(copy as u32, to.default_policy, 0)
+            .map_err(|source| map_error(names::DEFAULT_POLICY, source))
+    }
+
+    fn insert_prefix(
+        &mut self,
+        copy: usize,
+        prefix: &Prefix,
+        policy: &PeerPolicy,
+    ) -> Result<(), FastpathError> {
+        let len = u32::from(prefix.len);
+        match prefix.addr {
+            IpAddr::V4(a) => {
+                let name = names::PEERS_V4[copy];
+                let mut trie: LpmTrie<_, [u8; 4], PeerPolicy> = self.map_mut(name)?;
+                trie.insert(&Key::new(len, a.octets()), policy, 0)
+                    .map_err(|source| map_error(name, source))
+            }
+            IpAddr::V6(a) => {
+                let name = names::PEERS_V6[copy];
+                let mut trie: LpmTrie<_, [u8; 16], PeerPolicy> = self.map_mut(name)?;
+                trie.insert(&Key::new(len, a.octets()), policy, 0)
+                    .map_err(|source| map_error(name, source))
+            }
+        }
+    }
+
+    /// Removes a prefix; one that is not there (a rollback of a partial
+    /// write) is fine.
+    fn remove_prefix(&mut self, copy: usize, prefix: &Prefix) -> Result<(), FastpathError> {
+        let len = u32::from(prefix.len);
+        let (name, result) = match prefix.addr {
+            IpAddr::V4(a) => {
+                let name = names::PEERS_V4[copy];
+                let mut trie: LpmTrie<_, [u8; 4], PeerPolicy> = self.map_mut(name)?;
+                (name, trie.remove(&Key::new(len, a.octets())))
+            }
+            IpAddr::V6(a) => {
+                let name = names::PEERS_V6[copy];
+                let mut trie: LpmTrie<_, [u8; 16], PeerPolicy> = self.map_mut(name)?;
+                (name, trie.remove(&Key::new(len, a.octets())))
+            }
+        };
+        match result {
+            Ok(()) | Err(MapError::KeyNotFound) => Ok(()),
+            Err(source) => Err(map_error(name, source)),
+        }
+    }
+
+    /// A peer id that now names another peer starts with a full token
+    /// bucket and zero counters.
+    fn reset_reassigned_ids(
+        &mut self,
+        old: &PolicyTables,
+        new: &PolicyTables,
+    ) -> Result<(), FastpathError> {
+        let cpus = aya::util::nr_cpus()
+            .map_err(|(_, e)| FastpathError::Policy(format!("counting CPUs: {e}")))?;
+        for (id, name) in new.peer_names.iter().enumerate().skip(1) {
+            if name.is_empty() || old.peer_names.get(id) == Some(name) {
+                continue;
+            }
+            let mut rate: Array<_, u64> = self.map_mut(names::PEER_RATE)?;
+            rate.set(id as u32, 0, 0)
+                .map_err(|source| map_error(names::PEER_RATE, source))?;
+            let mut stats: PerCpuArray<_, PeerCounters> = self.map_mut(names::PEER_STATS)?;
+            let zeros = PerCpuValues::try_from(vec![PeerCounters::default(); cpus])
+                .map_err(|e| FastpathError::Policy(format!("per-CPU values: {e}")))?;
+            stats
+                .set(id as u32, zeros, 0)
+                .map_err(|source| map_error(names::PEER_STATS, source))?;
+        }
         Ok(())
     }
 

@@ -4,6 +4,7 @@
 //! same tables to the reference classifier (through [`Policy`]) and to the
 //! kernel (through the maps).
 
+use std::collections::{HashMap, HashSet};
 use std::net::IpAddr;
 
 use router_common::classify::{Policy, Source};
@@ -30,13 +31,12 @@ fn rate_params(rate: Rate, burst: u32) -> (u64, u64) {
 
 impl PolicyTables {
     pub fn from_config(config: &Config) -> Result<PolicyTables, String> {
-        if config.peers.len() >= MAX_PEERS as usize {
-            return Err(format!(
-                "{} peers configured; the fast path holds at most {}",
-                config.peers.len(),
-                MAX_PEERS - 1
-            ));
-        }
+        PolicyTables::build(config, None)
+    }
+
+    /// Tables for `config`. Peers already in `previous` keep their ids (and
+    /// so their rate state and counters); new peers get unused ids.
+    pub fn build(config: &Config, previous: Option<&PolicyTables>) -> Result<PolicyTables, String> {
         let d = &config.defaults;
         let (interval_ns, burst_ns) = rate_params(d.rate, d.burst);
         let default_policy = PeerPolicy {
@@ -48,19 +48,22 @@ impl PolicyTables {
                 UnknownPeers::Drop => POLICY_DENY,
             },
         };
-        let mut peer_names = vec!["(unknown)".to_owned()];
+        let ids = assign_ids(config, previous)?;
+        let mut peer_names =
+            vec![String::new(); ids.iter().copied().max().unwrap_or(0) as usize + 1];
+        peer_names[0] = "(unknown)".to_owned();
         let mut prefixes = Vec::new();
-        for (i, peer) in config.peers.iter().enumerate() {
+        for (peer, &id) in config.peers.iter().zip(&ids) {
             let (interval_ns, burst_ns) =
                 rate_params(peer.rate.unwrap_or(d.rate), peer.burst.unwrap_or(d.burst));
             let policy = PeerPolicy {
                 interval_ns,
                 burst_ns,
-                peer_id: i as u32 + 1,
+                peer_id: id,
                 action: if peer.deny { POLICY_DENY } else { POLICY_ALLOW },
             };
             prefixes.extend(peer.prefixes.iter().map(|p| (*p, policy)));
-            peer_names.push(peer.name.clone());
+            peer_names[id as usize] = peer.name.clone();
         }
         Ok(PolicyTables {
             coap_ports: config.coap_ports(),
@@ -71,10 +74,60 @@ impl PolicyTables {
     }
 
     pub fn peer_name(&self, peer_id: u32) -> &str {
-        self.peer_names
-            .get(peer_id as usize)
-            .map_or("(gone)", String::as_str)
+        match self.peer_names.get(peer_id as usize) {
+            Some(name) if !name.is_empty() => name,
+            _ => "(gone)",
+        }
     }
+
+    /// The id of the peer called `name`.
+    pub fn peer_id(&self, name: &str) -> Option<u32> {
+        self.peer_names
+            .iter()
+            .skip(1)
+            .position(|n| n == name)
+            .map(|i| i as u32 + 1)
+    }
+}
+
+/// Ids for the config's peers, in order: kept from `previous` by name, else
+/// fresh ones past the highest in use, else (when the array is full) ids
+/// freed by removed peers.
+fn assign_ids(config: &Config, previous: Option<&PolicyTables>) -> Result<Vec<u32>, String> {
+    let known: HashMap<&str, u32> = previous
+        .map(|p| {
+            p.peer_names
+                .iter()
+                .enumerate()
+                .skip(1)
+                .filter(|(_, n)| !n.is_empty())
+                .map(|(i, n)| (n.as_str(), i as u32))
+                .collect()
+        })
+        .unwrap_or_default();
+    let kept: HashSet<u32> = config
+        .peers
+        .iter()
+        .filter_map(|p| known.get(p.name.as_str()).copied())
+        .collect();
+    let mut next = previous.map_or(1, |p| p.peer_names.len() as u32).max(1);
+    let mut recycled = (1..next).filter(|id| !kept.contains(id));
+    config
+        .peers
+        .iter()
+        .map(|p| {
+            if let Some(&id) = known.get(p.name.as_str()) {
+                return Ok(id);
+            }
+            if next < MAX_PEERS {
+                next += 1;
+                return Ok(next - 1);
+            }
+            recycled
+                .next()
+                .ok_or_else(|| format!("the fast path holds at most {} peers", MAX_PEERS - 1))
+        })
+        .collect()
 }
 
 /// The reference side of the differential tests: a linear longest-prefix
