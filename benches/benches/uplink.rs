@@ -15,7 +15,7 @@ use m2m_router::coap::message::Message;
 use m2m_router::coap::request;
 use m2m_router::coap::uplink::{Uplink, UplinkConfig, UplinkStats};
 use m2m_router::config::Config;
-use m2m_router::mapping::{Mapper, Request};
+use m2m_router::mapping::{Mapper, Request, SharedMapper};
 use m2m_router::mqtt::codec::SubscriptionOptions;
 use m2m_router::mqtt::{Broker, BrokerConfig};
 use m2m_router_tests::packet::coap_post;
@@ -92,7 +92,7 @@ fn benches(c: &mut Criterion) {
     );
     let mut uplink = Uplink::new(
         UplinkConfig::default(),
-        Arc::new(mapper),
+        SharedMapper::new(mapper),
         broker.clone(),
         Arc::new(UplinkStats::default()),
     );

@@ -10,7 +10,7 @@ use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::str::FromStr;
 
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 use thiserror::Error;
 
 use crate::template::Template;
@@ -38,7 +38,7 @@ fn invalid(field: impl Into<String>, message: impl Into<String>) -> ConfigError 
 
 // ---- The file as written -------------------------------------------------
 
-#[derive(Debug, Default, Deserialize)]
+#[derive(Clone, Debug, Default, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct ConfigFile {
     pub coap: CoapSection,
@@ -52,56 +52,80 @@ pub struct ConfigFile {
     pub upstream: Vec<UpstreamSection>,
 }
 
-#[derive(Debug, Default, Deserialize)]
+#[derive(Clone, Debug, Default, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct CoapSection {
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub listen: Option<Vec<String>>,
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub max_payload: Option<usize>,
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub workers: Option<usize>,
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub dedup_per_peer: Option<usize>,
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub dedup_total: Option<usize>,
 }
 
-#[derive(Debug, Default, Deserialize)]
+#[derive(Clone, Debug, Default, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct FastpathSection {
     pub interfaces: Vec<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub mode: Option<String>,
 }
 
-#[derive(Debug, Default, Deserialize)]
+#[derive(Clone, Debug, Default, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct MqttSection {
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub listen: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub username: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub password: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub max_packet_size: Option<usize>,
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub session_queue: Option<usize>,
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub max_inflight: Option<usize>,
 }
 
-#[derive(Debug, Default, Deserialize)]
+#[derive(Clone, Debug, Default, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct ControlSection {
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub socket: Option<PathBuf>,
+    /// Group allowed on the control socket (besides root and the owner).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub group: Option<String>,
 }
 
-#[derive(Debug, Default, Deserialize)]
+#[derive(Clone, Debug, Default, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct MetricsSection {
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub listen: Option<String>,
+    /// Per-peer series exported: the busiest N peers.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub peer_series: Option<usize>,
 }
 
-#[derive(Debug, Default, Deserialize)]
+#[derive(Clone, Debug, Default, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct DefaultsSection {
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub unknown_peers: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub topic: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub rate: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub burst: Option<u32>,
 }
 
-#[derive(Debug, Default, Deserialize)]
+#[derive(Clone, Debug, Default, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct PeerSection {
     pub name: String,
@@ -109,18 +133,23 @@ pub struct PeerSection {
     pub prefix: Vec<String>,
     #[serde(default)]
     pub deny: bool,
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub topic: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub rate: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub burst: Option<u32>,
 }
 
-#[derive(Debug, Default, Deserialize)]
+#[derive(Clone, Debug, Default, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct RouteSection {
     pub name: String,
     #[serde(rename = "match")]
     pub path_match: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub peer: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub method: Option<String>,
     pub topic: String,
     #[serde(default)]
@@ -129,13 +158,14 @@ pub struct RouteSection {
     pub retain: bool,
 }
 
-#[derive(Debug, Default, Deserialize)]
+#[derive(Clone, Debug, Default, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct UpstreamSection {
     pub name: String,
     pub url: String,
     #[serde(default)]
     pub topics: Vec<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub durability: Option<String>,
 }
 
@@ -340,7 +370,9 @@ pub struct Config {
     pub interfaces: Vec<String>,
     pub xdp_mode: XdpMode,
     pub control_socket: PathBuf,
+    pub control_group: Option<String>,
     pub metrics_listen: SocketAddr,
+    pub metrics_peer_series: usize,
     pub defaults: Defaults,
     pub peers: Vec<Peer>,
     pub routes: Vec<Route>,
@@ -446,6 +478,23 @@ fn name(
 }
 
 impl ConfigFile {
+    /// Reads a config file without validating it (see [`ConfigFile::validate`]).
+    pub fn load(path: &Path) -> Result<ConfigFile, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_owned(),
+            source,
+        })?;
+        toml::from_str(&text).map_err(|e| ConfigError::Syntax {
+            path: path.to_owned(),
+            message: e.to_string(),
+        })
+    }
+
+    /// The config as TOML, for `config save`.
+    pub fn to_toml(&self) -> String {
+        toml::to_string(self).expect("a config always serialises")
+    }
+
     pub fn validate(self) -> Result<Config, ConfigError> {
         let coap_listen = match &self.coap.listen {
             None => DEFAULT_COAP_LISTEN
@@ -552,7 +601,9 @@ impl ConfigFile {
             interfaces: self.fastpath.interfaces,
             xdp_mode,
             control_socket,
+            control_group: self.control.group,
             metrics_listen,
+            metrics_peer_series: self.metrics.peer_series.unwrap_or(100),
             defaults,
             peers,
             routes,

@@ -1,16 +1,20 @@
 //! `m2m-router run`: the fast path, the CoAP workers and the embedded MQTT
 //! broker, until SIGINT/SIGTERM.
 
-use std::sync::Arc;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
 
 use anyhow::Context as _;
 use tokio::net::TcpListener;
 use tokio::signal::unix::{signal, SignalKind};
 
 use crate::coap::uplink::{Uplink, UplinkConfig, UplinkStats};
-use crate::config::{Config, XdpMode};
+use crate::config::{Config, ConfigFile, XdpMode};
+use crate::control::{self, Control};
 use crate::fastpath::{Fastpath, PolicyTables};
-use crate::mapping::Mapper;
+use crate::mapping::{Mapper, SharedMapper};
+use crate::metrics;
 use crate::mqtt::{self, Broker, BrokerConfig};
 use crate::report;
 use crate::worker::Workers;
@@ -28,12 +32,19 @@ pub struct Running {
     pub broker: Arc<Broker>,
 }
 
-pub fn run(config: Config) -> anyhow::Result<()> {
-    let fastpath = start_fastpath(&config)?;
+pub fn run(config: Config, raw: ConfigFile, config_path: Option<PathBuf>) -> anyhow::Result<()> {
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
         .context("starting the tokio runtime")?;
+    // The control socket first: a second daemon stops here, before it
+    // touches XDP or the CoAP ports.
+    let (control_listener, access) = {
+        let _guard = runtime.enter();
+        control::server::bind(&config.control_socket, config.control_group.as_deref())?
+    };
+    tracing::info!(path = %config.control_socket.display(), "control socket listening");
+    let fastpath = start_fastpath(&config)?;
     let broker = Broker::new(BrokerConfig {
         session_queue: config.mqtt.session_queue,
         max_inflight: config.mqtt.max_inflight,
@@ -47,7 +58,7 @@ pub fn run(config: Config) -> anyhow::Result<()> {
     tracing::info!(addr = %config.mqtt.listen, "MQTT broker listening");
 
     let uplink_stats = Arc::new(UplinkStats::default());
-    let mapper = Arc::new(Mapper::from_config(&config));
+    let mapper = SharedMapper::new(Mapper::from_config(&config));
     let per_address = match config.coap.workers {
         0 => std::thread::available_parallelism().map_or(1, |n| n.get()),
         n => n,
@@ -72,22 +83,46 @@ pub fn run(config: Config) -> anyhow::Result<()> {
     )?;
     tracing::info!(addrs = ?config.coap_listen, workers_per_addr = per_address, "CoAP workers listening");
 
+    let metrics_listener = runtime
+        .block_on(TcpListener::bind(config.metrics_listen))
+        .with_context(|| format!("metrics listen address {}", config.metrics_listen))?;
+    tracing::info!(addr = %config.metrics_listen, "metrics at /metrics");
     runtime.spawn(mqtt::serve(listener, broker.clone()));
-    let running = Running {
-        fastpath,
-        uplink: uplink_stats,
-        broker,
-    };
-    runtime.block_on(serve(&running))?;
+    let socket_path = config.control_socket.clone();
+    let control = Arc::new(Mutex::new(Control {
+        raw,
+        config,
+        config_path,
+        running: Running {
+            fastpath,
+            uplink: uplink_stats,
+            broker,
+        },
+        mappers: mapper,
+        started: Instant::now(),
+    }));
+    runtime.spawn(control::server::serve(
+        control_listener,
+        control.clone(),
+        access,
+    ));
+    runtime.spawn(metrics::serve(metrics_listener, control.clone()));
+    runtime.block_on(serve(&control))?;
     workers.stop();
-    print!("{}", report::render(&running)?);
-    if let Some(fastpath) = &running.fastpath {
-        for (iface, _) in fastpath.attached() {
-            tracing::info!(iface = %iface, "XDP detached");
+    let _ = std::fs::remove_file(&socket_path);
+    let control = Arc::try_unwrap(control)
+        .ok()
+        .map(|m| m.into_inner().unwrap());
+    if let Some(control) = &control {
+        print!("{}", report::render(&control.running)?);
+        if let Some(fastpath) = &control.running.fastpath {
+            for (iface, _) in fastpath.attached() {
+                tracing::info!(iface = %iface, "XDP detached");
+            }
         }
     }
     // Dropping the Fastpath detaches every link.
-    drop(running);
+    drop(control);
     drop(runtime);
     tracing::info!("m2m-router stopped");
     Ok(())
@@ -119,21 +154,28 @@ fn start_fastpath(config: &Config) -> anyhow::Result<Option<Fastpath>> {
     Ok(Some(fastpath))
 }
 
-async fn serve(running: &Running) -> anyhow::Result<()> {
+async fn serve(control: &Arc<Mutex<Control>>) -> anyhow::Result<()> {
     let mut interrupt = signal(SignalKind::interrupt()).context("installing the SIGINT handler")?;
     let mut terminate =
         signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
     let mut user1 =
         signal(SignalKind::user_defined1()).context("installing the SIGUSR1 handler")?;
+    let mut hangup = signal(SignalKind::hangup()).context("installing the SIGHUP handler")?;
     tracing::info!(
         pid = std::process::id(),
-        "m2m-router running; SIGUSR1 prints counters"
+        "m2m-router running; SIGUSR1 prints counters, SIGHUP reloads"
     );
     loop {
         tokio::select! {
             _ = interrupt.recv() => break,
             _ = terminate.recv() => break,
-            _ = user1.recv() => print!("{}", report::render(running)?),
+            _ = user1.recv() => print!("{}", report::render(&control.lock().unwrap().running)?),
+            _ = hangup.recv() => {
+                // A bad file keeps the running config; say why.
+                if let Err(err) = control.lock().unwrap().execute("config.reload", &serde_json::Value::Null) {
+                    tracing::error!(error = %err, "reload refused; the running configuration is unchanged");
+                }
+            }
         }
     }
     tracing::info!("shutting down");

@@ -4,9 +4,11 @@
 
 pub mod coap;
 pub mod config;
+pub mod control;
 pub mod daemon;
 pub mod fastpath;
 pub mod mapping;
+pub mod metrics;
 pub mod mqtt;
 pub mod report;
 pub mod template;

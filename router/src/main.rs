@@ -1,12 +1,14 @@
 use std::io::IsTerminal as _;
 use std::net::SocketAddr;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
-use clap::{Parser, Subcommand};
-use m2m_router::config::{Config, XdpMode};
+use clap::{Args, Parser, Subcommand};
+use m2m_router::config::{Config, ConfigFile, XdpMode, DEFAULT_CONTROL_SOCKET};
+use m2m_router::control::client::{self, Outcome};
 use m2m_router::daemon;
 use m2m_router::fastpath::FastpathError;
+use serde_json::{json, Value};
 
 /// Routes CoAP from M2M devices to MQTT topics, with an XDP fast path.
 #[derive(Parser)]
@@ -19,25 +21,130 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Run the router (embedded defaults unless --config is given).
-    Run {
-        /// TOML config file; flags below override it.
+    Run(RunArgs),
+    /// Talk to a running router over its control socket.
+    Ctl {
+        /// Control socket of the daemon.
+        #[arg(long, default_value = DEFAULT_CONTROL_SOCKET)]
+        socket: PathBuf,
+        /// Print the daemon's JSON answer instead of a table.
         #[arg(long)]
-        config: Option<PathBuf>,
-        /// Interface to attach XDP to (repeatable). Default: lo.
-        #[arg(long = "iface", value_name = "IF")]
-        ifaces: Vec<String>,
-        /// auto (native, else generic), native, skb (generic) or off.
-        #[arg(long, value_name = "MODE")]
-        xdp_mode: Option<XdpMode>,
-        /// CoAP listen address (repeatable); its port is guarded by XDP.
-        #[arg(long = "coap-listen", value_name = "ADDR")]
-        coap_listen: Vec<SocketAddr>,
-        /// MQTT broker listen address.
-        #[arg(long = "mqtt-listen", value_name = "ADDR")]
-        mqtt_listen: Option<SocketAddr>,
+        json: bool,
+        #[command(subcommand)]
+        command: CtlCommand,
     },
     /// Validate a config file and say what it configures.
     CheckConfig { file: PathBuf },
+}
+
+#[derive(Args)]
+struct RunArgs {
+    /// TOML config file; flags below override it.
+    #[arg(long)]
+    config: Option<PathBuf>,
+    /// Interface to attach XDP to (repeatable). Default: lo.
+    #[arg(long = "iface", value_name = "IF")]
+    ifaces: Vec<String>,
+    /// auto (native, else generic), native, skb (generic) or off.
+    #[arg(long, value_name = "MODE")]
+    xdp_mode: Option<XdpMode>,
+    /// CoAP listen address (repeatable); its port is guarded by XDP.
+    #[arg(long = "coap-listen", value_name = "ADDR")]
+    coap_listen: Vec<SocketAddr>,
+    /// MQTT broker listen address.
+    #[arg(long = "mqtt-listen", value_name = "ADDR")]
+    mqtt_listen: Option<SocketAddr>,
+    /// Control socket path.
+    #[arg(long = "control-socket", value_name = "PATH")]
+    control_socket: Option<PathBuf>,
+    /// Prometheus metrics listen address.
+    #[arg(long = "metrics-listen", value_name = "ADDR")]
+    metrics_listen: Option<SocketAddr>,
+}
+
+#[derive(Subcommand)]
+enum CtlCommand {
+    /// Version, uptime, XDP mode per interface, totals.
+    Status,
+    #[command(subcommand)]
+    Peer(PeerCommand),
+    #[command(subcommand)]
+    Route(RouteCommand),
+    /// Counters by verdict reason, per peer, MQTT and queues.
+    Stats {
+        #[arg(long)]
+        peer: Option<String>,
+        /// Print again every second until interrupted.
+        #[arg(long)]
+        watch: bool,
+    },
+    #[command(subcommand)]
+    Config(ConfigCommand),
+}
+
+#[derive(Subcommand)]
+enum PeerCommand {
+    /// Add a peer; it takes effect on the next packet.
+    Add {
+        name: String,
+        #[arg(long = "prefix", required = true, value_name = "CIDR")]
+        prefixes: Vec<String>,
+        #[arg(long)]
+        deny: bool,
+        /// Packets per second, e.g. 100/s, or "unlimited".
+        #[arg(long, value_name = "N/s")]
+        rate: Option<String>,
+        #[arg(long)]
+        burst: Option<u32>,
+        #[arg(long, value_name = "TEMPLATE")]
+        topic: Option<String>,
+    },
+    /// Remove a peer.
+    Rm { name: String },
+    /// List peers with their counters.
+    Ls,
+    /// Add every [[peer]] of a TOML file in one request.
+    Import {
+        file: PathBuf,
+        /// Replace peers of the same name instead of refusing.
+        #[arg(long)]
+        replace: bool,
+    },
+}
+
+#[derive(Subcommand)]
+enum RouteCommand {
+    Add {
+        name: String,
+        #[arg(long = "match", value_name = "PATH_GLOB")]
+        path_match: String,
+        #[arg(long)]
+        peer: Option<String>,
+        #[arg(long)]
+        method: Option<String>,
+        #[arg(long, value_name = "TEMPLATE")]
+        topic: String,
+        #[arg(long, default_value_t = 0)]
+        qos: u8,
+        #[arg(long)]
+        retain: bool,
+    },
+    Rm {
+        name: String,
+    },
+    Ls,
+}
+
+#[derive(Subcommand)]
+enum ConfigCommand {
+    /// Write the running config to its file (atomically).
+    Save {
+        /// Another file to write (and to use from now on).
+        #[arg(long)]
+        path: Option<PathBuf>,
+    },
+    /// Re-read the config file and apply it.
+    Reload,
 }
 
 fn main() -> ExitCode {
@@ -50,55 +157,141 @@ fn main() -> ExitCode {
         .with_ansi(std::io::stderr().is_terminal())
         .init();
     let result = match Cli::parse().command {
-        Command::Run {
-            config,
-            ifaces,
-            xdp_mode,
-            coap_listen,
-            mqtt_listen,
-        } => load_config(config.as_deref()).and_then(|mut c| {
-            if !ifaces.is_empty() {
-                c.interfaces = ifaces;
+        Command::Run(args) => run(args),
+        Command::Ctl {
+            socket,
+            json,
+            command,
+        } => {
+            let (name, args) = match ctl_request(command) {
+                Ok(request) => request,
+                Err(err) => return report(err),
+            };
+            match client::run(&socket, name, args, json) {
+                Ok(Outcome::Done) => return ExitCode::SUCCESS,
+                Ok(Outcome::Refused) => return ExitCode::FAILURE,
+                Err(err) => Err(err),
             }
-            if let Some(mode) = xdp_mode {
-                c.xdp_mode = mode;
-            }
-            if !coap_listen.is_empty() {
-                c.coap_listen = coap_listen;
-            }
-            if let Some(addr) = mqtt_listen {
-                c.mqtt.listen = addr;
-            }
-            daemon::run(c)
-        }),
+        }
         Command::CheckConfig { file } => check_config(&file),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
-        Err(err) => {
-            eprintln!("m2m-router: error: {err}");
-            for cause in err.chain().skip(1) {
-                eprintln!("  caused by: {cause}");
-            }
-            if let Some(hint) = err
-                .downcast_ref::<FastpathError>()
-                .and_then(FastpathError::hint)
-            {
-                eprintln!("hint: {hint}");
-            }
-            ExitCode::FAILURE
-        }
+        Err(err) => report(err),
     }
 }
 
-fn load_config(path: Option<&std::path::Path>) -> anyhow::Result<Config> {
-    Ok(match path {
-        Some(path) => Config::load(path)?,
-        None => Config::default(),
+fn report(err: anyhow::Error) -> ExitCode {
+    eprintln!("m2m-router: error: {err}");
+    for cause in err.chain().skip(1) {
+        eprintln!("  caused by: {cause}");
+    }
+    if let Some(hint) = err
+        .downcast_ref::<FastpathError>()
+        .and_then(FastpathError::hint)
+    {
+        eprintln!("hint: {hint}");
+    }
+    ExitCode::FAILURE
+}
+
+fn run(args: RunArgs) -> anyhow::Result<()> {
+    let raw = match &args.config {
+        Some(path) => ConfigFile::load(path)?,
+        None => ConfigFile::default(),
+    };
+    let mut c: Config = raw.clone().validate()?;
+    if !args.ifaces.is_empty() {
+        c.interfaces = args.ifaces;
+    }
+    if let Some(mode) = args.xdp_mode {
+        c.xdp_mode = mode;
+    }
+    if !args.coap_listen.is_empty() {
+        c.coap_listen = args.coap_listen;
+    }
+    if let Some(addr) = args.mqtt_listen {
+        c.mqtt.listen = addr;
+    }
+    if let Some(path) = args.control_socket {
+        c.control_socket = path;
+    }
+    if let Some(addr) = args.metrics_listen {
+        c.metrics_listen = addr;
+    }
+    daemon::run(c, raw, args.config)
+}
+
+/// The control request for a `ctl` command line.
+fn ctl_request(command: CtlCommand) -> anyhow::Result<(&'static str, Value)> {
+    Ok(match command {
+        CtlCommand::Status => ("status", Value::Null),
+        CtlCommand::Peer(PeerCommand::Add {
+            name,
+            prefixes,
+            deny,
+            rate,
+            burst,
+            topic,
+        }) => {
+            let mut args = json!({ "name": name, "prefix": prefixes, "deny": deny });
+            if let Some(rate) = rate {
+                args["rate"] = json!(rate);
+            }
+            if let Some(burst) = burst {
+                args["burst"] = json!(burst);
+            }
+            if let Some(topic) = topic {
+                args["topic"] = json!(topic);
+            }
+            ("peer.add", args)
+        }
+        CtlCommand::Peer(PeerCommand::Rm { name }) => ("peer.rm", json!({ "name": name })),
+        CtlCommand::Peer(PeerCommand::Ls) => ("peer.ls", Value::Null),
+        CtlCommand::Peer(PeerCommand::Import { file, replace }) => {
+            // The file is a config fragment: its [[peer]] tables.
+            let raw = ConfigFile::load(&file)?;
+            (
+                "peer.import",
+                json!({ "peers": raw.peer, "replace": replace }),
+            )
+        }
+        CtlCommand::Route(RouteCommand::Add {
+            name,
+            path_match,
+            peer,
+            method,
+            topic,
+            qos,
+            retain,
+        }) => {
+            let mut args = json!({ "name": name, "match": path_match, "topic": topic, "qos": qos, "retain": retain });
+            if let Some(peer) = peer {
+                args["peer"] = json!(peer);
+            }
+            if let Some(method) = method {
+                args["method"] = json!(method);
+            }
+            ("route.add", args)
+        }
+        CtlCommand::Route(RouteCommand::Rm { name }) => ("route.rm", json!({ "name": name })),
+        CtlCommand::Route(RouteCommand::Ls) => ("route.ls", Value::Null),
+        CtlCommand::Stats { peer, watch } => {
+            let mut args = json!({ "watch": watch });
+            if let Some(peer) = peer {
+                args["peer"] = json!(peer);
+            }
+            ("stats", args)
+        }
+        CtlCommand::Config(ConfigCommand::Save { path }) => match path {
+            Some(path) => ("config.save", json!({ "path": path })),
+            None => ("config.save", Value::Null),
+        },
+        CtlCommand::Config(ConfigCommand::Reload) => ("config.reload", Value::Null),
     })
 }
 
-fn check_config(file: &std::path::Path) -> anyhow::Result<()> {
+fn check_config(file: &Path) -> anyhow::Result<()> {
     let c = Config::load(file)?;
     let ifaces = if c.interfaces.is_empty() {
         daemon::DEFAULT_INTERFACE.to_owned()

@@ -6,6 +6,8 @@
 use std::collections::HashMap;
 use std::fmt::Write as _;
 use std::net::{IpAddr, SocketAddr};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, RwLock};
 
 use crate::coap::request::method_name;
 use crate::config::{Config, Prefix};
@@ -282,6 +284,38 @@ impl Mapper {
             return Err(MapError::EmptyTopic);
         }
         Ok(delivery)
+    }
+}
+
+/// The current mapper, replaced whole on a config change. Workers check the
+/// generation (one atomic load) per datagram and take the new mapper when it
+/// moved, so a datagram is mapped entirely by the old or the new config.
+pub struct SharedMapper {
+    current: RwLock<Arc<Mapper>>,
+    generation: AtomicU64,
+}
+
+impl SharedMapper {
+    pub fn new(mapper: Mapper) -> Arc<SharedMapper> {
+        Arc::new(SharedMapper {
+            current: RwLock::new(Arc::new(mapper)),
+            generation: AtomicU64::new(0),
+        })
+    }
+
+    pub fn generation(&self) -> u64 {
+        self.generation.load(Ordering::Acquire)
+    }
+
+    pub fn load(&self) -> (u64, Arc<Mapper>) {
+        let current = self.current.read().unwrap();
+        (self.generation(), current.clone())
+    }
+
+    pub fn store(&self, mapper: Mapper) {
+        let mut current = self.current.write().unwrap();
+        *current = Arc::new(mapper);
+        self.generation.fetch_add(1, Ordering::AcqRel);
     }
 }
 

@@ -13,7 +13,7 @@ use std::time::Instant;
 use bytes::Bytes;
 use m2m_router::coap::uplink::{Uplink, UplinkConfig, UplinkStats};
 use m2m_router::config::Config;
-use m2m_router::mapping::Mapper;
+use m2m_router::mapping::{Mapper, SharedMapper};
 use m2m_router::mqtt::codec::SubscriptionOptions;
 use m2m_router::mqtt::{Broker, BrokerConfig};
 use m2m_router_tests::packet::coap_post;
@@ -73,7 +73,7 @@ fn only_the_message_bytes_are_allocated() {
     );
     let mut uplink = Uplink::new(
         UplinkConfig::default(),
-        Arc::new(Mapper::from_config(&config)),
+        SharedMapper::new(Mapper::from_config(&config)),
         broker.clone(),
         Arc::new(UplinkStats::default()),
     );

@@ -12,15 +12,25 @@ pub struct Daemon {
     child: Child,
     lines: Receiver<String>,
     pub seen: Vec<String>,
+    /// The daemon's control socket (unique per test unless given).
+    pub socket: String,
 }
 
 impl Daemon {
     /// `BIN run ARGS` inside `ns`, logging at info.
     pub fn start(ns: &Netns, bin: &str, args: &[&str]) -> Daemon {
-        let mut child = ns
-            .command(bin)
-            .arg("run")
-            .args(args)
+        // The file system is shared by all namespaces: each daemon gets its
+        // own control socket unless the test names one.
+        let socket = match args.iter().position(|a| *a == "--control-socket") {
+            Some(i) => args[i + 1].to_owned(),
+            None => format!("/tmp/{}.sock", ns.name()),
+        };
+        let mut cmd = ns.command(bin);
+        cmd.arg("run").args(args);
+        if !args.contains(&"--control-socket") {
+            cmd.args(["--control-socket", &socket]);
+        }
+        let mut child = cmd
             .env("RUST_LOG", "info")
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
@@ -44,6 +54,7 @@ impl Daemon {
             child,
             lines,
             seen: Vec::new(),
+            socket,
         }
     }
 

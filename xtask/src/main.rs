@@ -25,13 +25,15 @@ const BUILD_PACKAGES: &[&str] = &[
 ];
 /// Extra packages the tests use: `ip` for network namespaces, `ping`,
 /// `coap-client` as a real device, `mosquitto_sub` as a real subscriber,
-/// bpftool to inspect attachments.
+/// bpftool to inspect attachments, promtool (package prometheus) to check
+/// the metrics exposition.
 const TEST_PACKAGES: &[&str] = &[
     "iproute2",
     "iputils-ping",
     "libcoap3-bin",
     "mosquitto-clients",
     "bpftool",
+    "prometheus",
 ];
 const BPF_LINKER_VERSION: &str = "0.13.0";
 

@@ -13,7 +13,7 @@ use bytes::{Bytes, BytesMut};
 use super::dedup::{Answer, DedupCache};
 use super::message::{self, code, option, peek_header, Message, ACK, CON, NON, RST};
 use super::request::{self, content_type, RequestError};
-use crate::mapping::{self, Mapper};
+use crate::mapping::{self, Mapper, SharedMapper};
 use crate::mqtt::{Broker, Message as MqttMessage};
 
 /// Uplink counters, shared by all workers.
@@ -71,7 +71,9 @@ impl Default for UplinkConfig {
 /// One worker's uplink state.
 pub struct Uplink {
     config: UplinkConfig,
+    mappers: Arc<SharedMapper>,
     mapper: Arc<Mapper>,
+    mapper_generation: u64,
     broker: Arc<Broker>,
     stats: Arc<UplinkStats>,
     dedup: DedupCache,
@@ -83,14 +85,17 @@ pub struct Uplink {
 impl Uplink {
     pub fn new(
         config: UplinkConfig,
-        mapper: Arc<Mapper>,
+        mappers: Arc<SharedMapper>,
         broker: Arc<Broker>,
         stats: Arc<UplinkStats>,
     ) -> Uplink {
+        let (mapper_generation, mapper) = mappers.load();
         Uplink {
             dedup: DedupCache::new(config.dedup_per_peer, config.dedup_total),
             config,
+            mappers,
             mapper,
+            mapper_generation,
             broker,
             stats,
             topic: String::with_capacity(256),
@@ -110,6 +115,9 @@ impl Uplink {
     ) -> bool {
         self.stats.received.fetch_add(1, Ordering::Relaxed);
         out.clear();
+        if self.mappers.generation() != self.mapper_generation {
+            (self.mapper_generation, self.mapper) = self.mappers.load();
+        }
         let msg = match Message::decode(dgram) {
             Ok(m) if !truncated => m,
             Ok(m) => return self.too_large(&m, out),

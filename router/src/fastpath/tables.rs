@@ -21,8 +21,11 @@ pub struct PolicyTables {
     pub default_policy: PeerPolicy,
     /// Every peer prefix with its policy.
     pub prefixes: Vec<(Prefix, PeerPolicy)>,
-    /// Peer names indexed by peer id; index 0 is the unknown-sources bucket.
+    /// Peer names indexed by peer id; index 0 is the unknown-sources bucket,
+    /// free ids hold "".
     pub peer_names: Vec<String>,
+    /// The reverse of `peer_names`.
+    ids: HashMap<String, u32>,
 }
 
 fn rate_params(rate: Rate, burst: u32) -> (u64, u64) {
@@ -65,11 +68,18 @@ impl PolicyTables {
             prefixes.extend(peer.prefixes.iter().map(|p| (*p, policy)));
             peer_names[id as usize] = peer.name.clone();
         }
+        let ids = config
+            .peers
+            .iter()
+            .map(|p| p.name.clone())
+            .zip(ids)
+            .collect();
         Ok(PolicyTables {
             coap_ports: config.coap_ports(),
             default_policy,
             prefixes,
             peer_names,
+            ids,
         })
     }
 
@@ -82,11 +92,7 @@ impl PolicyTables {
 
     /// The id of the peer called `name`.
     pub fn peer_id(&self, name: &str) -> Option<u32> {
-        self.peer_names
-            .iter()
-            .skip(1)
-            .position(|n| n == name)
-            .map(|i| i as u32 + 1)
+        self.ids.get(name).copied()
     }
 }
 

@@ -1,0 +1,235 @@
+//! Prometheus text exposition (format 0.0.4) on `[metrics] listen`, path
+//! `/metrics`. Per-peer series are bounded: the busiest `peer_series` peers.
+
+use std::fmt::Write as _;
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+
+use crate::control::Control;
+
+pub async fn serve(listener: TcpListener, control: Arc<Mutex<Control>>) {
+    loop {
+        if let Ok((stream, _)) = listener.accept().await {
+            tokio::spawn(answer(stream, control.clone()));
+        } else {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+}
+
+async fn answer(mut stream: TcpStream, control: Arc<Mutex<Control>>) {
+    let mut request = Vec::with_capacity(1024);
+    let mut buf = [0u8; 1024];
+    // The request head only; scrapers send nothing else.
+    let read = tokio::time::timeout(Duration::from_secs(5), async {
+        while !request.windows(4).any(|w| w == b"\r\n\r\n") && request.len() < 8192 {
+            match stream.read(&mut buf).await {
+                Ok(0) | Err(_) => return false,
+                Ok(n) => request.extend_from_slice(&buf[..n]),
+            }
+        }
+        true
+    })
+    .await;
+    if read != Ok(true) {
+        return;
+    }
+    let line = request.split(|&b| b == b'\r').next().unwrap_or_default();
+    let mut parts = line.split(|&b| b == b' ');
+    let (method, path) = (parts.next(), parts.next());
+    let (status, body) = match (method, path) {
+        (Some(b"GET"), Some(p)) if p == b"/metrics" || p.starts_with(b"/metrics?") => {
+            ("200 OK", render(&control.lock().unwrap()))
+        }
+        (Some(b"GET"), _) => ("404 Not Found", "only /metrics is served here\n".to_owned()),
+        _ => ("405 Method Not Allowed", "GET /metrics\n".to_owned()),
+    };
+    let head = format!(
+        "HTTP/1.1 {status}\r\nContent-Type: text/plain; version=0.0.4; charset=utf-8\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+        body.len()
+    );
+    let _ = stream.write_all(head.as_bytes()).await;
+    let _ = stream.write_all(body.as_bytes()).await;
+}
+
+/// Escapes a label value (exposition format: backslash, quote, newline).
+fn label(v: &str) -> String {
+    v.replace('\\', "\\\\")
+        .replace('"', "\\\"")
+        .replace('\n', "\\n")
+}
+
+fn family(out: &mut String, name: &str, kind: &str, help: &str) {
+    let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
+}
+
+pub fn render(c: &Control) -> String {
+    let mut out = String::with_capacity(8192);
+    family(
+        &mut out,
+        "m2m_uptime_seconds",
+        "gauge",
+        "Seconds since the daemon started.",
+    );
+    let _ = writeln!(out, "m2m_uptime_seconds {}", c.started.elapsed().as_secs());
+
+    if let Some(fp) = &c.running.fastpath {
+        if let Ok(verdicts) = fp.verdicts() {
+            family(
+                &mut out,
+                "m2m_xdp_packets_total",
+                "counter",
+                "Packets seen by the XDP program, by verdict reason.",
+            );
+            for (reason, counter) in verdicts.values() {
+                let action = format!("{:?}", reason.action()).to_lowercase();
+                let _ = writeln!(
+                    out,
+                    "m2m_xdp_packets_total{{reason=\"{}\",action=\"{action}\"}} {}",
+                    reason.label(),
+                    counter.packets
+                );
+            }
+            family(
+                &mut out,
+                "m2m_xdp_bytes_total",
+                "counter",
+                "Bytes seen by the XDP program, by verdict reason.",
+            );
+            for (reason, counter) in verdicts.values() {
+                let action = format!("{:?}", reason.action()).to_lowercase();
+                let _ = writeln!(
+                    out,
+                    "m2m_xdp_bytes_total{{reason=\"{}\",action=\"{action}\"}} {}",
+                    reason.label(),
+                    counter.bytes
+                );
+            }
+        }
+        let tables = fp.tables();
+        let mut peers: Vec<(String, router_common::PeerCounters)> = (0..tables.peer_names.len()
+            as u32)
+            .filter(|&id| id == 0 || !tables.peer_names[id as usize].is_empty())
+            .filter_map(|id| {
+                fp.peer_counters(id)
+                    .ok()
+                    .map(|c| (tables.peer_name(id).to_owned(), c))
+            })
+            .collect();
+        peers.sort_by_key(|(_, c)| std::cmp::Reverse(c.accepted.packets + c.dropped.packets));
+        peers.truncate(c.config.metrics_peer_series);
+        family(
+            &mut out,
+            "m2m_peer_packets_total",
+            "counter",
+            "Well-formed CoAP packets per peer and policy verdict (the busiest peers only).",
+        );
+        for (name, pc) in &peers {
+            let n = label(name);
+            let _ = writeln!(
+                out,
+                "m2m_peer_packets_total{{peer=\"{n}\",verdict=\"accepted\"}} {}",
+                pc.accepted.packets
+            );
+            let _ = writeln!(
+                out,
+                "m2m_peer_packets_total{{peer=\"{n}\",verdict=\"dropped\"}} {}",
+                pc.dropped.packets
+            );
+        }
+        family(
+            &mut out,
+            "m2m_peer_bytes_total",
+            "counter",
+            "Bytes of well-formed CoAP per peer and policy verdict (the busiest peers only).",
+        );
+        for (name, pc) in &peers {
+            let n = label(name);
+            let _ = writeln!(
+                out,
+                "m2m_peer_bytes_total{{peer=\"{n}\",verdict=\"accepted\"}} {}",
+                pc.accepted.bytes
+            );
+            let _ = writeln!(
+                out,
+                "m2m_peer_bytes_total{{peer=\"{n}\",verdict=\"dropped\"}} {}",
+                pc.dropped.bytes
+            );
+        }
+    }
+
+    for (name, value) in c.running.uplink.snapshot() {
+        let metric = format!("m2m_coap_{name}_total");
+        let help = match name {
+            "duplicates" => {
+                "Retransmitted CoAP messages answered from the duplicate cache (dedup hits)."
+            }
+            "dedup_evictions" => {
+                "Duplicate-cache entries evicted before their exchange lifetime ended."
+            }
+            _ => "CoAP uplink counter.",
+        };
+        family(&mut out, &metric, "counter", help);
+        let _ = writeln!(out, "{metric} {value}");
+    }
+
+    let b = &c.running.broker.stats;
+    for (name, help, value) in [
+        (
+            "m2m_mqtt_published_total",
+            "Messages published into the embedded broker.",
+            &b.published,
+        ),
+        (
+            "m2m_mqtt_delivered_total",
+            "Messages queued for delivery to a subscriber session.",
+            &b.enqueued,
+        ),
+        (
+            "m2m_mqtt_dropped_total",
+            "Messages dropped because a session's queue was full.",
+            &b.dropped,
+        ),
+        (
+            "m2m_mqtt_connections_total",
+            "MQTT connections accepted.",
+            &b.connections,
+        ),
+        (
+            "m2m_mqtt_protocol_errors_total",
+            "MQTT connections closed for a protocol error.",
+            &b.protocol_errors,
+        ),
+    ] {
+        family(&mut out, name, "counter", help);
+        let _ = writeln!(out, "{name} {}", value.load(Ordering::Relaxed));
+    }
+    let mut sessions = c.running.broker.session_stats();
+    family(
+        &mut out,
+        "m2m_mqtt_sessions",
+        "gauge",
+        "MQTT sessions (connected or persistent).",
+    );
+    let _ = writeln!(out, "m2m_mqtt_sessions {}", sessions.len());
+    sessions.sort_by_key(|(_, queued, _)| std::cmp::Reverse(*queued));
+    sessions.truncate(c.config.metrics_peer_series);
+    family(
+        &mut out,
+        "m2m_mqtt_session_queue_depth",
+        "gauge",
+        "Messages waiting in a session's queue (the deepest queues only).",
+    );
+    for (client, queued, _) in &sessions {
+        let _ = writeln!(
+            out,
+            "m2m_mqtt_session_queue_depth{{client=\"{}\"}} {queued}",
+            label(client)
+        );
+    }
+    out
+}

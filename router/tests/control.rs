@@ -1,0 +1,470 @@
+//! The control plane with the real binary: `m2m-router ctl` against a
+//! daemon in a gateway namespace, changes checked by traffic from the
+//! device namespace through XDP. Privileged: needs root.
+
+use std::io::{BufRead, BufReader, Write};
+use std::net::{IpAddr, SocketAddr, UdpSocket};
+use std::os::unix::net::UnixStream;
+use std::process::{Command, Output};
+use std::time::{Duration, Instant};
+
+use m2m_router_tests::daemon::Daemon;
+use m2m_router_tests::netns::{Topology, DEV_V4, GW_IF, GW_V4};
+use m2m_router_tests::packet::coap_post;
+use m2m_router_tests::require_root;
+use serde_json::Value;
+
+const BIN: &str = env!("CARGO_BIN_EXE_m2m-router");
+
+struct Gateway {
+    topo: Topology,
+    daemon: Daemon,
+    config: TempPath,
+}
+
+/// A file removed when the test ends.
+struct TempPath(std::path::PathBuf);
+
+impl std::ops::Deref for TempPath {
+    type Target = std::path::Path;
+    fn deref(&self) -> &std::path::Path {
+        &self.0
+    }
+}
+
+impl Drop for TempPath {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
+    }
+}
+
+impl Gateway {
+    fn start(tag: &str, config_text: &str) -> Gateway {
+        require_root();
+        let topo = Topology::new(tag);
+        let config =
+            std::env::temp_dir().join(format!("m2m-control-{tag}-{}.toml", std::process::id()));
+        std::fs::write(&config, config_text).unwrap();
+        let config = TempPath(config);
+        let daemon = Daemon::running(&topo.gw, BIN, &Self::args(&config));
+        Gateway {
+            topo,
+            daemon,
+            config,
+        }
+    }
+
+    fn args(config: &std::path::Path) -> Vec<&str> {
+        vec![
+            "--iface",
+            GW_IF,
+            "--xdp-mode",
+            "native",
+            "--config",
+            config.to_str().unwrap(),
+        ]
+    }
+
+    fn ctl(&self, args: &[&str]) -> Output {
+        Command::new(BIN)
+            .args(["ctl", "--socket", &self.daemon.socket])
+            .args(args)
+            .output()
+            .unwrap()
+    }
+
+    /// `ctl --json ARGS`, which must succeed; its JSON answer.
+    fn ctl_json(&self, args: &[&str]) -> Value {
+        let mut all = vec!["--json"];
+        all.extend_from_slice(args);
+        let out = self.ctl(&all);
+        assert!(
+            out.status.success(),
+            "ctl {args:?}: {}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        serde_json::from_slice(&out.stdout).unwrap()
+    }
+
+    fn verdict(&self, reason: &str) -> u64 {
+        self.ctl_json(&["stats"])["verdicts"][reason]["packets"]
+            .as_u64()
+            .unwrap()
+    }
+
+    /// One CON POST from device address `who`: whether it was acknowledged.
+    fn acked(&self, who: usize) -> bool {
+        let sock: UdpSocket = self.topo.device_socket(IpAddr::V4(DEV_V4[who]));
+        sock.set_read_timeout(Some(Duration::from_millis(300)))
+            .unwrap();
+        sock.send_to(&coap_post(1, b"x"), SocketAddr::new(GW_V4.into(), 5683))
+            .unwrap();
+        let mut buf = [0u8; 64];
+        sock.recv(&mut buf).is_ok()
+    }
+}
+
+const DROP_UNKNOWN: &str = "[defaults]\nunknown_peers = \"drop\"\nrate = \"unlimited\"\n";
+
+#[test]
+fn peer_changes_take_effect_on_the_next_packet() {
+    let gw = Gateway::start("ctl-live", DROP_UNKNOWN);
+    assert!(!gw.acked(1), "unknown sources are dropped");
+    let dev = format!("{}/32", DEV_V4[1]);
+    let out = gw.ctl(&["peer", "add", "dev1", "--prefix", &dev]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(gw.acked(1), "passes at once after peer add");
+    // Deny: replace the peer with a denied one.
+    assert!(gw.ctl(&["peer", "rm", "dev1"]).status.success());
+    assert!(!gw.acked(1), "dropped at once after peer rm");
+    let before = gw.verdict("drop_denied");
+    assert!(gw
+        .ctl(&["peer", "add", "dev1", "--prefix", &dev, "--deny"])
+        .status
+        .success());
+    assert!(!gw.acked(1));
+    assert_eq!(
+        gw.verdict("drop_denied"),
+        before + 1,
+        "the verdict counter moved"
+    );
+    // A rate of 1/s with a burst of 1: the second packet in a row is over.
+    assert!(gw.ctl(&["peer", "rm", "dev1"]).status.success());
+    assert!(gw
+        .ctl(&["peer", "add", "dev1", "--prefix", &dev, "--rate", "1/s", "--burst", "1"])
+        .status
+        .success());
+    assert!(gw.acked(1));
+    assert!(!gw.acked(1), "over the new rate at once");
+    assert!(gw.verdict("drop_rate_limited") >= 1);
+    let peers = gw.ctl_json(&["peer", "ls"]);
+    assert_eq!(peers["peers"][0]["name"], "dev1");
+    assert_eq!(peers["peers"][0]["rate"], "1/s");
+    gw.daemon.stop();
+}
+
+#[test]
+fn a_hundred_thousand_peers_in_one_request() {
+    let gw = Gateway::start("ctl-bulk", DROP_UNKNOWN);
+    let mut file = String::new();
+    for i in 0..100_000u32 {
+        let ip = std::net::Ipv4Addr::from(0x0a64_0000 + i); // 10.100.0.0 onwards
+        file.push_str(&format!(
+            "[[peer]]\nname = \"bulk-{i}\"\nprefix = [\"{ip}/32\"]\n"
+        ));
+    }
+    file.push_str(&format!(
+        "[[peer]]\nname = \"dev2\"\nprefix = [\"{}/32\"]\n",
+        DEV_V4[2]
+    ));
+    let path = std::env::temp_dir().join(format!("m2m-bulk-{}.toml", std::process::id()));
+    std::fs::write(&path, file).unwrap();
+    let start = Instant::now();
+    let answer = gw.ctl_json(&["peer", "import", path.to_str().unwrap()]);
+    let took = start.elapsed();
+    let _ = std::fs::remove_file(&path);
+    eprintln!(
+        "imported 100,001 peers in {took:?} (daemon apply {} ms)",
+        answer["apply_ms"]
+    );
+    assert_eq!(answer["imported"], 100_001);
+    assert!(gw.acked(2), "a peer from the import passes");
+    assert!(!gw.acked(3), "a source outside it is still dropped");
+    assert_eq!(
+        gw.ctl_json(&["peer", "ls"])["peers"]
+            .as_array()
+            .unwrap()
+            .len(),
+        100_001
+    );
+    let stats = gw.ctl_json(&["stats", "--peer", "dev2"]);
+    assert_eq!(stats["peers"]["dev2"]["accepted_packets"], 1);
+    gw.daemon.stop();
+}
+
+#[test]
+fn a_saved_config_survives_a_restart() {
+    let gw = Gateway::start("ctl-save", DROP_UNKNOWN);
+    let dev = format!("{}/32", DEV_V4[1]);
+    assert!(gw
+        .ctl(&["peer", "add", "dev1", "--prefix", &dev, "--rate", "50/s"])
+        .status
+        .success());
+    assert!(gw
+        .ctl(&[
+            "route",
+            "add",
+            "alarms",
+            "--match",
+            "alarm/*",
+            "--topic",
+            "alarms/{peer}",
+            "--qos",
+            "1"
+        ])
+        .status
+        .success());
+    assert!(gw.ctl(&["config", "save"]).status.success());
+    let Gateway {
+        topo,
+        daemon,
+        config,
+    } = gw;
+    daemon.stop();
+    let saved = std::fs::read_to_string(&*config).unwrap();
+    assert!(
+        saved.contains("dev1") && saved.contains("alarms"),
+        "{saved}"
+    );
+    let daemon = Daemon::running(&topo.gw, BIN, &Gateway::args(&config));
+    let gw = Gateway {
+        topo,
+        daemon,
+        config,
+    };
+    let peers = gw.ctl_json(&["peer", "ls"]);
+    assert_eq!(peers["peers"][0]["name"], "dev1");
+    assert_eq!(peers["peers"][0]["rate"], "50/s");
+    assert_eq!(gw.ctl_json(&["route", "ls"])["routes"][0]["name"], "alarms");
+    assert!(gw.acked(1), "same behaviour after the restart");
+    assert!(!gw.acked(2));
+    gw.daemon.stop();
+}
+
+/// Sends raw lines to the control socket; returns each response.
+fn raw_requests(socket: &str, lines: &[&[u8]]) -> Vec<Value> {
+    let mut s = UnixStream::connect(socket).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    let mut reader = BufReader::new(s.try_clone().unwrap());
+    lines
+        .iter()
+        .map(|line| {
+            s.write_all(line).unwrap();
+            s.write_all(b"\n").unwrap();
+            let mut answer = String::new();
+            reader.read_line(&mut answer).unwrap();
+            serde_json::from_str(&answer).unwrap_or_else(|e| panic!("{e}: {answer:?}"))
+        })
+        .collect()
+}
+
+#[test]
+fn bad_requests_get_clear_errors_and_change_nothing() {
+    let gw = Gateway::start("ctl-bad", DROP_UNKNOWN);
+    let answers = raw_requests(
+        &gw.daemon.socket,
+        &[
+            b"garbage",
+            br#"{"id":1,"version":1,"command":"launch"}"#,
+            br#"{"id":2,"version":9,"command":"status"}"#,
+            br#"{"id":3,"version":1,"command":"status","extra":true}"#,
+            br#"{"id":4,"version":1,"command":"peer.add","args":{"name":"p","prefix":["10.0.0.300/32"]}}"#,
+            br#"{"id":5,"version":1,"command":"peer.add","args":{"name":"p","prefix":["10.0.0.1/32"],"topic":"a/#"}}"#,
+            br#"{"id":6,"version":1,"command":"peer.add","args":{"name":"p","prefix":["10.0.0.1/32"],"colour":"red"}}"#,
+            br#"{"id":7,"version":1,"command":"peer.import","args":{"peers":[{"name":"a","prefix":["10.9.0.1/32"]},{"name":"b","prefix":["nope"]}]}}"#,
+            br#"{"id":8,"version":1,"command":"peer.rm","args":{"name":"ghost"}}"#,
+            br#"{"id":9,"version":1,"command":"status"}"#,
+        ],
+    );
+    let error = |i: usize| {
+        (
+            answers[i]["error"]["code"]
+                .as_str()
+                .unwrap_or("-")
+                .to_owned(),
+            answers[i]["error"]["field"]
+                .as_str()
+                .unwrap_or("-")
+                .to_owned(),
+        )
+    };
+    assert_eq!(error(0).0, "invalid_json");
+    assert_eq!(error(1), ("unknown_command".into(), "command".into()));
+    assert_eq!(error(2), ("unsupported_version".into(), "version".into()));
+    assert_eq!(error(3), ("invalid_request".into(), "extra".into()));
+    assert_eq!(error(4), ("invalid_config".into(), "prefix[0]".into()));
+    assert_eq!(error(5), ("invalid_config".into(), "topic".into()));
+    assert_eq!(error(6), ("invalid_request".into(), "colour".into()));
+    assert_eq!(
+        error(7),
+        ("invalid_config".into(), "peers[1].prefix[0]".into())
+    );
+    assert_eq!(error(8), ("not_found".into(), "name".into()));
+    assert_eq!(answers[9]["id"], 9);
+    assert_eq!(answers[9]["result"]["peers"], 0, "nothing was half-applied");
+    // An oversized line is refused and the connection closed; the daemon serves on.
+    let mut s = UnixStream::connect(&gw.daemon.socket).unwrap();
+    let big = vec![b'x'; (64 << 20) + 16];
+    let _ = s.write_all(&big);
+    let mut answer = String::new();
+    let _ = BufReader::new(&s).read_line(&mut answer);
+    assert!(answer.contains("too_large"), "{answer}");
+    assert!(gw.ctl(&["status"]).status.success());
+    // The CLI: refused -> 1, usage -> 2.
+    assert_eq!(gw.ctl(&["peer", "rm", "ghost"]).status.code(), Some(1));
+    assert_eq!(gw.ctl(&["peer", "frobnicate"]).status.code(), Some(2));
+    gw.daemon.stop();
+}
+
+#[test]
+fn other_users_are_refused() {
+    let gw = Gateway::start("ctl-uid", DROP_UNKNOWN);
+    let as_nobody = |socket: &str| {
+        Command::new("setpriv")
+            .args([
+                "--reuid=65534",
+                "--regid=65534",
+                "--clear-groups",
+                BIN,
+                "ctl",
+                "--socket",
+                socket,
+                "status",
+            ])
+            .output()
+            .unwrap()
+    };
+    // Mode 0660: the file system refuses first...
+    let out = as_nobody(&gw.daemon.socket);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("Permission denied"),
+        "{out:?}"
+    );
+    // ...and with the file opened up, SO_PEERCRED still does.
+    std::os::unix::fs::PermissionsExt::set_mode(
+        &mut std::fs::metadata(&gw.daemon.socket).unwrap().permissions(),
+        0o666,
+    );
+    std::fs::set_permissions(
+        &gw.daemon.socket,
+        std::os::unix::fs::PermissionsExt::from_mode(0o666),
+    )
+    .unwrap();
+    let out = as_nobody(&gw.daemon.socket);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("forbidden"),
+        "{out:?}"
+    );
+    assert!(gw.ctl(&["status"]).status.success(), "root still gets in");
+    gw.daemon.stop();
+}
+
+#[test]
+fn reload_applies_a_good_file_and_keeps_running_on_a_bad_one() {
+    let mut gw = Gateway::start("ctl-reload", DROP_UNKNOWN);
+    std::fs::write(
+        &*gw.config,
+        format!(
+            "{DROP_UNKNOWN}[[peer]]\nname = \"dev1\"\nprefix = [\"{}/32\"]\n",
+            DEV_V4[1]
+        ),
+    )
+    .unwrap();
+    gw.daemon.signal(libc::SIGHUP);
+    gw.daemon.expect_line("configuration reloaded");
+    assert!(gw.acked(1), "SIGHUP applied the file");
+    std::fs::write(
+        &*gw.config,
+        "[[peer]]\nname = \"dev1\"\nprefix = [\"not-an-ip\"]\n",
+    )
+    .unwrap();
+    gw.daemon.signal(libc::SIGHUP);
+    let line = gw.daemon.expect_line("reload refused");
+    assert!(line.contains("peer[0].prefix[0]"), "{line}");
+    assert!(gw.acked(1), "the running config is unchanged");
+    let out = gw.ctl(&["config", "reload"]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("peer[0].prefix[0]"));
+    gw.daemon.stop();
+}
+
+#[test]
+fn one_daemon_per_control_socket_and_stale_ones_are_replaced() {
+    require_root();
+    let topo = Topology::new("ctl-sock");
+    let socket = format!("/tmp/{}-shared.sock", topo.gw.name());
+    // A stale socket file (no one listening) is replaced.
+    drop(std::os::unix::net::UnixListener::bind(&socket).unwrap());
+    assert!(std::path::Path::new(&socket).exists());
+    let first = Daemon::running(
+        &topo.gw,
+        BIN,
+        &["--iface", GW_IF, "--control-socket", &socket],
+    );
+    // A second daemon on the same path refuses to start.
+    let out = topo
+        .dev
+        .command(BIN)
+        .args(["run", "--xdp-mode", "off", "--control-socket", &socket])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("another m2m-router is serving"),
+        "{out:?}"
+    );
+    first.stop();
+}
+
+#[test]
+fn metrics_are_valid_prometheus_text() {
+    let gw = Gateway::start("ctl-metrics", DROP_UNKNOWN);
+    assert!(gw
+        .ctl(&[
+            "peer",
+            "add",
+            "dev1",
+            "--prefix",
+            &format!("{}/32", DEV_V4[1])
+        ])
+        .status
+        .success());
+    assert!(gw.acked(1));
+    let body = gw.topo.gw.run(|| {
+        let mut s = std::net::TcpStream::connect("127.0.0.1:9683").unwrap();
+        s.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n")
+            .unwrap();
+        let mut all = String::new();
+        std::io::Read::read_to_string(&mut s, &mut all).unwrap();
+        all
+    });
+    let (head, metrics) = body.split_once("\r\n\r\n").unwrap();
+    assert!(
+        head.starts_with("HTTP/1.1 200") && head.contains("version=0.0.4"),
+        "{head}"
+    );
+    assert!(
+        metrics.contains("m2m_xdp_packets_total{reason=\"accept\",action=\"pass\"} 1"),
+        "{metrics}"
+    );
+    assert!(metrics.contains("m2m_peer_packets_total{peer=\"dev1\",verdict=\"accepted\"} 1"));
+    assert!(metrics.contains("m2m_coap_published_total 1"));
+    let mut promtool = Command::new("promtool")
+        .args(["check", "metrics"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("promtool (Debian package prometheus)");
+    promtool
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(metrics.as_bytes())
+        .unwrap();
+    let out = promtool.wait_with_output().unwrap();
+    assert!(
+        out.status.success(),
+        "promtool: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    gw.daemon.stop();
+}
