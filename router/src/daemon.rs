@@ -43,6 +43,7 @@ pub fn run(config: Config, raw: ConfigFile, config_path: Option<PathBuf>) -> any
         let _guard = runtime.enter();
         control::server::bind(&config.control_socket, config.control_group.as_deref())?
     };
+    let _socket_file = RemoveOnDrop(config.control_socket.clone());
     tracing::info!(path = %config.control_socket.display(), "control socket listening");
     let fastpath = start_fastpath(&config)?;
     let broker = Broker::new(BrokerConfig {
@@ -88,7 +89,6 @@ pub fn run(config: Config, raw: ConfigFile, config_path: Option<PathBuf>) -> any
         .with_context(|| format!("metrics listen address {}", config.metrics_listen))?;
     tracing::info!(addr = %config.metrics_listen, "metrics at /metrics");
     runtime.spawn(mqtt::serve(listener, broker.clone()));
-    let socket_path = config.control_socket.clone();
     let control = Arc::new(Mutex::new(Control {
         raw,
         config,
@@ -109,7 +109,6 @@ pub fn run(config: Config, raw: ConfigFile, config_path: Option<PathBuf>) -> any
     runtime.spawn(metrics::serve(metrics_listener, control.clone()));
     runtime.block_on(serve(&control))?;
     workers.stop();
-    let _ = std::fs::remove_file(&socket_path);
     let control = Arc::try_unwrap(control)
         .ok()
         .map(|m| m.into_inner().unwrap());
@@ -126,6 +125,15 @@ pub fn run(config: Config, raw: ConfigFile, config_path: Option<PathBuf>) -> any
     drop(runtime);
     tracing::info!("m2m-router stopped");
     Ok(())
+}
+
+/// Removes the control socket file however `run` ends.
+struct RemoveOnDrop(PathBuf);
+
+impl Drop for RemoveOnDrop {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
+    }
 }
 
 fn start_fastpath(config: &Config) -> anyhow::Result<Option<Fastpath>> {

@@ -196,7 +196,12 @@ fn run_as_an_unprivileged_user_says_what_is_needed() {
             "--clear-groups",
             "--inh-caps=-all",
         ])
-        .args([BIN, "run"])
+        .args([
+            BIN,
+            "run",
+            "--control-socket",
+            &format!("/tmp/{}.sock", ns.name()),
+        ])
         .output()
         .expect("setpriv (Debian package util-linux)");
     let stderr = String::from_utf8_lossy(&out.stderr);
@@ -220,7 +225,13 @@ fn run_fails_clearly_on_a_missing_interface_or_an_impossible_mode() {
             "not one of auto, native, skb, off",
         ),
     ] {
-        let out = ns.command(BIN).arg("run").args(args).output().unwrap();
+        let socket = format!("/tmp/{}.sock", ns.name());
+        let out = ns
+            .command(BIN)
+            .args(["run", "--control-socket", &socket])
+            .args(args)
+            .output()
+            .unwrap();
         let stderr = String::from_utf8_lossy(&out.stderr);
         assert!(!out.status.success(), "{args:?} succeeded");
         assert!(stderr.contains(needle), "{args:?}: {stderr}");

@@ -27,12 +27,15 @@ pub fn run(socket: &Path, command: &str, args: Value, as_json: bool) -> anyhow::
     let request = json!({ "id": 1, "version": PROTOCOL_VERSION, "command": command, "args": args });
     let mut line = serde_json::to_vec(&request)?;
     line.push(b'\n');
-    stream.write_all(&line)?;
+    // A refusal (forbidden) may arrive and the socket close before our
+    // request is written: the answer still waits to be read.
+    let sent = stream.write_all(&line);
     let watch = args.get("watch").and_then(Value::as_bool) == Some(true);
     let mut reader = BufReader::new(stream);
     loop {
         let mut answer = String::new();
         if reader.read_line(&mut answer)? == 0 {
+            sent?;
             anyhow::bail!("the daemon closed the connection without answering");
         }
         let response: Response = serde_json::from_str(&answer)?;
