@@ -297,6 +297,19 @@ fn bad_requests_get_clear_errors_and_change_nothing() {
     assert_eq!(error(8), ("not_found".into(), "name".into()));
     assert_eq!(answers[9]["id"], 9);
     assert_eq!(answers[9]["result"]["peers"], 0, "nothing was half-applied");
+    // stats --watch streams a response per interval on one request.
+    let mut s = UnixStream::connect(&gw.daemon.socket).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    s.write_all(b"{\"id\":\"w\",\"version\":1,\"command\":\"stats\",\"args\":{\"watch\":true,\"interval_ms\":100}}\n").unwrap();
+    let mut reader = BufReader::new(s);
+    for _ in 0..3 {
+        let mut line = String::new();
+        reader.read_line(&mut line).unwrap();
+        let v: Value = serde_json::from_str(&line).unwrap();
+        assert_eq!(v["id"], "w");
+        assert!(v["result"]["verdicts"].is_object());
+    }
+    drop(reader);
     // An oversized line is refused and the connection closed; the daemon serves on.
     let mut s = UnixStream::connect(&gw.daemon.socket).unwrap();
     let big = vec![b'x'; (64 << 20) + 16];

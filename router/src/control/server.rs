@@ -160,6 +160,16 @@ async fn connection(stream: UnixStream, control: Arc<Mutex<Control>>, access: Ac
         loop {
             let outcome = run(&control, &request).await;
             let failed = outcome.is_err();
+            if request.command.contains('.') && !request.command.ends_with(".ls") {
+                match &outcome {
+                    Ok(_) => {
+                        tracing::info!(command = %request.command, args = %summary(&request.args), "control change applied")
+                    }
+                    Err(e) => {
+                        tracing::info!(command = %request.command, error = %e, "control change refused")
+                    }
+                }
+            }
             if write
                 .write_all(response(request.id.clone(), outcome).as_bytes())
                 .await
@@ -171,6 +181,29 @@ async fn connection(stream: UnixStream, control: Arc<Mutex<Control>>, access: Ac
                 break;
             }
             tokio::time::sleep(interval).await;
+        }
+    }
+}
+
+/// A short, log-friendly view of a request's arguments (a bulk import's
+/// 100,000 peers are counted, not printed).
+fn summary(args: &Value) -> String {
+    match args.get("peers").and_then(Value::as_array) {
+        Some(peers) => format!("{} peers", peers.len()),
+        None => {
+            let s = args.to_string();
+            if s.len() > 200 {
+                format!(
+                    "{}...",
+                    &s[..s
+                        .char_indices()
+                        .take_while(|(i, _)| *i < 200)
+                        .last()
+                        .map_or(0, |(i, _)| i)]
+                )
+            } else {
+                s
+            }
         }
     }
 }
