@@ -163,10 +163,23 @@ pub struct RouteSection {
 pub struct UpstreamSection {
     pub name: String,
     pub url: String,
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub topics: Vec<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub durability: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub client_id: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub username: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub password: Option<String>,
+    /// Prepended to every topic forwarded upstream, e.g. "site-7/".
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub prefix: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub spool_dir: Option<PathBuf>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub spool_max_bytes: Option<u64>,
 }
 
 // ---- The validated config ------------------------------------------------
@@ -332,8 +345,18 @@ pub enum Durability {
 pub struct Upstream {
     pub name: String,
     pub url: String,
+    /// host:port from the URL (default port 1883).
+    pub address: String,
     pub topics: Vec<String>,
     pub durability: Durability,
+    pub client_id: String,
+    pub username: Option<String>,
+    pub password: Option<String>,
+    pub prefix: String,
+    /// Where the disk spool lives (durability = "disk").
+    pub spool_dir: PathBuf,
+    /// Spool bound; past it the oldest messages are evicted (and counted).
+    pub spool_max_bytes: u64,
 }
 
 /// `[coap]` tuning beyond the listen addresses.
@@ -701,11 +724,46 @@ fn validate_upstreams(sections: Vec<UpstreamSection>) -> Result<Vec<Upstream>, C
     for (i, u) in sections.into_iter().enumerate() {
         let at = |key: &str| format!("upstream[{i}].{key}");
         name(&at("name"), &u.name, &mut names, i)?;
-        if !(u.url.starts_with("mqtt://") || u.url.starts_with("mqtts://")) {
+        let address = match u.url.strip_prefix("mqtt://") {
+            Some(rest) => {
+                let rest = rest.trim_end_matches('/');
+                if rest.is_empty() || rest.contains('/') {
+                    return Err(invalid(
+                        at("url"),
+                        format!("{:?}: expected mqtt://host[:port]", u.url),
+                    ));
+                }
+                if rest
+                    .rsplit_once(':')
+                    .is_some_and(|(_, p)| p.parse::<u16>().is_ok())
+                    && !rest.ends_with(']')
+                {
+                    rest.to_owned()
+                } else {
+                    format!("{rest}:1883")
+                }
+            }
+            None if u.url.starts_with("mqtts://") => {
+                return Err(invalid(
+                    at("url"),
+                    "mqtts:// (TLS) is not supported yet; use mqtt://",
+                ));
+            }
+            None => {
+                return Err(invalid(
+                    at("url"),
+                    format!("{:?} must start with mqtt://", u.url),
+                ));
+            }
+        };
+        if u.username.is_some() != u.password.is_some() {
             return Err(invalid(
-                at("url"),
-                format!("{:?} must start with mqtt:// or mqtts://", u.url),
+                at("password"),
+                "set both username and password, or neither",
             ));
+        }
+        if u.spool_max_bytes == Some(0) {
+            return Err(invalid(at("spool_max_bytes"), "must be at least 1"));
         }
         for (j, filter) in u.topics.iter().enumerate() {
             if filter.is_empty() || filter.contains('\0') {
@@ -725,12 +783,30 @@ fn validate_upstreams(sections: Vec<UpstreamSection>) -> Result<Vec<Upstream>, C
                 ))
             }
         };
+        let prefix = u.prefix.unwrap_or_default();
+        if prefix.contains(['+', '#', '\0']) {
+            return Err(invalid(
+                at("prefix"),
+                "a topic prefix cannot contain '+', '#' or NUL",
+            ));
+        }
         upstreams.push(Upstream {
             topics: if u.topics.is_empty() {
                 vec!["#".into()]
             } else {
                 u.topics
             },
+            client_id: u
+                .client_id
+                .unwrap_or_else(|| format!("m2m-router-{}", u.name)),
+            spool_dir: u
+                .spool_dir
+                .unwrap_or_else(|| PathBuf::from("/var/lib/m2m-router/spool").join(&u.name)),
+            spool_max_bytes: u.spool_max_bytes.unwrap_or(64 << 20),
+            username: u.username,
+            password: u.password,
+            prefix,
+            address,
             name: u.name,
             url: u.url,
             durability,

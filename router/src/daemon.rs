@@ -9,6 +9,7 @@ use anyhow::Context as _;
 use tokio::net::TcpListener;
 use tokio::signal::unix::{signal, SignalKind};
 
+use crate::bridge::{self, Bridge};
 use crate::coap::uplink::{Uplink, UplinkConfig, UplinkStats};
 use crate::config::{Config, ConfigFile, XdpMode};
 use crate::control::{self, Control};
@@ -58,6 +59,14 @@ pub fn run(config: Config, raw: ConfigFile, config_path: Option<PathBuf>) -> any
         .with_context(|| format!("MQTT listen address {}", config.mqtt.listen))?;
     tracing::info!(addr = %config.mqtt.listen, "MQTT broker listening");
 
+    let mut bridges = Vec::new();
+    for upstream in &config.upstreams {
+        let bridge =
+            Bridge::open(upstream).with_context(|| format!("upstream {:?}", upstream.name))?;
+        broker.add_bridge(bridge.clone());
+        bridges.push((upstream.clone(), bridge));
+        tracing::info!(upstream = %upstream.name, url = %upstream.url, durability = ?upstream.durability, "upstream bridge configured");
+    }
     let uplink_stats = Arc::new(UplinkStats::default());
     let mapper = SharedMapper::new(Mapper::from_config(&config));
     let per_address = match config.coap.workers {
@@ -89,6 +98,9 @@ pub fn run(config: Config, raw: ConfigFile, config_path: Option<PathBuf>) -> any
         .with_context(|| format!("metrics listen address {}", config.metrics_listen))?;
     tracing::info!(addr = %config.metrics_listen, "metrics at /metrics");
     runtime.spawn(mqtt::serve(listener, broker.clone()));
+    for (upstream, bridge) in bridges {
+        runtime.spawn(bridge::run(upstream, bridge));
+    }
     let control = Arc::new(Mutex::new(Control {
         raw,
         config,

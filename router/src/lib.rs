@@ -2,6 +2,7 @@
 //! path in front. See DESIGN.md for the architecture; this crate is the
 //! daemon and its CLI.
 
+pub mod bridge;
 pub mod coap;
 pub mod config;
 pub mod control;

@@ -208,6 +208,47 @@ pub fn render(c: &Control) -> String {
         family(&mut out, name, "counter", help);
         let _ = writeln!(out, "{name} {}", value.load(Ordering::Relaxed));
     }
+    let bridges = c.running.broker.bridges();
+    for (name, kind, help) in [
+        (
+            "m2m_spool_messages",
+            "gauge",
+            "Messages waiting in an upstream bridge's spool.",
+        ),
+        (
+            "m2m_spool_bytes",
+            "gauge",
+            "Bytes waiting in an upstream bridge's spool.",
+        ),
+        (
+            "m2m_spool_evicted_total",
+            "counter",
+            "Messages evicted from a full spool, oldest first.",
+        ),
+        (
+            "m2m_upstream_acked_total",
+            "counter",
+            "Messages the upstream broker acknowledged.",
+        ),
+        (
+            "m2m_upstream_connected",
+            "gauge",
+            "1 while the bridge is connected to its upstream.",
+        ),
+    ] {
+        family(&mut out, name, kind, help);
+        for b in &bridges {
+            let s = &b.spool.stats;
+            let value = match name {
+                "m2m_spool_messages" => s.records.load(Ordering::Relaxed),
+                "m2m_spool_bytes" => s.bytes.load(Ordering::Relaxed),
+                "m2m_spool_evicted_total" => s.evicted.load(Ordering::Relaxed),
+                "m2m_upstream_acked_total" => s.acked.load(Ordering::Relaxed),
+                _ => u64::from(b.connected.load(Ordering::Relaxed)),
+            };
+            let _ = writeln!(out, "{name}{{upstream=\"{}\"}} {value}", label(&b.name));
+        }
+    }
     let mut sessions = c.running.broker.session_stats();
     family(
         &mut out,

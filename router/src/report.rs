@@ -29,6 +29,20 @@ pub fn render(running: &Running) -> Result<String, FastpathError> {
     ] {
         let _ = writeln!(out, "  {name:<22} {:>12}", value.load(Ordering::Relaxed));
     }
+    for bridge in running.broker.bridges() {
+        let s = &bridge.spool.stats;
+        let _ = writeln!(
+            out,
+            "  upstream {:<20} connected {} spooled {} ({} bytes) sent {} acked {} evicted {}",
+            bridge.name,
+            bridge.connected.load(Ordering::Relaxed),
+            s.records.load(Ordering::Relaxed),
+            s.bytes.load(Ordering::Relaxed),
+            bridge.sent.load(Ordering::Relaxed),
+            s.acked.load(Ordering::Relaxed),
+            s.evicted.load(Ordering::Relaxed),
+        );
+    }
     for (client, queued, dropped) in running.broker.session_stats() {
         let _ = writeln!(
             out,

@@ -79,7 +79,9 @@ fn retained_messages_reach_later_subscribers_of_both_versions() {
     let (broker, addr) = start_broker(BrokerConfig::default());
     publish(addr, &["-r", "-t", "plant/m1/temp", "-m", "old"]);
     publish(addr, &["-r", "-t", "plant/m1/temp", "-m", "new"]);
-    broker.publish(message("plant/m2/temp", "coap", 0, true), None);
+    broker
+        .publish(message("plant/m2/temp", "coap", 0, true), None)
+        .unwrap();
     for version in ["mqttv311", "mqttv5"] {
         let mut got = sub(addr, &["-V", version, "-t", "plant/+/temp"], 2);
         got.sort();
@@ -103,7 +105,9 @@ fn qos1_is_redelivered_to_a_persistent_session_until_acknowledged() {
     let mut c = RawClient::connect(addr);
     assert_eq!(c.mqtt_connect("keeper", false, 60), (false, 0));
     assert_eq!(c.subscribe("q/#", 1), 1);
-    broker.publish(message("q/a", "one", 1, false), None);
+    broker
+        .publish(message("q/a", "one", 1, false), None)
+        .unwrap();
     let (dup, qos, id, topic, payload) = c.read_publish();
     assert_eq!(
         (dup, qos, topic.as_str(), &payload[..]),
@@ -112,7 +116,9 @@ fn qos1_is_redelivered_to_a_persistent_session_until_acknowledged() {
     // Gone without a PUBACK; more arrives while offline.
     drop(c);
     std::thread::sleep(Duration::from_millis(200));
-    broker.publish(message("q/b", "two", 1, false), None);
+    broker
+        .publish(message("q/b", "two", 1, false), None)
+        .unwrap();
     let mut c = RawClient::connect(addr);
     assert_eq!(
         c.mqtt_connect("keeper", false, 60),
@@ -162,7 +168,7 @@ fn mosquitto_persistent_session_gets_what_was_published_while_away() {
     );
     assert!(got.is_empty());
     for topic in ["away/1", "away/2", "away/3"] {
-        broker.publish(message(topic, "x", 1, false), None);
+        broker.publish(message(topic, "x", 1, false), None).unwrap();
     }
     let got = sub(addr, &["-c", "-i", "away", "-q", "1", "-t", "away/#"], 3);
     assert_eq!(got, vec!["away/1 x", "away/2 x", "away/3 x"]);
@@ -195,7 +201,7 @@ fn a_full_queue_drops_for_that_session_only() {
     c.disconnect();
     std::thread::sleep(Duration::from_millis(200));
     for _ in 0..25 {
-        broker.publish(message("f/x", "m", 1, false), None);
+        broker.publish(message("f/x", "m", 1, false), None).unwrap();
     }
     let stats = broker.session_stats();
     let (_, queued, dropped) = stats.iter().find(|(id, _, _)| id == "offline").unwrap();

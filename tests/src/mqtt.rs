@@ -252,3 +252,77 @@ impl RawClient {
         }
     }
 }
+
+/// A real Mosquitto broker inside a namespace, on 127.0.0.1:`port`, with
+/// persistence in its own directory (so persistent sessions survive a stop).
+pub struct Mosquitto {
+    child: Option<Child>,
+    dir: std::path::PathBuf,
+    ns_name: String,
+    pub port: u16,
+}
+
+impl Mosquitto {
+    pub fn start(ns: &Netns, port: u16) -> Mosquitto {
+        let dir = std::env::temp_dir().join(format!("m2m-mosquitto-{}-{port}", ns.name()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let mut m = Mosquitto {
+            child: None,
+            dir,
+            ns_name: ns.name().to_owned(),
+            port,
+        };
+        m.restart(ns);
+        m
+    }
+
+    /// (Re)starts the broker with the same persistence directory.
+    pub fn restart(&mut self, ns: &Netns) {
+        assert_eq!(ns.name(), self.ns_name);
+        let conf = self.dir.join("mosquitto.conf");
+        std::fs::write(
+            &conf,
+            format!(
+                "listener {} 127.0.0.1\nallow_anonymous true\npersistence true\npersistence_location {}/\nmax_queued_messages 100000\nlog_dest none\n",
+                self.port,
+                self.dir.display()
+            ),
+        )
+        .unwrap();
+        let child = ns
+            .command("mosquitto")
+            .args(["-c", conf.to_str().unwrap()])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("mosquitto (Debian package mosquitto)");
+        self.child = Some(child);
+        let addr: SocketAddr = ([127, 0, 0, 1], self.port).into();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while ns.run(|| TcpStream::connect(addr).is_err()) {
+            assert!(
+                Instant::now() < deadline,
+                "mosquitto did not start on port {}",
+                self.port
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// SIGTERM (Mosquitto saves its sessions) and wait.
+    pub fn stop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            // SAFETY: kill on our own child's pid.
+            unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+            let _ = child.wait();
+        }
+    }
+}
+
+impl Drop for Mosquitto {
+    fn drop(&mut self) {
+        self.stop();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}

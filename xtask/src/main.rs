@@ -24,13 +24,15 @@ const BUILD_PACKAGES: &[&str] = &[
     "libllvm22",
 ];
 /// Extra packages the tests use: `ip` for network namespaces, `ping`,
-/// `coap-client` as a real device, `mosquitto_sub` as a real subscriber,
+/// `coap-client` as a real device, `mosquitto_sub` as a real subscriber and
+/// `mosquitto` as a real upstream broker,
 /// bpftool to inspect attachments, promtool (package prometheus) to check
 /// the metrics exposition.
 const TEST_PACKAGES: &[&str] = &[
     "iproute2",
     "iputils-ping",
     "libcoap3-bin",
+    "mosquitto",
     "mosquitto-clients",
     "bpftool",
     "prometheus",

@@ -31,6 +31,8 @@ pub struct UplinkStats {
     /// ACK, RST and responses from devices (downlink traffic, not yet routed).
     pub ignored: AtomicU64,
     pub dedup_evictions: AtomicU64,
+    /// Answered 5.03: a bridge's spool could not store the message.
+    pub unavailable: AtomicU64,
 }
 
 impl UplinkStats {
@@ -46,6 +48,7 @@ impl UplinkStats {
             ("too_large", f(&self.too_large)),
             ("ignored", f(&self.ignored)),
             ("dedup_evictions", f(&self.dedup_evictions)),
+            ("unavailable", f(&self.unavailable)),
         ]
     }
 }
@@ -222,7 +225,7 @@ impl Uplink {
         buf.extend_from_slice(msg.payload);
         let mut all = buf.freeze();
         let topic = all.split_to(self.topic.len());
-        self.broker.publish(
+        let published = self.broker.publish(
             MqttMessage {
                 topic,
                 payload: all,
@@ -236,6 +239,13 @@ impl Uplink {
             },
             None,
         );
+        if let Err(err) = published {
+            // Not stored, so not accepted: 5.03, and the device tries again
+            // (DESIGN.md invariant 1).
+            tracing::warn!(%err, "a bridge spool refused a message");
+            self.stats.unavailable.fetch_add(1, Ordering::Relaxed);
+            return code::SERVICE_UNAVAILABLE;
+        }
         self.stats.published.fetch_add(1, Ordering::Relaxed);
         code::CHANGED
     }

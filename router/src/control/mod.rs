@@ -438,10 +438,19 @@ fn restart_only_changes(current: &Config, new: &Config) -> Vec<&'static str> {
     if new.metrics_listen != current.metrics_listen {
         restart.push("metrics");
     }
+    if new.upstreams.len() != current.upstreams.len()
+        || new
+            .upstreams
+            .iter()
+            .zip(&current.upstreams)
+            .any(|(a, b)| format!("{a:?}") != format!("{b:?}"))
+    {
+        restart.push("upstream");
+    }
     restart
 }
 
-/// Takes the live-changeable parts (peers, routes, defaults, upstreams) from
+/// Takes the live-changeable parts (peers, routes, defaults) from
 /// `new` and keeps the rest of `current`.
 fn keep_restart_only_settings(current: &Config, new: Config) -> Config {
     Config {
@@ -457,7 +466,7 @@ fn keep_restart_only_settings(current: &Config, new: Config) -> Config {
         defaults: new.defaults,
         peers: new.peers,
         routes: new.routes,
-        upstreams: new.upstreams,
+        upstreams: current.upstreams.clone(),
     }
 }
 

@@ -16,6 +16,7 @@ use tokio::sync::{mpsc, Notify};
 
 use super::codec::{Properties, SubscriptionOptions};
 use super::topic;
+use crate::bridge::Bridge;
 
 /// A message as the broker routes it. Cloning shares the bytes.
 #[derive(Clone, Debug)]
@@ -110,6 +111,9 @@ pub struct Broker {
     /// The newest message of every topic, retained or not, for CoAP GET.
     /// Sharded by topic so the workers seldom meet on one lock.
     last_values: Vec<Mutex<HashMap<Bytes, Message>>>,
+    /// Upstream bridges; a message they want is spooled before anyone
+    /// else sees it.
+    bridges: RwLock<Vec<Arc<Bridge>>>,
     pub stats: BrokerStats,
 }
 
@@ -142,13 +146,30 @@ impl Broker {
             last_values: (0..LAST_VALUE_SHARDS)
                 .map(|_| Mutex::new(HashMap::new()))
                 .collect(),
+            bridges: RwLock::new(Vec::new()),
             stats: BrokerStats::default(),
         })
     }
 
-    /// Routes `message` to every matching session. Never blocks on a
-    /// subscriber. `origin` is the publishing client (for MQTT 5 No Local).
-    pub fn publish(&self, message: Message, origin: Option<&[u8]>) {
+    pub fn add_bridge(&self, bridge: Arc<Bridge>) {
+        self.bridges.write().unwrap().push(bridge);
+    }
+
+    pub fn bridges(&self) -> Vec<Arc<Bridge>> {
+        self.bridges.read().unwrap().clone()
+    }
+
+    /// Routes `message` to the bridges that want it, then to every matching
+    /// session. Never blocks on a subscriber; with a disk spool it returns
+    /// once the message is on disk. An error (the spool could not store it)
+    /// means nobody got the message: the publisher must not be told it was
+    /// accepted. `origin` is the publishing client (for MQTT 5 No Local).
+    pub fn publish(&self, message: Message, origin: Option<&[u8]>) -> std::io::Result<()> {
+        for bridge in self.bridges.read().unwrap().iter() {
+            if bridge.wants(&message.topic) {
+                bridge.accept(&message.topic, &message.payload)?;
+            }
+        }
         self.stats.published.fetch_add(1, Ordering::Relaxed);
         if message.retain {
             let mut retained = self.retained.lock().unwrap();
@@ -190,6 +211,7 @@ impl Broker {
                 self.enqueue(&entry.session, delivery);
             }
         }
+        Ok(())
     }
 
     fn enqueue(&self, session: &Session, delivery: Delivery) {

@@ -136,7 +136,7 @@ pub async fn serve(mut stream: TcpStream, broker: Arc<Broker>) {
     }
     if !matches!(end, End::Normal) {
         if let Some(will) = &connect.will {
-            broker.publish(
+            let _ = broker.publish(
                 Message {
                     topic: will.topic.clone(),
                     payload: will.payload.clone(),
@@ -356,7 +356,11 @@ impl Connection {
             content_type: p.properties.content_type.clone(),
             properties: has_props.then(|| Arc::new(p.properties)),
         };
-        self.broker.publish(message, Some(&session.client_id));
+        if let Err(err) = self.broker.publish(message, Some(&session.client_id)) {
+            // Not stored: no acknowledgement, so the client publishes again.
+            tracing::warn!(%err, "a bridge spool refused a message from an MQTT client");
+            return None;
+        }
         match p.qos {
             1 => codec::ack_packet(&mut self.out, self.version, 4, p.packet_id, 0),
             2 => codec::ack_packet(&mut self.out, self.version, 5, p.packet_id, 0),

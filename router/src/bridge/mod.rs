@@ -1,0 +1,267 @@
+//! Upstream bridges (`[[upstream]]`): local messages matching the topic
+//! filters are spooled (see `spool`) and forwarded at QoS 1 to an external
+//! MQTT broker, reconnecting with capped exponential backoff and jitter.
+//! A message leaves the spool only when the upstream has sent its PUBACK,
+//! so an outage, a slow upstream or (with the disk spool) a router restart
+//! loses nothing the router acknowledged.
+
+pub mod spool;
+
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::{Buf, BufMut, Bytes, BytesMut};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio::time::{sleep, timeout, Instant};
+
+use crate::config::{Durability, Upstream};
+use crate::mqtt::codec::{self, OutPublish, Properties, V311};
+use crate::mqtt::topic;
+pub use spool::Spool;
+
+/// QoS 1 messages in flight to the upstream.
+const WINDOW: usize = 64;
+const KEEP_ALIVE: u16 = 30;
+const MAX_BACKOFF: Duration = Duration::from_secs(30);
+const FIRST_BACKOFF: Duration = Duration::from_millis(200);
+
+/// The broker's handle on a bridge: which messages go, and where they wait.
+pub struct Bridge {
+    pub name: String,
+    filters: Vec<Bytes>,
+    prefix: Bytes,
+    pub spool: Arc<Spool>,
+    pub connected: AtomicBool,
+    pub connects: AtomicU64,
+    pub sent: AtomicU64,
+}
+
+impl Bridge {
+    pub fn open(cfg: &Upstream) -> std::io::Result<Arc<Bridge>> {
+        let spool = match cfg.durability {
+            Durability::Disk => Spool::open(&cfg.spool_dir, cfg.spool_max_bytes).map_err(|e| {
+                std::io::Error::new(
+                    e.kind(),
+                    format!("opening the spool {}: {e}", cfg.spool_dir.display()),
+                )
+            })?,
+            Durability::Memory => Spool::memory(cfg.spool_max_bytes),
+        };
+        Ok(Arc::new(Bridge {
+            name: cfg.name.clone(),
+            filters: cfg.topics.iter().map(|t| Bytes::from(t.clone())).collect(),
+            prefix: Bytes::from(cfg.prefix.clone()),
+            spool: Arc::new(spool),
+            connected: AtomicBool::new(false),
+            connects: AtomicU64::new(0),
+            sent: AtomicU64::new(0),
+        }))
+    }
+
+    pub fn wants(&self, topic_name: &[u8]) -> bool {
+        self.filters.iter().any(|f| topic::matches(f, topic_name))
+    }
+
+    /// Spools a message; with a disk spool, returns once it is on disk.
+    pub fn accept(&self, topic_name: &Bytes, payload: &Bytes) -> std::io::Result<()> {
+        let upstream_topic = if self.prefix.is_empty() {
+            topic_name.clone()
+        } else {
+            let mut t = BytesMut::with_capacity(self.prefix.len() + topic_name.len());
+            t.put_slice(&self.prefix);
+            t.put_slice(topic_name);
+            t.freeze()
+        };
+        self.spool.append(upstream_topic, payload.clone())
+    }
+}
+
+/// Keeps the bridge connected and forwarding, forever.
+pub async fn run(cfg: Upstream, bridge: Arc<Bridge>) {
+    let mut backoff = FIRST_BACKOFF;
+    loop {
+        let started = Instant::now();
+        match session(&cfg, &bridge).await {
+            Ok(()) => {}
+            Err(err) => tracing::warn!(upstream = %cfg.name, %err, "upstream connection lost"),
+        }
+        bridge.connected.store(false, Ordering::Relaxed);
+        if started.elapsed() > MAX_BACKOFF {
+            backoff = FIRST_BACKOFF; // it worked for a while: start over
+        }
+        sleep(jitter(backoff)).await;
+        backoff = (backoff * 2).min(MAX_BACKOFF);
+    }
+}
+
+/// Between 50% and 150% of `d`, so that many gateways do not reconnect in step.
+fn jitter(d: Duration) -> Duration {
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap_or_default()
+        .subsec_nanos();
+    d.mul_f64(0.5 + f64::from(nanos % 1000) / 1000.0)
+}
+
+fn io_err(msg: impl Into<String>) -> std::io::Error {
+    std::io::Error::other(msg.into())
+}
+
+async fn session(cfg: &Upstream, bridge: &Bridge) -> std::io::Result<()> {
+    let mut stream = timeout(Duration::from_secs(5), TcpStream::connect(&cfg.address))
+        .await
+        .map_err(|_| io_err(format!("connecting to {} timed out", cfg.address)))??;
+    stream.set_nodelay(true)?;
+    let mut out = BytesMut::with_capacity(64 * 1024);
+    connect_packet(&mut out, cfg);
+    stream.write_all(&out).await?;
+    out.clear();
+    let mut inbuf = BytesMut::with_capacity(4096);
+    match timeout(
+        Duration::from_secs(10),
+        read_packet(&mut stream, &mut inbuf),
+    )
+    .await
+    {
+        Ok(Ok((0x20, body))) if body.len() >= 2 && body[1] == 0 => {}
+        Ok(Ok((0x20, body))) => {
+            return Err(io_err(format!(
+                "upstream refused the connection (CONNACK code {})",
+                body.get(1).copied().unwrap_or(255)
+            )))
+        }
+        Ok(Ok(_)) => return Err(io_err("upstream sent no CONNACK")),
+        Ok(Err(e)) => return Err(e),
+        Err(_) => return Err(io_err("no CONNACK within 10 s")),
+    }
+    bridge.connected.store(true, Ordering::Relaxed);
+    bridge.connects.fetch_add(1, Ordering::Relaxed);
+    tracing::info!(upstream = %cfg.name, address = %cfg.address, pending = bridge.spool.pending(0, usize::MAX).len(), "upstream connected");
+
+    // Everything not yet acknowledged goes (again) on a new connection.
+    let mut last_sent = bridge.spool.done_through();
+    let mut inflight: Vec<(u16, u64)> = Vec::with_capacity(WINDOW);
+    let mut next_id: u16 = 1;
+    let mut last_checkpoint = Instant::now();
+    let mut last_traffic = Instant::now();
+    let empty = Properties::default();
+    loop {
+        if inflight.len() < WINDOW {
+            let batch = bridge.spool.pending(last_sent, WINDOW - inflight.len());
+            bridge.sent.fetch_add(batch.len() as u64, Ordering::Relaxed);
+            for record in batch {
+                let id = next_id;
+                next_id = next_id.wrapping_add(1).max(1);
+                codec::publish_packet(
+                    &mut out,
+                    V311,
+                    &OutPublish {
+                        topic: &record.topic,
+                        payload: &record.payload,
+                        qos: 1,
+                        retain: false,
+                        dup: false,
+                        packet_id: id,
+                        properties: &empty,
+                        subscription_id: None,
+                    },
+                );
+                inflight.push((id, record.seq));
+                last_sent = record.seq;
+            }
+        }
+        if !out.is_empty() {
+            stream.write_all(&out).await?;
+            out.clear();
+            last_traffic = Instant::now();
+        }
+        if last_checkpoint.elapsed() > Duration::from_millis(200) {
+            bridge.spool.checkpoint()?;
+            last_checkpoint = Instant::now();
+        }
+        let ping_at = last_traffic + Duration::from_secs(u64::from(KEEP_ALIVE));
+        tokio::select! {
+            packet = read_packet(&mut stream, &mut inbuf) => {
+                let (kind, mut body) = packet?;
+                if kind >> 4 == 4 && body.len() >= 2 {
+                    let id = body.get_u16();
+                    if let Some(i) = inflight.iter().position(|(pid, _)| *pid == id) {
+                        let (_, seq) = inflight.swap_remove(i);
+                        bridge.spool.ack(seq);
+                    }
+                }
+            }
+            _ = bridge.spool.appended.notified(), if inflight.len() < WINDOW => {}
+            _ = sleep(Duration::from_millis(200)) => {}
+            _ = tokio::time::sleep_until(ping_at) => {
+                out.put_slice(&[0xc0, 0]);
+            }
+        }
+    }
+}
+
+fn connect_packet(out: &mut BytesMut, cfg: &Upstream) {
+    let mut body = BytesMut::new();
+    body.put_slice(&[0, 4, b'M', b'Q', b'T', b'T', V311]);
+    let mut flags = 0x02; // clean session: unacknowledged messages come from the spool
+    if cfg.username.is_some() {
+        flags |= 0x80 | 0x40;
+    }
+    body.put_u8(flags);
+    body.put_u16(KEEP_ALIVE);
+    body.put_u16(cfg.client_id.len() as u16);
+    body.put_slice(cfg.client_id.as_bytes());
+    if let (Some(u), Some(p)) = (&cfg.username, &cfg.password) {
+        body.put_u16(u.len() as u16);
+        body.put_slice(u.as_bytes());
+        body.put_u16(p.len() as u16);
+        body.put_slice(p.as_bytes());
+    }
+    out.put_u8(0x10);
+    let mut len = body.len();
+    loop {
+        let mut b = (len & 0x7f) as u8;
+        len >>= 7;
+        if len > 0 {
+            b |= 0x80;
+        }
+        out.put_u8(b);
+        if len == 0 {
+            break;
+        }
+    }
+    out.put_slice(&body);
+}
+
+/// Reads one packet from the upstream: (first byte, body).
+async fn read_packet(stream: &mut TcpStream, buf: &mut BytesMut) -> std::io::Result<(u8, Bytes)> {
+    loop {
+        if buf.len() >= 2 {
+            let mut len = 0usize;
+            let mut header = 0;
+            for i in 0..4 {
+                match buf.get(1 + i) {
+                    Some(&b) => {
+                        len |= usize::from(b & 0x7f) << (7 * i);
+                        if b & 0x80 == 0 {
+                            header = 2 + i;
+                            break;
+                        }
+                    }
+                    None => break,
+                }
+            }
+            if header > 0 && buf.len() >= header + len {
+                let first = buf[0];
+                let mut frame = buf.split_to(header + len).freeze();
+                frame.advance(header);
+                return Ok((first, frame));
+            }
+        }
+        if stream.read_buf(buf).await? == 0 {
+            return Err(io_err("upstream closed the connection"));
+        }
+    }
+}

@@ -1,0 +1,444 @@
+//! Store-and-forward for an upstream bridge: messages wait here while the
+//! upstream broker is unreachable or slow, and leave only when it has
+//! acknowledged them (PUBACK).
+//!
+//! With disk durability the spool is an append-only log of segment files.
+//! A record is `[len u32][crc32 u32][seq u64][topic_len u16][topic][payload]`
+//! (big-endian, CRC over everything after the CRC field). `append` returns
+//! only once the record is on disk: writers append under a lock, then one of
+//! them calls fdatasync for everything written so far, so concurrent writers
+//! share one sync (group commit). The highest sequence the upstream has
+//! acknowledged is kept in `acked` (written atomically); on start the log is
+//! replayed from there, stopping at the first torn or corrupt record.
+//!
+//! The spool is bounded: past `max_bytes` the oldest messages are evicted
+//! and counted, and the router keeps serving.
+
+use std::collections::VecDeque;
+use std::fs::{self, File, OpenOptions};
+use std::io::{self, Read, Write};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Mutex;
+
+use bytes::Bytes;
+
+/// Segment files are rotated at this size.
+const SEGMENT_BYTES: u64 = 4 << 20;
+const RECORD_HEADER: usize = 4 + 4 + 8 + 2;
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Record {
+    pub seq: u64,
+    pub topic: Bytes,
+    pub payload: Bytes,
+}
+
+impl Record {
+    fn size(&self) -> u64 {
+        (RECORD_HEADER + self.topic.len() + self.payload.len()) as u64
+    }
+}
+
+#[derive(Debug, Default)]
+pub struct SpoolStats {
+    pub appended: AtomicU64,
+    pub acked: AtomicU64,
+    /// Messages dropped, oldest first, because the spool was full.
+    pub evicted: AtomicU64,
+    pub bytes: AtomicU64,
+    pub records: AtomicU64,
+}
+
+struct Entry {
+    record: Record,
+    acked: bool,
+}
+
+struct Segment {
+    path: PathBuf,
+    last_seq: u64,
+}
+
+struct Disk {
+    dir: PathBuf,
+    file: File,
+    file_bytes: u64,
+    segments: VecDeque<Segment>,
+}
+
+struct Inner {
+    queue: VecDeque<Entry>,
+    bytes: u64,
+    next_seq: u64,
+    /// Every record up to here is acknowledged or evicted.
+    done_through: u64,
+    disk: Option<Disk>,
+    written: u64,
+}
+
+pub struct Spool {
+    inner: Mutex<Inner>,
+    /// (records written, records synced) for group commit.
+    synced: Mutex<u64>,
+    sync_file: Option<File>,
+    max_bytes: u64,
+    pub stats: SpoolStats,
+    /// Woken when a record is appended.
+    pub appended: tokio::sync::Notify,
+}
+
+impl Spool {
+    pub fn memory(max_bytes: u64) -> Spool {
+        Spool::with(Inner::new(1, None), None, max_bytes)
+    }
+
+    /// Opens (or creates) the disk spool in `dir` and replays what the
+    /// upstream has not acknowledged.
+    pub fn open(dir: &Path, max_bytes: u64) -> io::Result<Spool> {
+        fs::create_dir_all(dir)?;
+        let done_through = fs::read_to_string(dir.join("acked"))
+            .ok()
+            .and_then(|s| s.trim().parse::<u64>().ok())
+            .unwrap_or(0);
+        let mut paths: Vec<PathBuf> = fs::read_dir(dir)?
+            .flatten()
+            .map(|e| e.path())
+            .filter(|p| p.extension().is_some_and(|x| x == "seg"))
+            .collect();
+        paths.sort();
+        let mut queue = VecDeque::new();
+        let mut segments = VecDeque::new();
+        let mut last_seq = done_through;
+        for path in &paths {
+            let (records, valid_len) = read_segment(path)?;
+            // A torn tail (crash mid-write) is cut off; the CON it carried
+            // was never acknowledged to its device.
+            if valid_len < fs::metadata(path)?.len() {
+                OpenOptions::new()
+                    .write(true)
+                    .open(path)?
+                    .set_len(valid_len)?;
+                tracing::warn!(path = %path.display(), "spool: cut a torn record off the end of a segment");
+            }
+            let seg_last = records.last().map_or(0, |r| r.seq);
+            for record in records {
+                last_seq = last_seq.max(record.seq);
+                if record.seq > done_through {
+                    queue.push_back(Entry {
+                        record,
+                        acked: false,
+                    });
+                }
+            }
+            if seg_last > done_through || path == paths.last().unwrap() {
+                segments.push_back(Segment {
+                    path: path.clone(),
+                    last_seq: seg_last,
+                });
+            } else {
+                let _ = fs::remove_file(path);
+            }
+        }
+        let next_seq = last_seq + 1;
+        let path = dir.join(format!("{next_seq:020}.seg"));
+        let file = OpenOptions::new().create(true).append(true).open(&path)?;
+        segments.push_back(Segment { path, last_seq: 0 });
+        let sync_file = file.try_clone()?;
+        let mut inner = Inner::new(
+            next_seq,
+            Some(Disk {
+                dir: dir.to_owned(),
+                file,
+                file_bytes: 0,
+                segments,
+            }),
+        );
+        inner.done_through = done_through;
+        inner.bytes = queue.iter().map(|e| e.record.size()).sum();
+        inner.queue = queue;
+        let spool = Spool::with(inner, Some(sync_file), max_bytes);
+        let replayed = spool.inner.lock().unwrap().queue.len();
+        if replayed > 0 {
+            tracing::info!(dir = %dir.display(), replayed, "spool: replaying messages not yet acknowledged upstream");
+        }
+        spool.publish_gauges();
+        Ok(spool)
+    }
+
+    fn with(inner: Inner, sync_file: Option<File>, max_bytes: u64) -> Spool {
+        Spool {
+            inner: Mutex::new(inner),
+            synced: Mutex::new(0),
+            sync_file,
+            max_bytes,
+            stats: SpoolStats::default(),
+            appended: tokio::sync::Notify::new(),
+        }
+    }
+
+    /// Adds a message; with a disk spool, returns once it is on disk.
+    pub fn append(&self, topic: Bytes, payload: Bytes) -> io::Result<()> {
+        let written = {
+            let mut inner = self.inner.lock().unwrap();
+            let seq = inner.next_seq;
+            let record = Record {
+                seq,
+                topic,
+                payload,
+            };
+            if let Some(disk) = &mut inner.disk {
+                disk.write(&record)?;
+            }
+            inner.next_seq += 1;
+            inner.bytes += record.size();
+            inner.queue.push_back(Entry {
+                record,
+                acked: false,
+            });
+            inner.written += 1;
+            while inner.bytes > self.max_bytes && inner.queue.len() > 1 {
+                let old = inner.queue.pop_front().unwrap();
+                inner.bytes -= old.record.size();
+                inner.done_through = old.record.seq;
+                if !old.acked {
+                    self.stats.evicted.fetch_add(1, Ordering::Relaxed);
+                }
+            }
+            inner.written
+        };
+        if let Some(file) = &self.sync_file {
+            let mut synced = self.synced.lock().unwrap();
+            if *synced < written {
+                // Everything written before this point rides on one sync.
+                let target = self.inner.lock().unwrap().written;
+                file.sync_data()?;
+                *synced = target;
+            }
+        }
+        self.stats.appended.fetch_add(1, Ordering::Relaxed);
+        self.publish_gauges();
+        self.appended.notify_one();
+        Ok(())
+    }
+
+    /// Up to `max` records after `after_seq`, oldest first, not yet acknowledged.
+    pub fn pending(&self, after_seq: u64, max: usize) -> Vec<Record> {
+        let inner = self.inner.lock().unwrap();
+        inner
+            .queue
+            .iter()
+            .filter(|e| !e.acked && e.record.seq > after_seq)
+            .take(max)
+            .map(|e| e.record.clone())
+            .collect()
+    }
+
+    /// The upstream acknowledged `seq`.
+    pub fn ack(&self, seq: u64) {
+        let mut inner = self.inner.lock().unwrap();
+        if let Some(e) = inner.queue.iter_mut().find(|e| e.record.seq == seq) {
+            e.acked = true;
+            self.stats.acked.fetch_add(1, Ordering::Relaxed);
+        }
+        while inner.queue.front().is_some_and(|e| e.acked) {
+            let e = inner.queue.pop_front().unwrap();
+            inner.bytes -= e.record.size();
+            inner.done_through = e.record.seq;
+        }
+        drop(inner);
+        self.publish_gauges();
+    }
+
+    /// Records the acknowledged watermark on disk and deletes segments that
+    /// hold nothing pending. Called by the sender now and then.
+    pub fn checkpoint(&self) -> io::Result<()> {
+        let mut inner = self.inner.lock().unwrap();
+        let done = inner.done_through;
+        let Some(disk) = &mut inner.disk else {
+            return Ok(());
+        };
+        let tmp = disk.dir.join("acked.tmp");
+        let mut f = File::create(&tmp)?;
+        f.write_all(format!("{done}\n").as_bytes())?;
+        f.sync_all()?;
+        fs::rename(&tmp, disk.dir.join("acked"))?;
+        while disk.segments.len() > 1 && disk.segments.front().is_some_and(|s| s.last_seq <= done) {
+            let seg = disk.segments.pop_front().unwrap();
+            let _ = fs::remove_file(&seg.path);
+        }
+        Ok(())
+    }
+
+    /// The sequence before the oldest pending record.
+    pub fn done_through(&self) -> u64 {
+        self.inner.lock().unwrap().done_through
+    }
+
+    fn publish_gauges(&self) {
+        let inner = self.inner.lock().unwrap();
+        self.stats.bytes.store(inner.bytes, Ordering::Relaxed);
+        self.stats
+            .records
+            .store(inner.queue.len() as u64, Ordering::Relaxed);
+    }
+}
+
+impl Inner {
+    fn new(next_seq: u64, disk: Option<Disk>) -> Inner {
+        Inner {
+            queue: VecDeque::new(),
+            bytes: 0,
+            next_seq,
+            done_through: next_seq - 1,
+            disk,
+            written: 0,
+        }
+    }
+}
+
+impl Disk {
+    fn write(&mut self, r: &Record) -> io::Result<()> {
+        if self.file_bytes >= SEGMENT_BYTES {
+            self.file.sync_data()?;
+            let path = self.dir.join(format!("{:020}.seg", r.seq));
+            self.file = OpenOptions::new().create(true).append(true).open(&path)?;
+            self.file_bytes = 0;
+            self.segments.push_back(Segment { path, last_seq: 0 });
+        }
+        let mut body = Vec::with_capacity(RECORD_HEADER + r.topic.len() + r.payload.len());
+        body.extend_from_slice(&r.seq.to_be_bytes());
+        body.extend_from_slice(&(r.topic.len() as u16).to_be_bytes());
+        body.extend_from_slice(&r.topic);
+        body.extend_from_slice(&r.payload);
+        let mut rec = Vec::with_capacity(8 + body.len());
+        rec.extend_from_slice(&(body.len() as u32).to_be_bytes());
+        rec.extend_from_slice(&crc32fast::hash(&body).to_be_bytes());
+        rec.extend_from_slice(&body);
+        self.file.write_all(&rec)?;
+        self.file_bytes += rec.len() as u64;
+        if let Some(seg) = self.segments.back_mut() {
+            seg.last_seq = r.seq;
+        }
+        Ok(())
+    }
+}
+
+/// The valid records of a segment and the length they cover.
+fn read_segment(path: &Path) -> io::Result<(Vec<Record>, u64)> {
+    let mut data = Vec::new();
+    File::open(path)?.read_to_end(&mut data)?;
+    let mut records = Vec::new();
+    let mut at = 0usize;
+    while data.len() >= at + 8 {
+        let len = u32::from_be_bytes(data[at..at + 4].try_into().unwrap()) as usize;
+        let crc = u32::from_be_bytes(data[at + 4..at + 8].try_into().unwrap());
+        let Some(body) = data.get(at + 8..at + 8 + len) else {
+            break;
+        };
+        if len < 10 || crc32fast::hash(body) != crc {
+            break;
+        }
+        let seq = u64::from_be_bytes(body[0..8].try_into().unwrap());
+        let tlen = usize::from(u16::from_be_bytes([body[8], body[9]]));
+        if 10 + tlen > len {
+            break;
+        }
+        records.push(Record {
+            seq,
+            topic: Bytes::copy_from_slice(&body[10..10 + tlen]),
+            payload: Bytes::copy_from_slice(&body[10 + tlen..]),
+        });
+        at += 8 + len;
+    }
+    Ok((records, at as u64))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn msg(i: u32) -> (Bytes, Bytes) {
+        (
+            Bytes::from(format!("t/{i}")),
+            Bytes::from(format!("payload-{i}")),
+        )
+    }
+
+    fn temp_dir(tag: &str) -> PathBuf {
+        let d = std::env::temp_dir().join(format!("m2m-spool-{tag}-{}", std::process::id()));
+        let _ = fs::remove_dir_all(&d);
+        d
+    }
+
+    #[test]
+    fn survives_a_restart_and_replays_in_order() {
+        let dir = temp_dir("replay");
+        {
+            let s = Spool::open(&dir, 1 << 20).unwrap();
+            for i in 0..10 {
+                let (t, p) = msg(i);
+                s.append(t, p).unwrap();
+            }
+            for r in s.pending(0, 4) {
+                s.ack(r.seq);
+            }
+            s.checkpoint().unwrap();
+        }
+        let s = Spool::open(&dir, 1 << 20).unwrap();
+        let pending = s.pending(0, 100);
+        let topics: Vec<_> = pending.iter().map(|r| r.topic.clone()).collect();
+        assert_eq!(topics, (4..10).map(|i| msg(i).0).collect::<Vec<_>>());
+        // New appends continue the sequence.
+        s.append(msg(10).0, msg(10).1).unwrap();
+        assert_eq!(s.pending(0, 100).last().unwrap().seq, 11);
+        fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn a_torn_tail_is_cut_and_earlier_records_kept() {
+        let dir = temp_dir("torn");
+        {
+            let s = Spool::open(&dir, 1 << 20).unwrap();
+            for i in 0..3 {
+                let (t, p) = msg(i);
+                s.append(t, p).unwrap();
+            }
+        }
+        let seg = fs::read_dir(&dir)
+            .unwrap()
+            .flatten()
+            .map(|e| e.path())
+            .find(|p| p.extension().is_some_and(|x| x == "seg"))
+            .unwrap();
+        let len = fs::metadata(&seg).unwrap().len();
+        OpenOptions::new()
+            .write(true)
+            .open(&seg)
+            .unwrap()
+            .set_len(len - 3)
+            .unwrap();
+        let s = Spool::open(&dir, 1 << 20).unwrap();
+        assert_eq!(s.pending(0, 100).len(), 2);
+        fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn full_spool_evicts_oldest_and_counts() {
+        let s = Spool::memory(300);
+        for i in 0..20 {
+            let (t, p) = msg(i);
+            s.append(t, p).unwrap();
+        }
+        let evicted = s.stats.evicted.load(Ordering::Relaxed);
+        let pending = s.pending(0, 100);
+        assert!(evicted > 0);
+        assert_eq!(evicted as usize + pending.len(), 20);
+        assert_eq!(
+            pending.last().unwrap().topic,
+            msg(19).0,
+            "the newest are kept"
+        );
+        assert!(s.stats.bytes.load(Ordering::Relaxed) <= 300);
+    }
+}

@@ -1,0 +1,277 @@
+//! Upstream bridges against a real Mosquitto started by the test: messages
+//! from CoAP devices reach an upstream subscriber; an outage with a router
+//! crash in the middle loses nothing with the disk spool; a full spool
+//! evicts the oldest and the router keeps serving. Privileged: needs root.
+
+use std::collections::HashMap;
+use std::net::{IpAddr, SocketAddr, UdpSocket};
+use std::time::Duration;
+
+use m2m_router::coap::message::{code, Message};
+use m2m_router_tests::daemon::Daemon;
+use m2m_router_tests::mqtt::Mosquitto;
+use m2m_router_tests::netns::{Netns, Topology, DEV_V4, GW_IF, GW_V4};
+use m2m_router_tests::packet::coap;
+use m2m_router_tests::require_root;
+
+const BIN: &str = env!("CARGO_BIN_EXE_m2m-router");
+const UPSTREAM_PORT: u16 = 1885;
+
+fn router_config(extra_upstream: &str, spool: &std::path::Path) -> String {
+    format!(
+        r#"
+        [defaults]
+        rate = "unlimited"
+        topic = "m2m/{{peer}}/{{path}}"
+        [mqtt]
+        session_queue = 100000
+        [[upstream]]
+        name = "cloud"
+        url = "mqtt://127.0.0.1:{UPSTREAM_PORT}"
+        prefix = "site-7/"
+        spool_dir = "{}"
+        {extra_upstream}
+        "#,
+        spool.display()
+    )
+}
+
+struct Setup {
+    topo: Topology,
+    dir: std::path::PathBuf,
+    config: std::path::PathBuf,
+}
+
+impl Setup {
+    fn new(tag: &str, extra_upstream: &str) -> Setup {
+        require_root();
+        let topo = Topology::new(tag);
+        let dir = std::env::temp_dir().join(format!("m2m-bridge-{tag}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let config = dir.join("router.toml");
+        std::fs::write(&config, router_config(extra_upstream, &dir.join("spool"))).unwrap();
+        Setup { topo, dir, config }
+    }
+
+    fn router(&self) -> Daemon {
+        Daemon::running(
+            &self.topo.gw,
+            BIN,
+            &[
+                "--iface",
+                GW_IF,
+                "--xdp-mode",
+                "native",
+                "--config",
+                self.config.to_str().unwrap(),
+            ],
+        )
+    }
+}
+
+impl Drop for Setup {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// Upstream messages as "topic payload" lines, from a persistent QoS 1
+/// session `client_id` (mosquitto_sub -c).
+fn upstream_sub(ns: &Netns, client_id: &str, count: usize, wait_s: u32) -> Vec<String> {
+    let out = ns
+        .command("mosquitto_sub")
+        .args([
+            "-h",
+            "127.0.0.1",
+            "-p",
+            &UPSTREAM_PORT.to_string(),
+            "-c",
+            "-i",
+            client_id,
+            "-q",
+            "1",
+        ])
+        .args([
+            "-t",
+            "site-7/#",
+            "-v",
+            "-C",
+            &count.to_string(),
+            "-W",
+            &wait_s.to_string(),
+        ])
+        .output()
+        .expect("mosquitto_sub");
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(str::to_owned)
+        .collect()
+}
+
+/// Sends `per_peer` CON POSTs from each of `peers` sockets, payload
+/// "peer:seq"; returns how many were acknowledged 2.04.
+fn send(topo: &Topology, peers: &[UdpSocket], from_seq: u32, per_peer: u32) -> usize {
+    let dst = SocketAddr::new(GW_V4.into(), 5683);
+    let mut acked = 0;
+    for seq in from_seq..from_seq + per_peer {
+        for (p, sock) in peers.iter().enumerate() {
+            let msg = coap(
+                0,
+                code::POST,
+                seq as u16,
+                &[seq as u8],
+                &[0xb1, b'x'],
+                format!("{p}:{seq}").as_bytes(),
+            );
+            sock.send_to(&msg, dst).unwrap();
+            let mut buf = [0u8; 64];
+            if let Ok(n) = sock.recv(&mut buf) {
+                if Message::decode(&buf[..n]).is_ok_and(|m| m.code == code::CHANGED) {
+                    acked += 1;
+                }
+            }
+        }
+    }
+    let _ = topo;
+    acked
+}
+
+fn peers(topo: &Topology, n: usize) -> Vec<UdpSocket> {
+    (0..n)
+        .map(|i| {
+            let s = topo.device_socket(IpAddr::V4(DEV_V4[i % 4]));
+            s.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
+            s
+        })
+        .collect()
+}
+
+#[test]
+fn coap_messages_reach_an_upstream_mosquitto() {
+    let setup = Setup::new("br-up", "durability = \"memory\"");
+    let _mosquitto = Mosquitto::start(&setup.topo.gw, UPSTREAM_PORT);
+    // Register the upstream subscriber first (persistent, so nothing is missed).
+    assert!(upstream_sub(&setup.topo.gw, "up-sub", 1, 1).is_empty());
+    let router = setup.router();
+    let out = setup
+        .topo
+        .dev
+        .command("coap-client-notls")
+        .args([
+            "-a",
+            &DEV_V4[0].to_string(),
+            "-B",
+            "3",
+            "-v",
+            "6",
+            "-m",
+            "post",
+            "-e",
+            "21.5",
+        ])
+        .arg(format!("coap://{GW_V4}/sensors/temp"))
+        .output()
+        .unwrap();
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("c:2.04")
+            || String::from_utf8_lossy(&out.stdout).contains("c:2.04")
+    );
+    let got = upstream_sub(&setup.topo.gw, "up-sub", 1, 10);
+    assert_eq!(got, vec!["site-7/m2m/10.77.0.1/sensors/temp 21.5"]);
+    router.stop();
+}
+
+#[test]
+fn an_outage_and_a_router_crash_lose_nothing_with_the_disk_spool() {
+    let setup = Setup::new("br-outage", "durability = \"disk\"");
+    let mut mosquitto = Mosquitto::start(&setup.topo.gw, UPSTREAM_PORT);
+    assert!(
+        upstream_sub(&setup.topo.gw, "keeper", 1, 1).is_empty(),
+        "subscription registered"
+    );
+    mosquitto.stop();
+
+    let sockets = peers(&setup.topo, 10);
+    let router = setup.router();
+    assert_eq!(
+        send(&setup.topo, &sockets, 0, 250),
+        2_500,
+        "every CON acknowledged while upstream is down"
+    );
+    // Crash: no shutdown, no flush.
+    drop(router);
+    let router = setup.router();
+    assert_eq!(send(&setup.topo, &sockets, 250, 250), 2_500);
+
+    mosquitto.restart(&setup.topo.gw);
+    let got = upstream_sub(&setup.topo.gw, "keeper", 5_000, 60);
+    let mut per_peer: HashMap<u32, Vec<u32>> = HashMap::new();
+    for line in &got {
+        let payload = line.rsplit(' ').next().unwrap();
+        let (p, seq) = payload.split_once(':').unwrap();
+        per_peer
+            .entry(p.parse().unwrap())
+            .or_default()
+            .push(seq.parse().unwrap());
+    }
+    let mut duplicates = 0;
+    for (peer, seqs) in &per_peer {
+        let mut unique = seqs.clone();
+        unique.dedup();
+        duplicates += seqs.len() - unique.len();
+        assert!(
+            unique.windows(2).all(|w| w[0] < w[1]),
+            "peer {peer} out of order"
+        );
+        assert_eq!(
+            unique,
+            (0..500).collect::<Vec<u32>>(),
+            "peer {peer} lost messages"
+        );
+    }
+    eprintln!("received {} upstream, {duplicates} duplicates", got.len());
+    assert_eq!(per_peer.len(), 10);
+    // The upstream was down for the router's whole life: nothing was ever
+    // sent before the crash, so nothing can come twice.
+    assert_eq!(duplicates, 0);
+    router.stop();
+}
+
+#[test]
+fn a_full_spool_evicts_the_oldest_and_the_router_keeps_serving() {
+    let setup = Setup::new("br-full", "durability = \"disk\"\nspool_max_bytes = 20000");
+    let sockets = peers(&setup.topo, 1);
+    let mut router = setup.router();
+    // No upstream at all: everything waits in the spool, which holds ~20 KB.
+    assert_eq!(
+        send(&setup.topo, &sockets, 0, 1_000),
+        1_000,
+        "every CON still acknowledged"
+    );
+    router.signal(libc::SIGUSR1);
+    let line = router.expect_line("upstream cloud");
+    let evicted: u64 = line.rsplit(' ').next().unwrap().parse().unwrap();
+    assert!(evicted >= 500, "evictions counted: {line}");
+    // Once the upstream is back, what was kept drains and is acknowledged.
+    let _mosquitto = Mosquitto::start(&setup.topo.gw, UPSTREAM_PORT);
+    let mut drained = false;
+    for _ in 0..60 {
+        router.signal(libc::SIGUSR1);
+        let line = router.expect_line("upstream cloud");
+        let acked: u64 = line
+            .split_whitespace()
+            .skip_while(|w| *w != "acked")
+            .nth(1)
+            .unwrap()
+            .parse()
+            .unwrap();
+        if line.contains("spooled 0 ") && acked == 1_000 - evicted {
+            drained = true;
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(500));
+    }
+    assert!(drained, "the spool drained to the upstream");
+    router.stop();
+}
