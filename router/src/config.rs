@@ -50,6 +50,22 @@ pub struct ConfigFile {
     pub peer: Vec<PeerSection>,
     pub route: Vec<RouteSection>,
     pub upstream: Vec<UpstreamSection>,
+    pub downlink: DownlinkSection,
+}
+
+#[derive(Clone, Debug, Default, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct DownlinkSection {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub command_prefix: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub response_prefix: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub ack_timeout_ms: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub max_retransmit: Option<u32>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub response_timeout_ms: Option<u64>,
 }
 
 #[derive(Clone, Debug, Default, Deserialize, Serialize)]
@@ -123,6 +139,9 @@ pub struct DefaultsSection {
     pub rate: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub burst: Option<u32>,
+    /// Where downlink commands go; default: the peer's last uplink source.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub endpoint: Option<String>,
 }
 
 #[derive(Clone, Debug, Default, Deserialize, Serialize)]
@@ -139,6 +158,9 @@ pub struct PeerSection {
     pub rate: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub burst: Option<u32>,
+    /// Where downlink commands go; default: the peer's last uplink source.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub endpoint: Option<String>,
 }
 
 #[derive(Clone, Debug, Default, Deserialize, Serialize)]
@@ -322,6 +344,7 @@ pub struct Peer {
     pub topic: Option<Template>,
     pub rate: Option<Rate>,
     pub burst: Option<u32>,
+    pub endpoint: Option<SocketAddr>,
 }
 
 #[derive(Clone, Debug)]
@@ -385,6 +408,24 @@ pub struct MqttSettings {
     pub max_inflight: usize,
 }
 
+/// `[downlink]`: MQTT commands to CoAP requests (RFC 7252 section 4.8
+/// transmission parameters).
+#[derive(Clone, Debug, PartialEq)]
+pub struct DownlinkSettings {
+    /// Commands arrive on `<command_prefix>/<peer>/<path>`.
+    pub command_prefix: String,
+    /// Responses leave on `<response_prefix>/<peer>/<path>`.
+    pub response_prefix: String,
+    /// ACK_TIMEOUT.
+    pub ack_timeout: std::time::Duration,
+    /// ACK_RANDOM_FACTOR.
+    pub ack_random_factor: f64,
+    /// MAX_RETRANSMIT.
+    pub max_retransmit: u32,
+    /// How long to wait for a separate response after an empty ACK.
+    pub response_timeout: std::time::Duration,
+}
+
 #[derive(Clone, Debug)]
 pub struct Config {
     pub coap_listen: Vec<SocketAddr>,
@@ -400,6 +441,7 @@ pub struct Config {
     pub peers: Vec<Peer>,
     pub routes: Vec<Route>,
     pub upstreams: Vec<Upstream>,
+    pub downlink: DownlinkSettings,
 }
 
 pub const DEFAULT_COAP_LISTEN: [&str; 2] = ["0.0.0.0:5683", "[::]:5683"];
@@ -617,6 +659,34 @@ impl ConfigFile {
         let peers = validate_peers(self.peer)?;
         let routes = validate_routes(self.route, &peers)?;
         let upstreams = validate_upstreams(self.upstream)?;
+        let d = self.downlink;
+        let prefix =
+            |field: &str, value: Option<String>, default: &str| -> Result<String, ConfigError> {
+                let v = value.unwrap_or_else(|| default.to_owned());
+                if v.is_empty() || v.contains(['+', '#', '\0']) || v.ends_with('/') {
+                    return Err(invalid(
+                        field,
+                        format!("{v:?}: a topic level without '+', '#', NUL or a trailing '/'"),
+                    ));
+                }
+                Ok(v)
+            };
+        let downlink = DownlinkSettings {
+            command_prefix: prefix("downlink.command_prefix", d.command_prefix, "m2m-cmd")?,
+            response_prefix: prefix("downlink.response_prefix", d.response_prefix, "m2m-resp")?,
+            ack_timeout: std::time::Duration::from_millis(positive(
+                "downlink.ack_timeout_ms",
+                d.ack_timeout_ms.map(|v| v as usize),
+                2000,
+            )? as u64),
+            ack_random_factor: 1.5,
+            max_retransmit: d.max_retransmit.unwrap_or(4),
+            response_timeout: std::time::Duration::from_millis(positive(
+                "downlink.response_timeout_ms",
+                d.response_timeout_ms.map(|v| v as usize),
+                30_000,
+            )? as u64),
+        };
         Ok(Config {
             coap_listen,
             coap,
@@ -631,6 +701,7 @@ impl ConfigFile {
             peers,
             routes,
             upstreams,
+            downlink,
         })
     }
 }
@@ -661,6 +732,11 @@ fn validate_peers(sections: Vec<PeerSection>) -> Result<Vec<Peer>, ConfigError> 
             return Err(invalid(at("burst"), "must be at least 1"));
         }
         peers.push(Peer {
+            endpoint: p
+                .endpoint
+                .as_deref()
+                .map(|e| socket_addr(&at("endpoint"), e))
+                .transpose()?,
             topic: p
                 .topic
                 .as_deref()

@@ -13,6 +13,7 @@ use crate::bridge::{self, Bridge};
 use crate::coap::uplink::{Uplink, UplinkConfig, UplinkStats};
 use crate::config::{Config, ConfigFile, XdpMode};
 use crate::control::{self, Control};
+use crate::downlink::{Downlink, DownlinkHandle, LastSeen};
 use crate::fastpath::{Fastpath, PolicyTables};
 use crate::mapping::{Mapper, SharedMapper};
 use crate::metrics;
@@ -78,6 +79,12 @@ pub fn run(config: Config, raw: ConfigFile, config_path: Option<PathBuf>) -> any
         dedup_per_peer: config.coap.dedup_per_peer,
         dedup_total: config.coap.dedup_total,
     };
+    let last_seen = Arc::new(LastSeen::default());
+    let (replies_tx, replies_rx) = tokio::sync::mpsc::channel(4096);
+    let downlink_handle = DownlinkHandle {
+        last_seen: last_seen.clone(),
+        replies: replies_tx,
+    };
     let workers = Workers::start(
         &config.coap_listen,
         per_address,
@@ -89,6 +96,7 @@ pub fn run(config: Config, raw: ConfigFile, config_path: Option<PathBuf>) -> any
                 broker.clone(),
                 uplink_stats.clone(),
             )
+            .with_downlink(downlink_handle.clone())
         },
     )?;
     tracing::info!(addrs = ?config.coap_listen, workers_per_addr = per_address, "CoAP workers listening");
@@ -98,6 +106,16 @@ pub fn run(config: Config, raw: ConfigFile, config_path: Option<PathBuf>) -> any
         .with_context(|| format!("metrics listen address {}", config.metrics_listen))?;
     tracing::info!(addr = %config.metrics_listen, "metrics at /metrics");
     runtime.spawn(mqtt::serve(listener, broker.clone()));
+    let downlink = Downlink::new(
+        config.downlink.clone(),
+        broker.clone(),
+        mapper.clone(),
+        last_seen,
+        workers
+            .senders()
+            .context("cloning the CoAP sockets for the downlink")?,
+    );
+    runtime.spawn(downlink.run(replies_rx));
     for (upstream, bridge) in bridges {
         runtime.spawn(bridge::run(upstream, bridge));
     }

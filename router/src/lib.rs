@@ -7,6 +7,7 @@ pub mod coap;
 pub mod config;
 pub mod control;
 pub mod daemon;
+pub mod downlink;
 pub mod fastpath;
 pub mod mapping;
 pub mod metrics;

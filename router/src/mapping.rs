@@ -18,6 +18,9 @@ use crate::template::{Part, Template};
 pub struct PeerInfo {
     pub name: String,
     pub topic: Option<Template>,
+    pub deny: bool,
+    /// Where downlink commands go, when configured.
+    pub endpoint: Option<SocketAddr>,
 }
 
 /// Longest-prefix match over peer prefixes: one hash map per prefix length,
@@ -165,6 +168,7 @@ impl MapError {
 pub struct Mapper {
     peers: PeerIndex,
     infos: Vec<PeerInfo>,
+    by_name: HashMap<String, u32>,
     routes: Vec<Route>,
     default_topic: Template,
 }
@@ -187,6 +191,8 @@ impl Mapper {
             infos.push(PeerInfo {
                 name: p.name.clone(),
                 topic: p.topic.clone(),
+                deny: p.deny,
+                endpoint: p.endpoint,
             });
         }
         let routes = config
@@ -217,12 +223,22 @@ impl Mapper {
                 retain: r.retain,
             })
             .collect();
+        let by_name = infos
+            .iter()
+            .enumerate()
+            .map(|(i, p)| (p.name.clone(), i as u32))
+            .collect();
         Mapper {
             peers,
             infos,
+            by_name,
             routes,
             default_topic: config.defaults.topic.clone(),
         }
+    }
+
+    pub fn peer_by_name(&self, name: &str) -> Option<&PeerInfo> {
+        self.by_name.get(name).map(|&i| &self.infos[i as usize])
     }
 
     pub fn peer(&self, ip: IpAddr) -> Option<&PeerInfo> {

@@ -30,6 +30,9 @@ const IDLE_WAKEUP: Duration = Duration::from_millis(200);
 pub struct Workers {
     stop: Arc<AtomicBool>,
     threads: Vec<JoinHandle<()>>,
+    /// A second handle on one socket per address, for sending only (the
+    /// downlink): it sends from the CoAP port without joining the group.
+    senders: Vec<UdpSocket>,
 }
 
 impl Workers {
@@ -50,6 +53,12 @@ impl Workers {
         }
         let stop = Arc::new(AtomicBool::new(false));
         let mut threads = Vec::new();
+        let mut senders = Vec::new();
+        for addr in addresses {
+            if let Some((_, s)) = sockets.iter().find(|(a, _)| a == addr) {
+                senders.push(s.try_clone()?);
+            }
+        }
         for (i, (addr, socket)) in sockets.into_iter().enumerate() {
             let stop = stop.clone();
             let mut handler = uplink();
@@ -62,7 +71,15 @@ impl Workers {
                 })?;
             threads.push(thread);
         }
-        Ok(Workers { stop, threads })
+        Ok(Workers {
+            stop,
+            threads,
+            senders,
+        })
+    }
+
+    pub fn senders(&self) -> io::Result<Vec<UdpSocket>> {
+        self.senders.iter().map(UdpSocket::try_clone).collect()
     }
 
     pub fn stop(self) {

@@ -13,6 +13,7 @@ use bytes::{Bytes, BytesMut};
 use super::dedup::{Answer, DedupCache};
 use super::message::{self, code, option, peek_header, Message, ACK, CON, NON, RST};
 use super::request::{self, content_type, RequestError};
+use crate::downlink::DownlinkHandle;
 use crate::mapping::{self, Mapper, SharedMapper};
 use crate::mqtt::{Broker, Message as MqttMessage};
 
@@ -83,6 +84,7 @@ pub struct Uplink {
     topic: String,
     /// Message IDs for NON responses (section 4.4: ours to choose).
     next_mid: u16,
+    downlink: Option<DownlinkHandle>,
 }
 
 impl Uplink {
@@ -103,6 +105,30 @@ impl Uplink {
             stats,
             topic: String::with_capacity(256),
             next_mid: rand_mid(),
+            downlink: None,
+        }
+    }
+
+    /// Hands ACKs, RSTs and responses from devices to the downlink, and
+    /// tells it where each peer was last seen.
+    pub fn with_downlink(mut self, handle: DownlinkHandle) -> Uplink {
+        self.downlink = Some(handle);
+        self
+    }
+
+    /// Passes a device's answer to the downlink; whether one is running.
+    fn to_downlink(&self, src: SocketAddr, dgram: &[u8]) -> bool {
+        match &self.downlink {
+            Some(d) => {
+                if d.replies
+                    .try_send((src, Bytes::copy_from_slice(dgram)))
+                    .is_err()
+                {
+                    self.stats.ignored.fetch_add(1, Ordering::Relaxed);
+                }
+                true
+            }
+            None => false,
         }
     }
 
@@ -135,7 +161,16 @@ impl Uplink {
         };
         match (msg.mtype, msg.code) {
             (CON, code::EMPTY) => self.reset(msg.mid, out), // "CoAP ping", section 4.3
-            (CON | NON, _) if msg.is_request() => self.request(&msg, src, now, out),
+            (CON | NON, _) if msg.is_request() => {
+                if let Some(d) = &self.downlink {
+                    if let Some(peer) = self.mapper.peer(src.ip()) {
+                        d.last_seen.note(&peer.name, src);
+                    }
+                }
+                self.request(&msg, src, now, out)
+            }
+            // ACKs, RSTs and responses answer downlink requests.
+            _ if self.to_downlink(src, dgram) => false,
             (CON, _) => {
                 // A response we did not ask for (section 4.2).
                 self.stats.ignored.fetch_add(1, Ordering::Relaxed);

@@ -467,6 +467,7 @@ fn keep_restart_only_settings(current: &Config, new: Config) -> Config {
         peers: new.peers,
         routes: new.routes,
         upstreams: current.upstreams.clone(),
+        downlink: new.downlink,
     }
 }
 

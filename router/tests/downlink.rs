@@ -1,0 +1,279 @@
+//! Downlink commands with a device simulator in the device namespace:
+//! MQTT publish -> CoAP CON to the device's last-seen endpoint -> response
+//! on the response topic with the correlation data; separate responses,
+//! duplicates, the retransmission schedule and refusals. Privileged.
+
+use std::net::{IpAddr, SocketAddr, UdpSocket};
+use std::time::{Duration, Instant};
+
+use m2m_router::coap::message::{self, code, Message, ACK, CON};
+use m2m_router_tests::daemon::Daemon;
+use m2m_router_tests::mqtt::{MosquittoSub, Received};
+use m2m_router_tests::netns::{Topology, DEV_V4, GW_IF, GW_V4};
+use m2m_router_tests::packet::coap_post;
+use m2m_router_tests::require_root;
+
+const BIN: &str = env!("CARGO_BIN_EXE_m2m-router");
+
+struct Setup {
+    topo: Topology,
+    daemon: Daemon,
+    _config: Temp,
+}
+
+struct Temp(std::path::PathBuf);
+
+impl Drop for Temp {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
+    }
+}
+
+fn setup(tag: &str) -> Setup {
+    require_root();
+    let topo = Topology::new(tag);
+    let path = std::env::temp_dir().join(format!("m2m-downlink-{tag}-{}.toml", std::process::id()));
+    std::fs::write(
+        &path,
+        format!(
+            r#"
+            [defaults]
+            rate = "unlimited"
+            [downlink]
+            ack_timeout_ms = 200
+            response_timeout_ms = 2000
+            [[peer]]
+            name = "meter"
+            prefix = ["{}/32"]
+            [[peer]]
+            name = "banned"
+            prefix = ["{}/32"]
+            deny = true
+            "#,
+            DEV_V4[0], DEV_V4[1]
+        ),
+    )
+    .unwrap();
+    let daemon = Daemon::running(
+        &topo.gw,
+        BIN,
+        &[
+            "--iface",
+            GW_IF,
+            "--xdp-mode",
+            "native",
+            "--config",
+            path.to_str().unwrap(),
+        ],
+    );
+    Setup {
+        topo,
+        daemon,
+        _config: Temp(path),
+    }
+}
+
+/// A device: a socket in the device namespace that has sent one uplink, so
+/// the router knows where it is.
+fn device(s: &Setup, who: usize) -> UdpSocket {
+    let sock = s.topo.device_socket(IpAddr::V4(DEV_V4[who]));
+    sock.set_read_timeout(Some(Duration::from_secs(3))).unwrap();
+    sock.send_to(&coap_post(1, b"hello"), SocketAddr::new(GW_V4.into(), 5683))
+        .unwrap();
+    let mut buf = [0u8; 256];
+    if who == 0 {
+        let n = sock.recv(&mut buf).expect("uplink ACK");
+        assert_eq!(Message::decode(&buf[..n]).unwrap().code, code::CHANGED);
+    }
+    sock
+}
+
+fn command(s: &Setup, topic: &str, payload: &str, props: &[&str]) {
+    let mut cmd = s.topo.gw.command("mosquitto_pub");
+    cmd.args([
+        "-h",
+        "127.0.0.1",
+        "-V",
+        "mqttv5",
+        "-q",
+        "1",
+        "-t",
+        topic,
+        "-m",
+        payload,
+    ]);
+    for p in props {
+        cmd.args(["-D", "publish"]).args(p.split(' '));
+    }
+    assert!(cmd.status().unwrap().success());
+}
+
+fn subscriber(s: &Setup, filter: &str) -> MosquittoSub {
+    MosquittoSub::start(&s.topo.gw, &[filter], &["-F", "%t|%p|%D %P"])
+}
+
+fn recv(sock: &UdpSocket) -> (Vec<u8>, SocketAddr) {
+    let mut buf = [0u8; 1500];
+    let (n, from) = sock
+        .recv_from(&mut buf)
+        .expect("a datagram from the router");
+    (buf[..n].to_vec(), from)
+}
+
+#[test]
+fn a_command_reaches_the_device_and_its_answer_the_response_topic() {
+    let s = setup("dl-piggy");
+    let dev = device(&s, 0);
+    let sub = subscriber(&s, "app/#");
+    command(
+        &s,
+        "m2m-cmd/meter/actuators/relay",
+        "on",
+        &[
+            "response-topic app/r1",
+            "correlation-data c-1",
+            "user-property method PUT",
+        ],
+    );
+    let (req, from) = recv(&dev);
+    assert_eq!(from.port(), 5683, "sent from the CoAP port");
+    let m = Message::decode(&req).unwrap();
+    assert_eq!((m.mtype, m.code, m.payload), (CON, code::PUT, &b"on"[..]));
+    let path: Vec<&[u8]> = m
+        .options()
+        .filter(|(n, _)| *n == 11)
+        .map(|(_, v)| v)
+        .collect();
+    assert_eq!(path, vec![&b"actuators"[..], &b"relay"[..]]);
+    let mut ack = Vec::new();
+    message::encode(&mut ack, ACK, code::CHANGED, m.mid, m.token, &[], b"done");
+    dev.send_to(&ack, from).unwrap();
+    let got = sub.collect(1, Duration::from_secs(5), Duration::from_millis(300));
+    assert_eq!(got.len(), 1, "{got:?}");
+    assert_eq!(
+        (got[0].topic.as_str(), got[0].payload.as_str()),
+        ("app/r1", "done")
+    );
+    assert!(
+        got[0].content_type.contains("c-1") && got[0].content_type.contains("coap-code:2.04"),
+        "{:?}",
+        got[0]
+    );
+    s.daemon.stop();
+}
+
+#[test]
+fn a_separate_response_is_acknowledged_every_time_and_published_once() {
+    let s = setup("dl-separate");
+    let dev = device(&s, 0);
+    let sub = subscriber(&s, "m2m-resp/#");
+    command(&s, "m2m-cmd/meter/valve", "open", &[]);
+    let (req, from) = recv(&dev);
+    let m = Message::decode(&req).unwrap();
+    assert_eq!(m.code, code::POST, "POST by default");
+    let mut empty = Vec::new();
+    message::encode(&mut empty, ACK, 0, m.mid, &[], &[], &[]);
+    dev.send_to(&empty, from).unwrap();
+    // Later, the response as its own CON, sent twice (its ACK "lost").
+    let mut resp = Vec::new();
+    message::encode(
+        &mut resp,
+        CON,
+        code::CONTENT,
+        0x7777,
+        m.token,
+        &[],
+        b"opened",
+    );
+    for _ in 0..2 {
+        dev.send_to(&resp, from).unwrap();
+        let (ack, _) = recv(&dev);
+        let a = Message::decode(&ack).unwrap();
+        assert_eq!(
+            (a.mtype, a.code, a.mid),
+            (ACK, 0, 0x7777),
+            "empty ACK for the separate response"
+        );
+    }
+    let got: Vec<Received> = sub.collect(1, Duration::from_secs(5), Duration::from_secs(1));
+    assert_eq!(got.len(), 1, "published once: {got:?}");
+    assert_eq!(
+        (got[0].topic.as_str(), got[0].payload.as_str()),
+        ("m2m-resp/meter/valve", "opened")
+    );
+    assert!(got[0].content_type.contains("coap-code:2.05"));
+    s.daemon.stop();
+}
+
+#[test]
+fn a_silent_device_gets_the_rfc_retransmissions_then_a_timeout_is_published() {
+    let s = setup("dl-silent");
+    let dev = device(&s, 0);
+    let sub = subscriber(&s, "m2m-resp/#");
+    command(&s, "m2m-cmd/meter/silent", "x", &["correlation-data q-9"]);
+    let mut arrivals = Vec::new();
+    let mut mid = None;
+    for _ in 0..5 {
+        let (req, _) = recv(&dev);
+        arrivals.push(Instant::now());
+        let m = Message::decode(&req).unwrap();
+        assert_eq!(
+            *mid.get_or_insert(m.mid),
+            m.mid,
+            "retransmissions keep the Message ID"
+        );
+    }
+    // RFC 7252 section 4.2: the first gap in [200, 300] ms (ACK_TIMEOUT 200 ms
+    // here, ACK_RANDOM_FACTOR 1.5), each next one twice the previous.
+    let gaps: Vec<f64> = arrivals
+        .windows(2)
+        .map(|w| (w[1] - w[0]).as_secs_f64() * 1000.0)
+        .collect();
+    assert!((180.0..=340.0).contains(&gaps[0]), "first timeout {gaps:?}");
+    for w in gaps.windows(2) {
+        assert!(
+            (w[1] / w[0] - 2.0).abs() < 0.35,
+            "timeouts double: {gaps:?}"
+        );
+    }
+    let got = sub.collect(1, Duration::from_secs(10), Duration::from_millis(200));
+    // By the time the timeout is published, no sixth transmission came:
+    // MAX_RETRANSMIT = 4.
+    dev.set_nonblocking(true).unwrap();
+    let mut buf = [0u8; 64];
+    assert!(dev.recv(&mut buf).is_err(), "five transmissions in all");
+    assert_eq!(got.len(), 1);
+    assert!(
+        got[0].payload.contains("timeout")
+            && got[0].content_type.contains("q-9")
+            && got[0].content_type.contains("coap-code:error"),
+        "{:?}",
+        got[0]
+    );
+    s.daemon.stop();
+}
+
+#[test]
+fn commands_to_denied_or_unknown_peers_are_refused_and_not_sent() {
+    let s = setup("dl-refuse");
+    let banned = device(&s, 1);
+    let sub = subscriber(&s, "m2m-resp/#");
+    command(&s, "m2m-cmd/banned/x", "1", &[]);
+    command(&s, "m2m-cmd/ghost/x", "1", &[]);
+    let mut got = sub.collect(2, Duration::from_secs(5), Duration::from_millis(200));
+    got.sort_by(|a, b| a.topic.cmp(&b.topic));
+    assert_eq!(got.len(), 2);
+    assert_eq!(got[0].topic, "m2m-resp/banned/x");
+    assert!(got[0].payload.contains("denied"), "{:?}", got[0]);
+    assert_eq!(got[1].topic, "m2m-resp/ghost/x");
+    assert!(got[1].payload.contains("unknown peer"), "{:?}", got[1]);
+    banned
+        .set_read_timeout(Some(Duration::from_millis(500)))
+        .unwrap();
+    let mut buf = [0u8; 64];
+    assert!(
+        banned.recv(&mut buf).is_err(),
+        "nothing sent to a denied peer"
+    );
+    s.daemon.stop();
+}
