@@ -117,7 +117,12 @@ pub fn run(config: Config, raw: ConfigFile, config_path: Option<PathBuf>) -> any
     );
     runtime.spawn(downlink.run(replies_rx));
     for (upstream, bridge) in bridges {
-        runtime.spawn(bridge::run(upstream, bridge));
+        runtime.spawn(bridge::run(
+            upstream,
+            bridge,
+            broker.clone(),
+            config.downlink.command_prefix.clone(),
+        ));
     }
     let control = Arc::new(Mutex::new(Control {
         raw,

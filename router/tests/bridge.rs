@@ -275,3 +275,74 @@ fn a_full_spool_evicts_the_oldest_and_the_router_keeps_serving() {
     assert!(drained, "the spool drained to the upstream");
     router.stop();
 }
+
+#[test]
+fn commands_from_upstream_reach_the_device_and_responses_go_back_up() {
+    let setup = Setup::new("br-cmd", "durability = \"memory\"");
+    std::fs::write(
+        &setup.config,
+        std::fs::read_to_string(&setup.config).unwrap()
+            + &format!(
+                "\n[[peer]]\nname = \"meter\"\nprefix = [\"{}/32\"]\n",
+                DEV_V4[0]
+            ),
+    )
+    .unwrap();
+    let _mosquitto = Mosquitto::start(&setup.topo.gw, UPSTREAM_PORT);
+    assert!(upstream_sub(&setup.topo.gw, "cloud-app", 1, 1).is_empty());
+    let router = setup.router();
+    // The device says hello (so the router knows where it is).
+    let dev = &peers(&setup.topo, 1)[0];
+    assert_eq!(send(&setup.topo, std::slice::from_ref(dev), 0, 1), 1);
+    // Wait for the bridge to be up, then command from the cloud side.
+    std::thread::sleep(Duration::from_millis(500));
+    let ok = setup
+        .topo
+        .gw
+        .command("mosquitto_pub")
+        .args([
+            "-h",
+            "127.0.0.1",
+            "-p",
+            &UPSTREAM_PORT.to_string(),
+            "-q",
+            "1",
+        ])
+        .args(["-t", "site-7/m2m-cmd/meter/relay", "-m", "on"])
+        .status()
+        .unwrap()
+        .success();
+    assert!(ok);
+    let mut buf = [0u8; 512];
+    let (n, from) = dev
+        .recv_from(&mut buf)
+        .expect("the command reaches the device");
+    let m = Message::decode(&buf[..n]).unwrap();
+    assert_eq!(m.payload, b"on");
+    let mut ack = Vec::new();
+    m2m_router::coap::message::encode(
+        &mut ack,
+        m2m_router::coap::message::ACK,
+        code::CHANGED,
+        m.mid,
+        m.token,
+        &[],
+        b"done",
+    );
+    dev.send_to(&ack, from).unwrap();
+    // The response (and the uplink hello) went up through the bridge; the
+    // command itself is there once (Mosquitto's own delivery to this
+    // subscriber), not twice: the bridge does not echo it back up.
+    let got = upstream_sub(&setup.topo.gw, "cloud-app", 4, 3);
+    assert!(
+        got.contains(&"site-7/m2m-resp/meter/relay done".to_owned()),
+        "{got:?}"
+    );
+    assert_eq!(
+        got.iter().filter(|l| l.contains("m2m-cmd")).count(),
+        1,
+        "{got:?}"
+    );
+    assert_eq!(got.len(), 3, "{got:?}");
+    router.stop();
+}

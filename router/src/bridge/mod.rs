@@ -19,6 +19,7 @@ use tokio::time::{sleep, timeout, Instant};
 use crate::config::{Durability, Upstream};
 use crate::mqtt::codec::{self, OutPublish, Properties, V311};
 use crate::mqtt::topic;
+use crate::mqtt::Broker;
 pub use spool::Spool;
 
 /// QoS 1 messages in flight to the upstream.
@@ -30,6 +31,9 @@ const FIRST_BACKOFF: Duration = Duration::from_millis(200);
 /// The broker's handle on a bridge: which messages go, and where they wait.
 pub struct Bridge {
     pub name: String,
+    /// The broker origin of messages this bridge brings in (commands from
+    /// upstream), so they are never sent back up.
+    pub origin: Bytes,
     filters: Vec<Bytes>,
     prefix: Bytes,
     pub spool: Arc<Spool>,
@@ -50,6 +54,7 @@ impl Bridge {
             Durability::Memory => Spool::memory(cfg.spool_max_bytes),
         };
         Ok(Arc::new(Bridge {
+            origin: Bytes::from(format!("$bridge/{}", cfg.name)),
             name: cfg.name.clone(),
             filters: cfg.topics.iter().map(|t| Bytes::from(t.clone())).collect(),
             prefix: Bytes::from(cfg.prefix.clone()),
@@ -78,12 +83,14 @@ impl Bridge {
     }
 }
 
-/// Keeps the bridge connected and forwarding, forever.
-pub async fn run(cfg: Upstream, bridge: Arc<Bridge>) {
+/// Keeps the bridge connected and forwarding, forever. Downlink commands
+/// published upstream on `<prefix><command_prefix>/#` are brought in and
+/// published locally, as if a local client had sent them.
+pub async fn run(cfg: Upstream, bridge: Arc<Bridge>, broker: Arc<Broker>, command_prefix: String) {
     let mut backoff = FIRST_BACKOFF;
     loop {
         let started = Instant::now();
-        match session(&cfg, &bridge).await {
+        match session(&cfg, &bridge, &broker, &command_prefix).await {
             Ok(()) => {}
             Err(err) => tracing::warn!(upstream = %cfg.name, %err, "upstream connection lost"),
         }
@@ -109,7 +116,12 @@ fn io_err(msg: impl Into<String>) -> std::io::Error {
     std::io::Error::other(msg.into())
 }
 
-async fn session(cfg: &Upstream, bridge: &Bridge) -> std::io::Result<()> {
+async fn session(
+    cfg: &Upstream,
+    bridge: &Bridge,
+    broker: &Broker,
+    command_prefix: &str,
+) -> std::io::Result<()> {
     let mut stream = timeout(Duration::from_secs(5), TcpStream::connect(&cfg.address))
         .await
         .map_err(|_| io_err(format!("connecting to {} timed out", cfg.address)))??;
@@ -138,6 +150,8 @@ async fn session(cfg: &Upstream, bridge: &Bridge) -> std::io::Result<()> {
     }
     bridge.connected.store(true, Ordering::Relaxed);
     bridge.connects.fetch_add(1, Ordering::Relaxed);
+    let commands = format!("{}{command_prefix}/#", cfg.prefix);
+    subscribe_packet(&mut out, &commands);
     tracing::info!(upstream = %cfg.name, address = %cfg.address, pending = bridge.spool.pending(0, usize::MAX).len(), "upstream connected");
 
     // Everything not yet acknowledged goes (again) on a new connection.
@@ -191,6 +205,12 @@ async fn session(cfg: &Upstream, bridge: &Bridge) -> std::io::Result<()> {
                         let (_, seq) = inflight.swap_remove(i);
                         bridge.spool.ack(seq);
                     }
+                } else if kind >> 4 == 3 {
+                    if let Some(ack_id) = bring_in(kind, body, &cfg.prefix, bridge, broker) {
+                        out.put_u8(0x40);
+                        out.put_u8(2);
+                        out.put_u16(ack_id);
+                    }
                 }
             }
             _ = bridge.spool.appended.notified(), if inflight.len() < WINDOW => {}
@@ -200,6 +220,57 @@ async fn session(cfg: &Upstream, bridge: &Bridge) -> std::io::Result<()> {
             }
         }
     }
+}
+
+/// A PUBLISH from the upstream (a command): published locally without its
+/// prefix. Returns the packet id to acknowledge (QoS 1) once it is in.
+fn bring_in(
+    first: u8,
+    mut body: Bytes,
+    prefix: &str,
+    bridge: &Bridge,
+    broker: &Broker,
+) -> Option<u16> {
+    let qos = (first >> 1) & 3;
+    if body.len() < 2 {
+        return None;
+    }
+    let tlen = usize::from(body.get_u16());
+    if body.len() < tlen + if qos > 0 { 2 } else { 0 } {
+        return None;
+    }
+    let topic_name = body.split_to(tlen);
+    let id = if qos > 0 { Some(body.get_u16()) } else { None };
+    let local = topic_name
+        .strip_prefix(prefix.as_bytes())
+        .map(|t| topic_name.slice_ref(t))?;
+    if std::str::from_utf8(&local).is_err() {
+        return None;
+    }
+    let message = crate::mqtt::Message {
+        topic: local,
+        payload: body,
+        qos: qos.min(1),
+        retain: false,
+        content_type: None,
+        properties: None,
+    };
+    match broker.publish(message, Some(&bridge.origin)) {
+        Ok(()) => id,
+        Err(err) => {
+            tracing::warn!(%err, "a command from upstream could not be published");
+            None
+        }
+    }
+}
+
+fn subscribe_packet(out: &mut BytesMut, filter: &str) {
+    out.put_u8(0x82);
+    put_remaining_length(out, 2 + 2 + filter.len() + 1);
+    out.put_u16(1);
+    out.put_u16(filter.len() as u16);
+    out.put_slice(filter.as_bytes());
+    out.put_u8(1);
 }
 
 fn connect_packet(out: &mut BytesMut, cfg: &Upstream) {
@@ -220,7 +291,11 @@ fn connect_packet(out: &mut BytesMut, cfg: &Upstream) {
         body.put_slice(p.as_bytes());
     }
     out.put_u8(0x10);
-    let mut len = body.len();
+    put_remaining_length(out, body.len());
+    out.put_slice(&body);
+}
+
+fn put_remaining_length(out: &mut BytesMut, mut len: usize) {
     loop {
         let mut b = (len & 0x7f) as u8;
         len >>= 7;
@@ -232,7 +307,6 @@ fn connect_packet(out: &mut BytesMut, cfg: &Upstream) {
             break;
         }
     }
-    out.put_slice(&body);
 }
 
 /// Reads one packet from the upstream: (first byte, body).

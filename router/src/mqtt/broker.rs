@@ -166,7 +166,7 @@ impl Broker {
     /// accepted. `origin` is the publishing client (for MQTT 5 No Local).
     pub fn publish(&self, message: Message, origin: Option<&[u8]>) -> std::io::Result<()> {
         for bridge in self.bridges.read().unwrap().iter() {
-            if bridge.wants(&message.topic) {
+            if origin != Some(&bridge.origin[..]) && bridge.wants(&message.topic) {
                 bridge.accept(&message.topic, &message.payload)?;
             }
         }
