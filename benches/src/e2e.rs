@@ -5,9 +5,12 @@
 //! payload; both namespaces share CLOCK_MONOTONIC) and the router's own CPU
 //! time per delivered message (utime + stime from /proc/PID/stat).
 //!
-//!   cargo build --release && sudo ./target/release/e2e [SECONDS] [PEERS] [RATE] [con|non]
+//!   cargo build --release && sudo ./target/release/e2e [SECONDS] [PEERS] [RATE] [con|non] [SINK]
 //!
-//! RATE 0 means flat out. Needs root (namespaces, XDP).
+//! RATE 0 means flat out. SINK: `embedded` (subscribe to the router's own
+//! broker, default), `bridge-memory` or `bridge-disk` (the router bridges
+//! to a Mosquitto in the gateway namespace; subscribe there). Needs root
+//! (namespaces, XDP).
 
 use std::io::{BufReader, Read, Write};
 use std::net::{SocketAddr, TcpStream, UdpSocket};
@@ -125,17 +128,28 @@ fn main() {
     let peers: usize = args.get(1).map_or(100, |a| a.parse().unwrap());
     let rate: f64 = args.get(2).map_or(0.0, |a| a.parse().unwrap());
     let con = args.get(3).is_none_or(|m| m == "con");
+    let sink = args.get(4).map_or("embedded", String::as_str).to_owned();
     let bin = std::env::var("M2M_ROUTER_BIN").unwrap_or_else(|_| {
         concat!(env!("CARGO_MANIFEST_DIR"), "/../target/release/m2m-router").into()
     });
 
     let topo = Topology::new("e2e");
     let config = std::env::temp_dir().join(format!("m2m-e2e-{}.toml", std::process::id()));
-    std::fs::write(
-        &config,
-        "[defaults]\nrate = \"unlimited\"\ntopic = \"load/{port}\"\n[mqtt]\nsession_queue = 1000000\n",
-    )
-    .unwrap();
+    let spool = std::path::PathBuf::from(format!("/var/tmp/m2m-e2e-spool-{}", std::process::id()));
+    let mut text = "[defaults]\nrate = \"unlimited\"\ntopic = \"load/{port}\"\n[mqtt]\nsession_queue = 1000000\n".to_owned();
+    let _mosquitto = match sink.as_str() {
+        "embedded" => None,
+        "bridge-memory" | "bridge-disk" => {
+            let durability = sink.trim_start_matches("bridge-");
+            text.push_str(&format!(
+                "[[upstream]]\nname = \"bench\"\nurl = \"mqtt://127.0.0.1:1885\"\ndurability = \"{durability}\"\nspool_dir = \"{}\"\nspool_max_bytes = 1000000000\n",
+                spool.display()
+            ));
+            Some(m2m_router_tests::mqtt::Mosquitto::start(&topo.gw, 1885))
+        }
+        other => panic!("unknown sink {other:?}"),
+    };
+    std::fs::write(&config, text).unwrap();
     let daemon = Daemon::running(
         &topo.gw,
         &bin,
@@ -205,12 +219,13 @@ fn main() {
         }
     }
     let send_time = start.elapsed().as_secs_f64();
-    std::thread::sleep(Duration::from_secs(1));
+    std::thread::sleep(Duration::from_secs(if sink == "embedded" { 1 } else { 3 }));
     let cpu = cpu_seconds(pid) - cpu_before;
     stop.store(true, Ordering::Relaxed);
     let mut got = receiver.join().unwrap();
     got.latencies_ns.sort_unstable();
     let _ = std::fs::remove_file(&config);
+    let _ = std::fs::remove_dir_all(&spool);
     if std::env::var_os("E2E_VERBOSE").is_some() {
         daemon.signal(libc::SIGUSR1);
         std::thread::sleep(Duration::from_millis(300));
@@ -218,7 +233,7 @@ fn main() {
     daemon.stop_and_show(std::env::var_os("E2E_VERBOSE").is_some());
 
     println!(
-        "| {} | {peers} | {:.0} | {:.0} | {:.2}% | {:.0} | {:.0} | {:.0} | {:.2} | {} |",
+        "| {} {sink} | {peers} | {:.0} | {:.0} | {:.2}% | {:.0} | {:.0} | {:.0} | {:.2} | {} |",
         if con { "CON" } else { "NON" },
         sent as f64 / send_time,
         got.count as f64 / send_time,

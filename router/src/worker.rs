@@ -219,6 +219,11 @@ fn serve(
                 out += 1;
             }
         }
+        // One fdatasync for the whole batch, before any of its ACKs leaves.
+        if let Err(err) = uplink.commit() {
+            tracing::error!(%err, "spool sync failed: this batch is not acknowledged");
+            continue;
+        }
         send_all(fd, &mut tx.hdrs[..out]);
     }
     Ok(())

@@ -69,7 +69,7 @@ impl Bridge {
         self.filters.iter().any(|f| topic::matches(f, topic_name))
     }
 
-    /// Spools a message; with a disk spool, returns once it is on disk.
+    /// Spools a message without waiting for the disk (see `Spool::sync`).
     pub fn accept(&self, topic_name: &Bytes, payload: &Bytes) -> std::io::Result<()> {
         let upstream_topic = if self.prefix.is_empty() {
             topic_name.clone()
@@ -79,7 +79,9 @@ impl Bridge {
             t.put_slice(topic_name);
             t.freeze()
         };
-        self.spool.append(upstream_topic, payload.clone())
+        self.spool
+            .append_deferred(upstream_topic, payload.clone())
+            .map(drop)
     }
 }
 

@@ -19,7 +19,7 @@ use std::fs::{self, File, OpenOptions};
 use std::io::{self, Read, Write};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 
 use bytes::Bytes;
 
@@ -62,7 +62,8 @@ struct Segment {
 
 struct Disk {
     dir: PathBuf,
-    file: File,
+    /// The segment being appended to (shared with `sync`).
+    file: Arc<File>,
     file_bytes: u64,
     segments: VecDeque<Segment>,
 }
@@ -79,9 +80,8 @@ struct Inner {
 
 pub struct Spool {
     inner: Mutex<Inner>,
-    /// (records written, records synced) for group commit.
+    /// Records known to be on disk (group commit).
     synced: Mutex<u64>,
-    sync_file: Option<File>,
     max_bytes: u64,
     pub stats: SpoolStats,
     /// Woken when a record is appended.
@@ -90,7 +90,7 @@ pub struct Spool {
 
 impl Spool {
     pub fn memory(max_bytes: u64) -> Spool {
-        Spool::with(Inner::new(1, None), None, max_bytes)
+        Spool::with(Inner::new(1, None), max_bytes)
     }
 
     /// Opens (or creates) the disk spool in `dir` and replays what the
@@ -142,9 +142,8 @@ impl Spool {
         }
         let next_seq = last_seq + 1;
         let path = dir.join(format!("{next_seq:020}.seg"));
-        let file = OpenOptions::new().create(true).append(true).open(&path)?;
+        let file = Arc::new(OpenOptions::new().create(true).append(true).open(&path)?);
         segments.push_back(Segment { path, last_seq: 0 });
-        let sync_file = file.try_clone()?;
         let mut inner = Inner::new(
             next_seq,
             Some(Disk {
@@ -157,7 +156,7 @@ impl Spool {
         inner.done_through = done_through;
         inner.bytes = queue.iter().map(|e| e.record.size()).sum();
         inner.queue = queue;
-        let spool = Spool::with(inner, Some(sync_file), max_bytes);
+        let spool = Spool::with(inner, max_bytes);
         let replayed = spool.inner.lock().unwrap().queue.len();
         if replayed > 0 {
             tracing::info!(dir = %dir.display(), replayed, "spool: replaying messages not yet acknowledged upstream");
@@ -166,11 +165,10 @@ impl Spool {
         Ok(spool)
     }
 
-    fn with(inner: Inner, sync_file: Option<File>, max_bytes: u64) -> Spool {
+    fn with(inner: Inner, max_bytes: u64) -> Spool {
         Spool {
             inner: Mutex::new(inner),
             synced: Mutex::new(0),
-            sync_file,
             max_bytes,
             stats: SpoolStats::default(),
             appended: tokio::sync::Notify::new(),
@@ -179,6 +177,14 @@ impl Spool {
 
     /// Adds a message; with a disk spool, returns once it is on disk.
     pub fn append(&self, topic: Bytes, payload: Bytes) -> io::Result<()> {
+        let written = self.append_deferred(topic, payload)?;
+        self.sync_through(written)
+    }
+
+    /// Adds a message without waiting for the disk; `sync` makes it (and
+    /// every other deferred one) durable. The CoAP workers append a whole
+    /// receive batch this way and sync once before acknowledging it.
+    pub fn append_deferred(&self, topic: Bytes, payload: Bytes) -> io::Result<u64> {
         let written = {
             let mut inner = self.inner.lock().unwrap();
             let seq = inner.next_seq;
@@ -207,18 +213,36 @@ impl Spool {
             }
             inner.written
         };
-        if let Some(file) = &self.sync_file {
-            let mut synced = self.synced.lock().unwrap();
-            if *synced < written {
-                // Everything written before this point rides on one sync.
-                let target = self.inner.lock().unwrap().written;
-                file.sync_data()?;
-                *synced = target;
-            }
-        }
         self.stats.appended.fetch_add(1, Ordering::Relaxed);
         self.publish_gauges();
         self.appended.notify_one();
+        Ok(written)
+    }
+
+    /// Makes every record appended so far durable.
+    pub fn sync(&self) -> io::Result<()> {
+        let written = self.inner.lock().unwrap().written;
+        self.sync_through(written)
+    }
+
+    /// Group commit: whoever syncs covers everything written before it, so
+    /// concurrent writers share one fdatasync.
+    fn sync_through(&self, written: u64) -> io::Result<()> {
+        let mut synced = self.synced.lock().unwrap();
+        if *synced >= written {
+            return Ok(());
+        }
+        let (target, file) = {
+            let inner = self.inner.lock().unwrap();
+            match &inner.disk {
+                // A rotated segment was synced when it was closed, so the
+                // current one is all that can be behind.
+                Some(disk) => (inner.written, disk.file.clone()),
+                None => return Ok(()),
+            }
+        };
+        file.sync_data()?;
+        *synced = target;
         Ok(())
     }
 
@@ -302,7 +326,7 @@ impl Disk {
         if self.file_bytes >= SEGMENT_BYTES {
             self.file.sync_data()?;
             let path = self.dir.join(format!("{:020}.seg", r.seq));
-            self.file = OpenOptions::new().create(true).append(true).open(&path)?;
+            self.file = Arc::new(OpenOptions::new().create(true).append(true).open(&path)?);
             self.file_bytes = 0;
             self.segments.push_back(Segment { path, last_seq: 0 });
         }
@@ -315,7 +339,7 @@ impl Disk {
         rec.extend_from_slice(&(body.len() as u32).to_be_bytes());
         rec.extend_from_slice(&crc32fast::hash(&body).to_be_bytes());
         rec.extend_from_slice(&body);
-        self.file.write_all(&rec)?;
+        (&*self.file).write_all(&rec)?;
         self.file_bytes += rec.len() as u64;
         if let Some(seg) = self.segments.back_mut() {
             seg.last_seq = r.seq;

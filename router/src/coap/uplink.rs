@@ -260,7 +260,7 @@ impl Uplink {
         buf.extend_from_slice(msg.payload);
         let mut all = buf.freeze();
         let topic = all.split_to(self.topic.len());
-        let published = self.broker.publish(
+        let published = self.broker.publish_deferred(
             MqttMessage {
                 topic,
                 payload: all,
@@ -360,6 +360,13 @@ impl Uplink {
     fn fresh_mid(&mut self) -> u16 {
         self.next_mid = self.next_mid.wrapping_add(1);
         self.next_mid
+    }
+
+    /// Makes the messages of the batch handled so far durable in the
+    /// bridges' disk spools; the worker calls it before sending the batch's
+    /// acknowledgements (DESIGN.md invariant 1: nothing acknowledged is lost).
+    pub fn commit(&self) -> std::io::Result<()> {
+        self.broker.sync_bridges()
     }
 
     /// Drops expired duplicate-detection state; call about once a second.

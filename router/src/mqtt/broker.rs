@@ -159,12 +159,28 @@ impl Broker {
         self.bridges.read().unwrap().clone()
     }
 
-    /// Routes `message` to the bridges that want it, then to every matching
-    /// session. Never blocks on a subscriber; with a disk spool it returns
-    /// once the message is on disk. An error (the spool could not store it)
-    /// means nobody got the message: the publisher must not be told it was
-    /// accepted. `origin` is the publishing client (for MQTT 5 No Local).
+    /// Like [`Broker::publish_deferred`], then waits until the bridges'
+    /// disk spools hold the message.
     pub fn publish(&self, message: Message, origin: Option<&[u8]>) -> std::io::Result<()> {
+        self.publish_deferred(message, origin)?;
+        self.sync_bridges()
+    }
+
+    /// Makes everything spooled so far durable (one group commit per spool).
+    pub fn sync_bridges(&self) -> std::io::Result<()> {
+        for bridge in self.bridges.read().unwrap().iter() {
+            bridge.spool.sync()?;
+        }
+        Ok(())
+    }
+
+    /// Routes `message` to the bridges that want it, then to every matching
+    /// session. Never blocks on a subscriber. The bridges' disk spools have
+    /// the message written but not yet synced: call [`Broker::sync_bridges`]
+    /// before telling the publisher it was accepted. An error (a spool could
+    /// not store it) means nobody got the message. `origin` is the
+    /// publishing client (for MQTT 5 No Local and bridge loops).
+    pub fn publish_deferred(&self, message: Message, origin: Option<&[u8]>) -> std::io::Result<()> {
         for bridge in self.bridges.read().unwrap().iter() {
             if origin != Some(&bridge.origin[..]) && bridge.wants(&message.topic) {
                 bridge.accept(&message.topic, &message.payload)?;
