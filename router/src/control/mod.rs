@@ -447,6 +447,9 @@ fn restart_only_changes(current: &Config, new: &Config) -> Vec<&'static str> {
     {
         restart.push("upstream");
     }
+    if new.downlink != current.downlink {
+        restart.push("downlink");
+    }
     restart
 }
 
@@ -467,7 +470,7 @@ fn keep_restart_only_settings(current: &Config, new: Config) -> Config {
         peers: new.peers,
         routes: new.routes,
         upstreams: current.upstreams.clone(),
-        downlink: new.downlink,
+        downlink: current.downlink.clone(),
     }
 }
 
