@@ -202,6 +202,9 @@ pub struct UpstreamSection {
     pub spool_dir: Option<PathBuf>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub spool_max_bytes: Option<u64>,
+    /// PEM file of CAs to trust for mqtts:// (default: the system's).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub ca_file: Option<PathBuf>,
 }
 
 // ---- The validated config ------------------------------------------------
@@ -368,8 +371,13 @@ pub enum Durability {
 pub struct Upstream {
     pub name: String,
     pub url: String,
-    /// host:port from the URL (default port 1883).
+    /// host:port from the URL (default port 1883, or 8883 for mqtts://).
     pub address: String,
+    /// The host as written in the URL, for TLS server name checks.
+    pub host: String,
+    /// mqtts://: TLS (rustls) to the upstream.
+    pub tls: bool,
+    pub ca_file: Option<PathBuf>,
     pub topics: Vec<String>,
     pub durability: Durability,
     pub client_id: String,
@@ -800,37 +808,41 @@ fn validate_upstreams(sections: Vec<UpstreamSection>) -> Result<Vec<Upstream>, C
     for (i, u) in sections.into_iter().enumerate() {
         let at = |key: &str| format!("upstream[{i}].{key}");
         name(&at("name"), &u.name, &mut names, i)?;
-        let address = match u.url.strip_prefix("mqtt://") {
-            Some(rest) => {
-                let rest = rest.trim_end_matches('/');
-                if rest.is_empty() || rest.contains('/') {
-                    return Err(invalid(
-                        at("url"),
-                        format!("{:?}: expected mqtt://host[:port]", u.url),
-                    ));
-                }
-                if rest
-                    .rsplit_once(':')
-                    .is_some_and(|(_, p)| p.parse::<u16>().is_ok())
-                    && !rest.ends_with(']')
-                {
-                    rest.to_owned()
-                } else {
-                    format!("{rest}:1883")
-                }
+        let (rest, tls, default_port) = if let Some(r) = u.url.strip_prefix("mqtt://") {
+            (r, false, 1883)
+        } else if let Some(r) = u.url.strip_prefix("mqtts://") {
+            (r, true, 8883)
+        } else {
+            return Err(invalid(
+                at("url"),
+                format!("{:?} must start with mqtt:// or mqtts://", u.url),
+            ));
+        };
+        let rest = rest.trim_end_matches('/');
+        if rest.is_empty() || rest.contains('/') || rest.contains('@') {
+            return Err(invalid(
+                at("url"),
+                format!("{:?}: expected mqtt[s]://host[:port]", u.url),
+            ));
+        }
+        // host, [v6 host], host:port or [v6 host]:port
+        let (host, port) = match rest.rsplit_once(':') {
+            Some((h, p)) if !h.is_empty() && (!h.contains(':') || h.ends_with(']')) => {
+                let port = p
+                    .parse::<u16>()
+                    .map_err(|_| invalid(at("url"), format!("{p:?} is not a port")))?;
+                (h, port)
             }
-            None if u.url.starts_with("mqtts://") => {
-                return Err(invalid(
-                    at("url"),
-                    "mqtts:// (TLS) is not supported yet; use mqtt://",
-                ));
-            }
-            None => {
-                return Err(invalid(
-                    at("url"),
-                    format!("{:?} must start with mqtt://", u.url),
-                ));
-            }
+            _ => (rest, default_port),
+        };
+        let host = host
+            .trim_start_matches('[')
+            .trim_end_matches(']')
+            .to_owned();
+        let address = if host.contains(':') {
+            format!("[{host}]:{port}")
+        } else {
+            format!("{host}:{port}")
         };
         if u.username.is_some() != u.password.is_some() {
             return Err(invalid(
@@ -883,6 +895,9 @@ fn validate_upstreams(sections: Vec<UpstreamSection>) -> Result<Vec<Upstream>, C
             password: u.password,
             prefix,
             address,
+            host,
+            tls,
+            ca_file: u.ca_file,
             name: u.name,
             url: u.url,
             durability,

@@ -5,6 +5,7 @@
 
 use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr, UdpSocket};
+use std::process::Command;
 use std::time::Duration;
 
 use m2m_router::coap::message::{code, Message};
@@ -345,4 +346,131 @@ fn commands_from_upstream_reach_the_device_and_responses_go_back_up() {
     );
     assert_eq!(got.len(), 3, "{got:?}");
     router.stop();
+}
+
+/// A CA and a server certificate for 127.0.0.1, made with openssl.
+fn make_certs(dir: &std::path::Path, name: &str) -> std::path::PathBuf {
+    let run = |args: &[&str]| {
+        let out = Command::new("openssl")
+            .args(args)
+            .current_dir(dir)
+            .output()
+            .expect("openssl");
+        assert!(
+            out.status.success(),
+            "openssl {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    };
+    let ca_key = format!("{name}-ca.key");
+    let ca = format!("{name}-ca.pem");
+    run(&[
+        "req",
+        "-x509",
+        "-newkey",
+        "rsa:2048",
+        "-nodes",
+        "-keyout",
+        &ca_key,
+        "-out",
+        &ca,
+        "-days",
+        "2",
+        "-subj",
+        &format!("/CN={name} test CA"),
+    ]);
+    run(&[
+        "req",
+        "-newkey",
+        "rsa:2048",
+        "-nodes",
+        "-keyout",
+        "server.key",
+        "-out",
+        "server.csr",
+        "-subj",
+        "/CN=127.0.0.1",
+    ]);
+    std::fs::write(dir.join("san.ext"), "subjectAltName=IP:127.0.0.1\n").unwrap();
+    run(&[
+        "x509",
+        "-req",
+        "-in",
+        "server.csr",
+        "-CA",
+        &ca,
+        "-CAkey",
+        &ca_key,
+        "-CAcreateserial",
+        "-out",
+        "server.pem",
+        "-days",
+        "2",
+        "-extfile",
+        "san.ext",
+    ]);
+    dir.join(ca)
+}
+
+#[test]
+fn mqtts_upstream_is_verified_against_the_configured_ca() {
+    let setup = Setup::new("br-tls", "durability = \"memory\"");
+    let ca = make_certs(&setup.dir, "good");
+    let other_dir = setup.dir.join("other");
+    std::fs::create_dir_all(&other_dir).unwrap();
+    let wrong_ca = make_certs(&other_dir, "wrong");
+    let conf = setup.dir.join("mosquitto-tls.conf");
+    std::fs::write(
+        &conf,
+        format!(
+            "user root\nper_listener_settings false\nallow_anonymous true\nlog_dest none\nlistener {UPSTREAM_PORT} 127.0.0.1\nlistener 8884 127.0.0.1\ncafile {}\ncertfile {}\nkeyfile {}\n",
+            ca.display(),
+            setup.dir.join("server.pem").display(),
+            setup.dir.join("server.key").display()
+        ),
+    )
+    .unwrap();
+    let mut mosquitto = setup
+        .topo
+        .gw
+        .command("mosquitto")
+        .args(["-c", conf.to_str().unwrap()])
+        .spawn()
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(500));
+    assert!(upstream_sub(&setup.topo.gw, "tls-sub", 1, 1).is_empty());
+    for (ca_file, should_arrive) in [(&wrong_ca, false), (&ca, true)] {
+        let text = std::fs::read_to_string(&setup.config)
+            .unwrap()
+            .replace(
+                &format!("mqtt://127.0.0.1:{UPSTREAM_PORT}"),
+                "mqtts://127.0.0.1:8884",
+            )
+            .lines()
+            .filter(|l| !l.trim_start().starts_with("ca_file"))
+            .collect::<Vec<_>>()
+            .join("\n");
+        let text = text.replace(
+            "durability = \"memory\"",
+            &format!(
+                "durability = \"memory\"\nca_file = \"{}\"",
+                ca_file.display()
+            ),
+        );
+        std::fs::write(&setup.config, text).unwrap();
+        let router = setup.router();
+        let sockets = peers(&setup.topo, 1);
+        assert_eq!(send(&setup.topo, &sockets, 0, 1), 1);
+        let got = upstream_sub(&setup.topo.gw, "tls-sub", 1, 3);
+        assert_eq!(
+            !got.is_empty(),
+            should_arrive,
+            "CA {}: {got:?}",
+            ca_file.display()
+        );
+        router.stop();
+    }
+    // SAFETY: kill on our own child's pid.
+    unsafe { libc::kill(mosquitto.id() as i32, libc::SIGTERM) };
+    let _ = mosquitto.wait();
 }

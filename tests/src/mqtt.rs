@@ -255,6 +255,8 @@ impl RawClient {
 
 /// A real Mosquitto broker inside a namespace, on 127.0.0.1:`port`, with
 /// persistence in its own directory (so persistent sessions survive a stop).
+/// `user root`: started as root, Mosquitto would otherwise switch to the
+/// `mosquitto` user, which cannot write the test's directory.
 pub struct Mosquitto {
     child: Option<Child>,
     dir: std::path::PathBuf,
@@ -284,7 +286,7 @@ impl Mosquitto {
         std::fs::write(
             &conf,
             format!(
-                "listener {} 127.0.0.1\nallow_anonymous true\npersistence true\npersistence_location {}/\nmax_queued_messages 100000\nlog_dest none\n",
+                "user root\nlistener {} 127.0.0.1\nallow_anonymous true\npersistence true\npersistence_location {}/\nmax_queued_messages 100000\nlog_dest none\n",
                 self.port,
                 self.dir.display()
             ),

@@ -27,7 +27,7 @@ const BUILD_PACKAGES: &[&str] = &[
 /// `coap-client` as a real device, `mosquitto_sub` as a real subscriber and
 /// `mosquitto` as a real upstream broker,
 /// bpftool to inspect attachments, promtool (package prometheus) to check
-/// the metrics exposition.
+/// the metrics exposition, openssl to make test certificates.
 const TEST_PACKAGES: &[&str] = &[
     "iproute2",
     "iputils-ping",
@@ -36,6 +36,7 @@ const TEST_PACKAGES: &[&str] = &[
     "mosquitto-clients",
     "bpftool",
     "prometheus",
+    "openssl",
 ];
 const BPF_LINKER_VERSION: &str = "0.13.0";
 

@@ -12,9 +12,11 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::{Buf, BufMut, Bytes, BytesMut};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::time::{sleep, timeout, Instant};
+use tokio_rustls::rustls::pki_types::ServerName;
+use tokio_rustls::TlsConnector;
 
 use crate::config::{Durability, Upstream};
 use crate::mqtt::codec::{self, OutPublish, Properties, V311};
@@ -40,6 +42,45 @@ pub struct Bridge {
     pub connected: AtomicBool,
     pub connects: AtomicU64,
     pub sent: AtomicU64,
+    /// For mqtts://: the TLS client and the name the certificate must carry.
+    tls: Option<(TlsConnector, ServerName<'static>)>,
+}
+
+/// A byte stream to the upstream: plain TCP or TLS over it.
+trait Io: AsyncRead + AsyncWrite + Unpin + Send {}
+impl<T: AsyncRead + AsyncWrite + Unpin + Send> Io for T {}
+
+/// TLS client settings: the CAs of `ca_file`, else the system's roots.
+fn tls_connector(cfg: &Upstream) -> std::io::Result<(TlsConnector, ServerName<'static>)> {
+    let mut roots = tokio_rustls::rustls::RootCertStore::empty();
+    match &cfg.ca_file {
+        Some(path) => {
+            let pem = std::fs::read(path).map_err(|e| {
+                std::io::Error::new(e.kind(), format!("reading ca_file {}: {e}", path.display()))
+            })?;
+            for cert in rustls_pemfile::certs(&mut &pem[..]) {
+                roots
+                    .add(cert?)
+                    .map_err(|e| io_err(format!("ca_file {}: {e}", path.display())))?;
+            }
+        }
+        None => {
+            for cert in rustls_native_certs::load_native_certs().certs {
+                let _ = roots.add(cert);
+            }
+        }
+    }
+    if roots.is_empty() {
+        return Err(io_err(
+            "no CA certificates to verify the upstream with (set ca_file)",
+        ));
+    }
+    let config = tokio_rustls::rustls::ClientConfig::builder()
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    let name = ServerName::try_from(cfg.host.clone())
+        .map_err(|e| io_err(format!("{:?} is not a TLS server name: {e}", cfg.host)))?;
+    Ok((TlsConnector::from(Arc::new(config)), name))
 }
 
 impl Bridge {
@@ -53,7 +94,13 @@ impl Bridge {
             })?,
             Durability::Memory => Spool::memory(cfg.spool_max_bytes),
         };
+        let tls = if cfg.tls {
+            Some(tls_connector(cfg)?)
+        } else {
+            None
+        };
         Ok(Arc::new(Bridge {
+            tls,
             origin: Bytes::from(format!("$bridge/{}", cfg.name)),
             name: cfg.name.clone(),
             filters: cfg.topics.iter().map(|t| Bytes::from(t.clone())).collect(),
@@ -124,10 +171,21 @@ async fn session(
     broker: &Broker,
     command_prefix: &str,
 ) -> std::io::Result<()> {
-    let mut stream = timeout(Duration::from_secs(5), TcpStream::connect(&cfg.address))
+    let tcp = timeout(Duration::from_secs(5), TcpStream::connect(&cfg.address))
         .await
         .map_err(|_| io_err(format!("connecting to {} timed out", cfg.address)))??;
-    stream.set_nodelay(true)?;
+    tcp.set_nodelay(true)?;
+    let mut stream: Box<dyn Io> = match &bridge.tls {
+        Some((connector, name)) => Box::new(
+            timeout(
+                Duration::from_secs(10),
+                connector.connect(name.clone(), tcp),
+            )
+            .await
+            .map_err(|_| io_err("TLS handshake timed out"))??,
+        ),
+        None => Box::new(tcp),
+    };
     let mut out = BytesMut::with_capacity(64 * 1024);
     connect_packet(&mut out, cfg);
     stream.write_all(&out).await?;
@@ -312,7 +370,10 @@ fn put_remaining_length(out: &mut BytesMut, mut len: usize) {
 }
 
 /// Reads one packet from the upstream: (first byte, body).
-async fn read_packet(stream: &mut TcpStream, buf: &mut BytesMut) -> std::io::Result<(u8, Bytes)> {
+async fn read_packet<S: AsyncRead + Unpin + ?Sized>(
+    stream: &mut S,
+    buf: &mut BytesMut,
+) -> std::io::Result<(u8, Bytes)> {
     loop {
         if buf.len() >= 2 {
             let mut len = 0usize;
