@@ -225,29 +225,54 @@ fn ten_thousand_messages_from_a_hundred_peers_arrive_in_order() {
     let gw = Gateway::start(
         "load",
         &config("[mqtt]\nsession_queue = 100000\n")
-            .replace("[defaults]", "[defaults]\ntopic = \"load/{port}\""),
+            .replace("[defaults]", "[defaults]\ntopic = \"load/{ip}/{port}\""),
     );
     let sub = MosquittoSub::start(&gw.topo.gw, &["load/#"], &[]);
     let peers: Vec<(UdpSocket, SocketAddr)> =
         (0..100).map(|i| gw.device(DEV_V4[i % 4].into())).collect();
-    // Every peer sends its next message in turn, nobody waits for ACKs. The
-    // 1 ms pause per round keeps the 100 ACKs of a round within the device
-    // namespace's receive backlog (netdev_max_backlog, 1000 by default),
-    // which would otherwise drop ACKs before any socket sees them.
+    // Each round, all 100 peers send their next CON at once; then each waits
+    // for its ACK and, like a real device (RFC 7252 section 4.2),
+    // retransmits the same message if the ACK does not come. A datagram the
+    // test environment drops (a full veth ring under load) is thus resent,
+    // and duplicate detection must keep it from being published twice.
+    let mut retransmissions = 0;
     for seq in 0..100u16 {
-        for (sock, dst) in &peers {
-            let msg = coap(
+        let msg = |seq: u16| {
+            coap(
                 0,
                 code::POST,
                 seq,
                 &[],
                 &[0xb1, b'x'],
                 format!("{seq}").as_bytes(),
-            );
-            sock.send_to(&msg, dst).unwrap();
+            )
+        };
+        for (sock, dst) in &peers {
+            sock.send_to(&msg(seq), dst).unwrap();
         }
-        std::thread::sleep(Duration::from_millis(1));
+        for (sock, dst) in &peers {
+            sock.set_read_timeout(Some(Duration::from_millis(300)))
+                .unwrap();
+            let mut buf = [0u8; 64];
+            let mut tries = 0;
+            loop {
+                match sock.recv(&mut buf) {
+                    Ok(n) if Message::decode(&buf[..n]).is_ok_and(|m| m.mid == seq) => break,
+                    Ok(_) => continue,
+                    Err(_) => {
+                        tries += 1;
+                        assert!(
+                            tries <= 4,
+                            "no ACK for message {seq} after 4 retransmissions"
+                        );
+                        retransmissions += 1;
+                        sock.send_to(&msg(seq), dst).unwrap();
+                    }
+                }
+            }
+        }
     }
+    eprintln!("{retransmissions} retransmissions");
     let got = sub.collect(10_000, Duration::from_secs(30), Duration::from_millis(500));
     let mut per_peer: HashMap<&str, Vec<u16>> = HashMap::new();
     for r in &got {
@@ -260,18 +285,6 @@ fn ten_thousand_messages_from_a_hundred_peers_arrive_in_order() {
     assert_eq!(per_peer.len(), 100);
     for (topic, seqs) in per_peer {
         assert_eq!(seqs, (0..100).collect::<Vec<u16>>(), "order of {topic}");
-    }
-    // Every CON was acknowledged (the ACKs are all in by now: the settle
-    // period above followed the last delivery).
-    for (sock, _) in &peers {
-        sock.set_read_timeout(Some(Duration::from_millis(20)))
-            .unwrap();
-        let mut acks = 0;
-        let mut buf = [0u8; 64];
-        while sock.recv(&mut buf).is_ok() {
-            acks += 1;
-        }
-        assert_eq!(acks, 100);
     }
     gw.daemon.stop();
 }
