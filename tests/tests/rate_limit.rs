@@ -30,6 +30,24 @@ fn pin_to_cpu(cpu: usize) {
     }
 }
 
+/// Total length of the union of the spans.
+fn covered(mut spans: Vec<(Duration, Duration)>) -> Duration {
+    spans.sort();
+    let mut total = Duration::ZERO;
+    let mut current: Option<(Duration, Duration)> = None;
+    for (a, b) in spans {
+        current = match current {
+            Some((s, e)) if a <= e => Some((s, e.max(b))),
+            Some((s, e)) => {
+                total += e - s;
+                Some((a, b))
+            }
+            None => Some((a, b)),
+        };
+    }
+    total + current.map_or(Duration::ZERO, |(s, e)| e - s)
+}
+
 #[test]
 fn rate_holds_within_ten_percent_across_all_cpus() {
     require_root();
@@ -52,19 +70,29 @@ fn rate_holds_within_ten_percent_across_all_cpus() {
         "this test needs two CPUs to show cross-CPU accuracy"
     );
 
+    // Each thread records when it was offering packets. On a shared machine
+    // a thread can be off its CPU for a while; what the rate limiter can be
+    // held to is the time during which at least one CPU was offering.
     let start = Instant::now();
-    std::thread::scope(|s| {
-        for cpu in 0..cpus {
-            let (fp, frame) = (&fp, &frame);
-            s.spawn(move || {
-                pin_to_cpu(cpu);
-                while start.elapsed() < RUN_FOR {
-                    fp.test_run(frame, 20_000).expect("BPF_PROG_TEST_RUN");
-                }
-            });
-        }
+    let intervals: Vec<Vec<(Duration, Duration)>> = std::thread::scope(|s| {
+        let handles: Vec<_> = (0..cpus)
+            .map(|cpu| {
+                let (fp, frame) = (&fp, &frame);
+                s.spawn(move || {
+                    pin_to_cpu(cpu);
+                    let mut spans = Vec::new();
+                    while start.elapsed() < RUN_FOR {
+                        let from = start.elapsed();
+                        fp.test_run(frame, 20_000).expect("BPF_PROG_TEST_RUN");
+                        spans.push((from, start.elapsed()));
+                    }
+                    spans
+                })
+            })
+            .collect();
+        handles.into_iter().map(|h| h.join().unwrap()).collect()
     });
-    let elapsed = start.elapsed();
+    let elapsed = covered(intervals.into_iter().flatten().collect());
 
     let per_cpu = fp.peer_counters_per_cpu(1).unwrap();
     let busy_cpus = per_cpu
@@ -80,7 +108,7 @@ fn rate_holds_within_ten_percent_across_all_cpus() {
     let expected = RATE as f64 * elapsed.as_secs_f64() + BURST as f64;
     let accepted = total.accepted.packets as f64;
     eprintln!(
-        "offered {offered} in {elapsed:?} on {busy_cpus} CPUs; accepted {accepted}, expected {expected:.0}"
+        "offered {offered} over {elapsed:?} of offering on {busy_cpus} CPUs; accepted {accepted}, expected {expected:.0}"
     );
     assert!(
         offered as f64 > 10.0 * expected,
