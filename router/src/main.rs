@@ -70,6 +70,8 @@ enum CtlCommand {
     Peer(PeerCommand),
     #[command(subcommand)]
     Route(RouteCommand),
+    #[command(subcommand)]
+    Upstream(UpstreamCommand),
     /// Counters by verdict reason, per peer, MQTT and queues.
     Stats {
         #[arg(long)]
@@ -132,6 +134,12 @@ enum RouteCommand {
     Rm {
         name: String,
     },
+    Ls,
+}
+
+#[derive(Subcommand)]
+enum UpstreamCommand {
+    /// Upstream bridges: connection, spool, counters.
     Ls,
 }
 
@@ -276,6 +284,7 @@ fn ctl_request(command: CtlCommand) -> anyhow::Result<(&'static str, Value)> {
         }
         CtlCommand::Route(RouteCommand::Rm { name }) => ("route.rm", json!({ "name": name })),
         CtlCommand::Route(RouteCommand::Ls) => ("route.ls", Value::Null),
+        CtlCommand::Upstream(UpstreamCommand::Ls) => ("upstream.ls", Value::Null),
         CtlCommand::Stats { peer, watch } => {
             let mut args = json!({ "watch": watch });
             if let Some(peer) = peer {

@@ -180,6 +180,28 @@ fn coap_messages_reach_an_upstream_mosquitto() {
     );
     let got = upstream_sub(&setup.topo.gw, "up-sub", 1, 10);
     assert_eq!(got, vec!["site-7/m2m/10.77.0.1/sensors/temp 21.5"]);
+    // `ctl upstream ls` shows the bridge's state.
+    let out = std::process::Command::new(BIN)
+        .args([
+            "ctl",
+            "--socket",
+            &router.socket,
+            "--json",
+            "upstream",
+            "ls",
+        ])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    let state: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let cloud = &state["upstreams"][0];
+    assert_eq!(
+        (cloud["name"].as_str(), cloud["connected"].as_bool()),
+        (Some("cloud"), Some(true)),
+        "{state}"
+    );
+    assert_eq!(cloud["acked"], 1);
+    assert_eq!(cloud["spooled_messages"], 0);
     router.stop();
 }
 

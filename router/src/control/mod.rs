@@ -155,6 +155,10 @@ impl Control {
                 let _: Empty = args(args_value, command)?;
                 Ok(json!({ "routes": self.raw.route.iter().map(|r| serde_json::to_value(r).unwrap()).collect::<Vec<_>>() }))
             }
+            "upstream.ls" => {
+                let _: Empty = args(args_value, command)?;
+                Ok(self.upstreams())
+            }
             "stats" => {
                 let a: StatsArgs = args(args_value, command)?;
                 let _ = (a.watch, a.interval_ms); // streaming is the server's job
@@ -172,7 +176,7 @@ impl Control {
                 "unknown_command",
                 format!(
                     "unknown command {other:?}; known: status, peer.add, peer.rm, peer.ls, peer.import, \
-                     route.add, route.rm, route.ls, stats, config.save, config.reload"
+                     route.add, route.rm, route.ls, upstream.ls, stats, config.save, config.reload"
                 ),
                 Some("command"),
             )),
@@ -334,6 +338,33 @@ impl Control {
             })
             .collect();
         json!({ "peers": peers })
+    }
+
+    fn upstreams(&self) -> Value {
+        let bridges = self.running.broker.bridges();
+        let list: Vec<Value> = self
+            .config
+            .upstreams
+            .iter()
+            .map(|u| {
+                let mut v = json!({
+                    "name": u.name, "url": u.url, "durability": format!("{:?}", u.durability).to_lowercase(),
+                    "topics": u.topics, "prefix": u.prefix,
+                });
+                if let Some(b) = bridges.iter().find(|b| b.name == u.name) {
+                    let s = &b.spool.stats;
+                    v["connected"] = json!(b.connected.load(Ordering::Relaxed));
+                    v["connects"] = json!(b.connects.load(Ordering::Relaxed));
+                    v["spooled_messages"] = json!(s.records.load(Ordering::Relaxed));
+                    v["spooled_bytes"] = json!(s.bytes.load(Ordering::Relaxed));
+                    v["sent"] = json!(b.sent.load(Ordering::Relaxed));
+                    v["acked"] = json!(s.acked.load(Ordering::Relaxed));
+                    v["evicted"] = json!(s.evicted.load(Ordering::Relaxed));
+                }
+                v
+            })
+            .collect();
+        json!({ "upstreams": list })
     }
 
     pub fn stats(&self, peer: Option<&str>) -> Outcome {
