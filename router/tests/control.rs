@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 use m2m_router_tests::daemon::Daemon;
 use m2m_router_tests::netns::{Topology, DEV_V4, GW_IF, GW_V4};
 use m2m_router_tests::packet::coap_post;
-use m2m_router_tests::require_root;
+use m2m_router_tests::{require_root, TempPath};
 use serde_json::Value;
 
 const BIN: &str = env!("CARGO_BIN_EXE_m2m-router");
@@ -20,22 +20,6 @@ struct Gateway {
     topo: Topology,
     daemon: Daemon,
     config: TempPath,
-}
-
-/// A file removed when the test ends.
-struct TempPath(std::path::PathBuf);
-
-impl std::ops::Deref for TempPath {
-    type Target = std::path::Path;
-    fn deref(&self) -> &std::path::Path {
-        &self.0
-    }
-}
-
-impl Drop for TempPath {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_file(&self.0);
-    }
 }
 
 impl Gateway {

@@ -11,31 +11,23 @@ use m2m_router_tests::daemon::Daemon;
 use m2m_router_tests::mqtt::{MosquittoSub, Received};
 use m2m_router_tests::netns::{Topology, DEV_V4, GW_IF, GW_V4};
 use m2m_router_tests::packet::coap_post;
-use m2m_router_tests::require_root;
+use m2m_router_tests::{require_root, TempPath};
 
 const BIN: &str = env!("CARGO_BIN_EXE_m2m-router");
 
 struct Setup {
     topo: Topology,
     daemon: Daemon,
-    _config: Temp,
-}
-
-struct Temp(std::path::PathBuf);
-
-impl Drop for Temp {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_file(&self.0);
-    }
+    _config: TempPath,
 }
 
 fn setup(tag: &str) -> Setup {
     require_root();
     let topo = Topology::new(tag);
-    let path = std::env::temp_dir().join(format!("m2m-downlink-{tag}-{}.toml", std::process::id()));
-    std::fs::write(
-        &path,
-        format!(
+    let config = TempPath::with_contents(
+        &format!("downlink-{tag}"),
+        "toml",
+        &format!(
             r#"
             [defaults]
             rate = "unlimited"
@@ -52,8 +44,7 @@ fn setup(tag: &str) -> Setup {
             "#,
             DEV_V4[0], DEV_V4[1]
         ),
-    )
-    .unwrap();
+    );
     let daemon = Daemon::running(
         &topo.gw,
         BIN,
@@ -63,13 +54,13 @@ fn setup(tag: &str) -> Setup {
             "--xdp-mode",
             "native",
             "--config",
-            path.to_str().unwrap(),
+            config.as_str(),
         ],
     );
     Setup {
         topo,
         daemon,
-        _config: Temp(path),
+        _config: config,
     }
 }
 

@@ -13,7 +13,7 @@ use m2m_router_tests::daemon::Daemon;
 use m2m_router_tests::mqtt::{MosquittoSub, RawClient};
 use m2m_router_tests::netns::{Topology, DEV_V4, DEV_V6, GW_IF, GW_V4, GW_V6};
 use m2m_router_tests::packet::coap;
-use m2m_router_tests::require_root;
+use m2m_router_tests::{require_root, TempPath};
 
 const BIN: &str = env!("CARGO_BIN_EXE_m2m-router");
 
@@ -37,24 +37,14 @@ fn config(extra: &str) -> String {
 struct Gateway {
     topo: Topology,
     daemon: Daemon,
-    _config: TempFile,
-}
-
-struct TempFile(std::path::PathBuf);
-
-impl Drop for TempFile {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_file(&self.0);
-    }
+    _config: TempPath,
 }
 
 impl Gateway {
     fn start(tag: &str, config_text: &str) -> Gateway {
         require_root();
         let topo = Topology::new(tag);
-        let path =
-            std::env::temp_dir().join(format!("m2m-uplink-{tag}-{}.toml", std::process::id()));
-        std::fs::write(&path, config_text).unwrap();
+        let config = TempPath::with_contents(&format!("uplink-{tag}"), "toml", config_text);
         let daemon = Daemon::running(
             &topo.gw,
             BIN,
@@ -64,13 +54,13 @@ impl Gateway {
                 "--xdp-mode",
                 "native",
                 "--config",
-                path.to_str().unwrap(),
+                config.as_str(),
             ],
         );
         Gateway {
             topo,
             daemon,
-            _config: TempFile(path),
+            _config: config,
         }
     }
 

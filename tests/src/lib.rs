@@ -40,3 +40,32 @@ impl Rng {
         (self.next_u64() % n as u64) as usize
     }
 }
+
+/// A file removed when the test ends (pass or fail).
+pub struct TempPath(pub std::path::PathBuf);
+
+impl TempPath {
+    /// `<tmp>/m2m-<tag>-<pid>.<ext>`, written with `contents`.
+    pub fn with_contents(tag: &str, ext: &str, contents: &str) -> TempPath {
+        let path = std::env::temp_dir().join(format!("m2m-{tag}-{}.{ext}", std::process::id()));
+        std::fs::write(&path, contents).expect("write a temporary file");
+        TempPath(path)
+    }
+
+    pub fn as_str(&self) -> &str {
+        self.0.to_str().expect("temporary paths are UTF-8")
+    }
+}
+
+impl std::ops::Deref for TempPath {
+    type Target = std::path::Path;
+    fn deref(&self) -> &std::path::Path {
+        &self.0
+    }
+}
+
+impl Drop for TempPath {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
+    }
+}
