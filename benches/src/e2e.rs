@@ -9,8 +9,11 @@
 //!
 //! RATE 0 means flat out. SINK: `embedded` (subscribe to the router's own
 //! broker, default), `bridge-memory` or `bridge-disk` (the router bridges
-//! to a Mosquitto in the gateway namespace; subscribe there). Needs root
-//! (namespaces, XDP).
+//! to a Mosquitto in the gateway namespace; subscribe there), or `aiocoap`:
+//! no m2m-router, but the Python aiocoap + paho-mqtt bridge of
+//! benches/peers/ publishing into that Mosquitto (its venv comes from
+//! `cargo xtask bench-peers`); "router CPU" is then the Python process's.
+//! Needs root (namespaces, XDP).
 
 use std::io::{BufReader, Read, Write};
 use std::net::{SocketAddr, TcpStream, UdpSocket};
@@ -115,6 +118,29 @@ fn subscribe(
     })
 }
 
+/// The Python aiocoap bridge in the gateway namespace, once it says ready.
+fn start_aiocoap(topo: &Topology) -> std::process::Child {
+    let venv = std::env::var("M2M_PEERS_VENV").unwrap_or_else(|_| {
+        format!(
+            "{}/.cache/m2m-router/peers/venv",
+            std::env::var("HOME").unwrap_or_default()
+        )
+    });
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/peers/aiocoap_bridge.py");
+    let mut child = topo
+        .gw
+        .command(&format!("{venv}/bin/python"))
+        .args([script, "0.0.0.0", "5683", "1885"])
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .expect("the aiocoap venv (cargo xtask bench-peers)");
+    let mut line = String::new();
+    let stdout = child.stdout.take().unwrap();
+    std::io::BufRead::read_line(&mut std::io::BufReader::new(stdout), &mut line).unwrap();
+    assert_eq!(line.trim(), "ready", "the aiocoap bridge did not start");
+    child
+}
+
 fn percentile(sorted: &[u64], p: f64) -> f64 {
     if sorted.is_empty() {
         return f64::NAN;
@@ -139,6 +165,7 @@ fn main() {
     let mut text = "[defaults]\nrate = \"unlimited\"\ntopic = \"load/{port}\"\n[mqtt]\nsession_queue = 1000000\n".to_owned();
     let _mosquitto = match sink.as_str() {
         "embedded" => None,
+        "aiocoap" => Some(m2m_router_tests::mqtt::Mosquitto::start(&topo.gw, 1885)),
         "bridge-memory" | "bridge-disk" => {
             let durability = sink.trim_start_matches("bridge-");
             text.push_str(&format!(
@@ -150,33 +177,47 @@ fn main() {
         other => panic!("unknown sink {other:?}"),
     };
     std::fs::write(&config, text).unwrap();
-    let daemon = Daemon::running(
-        &topo.gw,
-        &bin,
-        &[
-            "--iface",
-            GW_IF,
-            "--xdp-mode",
-            "native",
-            "--config",
-            config.to_str().unwrap(),
-        ],
-    );
-    let pid_line = daemon
-        .seen
-        .iter()
-        .find(|l| l.contains("pid="))
-        .cloned()
-        .unwrap_or_default();
-    let pid: u32 = pid_line
-        .rsplit("pid=")
-        .next()
-        .and_then(|p| p.trim().parse().ok())
-        .expect("daemon pid");
+    let (daemon, mut peer, pid) = if sink == "aiocoap" {
+        let peer = start_aiocoap(&topo);
+        let pid = peer.id();
+        (None, Some(peer), pid)
+    } else {
+        let daemon = Daemon::running(
+            &topo.gw,
+            &bin,
+            &[
+                "--iface",
+                GW_IF,
+                "--xdp-mode",
+                "native",
+                "--config",
+                config.to_str().unwrap(),
+            ],
+        );
+        let pid_line = daemon
+            .seen
+            .iter()
+            .find(|l| l.contains("pid="))
+            .cloned()
+            .unwrap_or_default();
+        let pid: u32 = pid_line
+            .rsplit("pid=")
+            .next()
+            .and_then(|p| p.trim().parse().ok())
+            .expect("daemon pid");
+        (Some(daemon), None, pid)
+    };
     let stop = Arc::new(AtomicBool::new(false));
+    // The subscriber reads where the system under test delivers: the
+    // embedded broker, or the Mosquitto the bridge (or the peer) feeds.
+    let broker_addr = if sink == "embedded" {
+        "127.0.0.1:1883"
+    } else {
+        "127.0.0.1:1885"
+    };
     let receiver = topo
         .gw
-        .run(|| subscribe("127.0.0.1:1883".parse().unwrap(), peers, stop.clone()));
+        .run(|| subscribe(broker_addr.parse().unwrap(), peers, stop.clone()));
     std::thread::sleep(Duration::from_millis(300));
 
     let sockets: Vec<UdpSocket> = (0..peers)
@@ -226,11 +267,17 @@ fn main() {
     got.latencies_ns.sort_unstable();
     let _ = std::fs::remove_file(&config);
     let _ = std::fs::remove_dir_all(&spool);
-    if std::env::var_os("E2E_VERBOSE").is_some() {
-        daemon.signal(libc::SIGUSR1);
-        std::thread::sleep(Duration::from_millis(300));
+    if let Some(daemon) = daemon {
+        if std::env::var_os("E2E_VERBOSE").is_some() {
+            daemon.signal(libc::SIGUSR1);
+            std::thread::sleep(Duration::from_millis(300));
+        }
+        daemon.stop_and_show(std::env::var_os("E2E_VERBOSE").is_some());
     }
-    daemon.stop_and_show(std::env::var_os("E2E_VERBOSE").is_some());
+    if let Some(peer) = &mut peer {
+        let _ = peer.kill();
+        let _ = peer.wait();
+    }
 
     println!(
         "| {} {sink} | {peers} | {:.0} | {:.0} | {:.2}% | {:.0} | {:.0} | {:.0} | {:.2} | {} |",

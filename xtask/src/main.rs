@@ -6,6 +6,7 @@
 //!   cargo xtask run -- ARGS      build, then `m2m-router ARGS` (as root)
 //!   cargo xtask test             toolchain + test tools, fmt, clippy, all tests
 //!   cargo xtask bootstrap        only install what is missing
+//!   cargo xtask bench-peers      the systems the benchmarks compare against
 
 use std::env;
 use std::ffi::OsString;
@@ -73,6 +74,7 @@ fn dispatch(args: &[OsString]) -> Result<()> {
             Err(err).context("starting m2m-router")
         }
         "test" => test(rest),
+        "bench-peers" => bench_peers(),
         "help" | "--help" | "-h" => {
             println!(
                 "usage: cargo xtask <bootstrap | build | run -- ARGS | test [-- CARGO TEST ARGS]>"
@@ -81,6 +83,34 @@ fn dispatch(args: &[OsString]) -> Result<()> {
         }
         other => bail!("unknown command {other:?}; try `cargo xtask help`"),
     }
+}
+
+/// The systems m2m-router is measured beside (benches/src/e2e.rs): a Python
+/// venv with aiocoap and paho-mqtt, from PyPI.
+fn bench_peers() -> Result<()> {
+    ensure_packages(TEST_PACKAGES)?;
+    let venv = tools_root().parent().unwrap().join("peers/venv");
+    let python = venv.join("bin/python");
+    let ready = Command::new(&python)
+        .args(["-c", "import aiocoap, paho.mqtt"])
+        .output()
+        .is_ok_and(|o| o.status.success());
+    if ready {
+        return Ok(());
+    }
+    step(&format!(
+        "installing aiocoap 0.4.17 and paho-mqtt 2.2 into {}",
+        venv.display()
+    ));
+    run(Command::new("python3").arg("-m").arg("venv").arg(&venv))?;
+    run(Command::new(&python).args([
+        "-m",
+        "pip",
+        "install",
+        "-q",
+        "aiocoap==0.4.17",
+        "paho-mqtt==2.2.*",
+    ]))
 }
 
 fn build() -> Result<()> {
