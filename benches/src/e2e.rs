@@ -7,6 +7,14 @@
 //!
 //!   cargo build --release && sudo ./target/release/e2e [SECONDS] [PEERS] [RATE] [con|non] [SINK]
 //!
+//! With `E2E_FLOOD=xdp|nft|none`, a junk flood runs flat out beside the
+//! legitimate load (which then all comes from one configured peer): valid
+//! CoAP from unknown sources, CoAP with a bad version from the peer's own
+//! address, and short garbage datagrams, all to port 5683. `xdp`: the
+//! router drops them in XDP (unknown_peers = "drop"); `nft`: the same policy
+//! as nftables rules, router with --xdp-mode off; `none`: no filtering.
+//! The row reports the share of legitimate messages delivered.
+//!
 //! RATE 0 means flat out. SINK: `embedded` (subscribe to the router's own
 //! broker, default), `bridge-memory` or `bridge-disk` (the router bridges
 //! to a Mosquitto in the gateway namespace; subscribe there), or `aiocoap`:
@@ -141,6 +149,87 @@ fn start_aiocoap(topo: &Topology) -> std::process::Child {
     child
 }
 
+/// The fast path's policy written as nftables rules in the gateway
+/// namespace: CoAP only from the configured peer, and only version 1 (the
+/// first two bits after the 8-byte UDP header).
+fn nft_policy(topo: &Topology) {
+    let rules = format!(
+        "table inet m2m {{\n chain input {{\n  type filter hook input priority 0; policy accept;\n  udp dport 5683 ip saddr != {} drop\n  udp dport 5683 @th,64,2 != 1 drop\n }}\n}}\n",
+        DEV_V4[0]
+    );
+    let mut nft = topo
+        .gw
+        .command("nft")
+        .args(["-f", "-"])
+        .stdin(std::process::Stdio::piped())
+        .spawn()
+        .expect("nft (Debian package nftables)");
+    std::io::Write::write_all(&mut nft.stdin.take().unwrap(), rules.as_bytes()).unwrap();
+    assert!(
+        nft.wait().unwrap().success(),
+        "loading the nftables rules failed"
+    );
+}
+
+/// Machine-wide softirq time so far, in seconds (/proc/stat): where XDP and
+/// the kernel's receive path spend their time, whichever process is current.
+fn softirq_seconds() -> f64 {
+    let stat = std::fs::read_to_string("/proc/stat").unwrap_or_default();
+    let cpu = stat.lines().next().unwrap_or_default();
+    let softirq: u64 = cpu
+        .split_whitespace()
+        .nth(7)
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0);
+    // SAFETY: sysconf has no preconditions.
+    softirq as f64 / unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64
+}
+
+/// Sends junk flat out from `E2E_JUNK_THREADS` threads (default 2) until
+/// `stop`; returns how many datagrams they sent.
+fn start_junk(topo: &Topology, stop: Arc<AtomicBool>) -> std::thread::JoinHandle<u64> {
+    let threads: usize = std::env::var("E2E_JUNK_THREADS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(2);
+    let senders: Vec<_> = (0..threads)
+        .map(|_| {
+            let unknown = [
+                topo.device_socket(DEV_V4[2].into()),
+                topo.device_socket(DEV_V4[3].into()),
+            ];
+            let same_address = topo.device_socket(DEV_V4[0].into());
+            let stop = stop.clone();
+            junk_thread(unknown, same_address, stop)
+        })
+        .collect();
+    std::thread::spawn(move || senders.into_iter().map(|t| t.join().unwrap()).sum())
+}
+
+fn junk_thread(
+    unknown: [UdpSocket; 2],
+    same_address: UdpSocket,
+    stop: Arc<AtomicBool>,
+) -> std::thread::JoinHandle<u64> {
+    std::thread::spawn(move || {
+        let dst = SocketAddr::new(GW_V4.into(), 5683);
+        let valid_unknown = coap(0, 0x02, 1, &[], &[0xb1, b'x'], b"junk");
+        let mut bad_version = valid_unknown.clone();
+        bad_version[0] ^= 0xc0;
+        let garbage = [0xffu8, 0, 1];
+        let mut sent = 0u64;
+        while !stop.load(Ordering::Relaxed) {
+            for _ in 0..64 {
+                let _ = unknown[0].send_to(&valid_unknown, dst);
+                let _ = same_address.send_to(&bad_version, dst);
+                let _ = unknown[1].send_to(&garbage, dst);
+                sent += 3;
+            }
+        }
+        sent
+    })
+}
+
 fn percentile(sorted: &[u64], p: f64) -> f64 {
     if sorted.is_empty() {
         return f64::NAN;
@@ -162,7 +251,24 @@ fn main() {
     let topo = Topology::new("e2e");
     let config = std::env::temp_dir().join(format!("m2m-e2e-{}.toml", std::process::id()));
     let spool = std::path::PathBuf::from(format!("/var/tmp/m2m-e2e-spool-{}", std::process::id()));
+    let flood = std::env::var("E2E_FLOOD").ok();
     let mut text = "[defaults]\nrate = \"unlimited\"\ntopic = \"load/{port}\"\n[mqtt]\nsession_queue = 1000000\n".to_owned();
+    if flood.is_some() {
+        text.push_str(&format!(
+            "[[peer]]\nname = \"legit\"\nprefix = [\"{}/32\"]\n",
+            DEV_V4[0]
+        ));
+        text = text.replace("[defaults]\n", "[defaults]\nunknown_peers = \"drop\"\n");
+    }
+    let xdp_mode = match flood.as_deref() {
+        None | Some("xdp") => "native",
+        Some("nft") => {
+            nft_policy(&topo);
+            "off"
+        }
+        Some("none") => "off",
+        Some(other) => panic!("E2E_FLOOD={other:?}: xdp, nft or none"),
+    };
     let _mosquitto = match sink.as_str() {
         "embedded" => None,
         "aiocoap" => Some(m2m_router_tests::mqtt::Mosquitto::start(&topo.gw, 1885)),
@@ -189,7 +295,7 @@ fn main() {
                 "--iface",
                 GW_IF,
                 "--xdp-mode",
-                "native",
+                xdp_mode,
                 "--config",
                 config.to_str().unwrap(),
             ],
@@ -221,10 +327,16 @@ fn main() {
     std::thread::sleep(Duration::from_millis(300));
 
     let sockets: Vec<UdpSocket> = (0..peers)
-        .map(|i| topo.device_socket(DEV_V4[i % 4].into()))
+        .map(|i| {
+            let src = if flood.is_some() { 0 } else { i % 4 };
+            topo.device_socket(DEV_V4[src].into())
+        })
         .collect();
+    let junk_stop = Arc::new(AtomicBool::new(false));
+    let junk = flood.as_ref().map(|_| start_junk(&topo, junk_stop.clone()));
     let dst = SocketAddr::new(GW_V4.into(), 5683);
     let cpu_before = cpu_seconds(pid);
+    let softirq_before = softirq_seconds();
     let start = Instant::now();
     let mut sent: u64 = 0;
     let mut seq = 0u32;
@@ -260,8 +372,11 @@ fn main() {
         }
     }
     let send_time = start.elapsed().as_secs_f64();
+    junk_stop.store(true, Ordering::Relaxed);
+    let junk_sent = junk.map_or(0, |j| j.join().unwrap());
     std::thread::sleep(Duration::from_secs(if sink == "embedded" { 1 } else { 3 }));
     let cpu = cpu_seconds(pid) - cpu_before;
+    let softirq = softirq_seconds() - softirq_before;
     stop.store(true, Ordering::Relaxed);
     let mut got = receiver.join().unwrap();
     got.latencies_ns.sort_unstable();
@@ -279,6 +394,19 @@ fn main() {
         let _ = peer.wait();
     }
 
+    if let Some(mode) = &flood {
+        println!(
+            "| flood, {mode} | {:.0} | {:.0} | {:.2}% | {:.0} | {:.0} | {:.2} | {:.2} |",
+            sent as f64 / send_time,
+            junk_sent as f64 / send_time,
+            100.0 * got.count as f64 / sent.max(1) as f64,
+            percentile(&got.latencies_ns, 0.5),
+            percentile(&got.latencies_ns, 0.99),
+            cpu,
+            softirq,
+        );
+        return;
+    }
     println!(
         "| {} {sink} | {peers} | {:.0} | {:.0} | {:.2}% | {:.0} | {:.0} | {:.0} | {:.2} | {} |",
         if con { "CON" } else { "NON" },
