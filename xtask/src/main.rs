@@ -89,6 +89,7 @@ fn dispatch(args: &[OsString]) -> Result<()> {
 /// venv with aiocoap and paho-mqtt, from PyPI.
 fn bench_peers() -> Result<()> {
     ensure_packages(TEST_PACKAGES)?;
+    ensure_packages(&["nftables"])?;
     let venv = tools_root().parent().unwrap().join("peers/venv");
     let python = venv.join("bin/python");
     let ready = Command::new(&python)
