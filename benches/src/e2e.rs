@@ -21,6 +21,8 @@
 //! no m2m-router, but the Python aiocoap + paho-mqtt bridge of
 //! benches/peers/ publishing into that Mosquitto (its venv comes from
 //! `cargo xtask bench-peers`); "router CPU" is then the Python process's.
+//! `node-red`: likewise with a Node-RED 4 flow (node-red-contrib-coap ->
+//! function -> mqtt out, benches/peers/node-red-flow.json).
 //! Needs root (namespaces, XDP).
 
 use std::io::{BufReader, Read, Write};
@@ -149,6 +151,40 @@ fn start_aiocoap(topo: &Topology) -> std::process::Child {
     child
 }
 
+/// The Node-RED flow in the gateway namespace, once it runs and is
+/// connected to the Mosquitto.
+fn start_node_red(topo: &Topology) -> std::process::Child {
+    let home = std::env::var("HOME").unwrap_or_default();
+    let bin = format!("{home}/.cache/m2m-router/peers/node-red/node_modules/.bin/node-red");
+    let user_dir = std::env::temp_dir().join(format!("m2m-e2e-node-red-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&user_dir);
+    std::fs::create_dir_all(&user_dir).unwrap();
+    let flow = concat!(env!("CARGO_MANIFEST_DIR"), "/peers/node-red-flow.json");
+    let mut child = topo
+        .gw
+        .command(&bin)
+        .args(["-u", user_dir.to_str().unwrap(), flow])
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .expect("Node-RED (cargo xtask bench-peers)");
+    let mut lines = std::io::BufRead::lines(std::io::BufReader::new(child.stdout.take().unwrap()));
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        assert!(
+            Instant::now() < deadline,
+            "Node-RED did not connect to the broker"
+        );
+        match lines.next() {
+            Some(Ok(line)) if line.contains("Connected to broker") => break,
+            Some(Ok(_)) => {}
+            _ => panic!("Node-RED exited"),
+        }
+    }
+    // Keep reading its log so it never blocks on a full pipe.
+    std::thread::spawn(move || lines.for_each(drop));
+    child
+}
+
 /// The fast path's policy written as nftables rules in the gateway
 /// namespace: CoAP only from the configured peer, and only version 1 (the
 /// first two bits after the 8-byte UDP header).
@@ -271,7 +307,7 @@ fn main() {
     };
     let _mosquitto = match sink.as_str() {
         "embedded" => None,
-        "aiocoap" => Some(m2m_router_tests::mqtt::Mosquitto::start(&topo.gw, 1885)),
+        "aiocoap" | "node-red" => Some(m2m_router_tests::mqtt::Mosquitto::start(&topo.gw, 1885)),
         "bridge-memory" | "bridge-disk" => {
             let durability = sink.trim_start_matches("bridge-");
             text.push_str(&format!(
@@ -283,8 +319,12 @@ fn main() {
         other => panic!("unknown sink {other:?}"),
     };
     std::fs::write(&config, text).unwrap();
-    let (daemon, mut peer, pid) = if sink == "aiocoap" {
-        let peer = start_aiocoap(&topo);
+    let (daemon, mut peer, pid) = if sink == "aiocoap" || sink == "node-red" {
+        let peer = if sink == "aiocoap" {
+            start_aiocoap(&topo)
+        } else {
+            start_node_red(&topo)
+        };
         let pid = peer.id();
         (None, Some(peer), pid)
     } else {

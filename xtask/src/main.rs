@@ -86,11 +86,35 @@ fn dispatch(args: &[OsString]) -> Result<()> {
 }
 
 /// The systems m2m-router is measured beside (benches/src/e2e.rs): a Python
-/// venv with aiocoap and paho-mqtt, from PyPI.
+/// venv with aiocoap and paho-mqtt (PyPI), Node-RED 4 with
+/// node-red-contrib-coap (npm; Node-RED 5 needs Node 22, the machine has 20),
+/// and nftables.
 fn bench_peers() -> Result<()> {
     ensure_packages(TEST_PACKAGES)?;
     ensure_packages(&["nftables"])?;
-    let venv = tools_root().parent().unwrap().join("peers/venv");
+    let peers = tools_root().parent().unwrap().join("peers");
+    let node_red = peers.join("node-red");
+    if !node_red.join("node_modules/.bin/node-red").exists() {
+        step(&format!(
+            "installing node-red@4 and node-red-contrib-coap@0.6.0 into {}",
+            node_red.display()
+        ));
+        std::fs::create_dir_all(&node_red)?;
+        if !node_red.join("package.json").exists() {
+            std::fs::write(
+                node_red.join("package.json"),
+                "{\"name\": \"m2m-router-bench-peers\", \"private\": true}\n",
+            )?;
+        }
+        run(Command::new("npm").current_dir(&node_red).args([
+            "install",
+            "--no-audit",
+            "--no-fund",
+            "node-red@4",
+            "node-red-contrib-coap@0.6.0",
+        ]))?;
+    }
+    let venv = peers.join("venv");
     let python = venv.join("bin/python");
     let ready = Command::new(&python)
         .args(["-c", "import aiocoap, paho.mqtt"])
