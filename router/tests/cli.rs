@@ -9,14 +9,13 @@ use std::time::Duration;
 
 use m2m_router_tests::daemon::Daemon;
 use m2m_router_tests::netns::{Netns, Topology, DEV_V4, GW_IF, GW_V4};
-use m2m_router_tests::require_root;
+use m2m_router_tests::{require_root, TempPath};
 
 const BIN: &str = env!("CARGO_BIN_EXE_m2m-router");
 
-fn temp_file(name: &str, text: &str) -> std::path::PathBuf {
-    let path = std::env::temp_dir().join(format!("m2m-cli-{}-{name}", std::process::id()));
-    std::fs::write(&path, text).unwrap();
-    path
+/// A config file for one test, removed when it ends.
+fn temp_file(name: &str, text: &str) -> TempPath {
+    TempPath::with_contents(&format!("cli-{name}"), "toml", text)
 }
 
 #[test]
@@ -43,10 +42,10 @@ fn check_config_accepts_the_example_and_names_bad_fields() {
         ("[coap]\nlisten = \"0.0.0.0:5683\"\n", "listen"),
         ("[[peer]\n", "expected"),
     ] {
-        let path = temp_file("bad.toml", text);
+        let path = temp_file("bad", text);
         let out = Command::new(BIN)
             .arg("check-config")
-            .arg(&path)
+            .arg(&*path)
             .output()
             .unwrap();
         let stderr = String::from_utf8_lossy(&out.stderr);
@@ -128,7 +127,7 @@ fn run_on_a_veth_in_native_mode_applies_the_config() {
     require_root();
     let topo = Topology::new("cli-veth");
     let config = temp_file(
-        "veth.toml",
+        "veth",
         &format!(
             "[[peer]]\nname = \"banned\"\nprefix = [\"{}/32\"]\ndeny = true\n",
             DEV_V4[1]

@@ -131,6 +131,8 @@ impl Drop for Daemon {
         if let Ok(None) = self.child.try_wait() {
             let _ = self.child.kill();
             let _ = self.child.wait();
+            // A killed daemon leaves its control socket file behind.
+            let _ = std::fs::remove_file(&self.socket);
         }
     }
 }
