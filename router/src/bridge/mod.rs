@@ -7,6 +7,7 @@
 
 pub mod spool;
 
+use std::collections::VecDeque;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
@@ -25,7 +26,7 @@ use crate::mqtt::Broker;
 pub use spool::Spool;
 
 /// QoS 1 messages in flight to the upstream.
-const WINDOW: usize = 64;
+const WINDOW: usize = 512;
 const KEEP_ALIVE: u16 = 30;
 const MAX_BACKOFF: Duration = Duration::from_secs(30);
 const FIRST_BACKOFF: Duration = Duration::from_millis(200);
@@ -216,7 +217,7 @@ async fn session(
 
     // Everything not yet acknowledged goes (again) on a new connection.
     let mut last_sent = bridge.spool.done_through();
-    let mut inflight: Vec<(u16, u64)> = Vec::with_capacity(WINDOW);
+    let mut inflight: VecDeque<(u16, u64)> = VecDeque::with_capacity(WINDOW);
     let mut next_id: u16 = 1;
     let mut last_checkpoint = Instant::now();
     let mut last_traffic = Instant::now();
@@ -242,7 +243,7 @@ async fn session(
                         subscription_id: None,
                     },
                 );
-                inflight.push((id, record.seq));
+                inflight.push_back((id, record.seq));
                 last_sent = record.seq;
             }
         }
@@ -258,19 +259,12 @@ async fn session(
         let ping_at = last_traffic + Duration::from_secs(u64::from(KEEP_ALIVE));
         tokio::select! {
             packet = read_packet(&mut stream, &mut inbuf) => {
-                let (kind, mut body) = packet?;
-                if kind >> 4 == 4 && body.len() >= 2 {
-                    let id = body.get_u16();
-                    if let Some(i) = inflight.iter().position(|(pid, _)| *pid == id) {
-                        let (_, seq) = inflight.swap_remove(i);
-                        bridge.spool.ack(seq);
-                    }
-                } else if kind >> 4 == 3 {
-                    if let Some(ack_id) = bring_in(kind, body, &cfg.prefix, bridge, broker) {
-                        out.put_u8(0x40);
-                        out.put_u8(2);
-                        out.put_u16(ack_id);
-                    }
+                let mut packet = Some(packet?);
+                // Take every packet already buffered before writing again:
+                // one write then carries the publishes they made room for.
+                while let Some((kind, body)) = packet {
+                    on_packet(kind, body, &mut inflight, &mut out, &cfg.prefix, bridge, broker);
+                    packet = next_frame(&mut inbuf);
                 }
             }
             _ = bridge.spool.appended.notified(), if inflight.len() < WINDOW => {}
@@ -278,6 +272,35 @@ async fn session(
             _ = tokio::time::sleep_until(ping_at) => {
                 out.put_slice(&[0xc0, 0]);
             }
+        }
+    }
+}
+
+/// One packet from the upstream: a PUBACK frees its window slot and
+/// releases the spool record; a PUBLISH is a command coming in.
+fn on_packet(
+    kind: u8,
+    mut body: Bytes,
+    inflight: &mut VecDeque<(u16, u64)>,
+    out: &mut BytesMut,
+    prefix: &str,
+    bridge: &Bridge,
+    broker: &Broker,
+) {
+    if kind >> 4 == 4 && body.len() >= 2 {
+        let id = body.get_u16();
+        // The broker acknowledges in order (MQTT 3.1.1 section 4.6), so
+        // the match is nearly always at the front.
+        if let Some(i) = inflight.iter().position(|(pid, _)| *pid == id) {
+            if let Some((_, seq)) = inflight.remove(i) {
+                bridge.spool.ack(seq);
+            }
+        }
+    } else if kind >> 4 == 3 {
+        if let Some(ack_id) = bring_in(kind, body, prefix, bridge, broker) {
+            out.put_u8(0x40);
+            out.put_u8(2);
+            out.put_u16(ack_id);
         }
     }
 }
@@ -375,30 +398,36 @@ async fn read_packet<S: AsyncRead + Unpin + ?Sized>(
     buf: &mut BytesMut,
 ) -> std::io::Result<(u8, Bytes)> {
     loop {
-        if buf.len() >= 2 {
-            let mut len = 0usize;
-            let mut header = 0;
-            for i in 0..4 {
-                match buf.get(1 + i) {
-                    Some(&b) => {
-                        len |= usize::from(b & 0x7f) << (7 * i);
-                        if b & 0x80 == 0 {
-                            header = 2 + i;
-                            break;
-                        }
-                    }
-                    None => break,
-                }
-            }
-            if header > 0 && buf.len() >= header + len {
-                let first = buf[0];
-                let mut frame = buf.split_to(header + len).freeze();
-                frame.advance(header);
-                return Ok((first, frame));
-            }
+        if let Some(frame) = next_frame(buf) {
+            return Ok(frame);
+        }
+        // MQTT 3.1.1 section 2.2.3: at most 4 bytes of remaining length.
+        if buf.len() >= 5 && buf[1..5].iter().all(|b| b & 0x80 != 0) {
+            return Err(io_err("malformed remaining length from the upstream"));
         }
         if stream.read_buf(buf).await? == 0 {
             return Err(io_err("upstream closed the connection"));
         }
     }
+}
+
+/// The first whole packet in `buf` (fixed header first byte, body), taken
+/// out of it; None until one has fully arrived.
+fn next_frame(buf: &mut BytesMut) -> Option<(u8, Bytes)> {
+    let mut len = 0usize;
+    for i in 0..4 {
+        let b = *buf.get(1 + i)?;
+        len |= usize::from(b & 0x7f) << (7 * i);
+        if b & 0x80 == 0 {
+            let header = 2 + i;
+            if buf.len() < header + len {
+                return None;
+            }
+            let first = buf[0];
+            let mut frame = buf.split_to(header + len).freeze();
+            frame.advance(header);
+            return Some((first, frame));
+        }
+    }
+    None
 }
