@@ -74,6 +74,10 @@ struct Args {
     /// Router worker threads (default: the router's own, one per CPU).
     #[arg(long)]
     workers: Option<usize>,
+    /// Record a perf profile (call graphs) of the system's process into
+    /// this file, for 2 s from 1 s into the load.
+    #[arg(long)]
+    perf: Option<std::path::PathBuf>,
     /// Show the router's log and final counters.
     #[arg(long)]
     verbose: bool,
@@ -275,7 +279,24 @@ fn main() {
             .flood
             .as_ref()
             .map(|_| s.spawn(|| load::flood(&topo, GW_V4, args.flood_threads, &junk_stop)));
+        let profile = args.perf.as_ref().map(|path| {
+            s.spawn(move || {
+                std::thread::sleep(Duration::from_secs(1));
+                std::process::Command::new("perf")
+                    .args(["record", "-q", "-g", "-p", &pid.to_string(), "-o"])
+                    .arg(path)
+                    .args(["--", "sleep", "2"])
+                    .status()
+            })
+        });
         let offered = load::offer(&topo, &spec, v4, v6, &AtomicBool::new(false));
+        if let Some(profile) = profile {
+            let status = profile
+                .join()
+                .unwrap()
+                .expect("perf (Debian package linux-perf)");
+            assert!(status.success(), "perf record failed: {status}");
+        }
         junk_stop.store(true, Ordering::Relaxed);
         (offered, junk.map(|j| j.join().unwrap()))
     });

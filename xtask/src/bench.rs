@@ -24,6 +24,7 @@ const P99_LIMIT_US: f64 = 100_000.0;
 
 const E2E_HEADER: &str = "| system | family | devices | CON | payload B | offered msg/s | delivered msg/s | loss | devices with loss | p50 us | p99 us | p99.9 us | machine CPU us/msg | system process CPU us/msg | out of order |\n|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n";
 
+#[derive(Clone, Copy)]
 struct Settings {
     seconds: &'static str,
     bisections: usize,
@@ -36,6 +37,7 @@ struct Row {
     offered: f64,
     loss: f64,
     p99_us: f64,
+    machine_cpu_us: f64,
 }
 
 impl Row {
@@ -52,6 +54,7 @@ impl Row {
             offered: number(6)?,
             loss: number(8)?,
             p99_us: number(11)?,
+            machine_cpu_us: number(13)?,
         })
     }
 }
@@ -95,7 +98,7 @@ pub fn run(bin: &Path, quick: bool) -> Result<String> {
         P99_LIMIT_US / 1000.0,
         s.bisections
     ));
-    let mut capacities = Vec::new();
+    let mut capacities: Vec<(&str, f64, f64)> = Vec::new();
     for (sink, start) in [
         ("embedded", 20_000.0),
         ("bridge-memory", 20_000.0),
@@ -109,13 +112,13 @@ pub fn run(bin: &Path, quick: bool) -> Result<String> {
         let flat = e2e(bin, &s, &["--sink", sink, "--rate", "0"])?;
         out.push_str(&flat.line);
         out.push('\n');
-        capacities.push((sink, best.offered));
+        capacities.push((sink, best.offered, best.machine_cpu_us));
     }
     let ours = capacities[0].1;
     out.push_str("\nCapacity ratios (m2m-router embedded / system): ");
     let ratios: Vec<String> = capacities[1..]
         .iter()
-        .map(|(sink, c)| format!("{sink} {:.1}x", ours / c.max(1.0)))
+        .map(|(sink, c, _)| format!("{sink} {:.1}x", ours / c.max(1.0)))
         .collect();
     out.push_str(&ratios.join(", "));
     out.push_str(&format!(
@@ -128,6 +131,7 @@ pub fn run(bin: &Path, quick: bool) -> Result<String> {
     out.push_str(&format!(
         "\n### m2m-router embedded at half its capacity ({half} msg/s), by load shape\n\n{E2E_HEADER}"
     ));
+    let mut worst_p99_at_half: f64 = 0.0;
     for shape in [
         &[][..],
         &["--family", "v6"][..],
@@ -138,7 +142,9 @@ pub fn run(bin: &Path, quick: bool) -> Result<String> {
     ] {
         let mut a = vec!["--sink", "embedded", "--rate", &half];
         a.extend_from_slice(shape);
-        out.push_str(&e2e(bin, &s, &a)?.line);
+        let row = e2e(bin, &s, &a)?;
+        worst_p99_at_half = worst_p99_at_half.max(row.p99_us);
+        out.push_str(&row.line);
         out.push('\n');
     }
     out.push_str(&format!(
@@ -147,6 +153,7 @@ pub fn run(bin: &Path, quick: bool) -> Result<String> {
 
     super::step("junk flood: XDP, nftables, nothing");
     out.push_str("\n### Junk flood beside 10,000 legitimate msg/s\n\n| filter | legit offered msg/s | junk pkt/s | legit delivered | p50 us | p99 us | machine CPU s | router process CPU s | softirq s |\n|---|---:|---:|---:|---:|---:|---:|---:|---:|\n");
+    let mut worst_xdp_share: f64 = 100.0;
     for mode in ["xdp", "nft", "none"] {
         for _ in 0..s.flood_runs {
             let row = capture(Command::new(bin.join("e2e")).args([
@@ -157,7 +164,16 @@ pub fn run(bin: &Path, quick: bool) -> Result<String> {
                 "--flood",
                 mode,
             ]))?;
-            out.push_str(row.lines().last().unwrap_or_default());
+            let line = row.lines().last().unwrap_or_default();
+            if mode == "xdp" {
+                let share = line
+                    .split('|')
+                    .nth(4)
+                    .and_then(|c| c.trim().trim_end_matches('%').parse().ok())
+                    .with_context(|| format!("no delivered share in {line:?}"))?;
+                worst_xdp_share = worst_xdp_share.min(share);
+            }
+            out.push_str(line);
             out.push('\n');
         }
     }
@@ -166,12 +182,123 @@ pub fn run(bin: &Path, quick: bool) -> Result<String> {
         s.seconds
     ));
 
+    super::step("perf profile of the router at its capacity");
+    out.push_str(&format!(
+        "\n### Where the router's CPU goes at {ours:.0} msg/s (perf)\n\n"
+    ));
+    out.push_str(&profile(bin, &s, ours)?);
+
     super::step("disk spool write and replay");
     out.push_str("\n### Spool\n\n");
     let n = if quick { "5000" } else { "20000" };
     out.push_str(&capture(Command::new(bin.join("spool-rate")).arg(n))?);
     out.push_str(&format!("\n`target/release/spool-rate {n}`\n"));
+
+    let cpu = capacities[0].2;
+    let peers_ratio = capacities[3..]
+        .iter()
+        .map(|(_, c, _)| ours / c.max(1.0))
+        .fold(f64::INFINITY, f64::min);
+    let verdict = |met: bool| if met { "met" } else { "missed" };
+    out.push_str(&format!(
+        "\n### Targets of the benchmark issue, from this run\n\n| target | measured | status |\n|---|---|---|\n\
+         | >= 10x the capacity of Node-RED and of the Python bridge | {peers_ratio:.1}x the lower of the two | {} |\n\
+         | <= 1 us machine CPU per message | {cpu:.2} us at capacity | {} |\n\
+         | >= 99.9% of legitimate messages under the flood, with XDP | {worst_xdp_share:.2}% in the worst run | {} |\n\
+         | p99 < 1 ms at half of the capacity | {:.0} us, worst load shape | {} |\n",
+        verdict(peers_ratio >= 10.0),
+        verdict(cpu <= 1.0),
+        verdict(worst_xdp_share >= 99.9),
+        worst_p99_at_half,
+        verdict(worst_p99_at_half < 1000.0),
+    ));
     Ok(out)
+}
+
+/// Profiles the router under `rate` and sums perf's inclusive shares for
+/// the code paths that matter.
+fn profile(bin: &Path, s: &Settings, rate: f64) -> Result<String> {
+    let data = std::env::temp_dir().join(format!("m2m-bench-perf-{}.data", std::process::id()));
+    // Long enough for perf's 2 s window from 1 s in, in quick mode too.
+    let five = Settings { seconds: "5", ..*s };
+    let row = e2e(
+        bin,
+        &five,
+        &[
+            "--rate",
+            &format!("{rate:.0}"),
+            "--perf",
+            data.to_str().unwrap(),
+        ],
+    )?;
+    let report = |sort: &str| {
+        capture(
+            Command::new("perf")
+                .args([
+                    "report",
+                    "--stdio",
+                    "--children",
+                    "-g",
+                    "none",
+                    "--sort",
+                    sort,
+                    "-i",
+                ])
+                .arg(&data),
+        )
+    };
+    let symbols = report("symbol")?;
+    let dsos = report("dso")?;
+    let _ = std::fs::remove_file(&data);
+    let share = |text: &str, name: &str| -> f64 {
+        // "  46.12%  0.14%  [.] __sendmmsg   -  -": the symbol follows "] ".
+        text.lines()
+            .filter(|l| {
+                l.split_once("] ")
+                    .and_then(|(_, rest)| rest.split("  ").next())
+                    .is_some_and(|symbol| symbol.trim().ends_with(name))
+            })
+            .filter_map(|l| {
+                l.split_whitespace()
+                    .next()?
+                    .trim_end_matches('%')
+                    .parse::<f64>()
+                    .ok()
+            })
+            .fold(0.0, f64::max)
+    };
+    let kernel: f64 = dsos
+        .lines()
+        .filter(|l| l.contains("[kernel.kallsyms]"))
+        .filter_map(|l| {
+            l.split_whitespace()
+                .nth(1)?
+                .trim_end_matches('%')
+                .parse::<f64>()
+                .ok()
+        })
+        .sum();
+    let mut t = format!(
+        "Run: {}\n\n| code path | share of the router's samples (inclusive) |\n|---|---:|\n| kernel, all | {kernel:.1}% |\n",
+        row.line
+    );
+    for (label, symbol) in [
+        ("sendmmsg: CoAP replies (incl. the devices' receive of them, run in softirq on this thread by the veth)", "__sendmmsg"),
+        ("softirq work on router threads (receive paths of the veth and loopback)", "handle_softirqs"),
+        ("recvmmsg: CoAP requests", "__recvmmsg"),
+        ("send: MQTT to the subscriber (TCP, incl. loopback receive)", "__send"),
+        ("epoll_wait: the broker's threads waiting", "epoll_wait"),
+        ("Uplink::handle: CoAP, dedup, mapping, publish", "Uplink::handle"),
+        ("duplicate detection: lookup", "DedupCache::lookup"),
+        ("duplicate detection: insert", "DedupCache::insert"),
+        ("broker publish (fan-out to session queues)", "Broker::publish_deferred"),
+    ] {
+        t.push_str(&format!("| {label} | {:.1}% |\n", share(&symbols, symbol)));
+    }
+    t.push_str(&format!(
+        "\n`target/release/e2e --rate {rate:.0} --perf FILE`, then `perf report --children --sort symbol -i FILE`\n"
+    ));
+    Ok(t)
 }
 
 /// Doubles the rate from `start` until the loss passes the limit or the

@@ -123,6 +123,19 @@ impl DedupCache {
         self.total += 1;
     }
 
+    /// Forgets the newest exchange (`peer`, `mid`), so a retransmission of
+    /// it is processed as new (used when its batch could not be committed).
+    pub fn forget(&mut self, peer: &SocketAddr, mid: u16) {
+        let Some(log) = self.peers.get_mut(peer) else {
+            return;
+        };
+        if let Some(i) = log.mids.iter().rposition(|m| *m == mid) {
+            log.mids.remove(i);
+            log.exchanges.remove(i);
+            self.total -= 1;
+        }
+    }
+
     /// Makes room under the total bound: the oldest entry of this peer, else
     /// of any peer (expired ones first, which cost no eviction).
     fn evict_one(&mut self, peer: &SocketAddr, now: Instant) {
@@ -231,5 +244,20 @@ mod tests {
             assert_eq!(c.lookup(&peer(1), mid * 3, t), expected, "mid {}", mid * 3);
             assert_eq!(c.lookup(&peer(1), mid * 3 + 1, t), None);
         }
+    }
+
+    #[test]
+    fn forgets_one_exchange() {
+        let mut c = DedupCache::new(8, 100);
+        let t = Instant::now();
+        for mid in [1, 2, 3] {
+            c.insert(peer(1), mid, A, t);
+        }
+        c.forget(&peer(1), 2);
+        c.forget(&peer(2), 1); // unknown peer: nothing happens
+        assert_eq!(c.lookup(&peer(1), 2, t), None);
+        assert_eq!(c.lookup(&peer(1), 1, t), Some(A));
+        assert_eq!(c.lookup(&peer(1), 3, t), Some(A));
+        assert_eq!(c.len(), 2);
     }
 }

@@ -81,6 +81,10 @@ pub struct Uplink {
     broker: Arc<Broker>,
     stats: Arc<UplinkStats>,
     dedup: DedupCache,
+    /// Exchanges remembered since the last commit: if the commit fails,
+    /// they are forgotten so a retransmission is processed again rather
+    /// than answered from the cache (it was never acknowledged).
+    uncommitted: Vec<(SocketAddr, u16)>,
     topic: String,
     /// Message IDs for NON responses (section 4.4: ours to choose).
     next_mid: u16,
@@ -97,6 +101,7 @@ impl Uplink {
         let (mapper_generation, mapper) = mappers.load();
         Uplink {
             dedup: DedupCache::new(config.dedup_per_peer, config.dedup_total),
+            uncommitted: Vec::new(),
             config,
             mappers,
             mapper,
@@ -229,6 +234,7 @@ impl Uplink {
                 token,
             };
             self.dedup.insert(src, msg.mid, answer, now);
+            self.uncommitted.push((src, msg.mid));
             self.stats
                 .dedup_evictions
                 .store(self.dedup.evictions, Ordering::Relaxed);
@@ -365,8 +371,15 @@ impl Uplink {
     /// Makes the messages of the batch handled so far durable in the
     /// bridges' disk spools; the worker calls it before sending the batch's
     /// acknowledgements (DESIGN.md invariant 1: nothing acknowledged is lost).
-    pub fn commit(&self) -> std::io::Result<()> {
-        self.broker.sync_bridges()
+    pub fn commit(&mut self) -> std::io::Result<()> {
+        let synced = self.broker.sync_bridges();
+        if synced.is_err() {
+            for (src, mid) in &self.uncommitted {
+                self.dedup.forget(src, *mid);
+            }
+        }
+        self.uncommitted.clear();
+        synced
     }
 
     /// Drops expired duplicate-detection state; call about once a second.
