@@ -36,7 +36,7 @@ use benches::load::{self, Family, LoadSpec, LEGIT_V4_PREFIX};
 use benches::subscriber;
 use clap::Parser;
 use m2m_router_tests::daemon::Daemon;
-use m2m_router_tests::netns::{Topology, GW_IF, GW_V4, GW_V6};
+use m2m_router_tests::netns::{Topology, DEV_IF, GW_IF, GW_V4, GW_V6};
 
 #[derive(Parser, Debug)]
 #[command(about = "End-to-end CoAP -> MQTT load through one system under test")]
@@ -162,6 +162,44 @@ fn nft_policy(topo: &Topology) {
     );
 }
 
+/// Datagrams the device veth could not hand to the gateway end: with XDP
+/// attached there, a veth queues frames in a 256-entry ring per queue and
+/// drops what does not fit (drivers/net/veth.c), before XDP sees them.
+fn veth_drops(topo: &Topology) -> u64 {
+    let out = std::process::Command::new("ip")
+        .args(["-n", topo.dev.name(), "-s", "-j", "link", "show", DEV_IF])
+        .output()
+        .expect("ip -s link");
+    let json = String::from_utf8_lossy(&out.stdout);
+    // {"stats64":{"rx":{..},"tx":{"bytes":..,"dropped":N,..}}}
+    json.split_once("\"tx\":")
+        .and_then(|(_, tx)| tx.split_once("\"dropped\":"))
+        .and_then(|(_, v)| v.split(|c: char| !c.is_ascii_digit()).next()?.parse().ok())
+        .unwrap_or(0)
+}
+
+/// UDP datagrams the gateway's kernel dropped for a full socket receive
+/// buffer (/proc/net/snmp `Udp: RcvbufErrors`, per namespace).
+fn udp_rcvbuf_errors(topo: &Topology) -> u64 {
+    let out = topo
+        .gw
+        .command("cat")
+        .arg("/proc/net/snmp")
+        .output()
+        .expect("cat /proc/net/snmp");
+    let text = String::from_utf8_lossy(&out.stdout);
+    let mut udp = text.lines().filter(|l| l.starts_with("Udp: "));
+    let (Some(names), Some(values)) = (udp.next(), udp.next()) else {
+        return 0;
+    };
+    names
+        .split_whitespace()
+        .zip(values.split_whitespace())
+        .find(|(n, _)| *n == "RcvbufErrors")
+        .and_then(|(_, v)| v.parse().ok())
+        .unwrap_or(0)
+}
+
 /// The router's configuration for this run.
 fn router_config(args: &Args, spool: &std::path::Path) -> String {
     let mut text = String::from("[defaults]\nrate = \"unlimited\"\ntopic = \"load/{ip}/{port}\"\n");
@@ -272,6 +310,8 @@ fn main() {
     };
     let v4 = SocketAddr::new(GW_V4.into(), 5683);
     let v6 = SocketAddr::new(GW_V6.into(), 5683);
+    let drops_before = veth_drops(&topo);
+    let rcvbuf_before = udp_rcvbuf_errors(&topo);
     let before = Sample::take(pid);
     let junk_stop = AtomicBool::new(false);
     let (offered, junk) = std::thread::scope(|s| {
@@ -305,6 +345,8 @@ fn main() {
     // Let queues drain: what arrives late still counts, its latency shows it.
     std::thread::sleep(Duration::from_secs(if sink == "embedded" { 1 } else { 3 }));
     let used = Sample::take(pid).since(&before);
+    let drops = veth_drops(&topo) - drops_before;
+    let rcvbuf_drops = udp_rcvbuf_errors(&topo) - rcvbuf_before;
     stop.store(true, Ordering::Relaxed);
     let got = receiver.join().unwrap();
     let _ = std::fs::remove_file(&config);
@@ -331,7 +373,7 @@ fn main() {
     let loss = 100.0 * offered.sent.saturating_sub(delivered) as f64 / offered.sent.max(1) as f64;
     if let Some(mode) = &args.flood {
         println!(
-            "| flood, {mode} | {:.0} | {:.0} | {:.2}% | {:.0} | {:.0} | {:.2} | {:.2} | {:.2} |",
+            "| flood, {mode} | {:.0} | {:.0} | {:.2}% | {drops} | {rcvbuf_drops} | {:.0} | {:.0} | {:.2} | {:.2} | {:.2} |",
             offered.sent as f64 / seconds,
             junk_sent as f64 / seconds,
             100.0 * delivered as f64 / offered.sent.max(1) as f64,

@@ -152,7 +152,7 @@ pub fn run(bin: &Path, quick: bool) -> Result<String> {
     ));
 
     super::step("junk flood: XDP, nftables, nothing");
-    out.push_str("\n### Junk flood beside 10,000 legitimate msg/s\n\n| filter | legit offered msg/s | junk pkt/s | legit delivered | p50 us | p99 us | machine CPU s | router process CPU s | softirq s |\n|---|---:|---:|---:|---:|---:|---:|---:|---:|\n");
+    out.push_str("\n### Junk flood beside 10,000 legitimate msg/s\n\n| filter | legit offered msg/s | junk pkt/s | legit delivered | veth drops (all traffic) | UDP receive buffer drops (all traffic) | p50 us | p99 us | machine CPU s | router process CPU s | softirq s |\n|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n");
     let mut worst_xdp_share: f64 = 100.0;
     for mode in ["xdp", "nft", "none"] {
         for _ in 0..s.flood_runs {
