@@ -152,6 +152,8 @@ fn bench(quick: bool) -> Result<()> {
     ensure_packages(BUILD_PACKAGES)?;
     ensure_bpf_linker()?;
     bench_peers()?;
+    // perf profiles the router at its capacity (bench.rs).
+    ensure_packages(&["linux-perf"])?;
     step("building everything (release)");
     cargo(&[
         "build",
