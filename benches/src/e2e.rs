@@ -341,7 +341,7 @@ fn main() {
         (offered, junk.map(|j| j.join().unwrap()))
     });
     let offered = offered.expect("offering the load");
-    let junk_sent = junk.transpose().expect("sending the flood").unwrap_or(0);
+    let junk_sent = junk.unwrap_or(0);
     // Let queues drain: what arrives late still counts, its latency shows it.
     std::thread::sleep(Duration::from_secs(if sink == "embedded" { 1 } else { 3 }));
     let used = Sample::take(pid).since(&before);
@@ -369,7 +369,7 @@ fn main() {
     let seconds = offered.seconds.max(1e-9);
     let delivered = got.count;
     let per_msg = |cpu: f64| cpu * 1e6 / delivered.max(1) as f64;
-    let (lossy_devices, _) = got.device_loss(&offered.per_device);
+    let lossy_devices = got.lossy_devices(&offered.per_device);
     let loss = 100.0 * offered.sent.saturating_sub(delivered) as f64 / offered.sent.max(1) as f64;
     if let Some(mode) = &args.flood {
         println!(

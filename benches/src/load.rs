@@ -27,8 +27,8 @@ use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
-use m2m_router_tests::netns::{Topology, DEV_IF, DEV_V4, DEV_V6};
-use m2m_router_tests::packet::{UdpFrame, GW_MAC};
+use m2m_router_tests::netns::{RawSender, Topology, DEV_V4, DEV_V6};
+use m2m_router_tests::packet::UdpFrame;
 
 /// The simulated devices' IPv4 prefix (/16).
 pub const SIM_V4: Ipv4Addr = Ipv4Addr::new(10, 78, 0, 0);
@@ -332,7 +332,7 @@ pub const LEGIT_V4_PREFIX: &str = "10.78.0.0/17";
 /// PACKET_QDISC_BYPASS): a flood needs no socket, route or neighbour of
 /// its own, so the generator spends its time where the gateway receives.
 /// Returns how many frames went out.
-pub fn flood(topo: &Topology, dst: Ipv4Addr, threads: usize, stop: &AtomicBool) -> io::Result<u64> {
+pub fn flood(topo: &Topology, dst: Ipv4Addr, threads: usize, stop: &AtomicBool) -> u64 {
     let frames: Vec<Vec<u8>> = (0..BATCH)
         .map(|k| {
             let (src, datagram): (Ipv4Addr, &[u8]) = match k % 3 {
@@ -356,75 +356,23 @@ pub fn flood(topo: &Topology, dst: Ipv4Addr, threads: usize, stop: &AtomicBool) 
             .build()
         })
         .collect();
-    let sockets = (0..threads)
-        .map(|_| topo.dev.run(packet_socket))
-        .collect::<io::Result<Vec<(OwnedFd, libc::sockaddr_ll)>>>()?;
-    let sent = std::thread::scope(|s| {
-        let handles: Vec<_> = sockets
+    let senders: Vec<RawSender> = (0..threads).map(|_| topo.raw_sender()).collect();
+    let frames = &frames;
+    std::thread::scope(|s| {
+        let handles: Vec<_> = senders
             .into_iter()
-            .map(|(fd, mut to)| {
-                let frames = &frames;
+            .map(|raw| {
                 s.spawn(move || {
-                    // SAFETY: plain C structs; all-zero is valid.
-                    let mut iov: Vec<libc::iovec> = vec![unsafe { zeroed() }; BATCH];
-                    let mut headers: Vec<libc::mmsghdr> = vec![unsafe { zeroed() }; BATCH];
-                    for k in 0..BATCH {
-                        iov[k] = libc::iovec {
-                            iov_base: frames[k].as_ptr().cast_mut().cast(),
-                            iov_len: frames[k].len(),
-                        };
-                        headers[k].msg_hdr.msg_iov = &mut iov[k];
-                        headers[k].msg_hdr.msg_iovlen = 1;
-                        headers[k].msg_hdr.msg_name = (&mut to as *mut libc::sockaddr_ll).cast();
-                        headers[k].msg_hdr.msg_namelen = size_of::<libc::sockaddr_ll>() as u32;
-                    }
                     let mut sent = 0u64;
                     while !stop.load(Ordering::Relaxed) {
-                        // SAFETY: the headers point at frames, iov and `to`,
-                        // all alive for this loop.
-                        let rc = unsafe {
-                            libc::sendmmsg(fd.as_raw_fd(), headers.as_mut_ptr(), BATCH as u32, 0)
-                        };
-                        sent += rc.max(0) as u64;
+                        sent += raw.send_many(frames) as u64;
                     }
                     sent
                 })
             })
             .collect();
         handles.into_iter().map(|h| h.join().unwrap()).sum()
-    });
-    Ok(sent)
-}
-
-/// An AF_PACKET socket on the device veth, with its destination address.
-fn packet_socket() -> io::Result<(OwnedFd, libc::sockaddr_ll)> {
-    let name = std::ffi::CString::new(DEV_IF).unwrap();
-    // SAFETY: plain syscalls with checked results on a descriptor we own.
-    unsafe {
-        let ifindex = libc::if_nametoindex(name.as_ptr()) as i32;
-        if ifindex == 0 {
-            return Err(io::Error::last_os_error());
-        }
-        let fd = libc::socket(libc::AF_PACKET, libc::SOCK_RAW | libc::SOCK_CLOEXEC, 0);
-        if fd < 0 {
-            return Err(io::Error::last_os_error());
-        }
-        let fd = OwnedFd::from_raw_fd(fd);
-        let one: libc::c_int = 1;
-        libc::setsockopt(
-            fd.as_raw_fd(),
-            libc::SOL_PACKET,
-            libc::PACKET_QDISC_BYPASS,
-            (&one as *const libc::c_int).cast(),
-            size_of::<libc::c_int>() as u32,
-        );
-        let mut to: libc::sockaddr_ll = zeroed();
-        to.sll_family = libc::AF_PACKET as u16;
-        to.sll_ifindex = ifindex;
-        to.sll_halen = 6;
-        to.sll_addr[..6].copy_from_slice(&GW_MAC);
-        Ok((fd, to))
-    }
+    })
 }
 
 /// A UDP socket bound to the wildcard address and a kernel-chosen port,

@@ -31,19 +31,12 @@ impl Received {
         sorted[((sorted.len() - 1) as f64 * p) as usize] as f64 / 1000.0
     }
 
-    /// Devices that lost at least one message, and the worst device's loss
-    /// share, given what each sent.
-    pub fn device_loss(&self, sent: &[u32]) -> (usize, f64) {
-        let mut lossy = 0;
-        let mut worst = 0.0f64;
-        for (i, &s) in sent.iter().enumerate() {
-            let got = self.per_device.get(i).copied().unwrap_or(0);
-            if got < s {
-                lossy += 1;
-                worst = worst.max(f64::from(s - got) / f64::from(s));
-            }
-        }
-        (lossy, worst)
+    /// How many devices lost at least one message, given what each sent.
+    pub fn lossy_devices(&self, sent: &[u32]) -> usize {
+        sent.iter()
+            .enumerate()
+            .filter(|&(i, &s)| self.per_device.get(i).copied().unwrap_or(0) < s)
+            .count()
     }
 }
 

@@ -242,21 +242,71 @@ impl RawSender {
                 "AF_PACKET socket: {}",
                 std::io::Error::last_os_error()
             );
-            RawSender {
-                fd: OwnedFd::from_raw_fd(fd),
-                ifindex,
-            }
+            let fd = OwnedFd::from_raw_fd(fd);
+            // Straight to the driver (packet(7)): no qdisc between a test
+            // or a flood and the veth.
+            let one: libc::c_int = 1;
+            libc::setsockopt(
+                fd.as_raw_fd(),
+                libc::SOL_PACKET,
+                libc::PACKET_QDISC_BYPASS,
+                (&one as *const libc::c_int).cast(),
+                std::mem::size_of::<libc::c_int>() as u32,
+            );
+            RawSender { fd, ifindex }
         }
     }
 
-    pub fn send(&self, frame: &[u8]) {
+    /// The gateway end of the veth, as a packet(7) address.
+    fn gateway(&self) -> libc::sockaddr_ll {
         // SAFETY: sockaddr_ll is plain data, zeroed then filled.
+        let mut addr: libc::sockaddr_ll = unsafe { std::mem::zeroed() };
+        addr.sll_family = libc::AF_PACKET as u16;
+        addr.sll_ifindex = self.ifindex;
+        addr.sll_halen = 6;
+        addr.sll_addr[..6].copy_from_slice(&GW_MAC);
+        addr
+    }
+
+    /// Sends `frames` with one sendmmsg(2); how many the kernel took.
+    pub fn send_many(&self, frames: &[Vec<u8>]) -> usize {
+        let mut addr = self.gateway();
+        let mut iov: Vec<libc::iovec> = frames
+            .iter()
+            .map(|f| libc::iovec {
+                iov_base: f.as_ptr().cast_mut().cast(),
+                iov_len: f.len(),
+            })
+            .collect();
+        let mut headers: Vec<libc::mmsghdr> = iov
+            .iter_mut()
+            .map(|iov| {
+                // SAFETY: mmsghdr is plain data; all-zero is valid.
+                let mut h: libc::mmsghdr = unsafe { std::mem::zeroed() };
+                h.msg_hdr.msg_iov = iov;
+                h.msg_hdr.msg_iovlen = 1;
+                h.msg_hdr.msg_name = (&mut addr as *mut libc::sockaddr_ll).cast();
+                h.msg_hdr.msg_namelen = std::mem::size_of::<libc::sockaddr_ll>() as u32;
+                h
+            })
+            .collect();
+        // SAFETY: the headers point at `frames`, `iov` and `addr`, all alive
+        // until sendmmsg returns.
+        let rc = unsafe {
+            libc::sendmmsg(
+                self.fd.as_raw_fd(),
+                headers.as_mut_ptr(),
+                headers.len() as u32,
+                0,
+            )
+        };
+        rc.max(0) as usize
+    }
+
+    pub fn send(&self, frame: &[u8]) {
+        let addr = self.gateway();
+        // SAFETY: plain sendto on our socket with a filled sockaddr_ll.
         unsafe {
-            let mut addr: libc::sockaddr_ll = std::mem::zeroed();
-            addr.sll_family = libc::AF_PACKET as u16;
-            addr.sll_ifindex = self.ifindex;
-            addr.sll_halen = 6;
-            addr.sll_addr[..6].copy_from_slice(&GW_MAC);
             let rc = libc::sendto(
                 self.fd.as_raw_fd(),
                 frame.as_ptr().cast(),

@@ -138,7 +138,8 @@ impl Uplink {
     }
 
     /// Handles one datagram from `src`; leaves the reply, if any, in `out`.
-    /// `truncated`: the datagram was larger than the receive buffer.
+    /// `truncated`: the datagram was larger than the receive buffer. Call
+    /// `commit` after each receive batch, before sending its replies.
     pub fn handle(
         &mut self,
         dgram: &[u8],
