@@ -12,7 +12,15 @@
 //! replayed from there, stopping at the first torn or corrupt record.
 //!
 //! The spool is bounded: past `max_bytes` the oldest messages are evicted
-//! and counted, and the router keeps serving.
+//! and counted, and the router keeps serving. The disk holds at most
+//! `max_bytes` of pending records plus one segment (segments are an eighth
+//! of the bound, 4 KiB to 4 MiB): a segment is deleted as soon as every
+//! record in it is acknowledged or evicted, and replay applies the bound
+//! again, so evicted messages do not come back after a restart.
+//!
+//! A write that fails part-way (a full disk) is rolled back with `set_len`,
+//! so no torn record is ever followed by good ones; if even the rollback
+//! fails, the next record starts a new segment.
 
 use std::collections::VecDeque;
 use std::fs::{self, File, OpenOptions};
@@ -23,8 +31,9 @@ use std::sync::{Arc, Mutex};
 
 use bytes::Bytes;
 
-/// Segment files are rotated at this size.
-const SEGMENT_BYTES: u64 = 4 << 20;
+/// Segment files are rotated at `max_bytes / 8` within these sizes.
+const MIN_SEGMENT_BYTES: u64 = 4 << 10;
+const MAX_SEGMENT_BYTES: u64 = 4 << 20;
 const RECORD_HEADER: usize = 4 + 4 + 8 + 2;
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -65,6 +74,11 @@ struct Disk {
     /// The segment being appended to (shared with `sync`).
     file: Arc<File>,
     file_bytes: u64,
+    segment_bytes: u64,
+    /// A failed write could not be rolled back: start a new segment, so
+    /// that no good record follows the torn one.
+    rotate: bool,
+    /// Oldest first; the last one is `file`.
     segments: VecDeque<Segment>,
 }
 
@@ -94,7 +108,7 @@ impl Spool {
     }
 
     /// Opens (or creates) the disk spool in `dir` and replays what the
-    /// upstream has not acknowledged.
+    /// upstream has not acknowledged, at most `max_bytes` of it (the newest).
     pub fn open(dir: &Path, max_bytes: u64) -> io::Result<Spool> {
         fs::create_dir_all(dir)?;
         let done_through = fs::read_to_string(dir.join("acked"))
@@ -110,16 +124,25 @@ impl Spool {
         let mut queue = VecDeque::new();
         let mut segments = VecDeque::new();
         let mut last_seq = done_through;
+        let mut current_bytes = 0;
         for path in &paths {
-            let (records, valid_len) = read_segment(path)?;
-            // A torn tail (crash mid-write) is cut off; the CON it carried
-            // was never acknowledged to its device.
-            if valid_len < fs::metadata(path)?.len() {
+            let (records, valid_len, stop) = read_segment(path)?;
+            if let Some(reason) = stop {
+                // A torn or corrupt tail: the write it came from failed or
+                // never finished, so no device was acknowledged for it.
+                let file_len = fs::metadata(path)?.len();
                 OpenOptions::new()
                     .write(true)
                     .open(path)?
                     .set_len(valid_len)?;
-                tracing::warn!(path = %path.display(), "spool: cut a torn record off the end of a segment");
+                tracing::warn!(
+                    path = %path.display(),
+                    cut_bytes = file_len - valid_len,
+                    kept_records = records.len(),
+                    last_good_seq = records.last().map_or(0, |r| r.seq),
+                    reason,
+                    "spool: cut the unreadable end of a segment"
+                );
             }
             let seg_last = records.last().map_or(0, |r| r.seq);
             for record in records {
@@ -131,25 +154,36 @@ impl Spool {
                     });
                 }
             }
-            if seg_last > done_through || path == paths.last().unwrap() {
-                segments.push_back(Segment {
-                    path: path.clone(),
-                    last_seq: seg_last,
-                });
-            } else {
-                let _ = fs::remove_file(path);
-            }
+            segments.push_back(Segment {
+                path: path.clone(),
+                last_seq: seg_last,
+            });
+            current_bytes = valid_len;
         }
         let next_seq = last_seq + 1;
-        let path = dir.join(format!("{next_seq:020}.seg"));
+        // Appends continue in the newest segment: creating another named
+        // after `next_seq` could give the name of the (empty) newest one.
+        let path = match segments.back() {
+            Some(seg) => seg.path.clone(),
+            None => {
+                current_bytes = 0;
+                let path = dir.join(format!("{next_seq:020}.seg"));
+                segments.push_back(Segment {
+                    path: path.clone(),
+                    last_seq: 0,
+                });
+                path
+            }
+        };
         let file = Arc::new(OpenOptions::new().create(true).append(true).open(&path)?);
-        segments.push_back(Segment { path, last_seq: 0 });
         let mut inner = Inner::new(
             next_seq,
             Some(Disk {
                 dir: dir.to_owned(),
                 file,
-                file_bytes: 0,
+                file_bytes: current_bytes,
+                segment_bytes: (max_bytes / 8).clamp(MIN_SEGMENT_BYTES, MAX_SEGMENT_BYTES),
+                rotate: false,
                 segments,
             }),
         );
@@ -157,9 +191,16 @@ impl Spool {
         inner.bytes = queue.iter().map(|e| e.record.size()).sum();
         inner.queue = queue;
         let spool = Spool::with(inner, max_bytes);
-        let replayed = spool.inner.lock().unwrap().queue.len();
-        if replayed > 0 {
-            tracing::info!(dir = %dir.display(), replayed, "spool: replaying messages not yet acknowledged upstream");
+        {
+            let mut inner = spool.inner.lock().unwrap();
+            let evicted = spool.evict_over_bound(&mut inner);
+            if evicted > 0 {
+                tracing::warn!(dir = %dir.display(), evicted, max_bytes, "spool: more on disk than spool_max_bytes; the oldest were evicted at replay");
+            }
+            inner.release_done_segments()?;
+            if !inner.queue.is_empty() {
+                tracing::info!(dir = %dir.display(), replayed = inner.queue.len(), "spool: replaying messages not yet acknowledged upstream");
+            }
         }
         spool.publish_gauges();
         Ok(spool)
@@ -203,13 +244,11 @@ impl Spool {
                 acked: false,
             });
             inner.written += 1;
-            while inner.bytes > self.max_bytes && inner.queue.len() > 1 {
-                let old = inner.queue.pop_front().unwrap();
-                inner.bytes -= old.record.size();
-                inner.done_through = old.record.seq;
-                if !old.acked {
-                    self.stats.evicted.fetch_add(1, Ordering::Relaxed);
-                }
+            if self.evict_over_bound(&mut inner) > 0 {
+                // Keeps the disk within the bound too. The record is stored
+                // whatever happens here: a failure only delays the release
+                // to the next eviction or checkpoint.
+                let _ = inner.release_done_segments();
             }
             inner.written
         };
@@ -217,6 +256,22 @@ impl Spool {
         self.publish_gauges();
         self.appended.notify_one();
         Ok(written)
+    }
+
+    /// Drops the oldest records until the spool is within `max_bytes`
+    /// (always keeping the newest); returns how many were unacknowledged.
+    fn evict_over_bound(&self, inner: &mut Inner) -> u64 {
+        let mut evicted = 0;
+        while inner.bytes > self.max_bytes && inner.queue.len() > 1 {
+            let old = inner.queue.pop_front().unwrap();
+            inner.bytes -= old.record.size();
+            inner.done_through = old.record.seq;
+            if !old.acked {
+                evicted += 1;
+            }
+        }
+        self.stats.evicted.fetch_add(evicted, Ordering::Relaxed);
+        evicted
     }
 
     /// Makes every record appended so far durable.
@@ -279,19 +334,10 @@ impl Spool {
     pub fn checkpoint(&self) -> io::Result<()> {
         let mut inner = self.inner.lock().unwrap();
         let done = inner.done_through;
-        let Some(disk) = &mut inner.disk else {
-            return Ok(());
-        };
-        let tmp = disk.dir.join("acked.tmp");
-        let mut f = File::create(&tmp)?;
-        f.write_all(format!("{done}\n").as_bytes())?;
-        f.sync_all()?;
-        fs::rename(&tmp, disk.dir.join("acked"))?;
-        while disk.segments.len() > 1 && disk.segments.front().is_some_and(|s| s.last_seq <= done) {
-            let seg = disk.segments.pop_front().unwrap();
-            let _ = fs::remove_file(&seg.path);
+        if let Some(disk) = &inner.disk {
+            disk.write_watermark(done)?;
         }
-        Ok(())
+        inner.release_done_segments()
     }
 
     /// The sequence before the oldest pending record.
@@ -321,25 +367,71 @@ impl Inner {
     }
 }
 
+impl Inner {
+    /// Deletes the segments (but the current one) whose records are all
+    /// acknowledged or evicted, after recording that on disk.
+    fn release_done_segments(&mut self) -> io::Result<()> {
+        let done = self.done_through;
+        let Some(disk) = &mut self.disk else {
+            return Ok(());
+        };
+        let releasable = |d: &Disk| {
+            d.segments.len() > 1 && d.segments.front().is_some_and(|s| s.last_seq <= done)
+        };
+        if !releasable(disk) {
+            return Ok(());
+        }
+        disk.write_watermark(done)?;
+        while releasable(disk) {
+            let seg = disk.segments.pop_front().unwrap();
+            let _ = fs::remove_file(&seg.path);
+        }
+        Ok(())
+    }
+}
+
 impl Disk {
+    /// Every record up to `done` is acknowledged or evicted (atomic rename).
+    fn write_watermark(&self, done: u64) -> io::Result<()> {
+        let tmp = self.dir.join("acked.tmp");
+        let mut f = File::create(&tmp)?;
+        f.write_all(format!("{done}\n").as_bytes())?;
+        f.sync_all()?;
+        fs::rename(&tmp, self.dir.join("acked"))
+    }
+
     fn write(&mut self, r: &Record) -> io::Result<()> {
-        if self.file_bytes >= SEGMENT_BYTES {
+        let topic_len = u16::try_from(r.topic.len()).map_err(|_| {
+            io::Error::new(
+                io::ErrorKind::InvalidInput,
+                "a topic longer than 65,535 bytes cannot be spooled",
+            )
+        })?;
+        if self.file_bytes >= self.segment_bytes || self.rotate {
             self.file.sync_data()?;
             let path = self.dir.join(format!("{:020}.seg", r.seq));
             self.file = Arc::new(OpenOptions::new().create(true).append(true).open(&path)?);
             self.file_bytes = 0;
+            self.rotate = false;
             self.segments.push_back(Segment { path, last_seq: 0 });
         }
         let mut body = Vec::with_capacity(RECORD_HEADER + r.topic.len() + r.payload.len());
         body.extend_from_slice(&r.seq.to_be_bytes());
-        body.extend_from_slice(&(r.topic.len() as u16).to_be_bytes());
+        body.extend_from_slice(&topic_len.to_be_bytes());
         body.extend_from_slice(&r.topic);
         body.extend_from_slice(&r.payload);
         let mut rec = Vec::with_capacity(8 + body.len());
         rec.extend_from_slice(&(body.len() as u32).to_be_bytes());
         rec.extend_from_slice(&crc32fast::hash(&body).to_be_bytes());
         rec.extend_from_slice(&body);
-        (&*self.file).write_all(&rec)?;
+        if let Err(err) = (&*self.file).write_all(&rec) {
+            // Part of the record may be in the file (ENOSPC after a short
+            // write): cut it off so the next record follows a good one.
+            if self.file.set_len(self.file_bytes).is_err() {
+                self.rotate = true;
+            }
+            return Err(err);
+        }
         self.file_bytes += rec.len() as u64;
         if let Some(seg) = self.segments.back_mut() {
             seg.last_seq = r.seq;
@@ -348,24 +440,33 @@ impl Disk {
     }
 }
 
-/// The valid records of a segment and the length they cover.
-fn read_segment(path: &Path) -> io::Result<(Vec<Record>, u64)> {
+/// The valid records of a segment, the length they cover, and why reading
+/// stopped before the end of the file, if it did.
+fn read_segment(path: &Path) -> io::Result<(Vec<Record>, u64, Option<&'static str>)> {
     let mut data = Vec::new();
     File::open(path)?.read_to_end(&mut data)?;
     let mut records = Vec::new();
     let mut at = 0usize;
-    while data.len() >= at + 8 {
-        let len = u32::from_be_bytes(data[at..at + 4].try_into().unwrap()) as usize;
-        let crc = u32::from_be_bytes(data[at + 4..at + 8].try_into().unwrap());
+    let mut stop = None;
+    while at < data.len() {
+        let Some(header) = data.get(at..at + 8) else {
+            stop = Some("a record header ends early");
+            break;
+        };
+        let len = u32::from_be_bytes(header[0..4].try_into().unwrap()) as usize;
+        let crc = u32::from_be_bytes(header[4..8].try_into().unwrap());
         let Some(body) = data.get(at + 8..at + 8 + len) else {
+            stop = Some("a record ends early");
             break;
         };
         if len < 10 || crc32fast::hash(body) != crc {
+            stop = Some("a record's checksum does not match");
             break;
         }
         let seq = u64::from_be_bytes(body[0..8].try_into().unwrap());
         let tlen = usize::from(u16::from_be_bytes([body[8], body[9]]));
         if 10 + tlen > len {
+            stop = Some("a record's topic length exceeds the record");
             break;
         }
         records.push(Record {
@@ -375,7 +476,7 @@ fn read_segment(path: &Path) -> io::Result<(Vec<Record>, u64)> {
         });
         at += 8 + len;
     }
-    Ok((records, at as u64))
+    Ok((records, at as u64, stop))
 }
 
 #[cfg(test)]
@@ -443,7 +544,93 @@ mod tests {
             .set_len(len - 3)
             .unwrap();
         let s = Spool::open(&dir, 1 << 20).unwrap();
-        assert_eq!(s.pending(0, 100).len(), 2);
+        let kept: Vec<_> = s.pending(0, 100).into_iter().map(|r| r.topic).collect();
+        assert_eq!(
+            kept,
+            vec![msg(0).0, msg(1).0],
+            "the first two, not the torn third"
+        );
+        // The next record takes the torn one's sequence number and replays.
+        s.append(msg(3).0, msg(3).1).unwrap();
+        drop(s);
+        let s = Spool::open(&dir, 1 << 20).unwrap();
+        let kept: Vec<_> = s
+            .pending(0, 100)
+            .into_iter()
+            .map(|r| (r.seq, r.topic))
+            .collect();
+        assert_eq!(kept, vec![(1, msg(0).0), (2, msg(1).0), (3, msg(3).0)]);
+        fs::remove_dir_all(&dir).unwrap();
+    }
+
+    /// Finding: a restart with no traffic named the new segment after the
+    /// empty newest one, so it was listed twice and the next checkpoint
+    /// deleted the file being written.
+    #[test]
+    fn a_restart_without_traffic_keeps_the_live_segment() {
+        let dir = temp_dir("restart-idle");
+        drop(Spool::open(&dir, 1 << 20).unwrap());
+        {
+            let s = Spool::open(&dir, 1 << 20).unwrap();
+            s.checkpoint().unwrap(); // a connected bridge does this every 200 ms
+            for i in 0..10 {
+                let (t, p) = msg(i);
+                s.append(t, p).unwrap();
+            }
+            s.checkpoint().unwrap();
+        }
+        let s = Spool::open(&dir, 1 << 20).unwrap();
+        let seqs: Vec<u64> = s.pending(0, 100).iter().map(|r| r.seq).collect();
+        assert_eq!(seqs, (1..=10).collect::<Vec<_>>());
+        fs::remove_dir_all(&dir).unwrap();
+    }
+
+    fn disk_bytes(dir: &Path) -> u64 {
+        fs::read_dir(dir)
+            .unwrap()
+            .flatten()
+            .filter(|e| e.path().extension().is_some_and(|x| x == "seg"))
+            .map(|e| e.metadata().unwrap().len())
+            .sum()
+    }
+
+    /// Finding: with the upstream away, eviction bounded memory only; the
+    /// disk kept every record and a restart brought the evicted back.
+    #[test]
+    fn the_bound_holds_on_disk_and_evicted_messages_stay_gone() {
+        const MAX: u64 = 100_000;
+        let dir = temp_dir("bound");
+        let payload = Bytes::from(vec![b'x'; 300]);
+        let size = |i: u32| (RECORD_HEADER + msg(i).0.len() + 300) as u64;
+        let (segment, biggest) = (MAX / 8, size(5_999));
+        {
+            let s = Spool::open(&dir, MAX).unwrap();
+            for i in 0..6_000 {
+                s.append(msg(i).0, payload.clone()).unwrap();
+                let on_disk = disk_bytes(&dir);
+                assert!(
+                    on_disk <= MAX + segment + biggest,
+                    "after {i}: {on_disk} bytes on disk, bound {MAX} + a segment"
+                );
+            }
+            let evicted = s.stats.evicted.load(Ordering::Relaxed);
+            let kept = s.pending(0, usize::MAX);
+            assert_eq!(evicted as usize + kept.len(), 6_000);
+            assert!(s.stats.bytes.load(Ordering::Relaxed) <= MAX);
+        }
+        let s = Spool::open(&dir, MAX).unwrap();
+        let replayed = s.pending(0, usize::MAX);
+        let bytes: u64 = replayed.iter().map(Record::size).sum();
+        assert!(bytes <= MAX, "replayed {bytes} bytes, bound {MAX}");
+        // The newest, in order, ending with the last one appended.
+        let topics: Vec<_> = replayed.iter().map(|r| r.topic.clone()).collect();
+        let first = 6_000 - topics.len() as u32;
+        assert_eq!(topics, (first..6_000).map(|i| msg(i).0).collect::<Vec<_>>());
+        assert!(
+            topics.len() >= (MAX / biggest) as usize - 1,
+            "{} kept",
+            topics.len()
+        );
         fs::remove_dir_all(&dir).unwrap();
     }
 
