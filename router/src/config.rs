@@ -66,6 +66,8 @@ pub struct DownlinkSection {
     pub max_retransmit: Option<u32>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub response_timeout_ms: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub command_ttl_s: Option<u64>,
 }
 
 #[derive(Clone, Debug, Default, Deserialize, Serialize)]
@@ -432,6 +434,9 @@ pub struct DownlinkSettings {
     pub max_retransmit: u32,
     /// How long to wait for a separate response after an empty ACK.
     pub response_timeout: std::time::Duration,
+    /// A command that waited longer than this is answered `expired`, never
+    /// sent: an actuator must not act on a stale order.
+    pub command_ttl: std::time::Duration,
 }
 
 #[derive(Clone, Debug)]
@@ -693,6 +698,11 @@ impl ConfigFile {
                 "downlink.response_timeout_ms",
                 d.response_timeout_ms.map(|v| v as usize),
                 30_000,
+            )? as u64),
+            command_ttl: std::time::Duration::from_secs(positive(
+                "downlink.command_ttl_s",
+                d.command_ttl_s.map(|v| v as usize),
+                60,
             )? as u64),
         };
         Ok(Config {

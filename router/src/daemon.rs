@@ -62,8 +62,8 @@ pub fn run(config: Config, raw: ConfigFile, config_path: Option<PathBuf>) -> any
 
     let mut bridges = Vec::new();
     for upstream in &config.upstreams {
-        let bridge =
-            Bridge::open(upstream).with_context(|| format!("upstream {:?}", upstream.name))?;
+        let bridge = Bridge::open(upstream, &config.downlink.command_prefix)
+            .with_context(|| format!("upstream {:?}", upstream.name))?;
         broker.add_bridge(bridge.clone());
         bridges.push((upstream.clone(), bridge));
         tracing::info!(upstream = %upstream.name, url = %upstream.url, durability = ?upstream.durability, "upstream bridge configured");

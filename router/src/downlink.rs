@@ -16,6 +16,10 @@
 //!   in a short queue.
 //! - The fast-path policy applies: a denied or unknown peer is refused with
 //!   an error response, nothing is sent.
+//! - A command is sent only while it is fresh: one that waited longer than
+//!   `[downlink] command_ttl_s`, or than its MQTT 5 Message Expiry
+//!   Interval, is answered with `coap-code` "expired" and never sent (the
+//!   wait is counted from when the downlink took it from the broker).
 //!
 //! Method: POST, or the MQTT 5 user property `method` (GET, POST, PUT,
 //! DELETE). Responses carry the user property `coap-code` ("2.05", or
@@ -75,6 +79,8 @@ struct Command {
     content_format: Option<u16>,
     response_topic: Bytes,
     correlation: Option<Bytes>,
+    /// After this it is answered "expired" instead of being sent.
+    expires_at: Instant,
 }
 
 struct Exchange {
@@ -195,6 +201,14 @@ impl Downlink {
             content_format: d.message.content_type.as_deref().and_then(content_format),
             response_topic,
             correlation: props.as_ref().and_then(|p| p.correlation_data.clone()),
+            expires_at: Instant::now()
+                + props
+                    .as_ref()
+                    .and_then(|p| p.message_expiry)
+                    .map(|s| Duration::from_secs(u64::from(s)))
+                    .map_or(self.settings.command_ttl, |e| {
+                        e.min(self.settings.command_ttl)
+                    }),
         };
         command.method = match method_name.as_deref() {
             None | Some("POST") => code::POST,
@@ -398,14 +412,29 @@ impl Downlink {
     }
 
     fn next_of(&mut self, peer: &str) {
-        if let Some(command) = self.waiting.get_mut(peer).and_then(VecDeque::pop_front) {
+        while let Some(command) = self.waiting.get_mut(peer).and_then(VecDeque::pop_front) {
+            if Instant::now() > command.expires_at {
+                self.respond(
+                    &command,
+                    "expired",
+                    Bytes::from(
+                        serde_json::json!({
+                            "error": "expired: the command waited longer than its time to live and was not sent",
+                            "peer": command.peer,
+                        })
+                        .to_string(),
+                    ),
+                    Some("application/json"),
+                );
+                continue;
+            }
             let (_, mapper) = self.mappers.load();
             let endpoint = mapper
                 .peer_by_name(peer)
                 .filter(|i| !i.deny)
                 .and_then(|i| i.endpoint.or_else(|| self.last_seen.get(peer)));
             match endpoint {
-                Some(ep) => self.start(command, ep),
+                Some(ep) => return self.start(command, ep),
                 None => self.fail(&command, "the peer is no longer reachable by policy"),
             }
         }

@@ -370,6 +370,89 @@ fn commands_from_upstream_reach_the_device_and_responses_go_back_up() {
     router.stop();
 }
 
+fn upstream_state(router: &Daemon) -> serde_json::Value {
+    let out = std::process::Command::new(BIN)
+        .args([
+            "ctl",
+            "--socket",
+            &router.socket,
+            "--json",
+            "upstream",
+            "ls",
+        ])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    let state: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    state["upstreams"][0].clone()
+}
+
+/// Issue 11, finding 0: a command published on the embedded broker was
+/// forwarded up by a `#` bridge and came back down through the bridge's
+/// subscription to upstream commands, so the device received it twice.
+#[test]
+fn a_local_command_is_not_forwarded_upstream_and_runs_once() {
+    let setup = Setup::new("br-loop", "durability = \"memory\"");
+    std::fs::write(
+        &setup.config,
+        std::fs::read_to_string(&setup.config).unwrap()
+            + &format!(
+                "\n[[peer]]\nname = \"meter\"\nprefix = [\"{}/32\"]\n",
+                DEV_V4[0]
+            ),
+    )
+    .unwrap();
+    let _mosquitto = Mosquitto::start(&setup.topo.gw, UPSTREAM_PORT);
+    assert!(upstream_sub(&setup.topo.gw, "cloud-app", 1, 1).is_empty());
+    let router = setup.router();
+    let dev = &peers(&setup.topo, 1)[0];
+    assert_eq!(send(&setup.topo, std::slice::from_ref(dev), 0, 1), 1);
+    // The uplink reaching the upstream shows the bridge is connected and
+    // subscribed to upstream commands, so an echo would come back.
+    assert_eq!(
+        upstream_sub(&setup.topo.gw, "cloud-app", 1, 30),
+        vec!["site-7/m2m/meter/x 0:0"]
+    );
+    let ok = setup
+        .topo
+        .gw
+        .command("mosquitto_pub")
+        .args(["-h", "127.0.0.1", "-p", "1883", "-q", "1"])
+        .args(["-t", "m2m-cmd/meter/valve", "-m", "open"])
+        .status()
+        .unwrap()
+        .success();
+    assert!(ok);
+    let mut buf = [0u8; 512];
+    let (n, from) = dev
+        .recv_from(&mut buf)
+        .expect("the command reaches the device");
+    let m = Message::decode(&buf[..n]).unwrap();
+    assert_eq!(m.payload, b"open");
+    let mut ack = Vec::new();
+    m2m_router::coap::message::encode(
+        &mut ack,
+        m2m_router::coap::message::ACK,
+        code::CHANGED,
+        m.mid,
+        m.token,
+        &[],
+        b"opened",
+    );
+    dev.send_to(&ack, from).unwrap();
+    // The response goes up (the upstream application wants it) ...
+    assert_eq!(
+        upstream_sub(&setup.topo.gw, "cloud-app", 1, 30),
+        vec!["site-7/m2m-resp/meter/valve opened"]
+    );
+    // ... and the command never did: the bridge spooled the uplink and the
+    // response, nothing else. The command was published before the device
+    // saw it, so had the bridge taken it, it would be counted by now.
+    let cloud = upstream_state(&router);
+    assert_eq!(cloud["appended"], 2, "{cloud}");
+    router.stop();
+}
+
 /// A CA and a server certificate for 127.0.0.1, made with openssl.
 fn make_certs(dir: &std::path::Path, name: &str) -> std::path::PathBuf {
     let run = |args: &[&str]| {

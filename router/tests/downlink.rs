@@ -22,6 +22,11 @@ struct Setup {
 }
 
 fn setup(tag: &str) -> Setup {
+    setup_with(tag, "")
+}
+
+/// `downlink` is added to the `[downlink]` section.
+fn setup_with(tag: &str, downlink: &str) -> Setup {
     require_root();
     let topo = Topology::new(tag);
     let config = TempPath::with_contents(
@@ -34,6 +39,7 @@ fn setup(tag: &str) -> Setup {
             [downlink]
             ack_timeout_ms = 200
             response_timeout_ms = 2000
+            {downlink}
             [[peer]]
             name = "meter"
             prefix = ["{}/32"]
@@ -267,4 +273,73 @@ fn commands_to_denied_or_unknown_peers_are_refused_and_not_sent() {
         "nothing sent to a denied peer"
     );
     s.daemon.stop();
+}
+
+/// Answers the request `req` with a piggybacked 2.04.
+fn ack(dev: &UdpSocket, req: &[u8], from: SocketAddr) {
+    let m = Message::decode(req).unwrap();
+    let mut ack = Vec::new();
+    message::encode(&mut ack, ACK, code::CHANGED, m.mid, m.token, &[], b"ok");
+    dev.send_to(&ack, from).unwrap();
+}
+
+/// The next request other than a retransmission of `mid`.
+fn next_request_after(dev: &UdpSocket, mid: u16) -> (Vec<u8>, SocketAddr) {
+    loop {
+        let (req, from) = recv(dev);
+        if Message::decode(&req).unwrap().mid != mid {
+            return (req, from);
+        }
+    }
+}
+
+/// Issue 11, finding 0: a command that waited too long must not run late.
+/// Commands wait behind the outstanding one (one per peer); while the
+/// device sits on the first, the second ages past its time to live.
+fn stale_commands_are_answered_expired_and_never_sent(downlink: &str, stale_props: &[&str]) {
+    let s = setup_with("dl-ttl", downlink);
+    let dev = device(&s, 0);
+    let sub = subscriber(&s, "m2m-resp/#");
+    command(&s, "m2m-cmd/meter/first", "1", &[]);
+    let (first, from) = recv(&dev);
+    let first_mid = Message::decode(&first).unwrap().mid;
+    command(&s, "m2m-cmd/meter/stale", "2", stale_props);
+    // Not synchronisation: the time to live (1 s) must pass while the
+    // stale command waits.
+    std::thread::sleep(Duration::from_millis(1500));
+    ack(&dev, &first, from);
+    let mut got = sub.collect(2, Duration::from_secs(10), Duration::ZERO);
+    got.sort_by(|a, b| a.topic.cmp(&b.topic));
+    assert_eq!(got.len(), 2, "{got:?}");
+    assert_eq!(got[0].topic, "m2m-resp/meter/first");
+    assert!(
+        got[0].content_type.contains("coap-code:2.04"),
+        "{:?}",
+        got[0]
+    );
+    assert_eq!(got[1].topic, "m2m-resp/meter/stale");
+    assert!(
+        got[1].content_type.contains("coap-code:expired") && got[1].payload.contains("expired"),
+        "{:?}",
+        got[1]
+    );
+    // A fresh command goes out next: the stale one was skipped, not sent.
+    command(&s, "m2m-cmd/meter/fresh", "3", &[]);
+    let (next, _) = next_request_after(&dev, first_mid);
+    assert_eq!(
+        Message::decode(&next).unwrap().payload,
+        b"3",
+        "not the stale command"
+    );
+    s.daemon.stop();
+}
+
+#[test]
+fn a_command_older_than_command_ttl_is_expired_not_sent() {
+    stale_commands_are_answered_expired_and_never_sent("command_ttl_s = 1", &[]);
+}
+
+#[test]
+fn a_command_past_its_message_expiry_interval_is_expired_not_sent() {
+    stale_commands_are_answered_expired_and_never_sent("", &["message-expiry-interval 1"]);
 }

@@ -38,6 +38,11 @@ pub struct Bridge {
     /// upstream), so they are never sent back up.
     pub origin: Bytes,
     filters: Vec<Bytes>,
+    /// `<command_prefix>/#`: downlink commands are for this gateway's
+    /// devices and never go up. Forwarded, they came back through the
+    /// subscription to upstream commands and ran twice (or, spooled, ran
+    /// late whenever the bridge next connected).
+    commands: Bytes,
     prefix: Bytes,
     pub spool: Arc<Spool>,
     pub connected: AtomicBool,
@@ -85,7 +90,7 @@ fn tls_connector(cfg: &Upstream) -> std::io::Result<(TlsConnector, ServerName<'s
 }
 
 impl Bridge {
-    pub fn open(cfg: &Upstream) -> std::io::Result<Arc<Bridge>> {
+    pub fn open(cfg: &Upstream, command_prefix: &str) -> std::io::Result<Arc<Bridge>> {
         let spool = match cfg.durability {
             Durability::Disk => Spool::open(&cfg.spool_dir, cfg.spool_max_bytes).map_err(|e| {
                 std::io::Error::new(
@@ -105,6 +110,7 @@ impl Bridge {
             origin: Bytes::from(format!("$bridge/{}", cfg.name)),
             name: cfg.name.clone(),
             filters: cfg.topics.iter().map(|t| Bytes::from(t.clone())).collect(),
+            commands: Bytes::from(format!("{command_prefix}/#")),
             prefix: Bytes::from(cfg.prefix.clone()),
             spool: Arc::new(spool),
             connected: AtomicBool::new(false),
@@ -114,7 +120,8 @@ impl Bridge {
     }
 
     pub fn wants(&self, topic_name: &[u8]) -> bool {
-        self.filters.iter().any(|f| topic::matches(f, topic_name))
+        !topic::matches(&self.commands, topic_name)
+            && self.filters.iter().any(|f| topic::matches(f, topic_name))
     }
 
     /// Spools a message without waiting for the disk (see `Spool::sync`).

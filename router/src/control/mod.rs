@@ -357,6 +357,7 @@ impl Control {
                     v["connects"] = json!(b.connects.load(Ordering::Relaxed));
                     v["spooled_messages"] = json!(s.records.load(Ordering::Relaxed));
                     v["spooled_bytes"] = json!(s.bytes.load(Ordering::Relaxed));
+                    v["appended"] = json!(s.appended.load(Ordering::Relaxed));
                     v["sent"] = json!(b.sent.load(Ordering::Relaxed));
                     v["acked"] = json!(s.acked.load(Ordering::Relaxed));
                     v["evicted"] = json!(s.evicted.load(Ordering::Relaxed));
