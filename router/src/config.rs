@@ -526,7 +526,17 @@ fn positive(field: &str, value: Option<usize>, default: usize) -> Result<usize, 
     }
 }
 
+/// Topic templates and prefixes: far below MQTT's 65,535-byte topics, so
+/// that a rendered topic's length is decided by what the device sent.
+const MAX_TEMPLATE_BYTES: usize = 1024;
+
 fn template(field: &str, value: &str) -> Result<Template, ConfigError> {
+    if value.len() > MAX_TEMPLATE_BYTES {
+        return Err(invalid(
+            field,
+            format!("a topic template of at most {MAX_TEMPLATE_BYTES} bytes"),
+        ));
+    }
     Template::compile(value).map_err(|m| invalid(field, m))
 }
 
@@ -886,6 +896,12 @@ fn validate_upstreams(sections: Vec<UpstreamSection>) -> Result<Vec<Upstream>, C
             return Err(invalid(
                 at("prefix"),
                 "a topic prefix cannot contain '+', '#' or NUL",
+            ));
+        }
+        if prefix.len() > MAX_TEMPLATE_BYTES {
+            return Err(invalid(
+                at("prefix"),
+                format!("at most {MAX_TEMPLATE_BYTES} bytes"),
             ));
         }
         upstreams.push(Upstream {

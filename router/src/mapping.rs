@@ -150,16 +150,23 @@ pub enum MapError {
     /// A value would put `+`, `#` or NUL into the topic name.
     InvalidCharacter,
     EmptyTopic,
+    /// Longer than MQTT's 65,535-byte strings allow (less the longest
+    /// upstream prefix, so a bridge can still prepend it).
+    TopicTooLong,
 }
+
+/// MQTT strings carry a two-byte length (MQTT 3.1.1 section 1.5.3).
+pub const MAX_TOPIC_BYTES: usize = u16::MAX as usize;
 
 impl MapError {
     pub fn message(&self) -> &'static str {
         match self {
             MapError::MissingSegment(_) => "the topic template needs more Uri-Path segments",
             MapError::InvalidCharacter => {
-                "Uri-Path contains '+', '#' or NUL, not allowed in a topic"
+                "a Uri-Path segment contains '/', '+', '#' or NUL, not allowed in a topic level"
             }
             MapError::EmptyTopic => "the topic would be empty",
+            MapError::TopicTooLong => "the topic would be longer than an MQTT topic can be",
         }
     }
 }
@@ -171,6 +178,8 @@ pub struct Mapper {
     by_name: HashMap<String, u32>,
     routes: Vec<Route>,
     default_topic: Template,
+    /// The longest topic a request may map to.
+    max_topic: usize,
 }
 
 /// What the mapping knows of a request.
@@ -234,6 +243,13 @@ impl Mapper {
             by_name,
             routes,
             default_topic: config.defaults.topic.clone(),
+            max_topic: MAX_TOPIC_BYTES
+                - config
+                    .upstreams
+                    .iter()
+                    .map(|u| u.prefix.len())
+                    .max()
+                    .unwrap_or(0),
         }
     }
 
@@ -299,6 +315,9 @@ impl Mapper {
         if out.is_empty() {
             return Err(MapError::EmptyTopic);
         }
+        if out.len() > self.max_topic {
+            return Err(MapError::TopicTooLong);
+        }
         Ok(delivery)
     }
 }
@@ -343,8 +362,11 @@ fn write_ip(out: &mut String, ip: IpAddr) {
     let _ = write!(out, "{ip}");
 }
 
+/// One Uri-Path segment as one topic level. A segment may hold any byte
+/// (RFC 7252 section 6.4 percent-decodes `%2F` into it), but a `/` would
+/// make it two levels: `/a%2Fb` and `/a/b` would share a topic.
 fn push_segment(out: &mut String, seg: &str) -> Result<(), MapError> {
-    if seg.contains(['+', '#', '\0']) {
+    if seg.contains(['/', '+', '#', '\0']) {
         return Err(MapError::InvalidCharacter);
     }
     out.push_str(seg);
@@ -472,5 +494,62 @@ mod tests {
         assert_eq!(idx.lookup("10.1.134.159".parse().unwrap()), Some(99_999));
         assert_eq!(idx.lookup("10.200.0.1".parse().unwrap()), Some(999_999));
         assert_eq!(idx.lookup("11.0.0.1".parse().unwrap()), None);
+    }
+}
+
+#[cfg(test)]
+mod limits {
+    use super::*;
+
+    fn map(config: &str, path: &[&str]) -> Result<String, MapError> {
+        let m = Mapper::from_config(&Config::parse(config).unwrap());
+        let mut out = String::new();
+        let req = Request {
+            src: "10.9.0.1:5683".parse().unwrap(),
+            method: 2,
+            path,
+        };
+        m.map(&req, &mut out).map(|_| out)
+    }
+
+    /// Issue 11, finding 4: a template repeating `{path}` and a long
+    /// Uri-Path made a 70,021-byte topic, whose length field then wrapped.
+    #[test]
+    fn a_topic_longer_than_mqtt_allows_is_refused_not_cut() {
+        let repeated = format!("[defaults]\ntopic = \"{}\"\n", "{path}/".repeat(20) + "x");
+        let segment = "a".repeat(3_500);
+        assert_eq!(map(&repeated, &[&segment]), Err(MapError::TopicTooLong));
+        // Just within the limit is fine: 18 x 3,501 + 1 = 63,019 bytes.
+        let fits = format!("[defaults]\ntopic = \"{}\"\n", "{path}/".repeat(18) + "x");
+        assert_eq!(map(&fits, &[&segment]).unwrap().len(), 18 * 3_501 + 1);
+        // An upstream prefix takes its length off the limit, so the bridge
+        // can always prepend it.
+        let prefixed = format!(
+            "{fits}[[upstream]]\nname = \"c\"\nurl = \"mqtt://127.0.0.1\"\nprefix = \"{}\"\n",
+            "p".repeat(1_000)
+        );
+        let long = "a".repeat(3_600); // 18 x 3,601 + 1 = 64,819: fits 65,535, not 64,535
+        assert!(map(&fits, &[&long]).is_ok());
+        assert_eq!(map(&prefixed, &[&long]), Err(MapError::TopicTooLong));
+    }
+
+    /// Issue 11, finding 11: `/a%2Fb` (one segment "a/b") and `/a/b` (two)
+    /// published to the same topic, and `{path.N}` could span levels.
+    #[test]
+    fn a_segment_holding_a_slash_is_refused() {
+        let config = "[defaults]\ntopic = \"m2m/{path.0}\"\n";
+        assert_eq!(map(config, &["a/b"]), Err(MapError::InvalidCharacter));
+        assert_eq!(map(config, &["a", "b"]).unwrap(), "m2m/a");
+    }
+
+    #[test]
+    fn templates_and_prefixes_are_bounded_in_the_config() {
+        let long = format!("[defaults]\ntopic = \"{}\"\n", "t".repeat(1_025));
+        assert!(Config::parse(&long).is_err());
+        let prefix = format!(
+            "[[upstream]]\nname = \"c\"\nurl = \"mqtt://127.0.0.1\"\nprefix = \"{}\"\n",
+            "p".repeat(1_025)
+        );
+        assert!(Config::parse(&prefix).is_err());
     }
 }

@@ -20,6 +20,7 @@ use tokio_rustls::rustls::pki_types::ServerName;
 use tokio_rustls::TlsConnector;
 
 use crate::config::{Durability, Upstream};
+use crate::mapping::MAX_TOPIC_BYTES;
 use crate::mqtt::codec::{self, OutPublish, Properties, V311};
 use crate::mqtt::topic;
 use crate::mqtt::Broker;
@@ -48,6 +49,8 @@ pub struct Bridge {
     pub connected: AtomicBool,
     pub connects: AtomicU64,
     pub sent: AtomicU64,
+    /// Messages not forwarded: with the prefix, over MQTT's topic length.
+    pub too_long: AtomicU64,
     /// For mqtts://: the TLS client and the name the certificate must carry.
     tls: Option<(TlsConnector, ServerName<'static>)>,
 }
@@ -116,12 +119,23 @@ impl Bridge {
             connected: AtomicBool::new(false),
             connects: AtomicU64::new(0),
             sent: AtomicU64::new(0),
+            too_long: AtomicU64::new(0),
         }))
     }
 
     pub fn wants(&self, topic_name: &[u8]) -> bool {
-        !topic::matches(&self.commands, topic_name)
-            && self.filters.iter().any(|f| topic::matches(f, topic_name))
+        if topic::matches(&self.commands, topic_name)
+            || !self.filters.iter().any(|f| topic::matches(f, topic_name))
+        {
+            return false;
+        }
+        // An MQTT client's topic may be too long to take the prefix; CoAP
+        // topics are kept short enough by the mapping.
+        if topic_name.len() + self.prefix.len() > MAX_TOPIC_BYTES {
+            self.too_long.fetch_add(1, Ordering::Relaxed);
+            return false;
+        }
+        true
     }
 
     /// Spools a message without waiting for the disk (see `Spool::sync`).

@@ -539,8 +539,12 @@ fn put_varint(out: &mut BytesMut, mut v: usize) {
     }
 }
 
+/// A length-prefixed string or binary (MQTT 5 section 1.5.4/1.5.6). Every
+/// producer bounds its strings at 65,535 bytes (the mapping, the config,
+/// the decoder); a longer one is a bug, never to be cut silently.
 fn put_binary(out: &mut BytesMut, b: &[u8]) {
-    out.put_u16(b.len() as u16);
+    let len = u16::try_from(b.len()).expect("MQTT strings are at most 65,535 bytes");
+    out.put_u16(len);
     out.put_slice(b);
 }
 
