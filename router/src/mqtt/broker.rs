@@ -17,6 +17,7 @@ use tokio::sync::{mpsc, Notify};
 use super::codec::{Properties, SubscriptionOptions};
 use super::topic;
 use crate::bridge::Bridge;
+use crate::mapping::MAX_TOPIC_BYTES;
 
 /// A message as the broker routes it. Cloning shares the bytes.
 #[derive(Clone, Debug)]
@@ -181,6 +182,14 @@ impl Broker {
     /// not store it) means nobody got the message. `origin` is the
     /// publishing client (for MQTT 5 No Local and bridge loops).
     pub fn publish_deferred(&self, message: Message, origin: Option<&[u8]>) -> std::io::Result<()> {
+        // The one gate every message passes: what the MQTT wire cannot carry
+        // is refused here, before anyone is handed it.
+        if message.topic.len() > MAX_TOPIC_BYTES {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::InvalidInput,
+                "a topic longer than 65,535 bytes",
+            ));
+        }
         for bridge in self.bridges.read().unwrap().iter() {
             if origin != Some(&bridge.origin[..]) && bridge.wants(&message.topic) {
                 bridge.accept(&message.topic, &message.payload)?;
