@@ -307,6 +307,8 @@ fn main() {
         rate: args.rate,
         duration: Duration::from_secs_f64(args.seconds),
         threads: args.threads,
+        // ACKs later than this count as missing in the figures.
+        ack_wait: Duration::from_millis(50),
     };
     let v4 = SocketAddr::new(GW_V4.into(), 5683);
     let v6 = SocketAddr::new(GW_V6.into(), 5683);

@@ -76,6 +76,9 @@ pub struct LoadSpec {
     pub rate: f64,
     pub duration: Duration,
     pub threads: usize,
+    /// After the last send, how long to wait for the ACKs of the CONs still
+    /// unanswered (the wait ends early when every CON has its ACK).
+    pub ack_wait: Duration,
 }
 
 /// What was offered.
@@ -84,6 +87,8 @@ pub struct Offered {
     pub sent: u64,
     /// Messages sent by each device (its last sequence number).
     pub per_device: Vec<u32>,
+    /// Confirmable messages among those sent.
+    pub cons: u64,
     /// CoAP ACKs the devices received (answers to their CON messages).
     pub acks: u64,
     /// Datagrams the kernel refused (e.g. a full socket buffer).
@@ -196,6 +201,7 @@ pub fn offer(
     for (t, r) in results.into_iter().enumerate() {
         total.sent += r.sent;
         total.acks += r.acks;
+        total.cons += r.cons;
         total.send_errors += r.send_errors;
         for (k, n) in r.per_device.into_iter().enumerate() {
             total.per_device[t + k * threads] = n;
@@ -295,6 +301,7 @@ impl Sender {
             match batch.send(&port.fd, port.dst) {
                 Ok(k) => {
                     out.sent += k as u64;
+                    out.cons += batch.con[..k].iter().filter(|&&c| c).count() as u64;
                     // Datagrams after the first refused one were not sent;
                     // count them as errors so pacing moves on.
                     out.send_errors += (n - k) as u64;
@@ -304,9 +311,12 @@ impl Sender {
             out.acks += acks.drain(&port.fd);
         }
         // Late ACKs for the last batches.
-        std::thread::sleep(Duration::from_millis(50));
-        for port in &self.ports {
-            out.acks += acks.drain(&port.fd);
+        let ack_deadline = Instant::now() + spec.ack_wait;
+        while out.acks < out.cons && Instant::now() < ack_deadline {
+            for port in &self.ports {
+                out.acks += acks.drain(&port.fd);
+            }
+            std::thread::sleep(Duration::from_millis(1));
         }
         out.seconds = start.elapsed().min(spec.duration).as_secs_f64();
         let mut per_device: Vec<(u32, u32)> = self
@@ -441,6 +451,7 @@ struct Batch {
     datagrams: Vec<[u8; 1280]>,
     lens: Vec<usize>,
     sources: Vec<IpAddr>,
+    con: Vec<bool>,
     control: Vec<Control>,
     iov: Vec<libc::iovec>,
     headers: Vec<libc::mmsghdr>,
@@ -453,6 +464,7 @@ impl Batch {
             datagrams: vec![[0; 1280]; BATCH],
             lens: vec![0; BATCH],
             sources: vec![IpAddr::V4(Ipv4Addr::UNSPECIFIED); BATCH],
+            con: vec![false; BATCH],
             control: vec![Control([0; 64]); BATCH],
             // SAFETY: iovec and mmsghdr are plain C structs; all-zero is valid.
             iov: vec![unsafe { zeroed() }; BATCH],
@@ -489,6 +501,7 @@ impl Batch {
             p[8..16].copy_from_slice(&monotonic_ns().to_be_bytes());
             self.lens[k] = 9 + size;
             self.sources[k] = device.addr;
+            self.con[k] = con;
         }
         self.count = n;
     }

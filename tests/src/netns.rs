@@ -199,14 +199,10 @@ impl Topology {
             .run(|| UdpSocket::bind(SocketAddr::new(src, 0)).expect("bind device socket"))
     }
 
-    /// A UDP socket in the gateway namespace on `addr`, with a short read timeout.
+    /// A UDP socket in the gateway namespace on `addr` (read it with [`receive`]).
     pub fn gateway_socket(&self, addr: SocketAddr) -> UdpSocket {
-        let sock = self
-            .gw
-            .run(|| UdpSocket::bind(addr).expect("bind gateway socket"));
-        sock.set_read_timeout(Some(Duration::from_millis(200)))
-            .unwrap();
-        sock
+        self.gw
+            .run(|| UdpSocket::bind(addr).expect("bind gateway socket"))
     }
 
     /// An AF_PACKET socket on the device's veth, for frames no UDP socket
@@ -325,6 +321,10 @@ impl RawSender {
     }
 }
 
+/// How long a test waits for an event before it fails: generous, because a
+/// loaded machine can be slow, and never a reason to pass.
+pub const DEADLINE: Duration = Duration::from_secs(20);
+
 /// Polls `check` until it returns true or `timeout` passes.
 pub fn wait_for(timeout: Duration, mut check: impl FnMut() -> bool) -> bool {
     let deadline = Instant::now() + timeout;
@@ -335,16 +335,36 @@ pub fn wait_for(timeout: Duration, mut check: impl FnMut() -> bool) -> bool {
         if Instant::now() > deadline {
             return false;
         }
-        std::thread::sleep(Duration::from_millis(20));
+        std::thread::sleep(Duration::from_millis(5));
     }
 }
 
-/// Reads datagrams from `sock` until it has been quiet for its read timeout.
-pub fn drain(sock: &UdpSocket) -> Vec<Vec<u8>> {
+/// Reads exactly `n` datagrams from any of `socks`, failing the test if they
+/// have not all arrived within [`DEADLINE`]. That nothing more arrives is for
+/// the caller to show with a counter (the verdict that dropped the rest).
+pub fn receive(socks: &[&UdpSocket], n: usize) -> Vec<Vec<u8>> {
     let mut got = Vec::new();
     let mut buf = [0u8; 2048];
-    while let Ok(n) = sock.recv(&mut buf) {
-        got.push(buf[..n].to_vec());
+    let deadline = Instant::now() + DEADLINE;
+    for s in socks {
+        s.set_nonblocking(true).expect("non-blocking socket");
+    }
+    while got.len() < n {
+        let mut any = false;
+        for s in socks {
+            if let Ok(len) = s.recv(&mut buf) {
+                got.push(buf[..len].to_vec());
+                any = true;
+            }
+        }
+        if !any {
+            assert!(
+                Instant::now() < deadline,
+                "received {} of {n} datagrams within {DEADLINE:?}",
+                got.len()
+            );
+            std::thread::sleep(Duration::from_millis(1));
+        }
     }
     got
 }
