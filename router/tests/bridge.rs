@@ -222,7 +222,9 @@ fn an_outage_and_a_router_crash_lose_nothing_with_the_disk_spool() {
         2_500,
         "every CON acknowledged while upstream is down"
     );
-    // Crash: no shutdown, no flush.
+    // Crash: SIGKILL, no shutdown. The page cache survives a process kill,
+    // so this shows write-before-ACK and replay; that the write reached
+    // the disk before the ACK is the next test's.
     drop(router);
     let router = setup.router();
     assert_eq!(send(&setup.topo, &sockets, 250, 250), 2_500);
@@ -259,6 +261,106 @@ fn an_outage_and_a_router_crash_lose_nothing_with_the_disk_spool() {
     // sent before the crash, so nothing can come twice.
     assert_eq!(duplicates, 0);
     router.stop();
+}
+
+/// An ext4 file system (no journal) on a loop device over an image file,
+/// unmounted and detached on drop.
+struct LoopDisk {
+    image: std::path::PathBuf,
+    mount: std::path::PathBuf,
+    device: String,
+}
+
+impl LoopDisk {
+    fn new(dir: &std::path::Path) -> LoopDisk {
+        let run = |cmd: &str, args: &[&str]| {
+            let out = Command::new(cmd).args(args).output().expect(cmd);
+            assert!(
+                out.status.success(),
+                "{cmd} {args:?}: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+            String::from_utf8_lossy(&out.stdout).trim().to_owned()
+        };
+        let image = dir.join("disk.img");
+        std::fs::File::create(&image)
+            .unwrap()
+            .set_len(32 << 20)
+            .unwrap();
+        // No journal: with one, a journal commit could write the data out.
+        run(
+            "mkfs.ext4",
+            &["-q", "-F", "-O", "^has_journal", image.to_str().unwrap()],
+        );
+        let device = run("losetup", &["--find", "--show", image.to_str().unwrap()]);
+        let mount = dir.join("mnt");
+        std::fs::create_dir_all(&mount).unwrap();
+        run("mount", &[&device, mount.to_str().unwrap()]);
+        LoopDisk {
+            image,
+            mount,
+            device,
+        }
+    }
+}
+
+impl Drop for LoopDisk {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg(&self.mount).status();
+        let _ = Command::new("losetup").args(["-d", &self.device]).status();
+    }
+}
+
+/// With the disk spool a CON is acknowledged only after fdatasync: each
+/// acknowledged message is already on the block device when the router is
+/// killed. Read from the loop device's backing image, not through the
+/// mounted file system: a write that was not synced sits in the file
+/// system's page cache until writeback (after `vm.dirty_expire_centisecs`,
+/// 30 s by default), where a power cut would take it.
+#[test]
+fn acknowledged_messages_are_on_the_block_device_before_the_ack() {
+    let setup = Setup::new("br-fsync", "durability = \"disk\"");
+    let disk = LoopDisk::new(&setup.dir);
+    let text = std::fs::read_to_string(&setup.config).unwrap().replace(
+        &setup.dir.join("spool").display().to_string(),
+        &disk.mount.join("spool").display().to_string(),
+    );
+    std::fs::write(&setup.config, text).unwrap();
+    // No upstream: everything stays in the spool.
+    let sockets = peers(&setup.topo, 2);
+    let router = setup.router();
+    let started = std::time::Instant::now();
+    assert_eq!(
+        send(&setup.topo, &sockets, 0, 10),
+        20,
+        "every CON acknowledged"
+    );
+    drop(router); // SIGKILL
+    let image = std::fs::read(&disk.image).unwrap();
+    let elapsed = started.elapsed();
+    for p in 0..2 {
+        for seq in 0..10 {
+            let payload = format!("{p}:{seq}");
+            let record = [b"m2m/10.77.0.1/x".as_slice(), payload.as_bytes()].concat();
+            let record_v2 = [b"m2m/10.77.1.1/x".as_slice(), payload.as_bytes()].concat();
+            let needle = if p == 0 { &record } else { &record_v2 };
+            assert!(
+                image.windows(needle.len()).any(|w| w == &needle[..]),
+                "message {payload} was acknowledged but is not on the device \
+                 {elapsed:?} after the first send"
+            );
+        }
+    }
+    let expire: u64 = std::fs::read_to_string("/proc/sys/vm/dirty_expire_centisecs")
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
+    assert!(
+        elapsed < Duration::from_millis(expire * 10),
+        "the run took {elapsed:?}, longer than vm.dirty_expire_centisecs ({expire}): \
+         periodic writeback may have written the data, so the check above proves nothing"
+    );
 }
 
 #[test]

@@ -42,6 +42,7 @@ const TEST_PACKAGES: &[&str] = &[
     "bpftool",
     "prometheus",
     "openssl",
+    "e2fsprogs", // mkfs.ext4 for the spool-on-a-loop-device test
 ];
 const BPF_LINKER_VERSION: &str = "0.13.0";
 
