@@ -195,19 +195,35 @@ mod tests {
         SocketAddr::from(([10, 0, 0, 1], port))
     }
 
+    /// RFC 7252 section 4.8.2, from the default transmission parameters of
+    /// section 4.8: MAX_TRANSMIT_SPAN = ACK_TIMEOUT x (2^MAX_RETRANSMIT - 1)
+    /// x ACK_RANDOM_FACTOR = 2 x 15 x 1.5 = 45 s; EXCHANGE_LIFETIME =
+    /// MAX_TRANSMIT_SPAN + 2 x MAX_LATENCY (100 s) + PROCESSING_DELAY
+    /// (ACK_TIMEOUT, 2 s) = 247 s.
     #[test]
-    fn remembers_within_lifetime_only() {
+    fn remembers_for_rfc_7252_exchange_lifetime_only() {
+        let (ack_timeout, max_retransmit, ack_random_factor) = (2.0, 4, 1.5);
+        let max_transmit_span =
+            ack_timeout * f64::from((1u32 << max_retransmit) - 1) * ack_random_factor;
+        let rfc_lifetime = max_transmit_span + 2.0 * 100.0 + ack_timeout;
+        assert_eq!(rfc_lifetime, 247.0);
+        let lifetime = Duration::from_secs_f64(rfc_lifetime);
         let mut c = DedupCache::new(8, 100);
         let t0 = Instant::now();
         c.insert(peer(1), 7, A, t0);
         assert_eq!(
-            c.lookup(&peer(1), 7, t0 + Duration::from_secs(246)),
-            Some(A)
+            c.lookup(&peer(1), 7, t0 + lifetime - Duration::from_millis(1)),
+            Some(A),
+            "a duplicate just inside the lifetime is recognised"
         );
         assert_eq!(c.lookup(&peer(2), 7, t0), None, "another endpoint");
         assert_eq!(c.lookup(&peer(1), 8, t0), None, "another MID");
-        assert_eq!(c.lookup(&peer(1), 7, t0 + EXCHANGE_LIFETIME), None);
-        c.sweep(t0 + EXCHANGE_LIFETIME);
+        assert_eq!(
+            c.lookup(&peer(1), 7, t0 + lifetime),
+            None,
+            "and not after it"
+        );
+        c.sweep(t0 + lifetime);
         assert!(c.is_empty());
         assert_eq!(c.evictions, 0);
     }
