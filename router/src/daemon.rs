@@ -77,7 +77,9 @@ pub fn run(config: Config, raw: ConfigFile, config_path: Option<PathBuf>) -> any
     let uplink_config = UplinkConfig {
         max_payload: config.coap.max_payload,
         dedup_per_peer: config.coap.dedup_per_peer,
-        dedup_total: config.coap.dedup_total,
+        // The bound is for all workers together (each has its own cache).
+        dedup_total: (config.coap.dedup_total / (per_address * config.coap_listen.len()).max(1))
+            .max(1),
     };
     let last_seen = Arc::new(LastSeen::default());
     let (replies_tx, replies_rx) = tokio::sync::mpsc::channel(4096);

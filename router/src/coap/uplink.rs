@@ -81,6 +81,8 @@ pub struct Uplink {
     broker: Arc<Broker>,
     stats: Arc<UplinkStats>,
     dedup: DedupCache,
+    /// This worker's evictions already added to the shared counter.
+    evictions_reported: u64,
     /// Exchanges remembered since the last commit: if the commit fails,
     /// they are forgotten so a retransmission is processed again rather
     /// than answered from the cache (it was never acknowledged).
@@ -101,6 +103,7 @@ impl Uplink {
         let (mapper_generation, mapper) = mappers.load();
         Uplink {
             dedup: DedupCache::new(config.dedup_per_peer, config.dedup_total),
+            evictions_reported: 0,
             uncommitted: Vec::new(),
             config,
             mappers,
@@ -236,9 +239,12 @@ impl Uplink {
             };
             self.dedup.insert(src, msg.mid, answer, now);
             self.uncommitted.push((src, msg.mid));
-            self.stats
-                .dedup_evictions
-                .store(self.dedup.evictions, Ordering::Relaxed);
+            // Every worker adds its own: the counter is the sum of all.
+            let new = self.dedup.evictions - self.evictions_reported;
+            if new > 0 {
+                self.stats.dedup_evictions.fetch_add(new, Ordering::Relaxed);
+                self.evictions_reported = self.dedup.evictions;
+            }
         }
         if !reply {
             // The uplink answers NON requests with nothing.
@@ -396,4 +402,53 @@ fn rand_mid() -> u16 {
         .duration_since(std::time::UNIX_EPOCH)
         .unwrap_or_default();
     (t.subsec_nanos() ^ std::process::id()) as u16
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::Config;
+    use crate::mapping::Mapper;
+    use crate::mqtt::broker::BrokerConfig;
+
+    /// Issue 11, finding 10: each worker stored its own count into the
+    /// shared counter, so with two workers it showed about half.
+    #[test]
+    fn dedup_evictions_count_every_workers_evictions() {
+        let stats = Arc::new(UplinkStats::default());
+        let mappers = SharedMapper::new(Mapper::from_config(&Config::default()));
+        let broker = Broker::new(BrokerConfig::default());
+        let config = UplinkConfig {
+            dedup_total: 500,
+            ..UplinkConfig::default()
+        };
+        let mut workers: Vec<Uplink> = (0..2)
+            .map(|_| {
+                Uplink::new(
+                    config.clone(),
+                    mappers.clone(),
+                    broker.clone(),
+                    stats.clone(),
+                )
+            })
+            .collect();
+        // CON POST /x, Message ID 1, payload "1".
+        let datagram = [0x40, 0x02, 0x00, 0x01, 0xb1, b'x', 0xff, b'1'];
+        let mut out = Vec::new();
+        let now = Instant::now();
+        for (w, worker) in workers.iter_mut().enumerate() {
+            for port in 0..2_000u16 {
+                let src = SocketAddr::from(([10, 0, w as u8, 1], 10_000 + port));
+                assert!(worker.handle(&datagram, false, src, now, &mut out));
+                worker.commit().unwrap();
+            }
+        }
+        let happened: u64 = workers.iter().map(|w| w.dedup.evictions).sum();
+        assert_eq!(
+            happened,
+            2 * (2_000 - 500),
+            "each worker keeps 500 endpoints"
+        );
+        assert_eq!(stats.dedup_evictions.load(Ordering::Relaxed), happened);
+    }
 }
