@@ -6,7 +6,7 @@
 use std::net::{IpAddr, SocketAddr, UdpSocket};
 use std::time::{Duration, Instant};
 
-use m2m_router::coap::message::{self, code, Message, ACK, CON};
+use m2m_router::coap::message::{self, code, Message, ACK, CON, RST};
 use m2m_router_tests::daemon::Daemon;
 use m2m_router_tests::mqtt::{MosquittoSub, Received};
 use m2m_router_tests::netns::{Topology, DEV_V4, GW_IF, GW_V4};
@@ -75,7 +75,7 @@ fn setup_with(tag: &str, downlink: &str) -> Setup {
 /// the router knows where it is.
 fn device(s: &Setup, who: usize) -> UdpSocket {
     let sock = s.topo.device_socket(IpAddr::V4(DEV_V4[who]));
-    sock.set_read_timeout(Some(Duration::from_secs(3))).unwrap();
+    sock.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
     sock.send_to(&coap_post(1, b"hello"), SocketAddr::new(GW_V4.into(), 5683))
         .unwrap();
     let mut buf = [0u8; 256];
@@ -369,4 +369,79 @@ fn a_command_older_than_command_ttl_is_expired_not_sent() {
 #[test]
 fn a_command_past_its_message_expiry_interval_is_expired_not_sent() {
     stale_commands_are_answered_expired_and_never_sent("", &["message-expiry-interval 1"]);
+}
+
+/// RFC 7252 section 4.2: a device that cannot process a request rejects it
+/// with RST; the command's answer says so.
+#[test]
+fn a_device_reset_is_the_commands_answer() {
+    let s = setup("dl-rst");
+    let dev = device(&s, 0);
+    let sub = subscriber(&s, "m2m-resp/#");
+    command(&s, "m2m-cmd/meter/valve", "open", &["correlation-data r-1"]);
+    let (req, from) = recv(&dev);
+    let m = Message::decode(&req).unwrap();
+    let mut rst = Vec::new();
+    message::encode(&mut rst, RST, code::EMPTY, m.mid, &[], &[], &[]);
+    dev.send_to(&rst, from).unwrap();
+    let got = sub.collect(1, Duration::from_secs(20), Duration::ZERO);
+    assert_eq!(got.len(), 1);
+    assert!(
+        got[0].payload.contains("reset")
+            && got[0].content_type.contains("r-1")
+            && got[0].content_type.contains("coap-code:error"),
+        "{:?}",
+        got[0]
+    );
+    s.daemon.stop();
+}
+
+/// NSTART = 1 (RFC 7252 section 4.7): the second command waits until the
+/// first is answered. Both are published before the device answers; what
+/// it receives until then is the first request and its retransmission,
+/// never the second.
+#[test]
+fn one_request_per_peer_at_a_time() {
+    let s = setup("dl-nstart");
+    let dev = device(&s, 0);
+    let sub = subscriber(&s, "m2m-resp/#");
+    command(&s, "m2m-cmd/meter/one", "1", &[]);
+    let (first, from) = recv(&dev);
+    command(&s, "m2m-cmd/meter/two", "2", &[]);
+    // The retransmission comes at least ACK_TIMEOUT after the first
+    // transmission, long after the second command reached the router.
+    let (again, _) = recv(&dev);
+    let (m1, m1b) = (
+        Message::decode(&first).unwrap(),
+        Message::decode(&again).unwrap(),
+    );
+    assert_eq!((m1.payload, m1b.payload), (&b"1"[..], &b"1"[..]));
+    assert_eq!(
+        m1.mid, m1b.mid,
+        "a retransmission of the first, not the second"
+    );
+    ack(&dev, &first, from);
+    let (second, from) = next_request_after(&dev, m1.mid);
+    assert_eq!(Message::decode(&second).unwrap().payload, b"2");
+    ack(&dev, &second, from);
+    let mut got = sub.collect(2, Duration::from_secs(20), Duration::ZERO);
+    got.sort_by(|a, b| a.topic.cmp(&b.topic));
+    let topics: Vec<&str> = got.iter().map(|r| r.topic.as_str()).collect();
+    assert_eq!(topics, ["m2m-resp/meter/one", "m2m-resp/meter/two"]);
+    s.daemon.stop();
+}
+
+/// A CON response nobody asked for is rejected with RST (section 4.2).
+#[test]
+fn an_unsolicited_response_gets_rst() {
+    let s = setup("dl-unsolicited");
+    let dev = device(&s, 0);
+    let mut resp = Vec::new();
+    message::encode(&mut resp, CON, code::CONTENT, 0x4242, b"tk", &[], b"?");
+    dev.send_to(&resp, SocketAddr::new(GW_V4.into(), 5683))
+        .unwrap();
+    let (reply, _) = recv(&dev);
+    let r = Message::decode(&reply).unwrap();
+    assert_eq!((r.mtype, r.code, r.mid), (RST, code::EMPTY, 0x4242));
+    s.daemon.stop();
 }
