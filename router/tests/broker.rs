@@ -223,3 +223,106 @@ fn packets_pipelined_behind_connect_are_not_left_waiting() {
         .expect("CONNACK and SUBACK without sending anything more");
     assert_eq!(acks, [0x20, 2, 0, 0, 0x90, 3, 0, 9, 0]);
 }
+
+/// Reads one fixed-header-plus-two-byte packet (PUBREC, PUBCOMP, ...).
+fn read_ack(c: &mut RawClient) -> [u8; 4] {
+    let mut ack = [0u8; 4];
+    std::io::Read::read_exact(&mut c.stream, &mut ack).expect("an acknowledgement");
+    ack
+}
+
+/// A QoS 2 publisher gets the four-packet handshake (MQTT 3.1.1 section
+/// 4.3.3): PUBREC, then PUBCOMP for its PUBREL; the message reaches a
+/// subscriber once (at QoS 1, as the README says), even though the
+/// publisher sent it twice (DUP) before releasing it.
+#[test]
+fn a_qos2_publisher_gets_pubrec_and_pubcomp_and_the_message_goes_out_once() {
+    let (_broker, addr) = start_broker(BrokerConfig::default());
+    let mut subscriber = RawClient::connect(addr);
+    assert_eq!(subscriber.handshake("q2-sub"), 0);
+    assert_eq!(subscriber.subscribe("q2/#", 2), 1, "granted QoS 1");
+    let mut publisher = RawClient::connect(addr);
+    assert_eq!(publisher.handshake("q2-pub"), 0);
+    // PUBLISH QoS 2, packet id 7, topic q2/t, payload "x"; then again, DUP.
+    let body = [&[0, 4][..], b"q2/t", &[0, 7], b"x"].concat();
+    for first in [0x34u8, 0x3c] {
+        let mut packet = vec![first, body.len() as u8];
+        packet.extend_from_slice(&body);
+        std::io::Write::write_all(&mut publisher.stream, &packet).unwrap();
+        assert_eq!(read_ack(&mut publisher), [0x50, 2, 0, 7], "PUBREC");
+    }
+    std::io::Write::write_all(&mut publisher.stream, &[0x62, 2, 0, 7]).unwrap();
+    assert_eq!(read_ack(&mut publisher), [0x70, 2, 0, 7], "PUBCOMP");
+    let (_, qos, id, topic, payload) = subscriber.read_publish();
+    assert_eq!((qos, topic.as_str(), &payload[..]), (1, "q2/t", &b"x"[..]));
+    subscriber.puback(id);
+    // A marker published after the handshake is the next delivery: the
+    // duplicate PUBLISH was not delivered a second time.
+    std::io::Write::write_all(
+        &mut publisher.stream,
+        &[0x30, 8, 0, 4, b'q', b'2', b'/', b'm', b'!', b'!'],
+    )
+    .unwrap();
+    let (_, _, _, topic, _) = subscriber.read_publish();
+    assert_eq!(
+        topic, "q2/m",
+        "the next delivery is the marker, not a duplicate"
+    );
+}
+
+/// A client that disappears without DISCONNECT has its will published
+/// (MQTT 3.1.1 section 3.1.2.5).
+#[test]
+fn a_client_that_vanishes_has_its_will_published() {
+    let (broker, addr) = start_broker(BrokerConfig::default());
+    let mut watcher = RawClient::connect(addr);
+    assert_eq!(watcher.handshake("watcher"), 0);
+    assert_eq!(watcher.subscribe("wills/#", 1), 1);
+    let connections = broker
+        .stats
+        .connections
+        .load(std::sync::atomic::Ordering::Relaxed);
+    let mut doomed = Command::new("mosquitto_sub")
+        .args(["-h", "127.0.0.1", "-p", &addr.port().to_string()])
+        .args([
+            "-t",
+            "anything",
+            "--will-topic",
+            "wills/m1",
+            "--will-payload",
+            "gone",
+            "--will-qos",
+            "1",
+        ])
+        .spawn()
+        .expect("mosquitto_sub");
+    // Its connection has been accepted and its CONNECT taken: a
+    // subscription to "anything" proves the session is live.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while broker
+        .stats
+        .connections
+        .load(std::sync::atomic::Ordering::Relaxed)
+        <= connections
+    {
+        assert!(Instant::now() < deadline, "mosquitto_sub never connected");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    loop {
+        publish(addr, &["-t", "anything", "-m", "ping"]);
+        if broker
+            .stats
+            .enqueued
+            .load(std::sync::atomic::Ordering::Relaxed)
+            > 0
+        {
+            break;
+        }
+        assert!(Instant::now() < deadline, "mosquitto_sub never subscribed");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    doomed.kill().unwrap(); // SIGKILL: no DISCONNECT
+    doomed.wait().unwrap();
+    let (_, _, _, topic, payload) = watcher.read_publish();
+    assert_eq!((topic.as_str(), &payload[..]), ("wills/m1", &b"gone"[..]));
+}

@@ -75,7 +75,8 @@ fn setup_with(tag: &str, downlink: &str) -> Setup {
 /// the router knows where it is.
 fn device(s: &Setup, who: usize) -> UdpSocket {
     let sock = s.topo.device_socket(IpAddr::V4(DEV_V4[who]));
-    sock.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+    sock.set_read_timeout(Some(Duration::from_secs(20)))
+        .unwrap();
     sock.send_to(&coap_post(1, b"hello"), SocketAddr::new(GW_V4.into(), 5683))
         .unwrap();
     let mut buf = [0u8; 256];
