@@ -5,10 +5,9 @@
 //! The `run` tests are privileged: they need root.
 
 use std::process::Command;
-use std::time::Duration;
 
 use m2m_router_tests::daemon::Daemon;
-use m2m_router_tests::netns::{Netns, Topology, DEV_V4, GW_IF, GW_V4};
+use m2m_router_tests::netns::{Netns, Topology, DEADLINE, DEV_V4, GW_IF, GW_V4};
 use m2m_router_tests::{require_root, TempPath};
 
 const BIN: &str = env!("CARGO_BIN_EXE_m2m-router");
@@ -159,7 +158,10 @@ fn run_on_a_veth_in_native_mode_applies_the_config() {
     let sock = topo.device_socket(DEV_V4[1].into());
     let msg = m2m_router_tests::packet::coap_post(7, b"21.5");
     sock.send_to(&msg, (GW_V4, 5683)).unwrap();
-    std::thread::sleep(Duration::from_millis(200));
+    // The report only has to show a count known to be final.
+    daemon.wait_ctl(&["stats"], DEADLINE, |v| {
+        v["verdicts"]["drop_denied"]["packets"] == 1
+    });
     daemon.signal(libc::SIGUSR1);
     let denied = daemon.expect_line("drop_denied");
     assert!(denied.contains(" 1 packets"), "{denied}");

@@ -6,7 +6,7 @@ use std::process::{Child, Stdio};
 use std::sync::mpsc::{channel, Receiver};
 use std::time::{Duration, Instant};
 
-use crate::netns::Netns;
+use crate::netns::{Netns, DEADLINE};
 
 pub struct Daemon {
     child: Child,
@@ -14,6 +14,7 @@ pub struct Daemon {
     pub seen: Vec<String>,
     /// The daemon's control socket (unique per test unless given).
     pub socket: String,
+    bin: String,
 }
 
 impl Daemon {
@@ -55,6 +56,7 @@ impl Daemon {
             lines,
             seen: Vec::new(),
             socket,
+            bin: bin.to_owned(),
         }
     }
 
@@ -65,9 +67,46 @@ impl Daemon {
         d
     }
 
-    /// Waits (up to 10 s) for an output line containing `needle`.
+    /// `m2m-router ctl --json ARGS` against this daemon.
+    pub fn ctl_json(&self, args: &[&str]) -> serde_json::Value {
+        let out = std::process::Command::new(&self.bin)
+            .args(["ctl", "--socket", &self.socket, "--json"])
+            .args(args)
+            .output()
+            .expect("m2m-router ctl");
+        assert!(
+            out.status.success(),
+            "ctl {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        serde_json::from_slice(&out.stdout).expect("ctl --json prints JSON")
+    }
+
+    /// Polls `ctl --json ARGS` until `done` holds (failing after `limit`);
+    /// returns the answer that satisfied it.
+    pub fn wait_ctl(
+        &self,
+        args: &[&str],
+        limit: Duration,
+        done: impl Fn(&serde_json::Value) -> bool,
+    ) -> serde_json::Value {
+        let deadline = Instant::now() + limit;
+        loop {
+            let v = self.ctl_json(args);
+            if done(&v) {
+                return v;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "ctl {args:?} did not reach the expected state within {limit:?}: {v}"
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// Waits (up to [`DEADLINE`]) for an output line containing `needle`.
     pub fn expect_line(&mut self, needle: &str) -> String {
-        let deadline = Instant::now() + Duration::from_secs(10);
+        let deadline = Instant::now() + DEADLINE;
         while let Some(left) = deadline.checked_duration_since(Instant::now()) {
             match self.lines.recv_timeout(left) {
                 Ok(line) => {
@@ -85,14 +124,14 @@ impl Daemon {
         );
     }
 
-    /// The counter named `name` from a fresh SIGUSR1 report.
-    pub fn counter(&mut self, name: &str) -> u64 {
-        self.signal(libc::SIGUSR1);
-        let line = self.expect_line(&format!("  {name} "));
-        line.split_whitespace()
-            .nth(1)
-            .and_then(|n| n.parse().ok())
-            .unwrap_or_else(|| panic!("no number in {line:?}"))
+    /// The counter `section.name` of `ctl stats` (e.g. `coap`, `duplicates`).
+    /// Through the control socket, not a SIGUSR1 report: lines of an older
+    /// report still queued would be read first.
+    pub fn counter(&self, section: &str, name: &str) -> u64 {
+        let stats = self.ctl_json(&["stats"]);
+        stats[section][name]
+            .as_u64()
+            .unwrap_or_else(|| panic!("no counter {section}.{name} in {stats}"))
     }
 
     pub fn signal(&self, sig: i32) {
