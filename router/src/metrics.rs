@@ -200,6 +200,11 @@ pub fn render(c: &Control) -> String {
             &b.connections,
         ),
         (
+            "m2m_mqtt_closed_total",
+            "MQTT connections ended.",
+            &b.closed,
+        ),
+        (
             "m2m_mqtt_protocol_errors_total",
             "MQTT connections closed for a protocol error.",
             &b.protocol_errors,

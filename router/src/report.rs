@@ -25,6 +25,7 @@ pub fn render(running: &Running) -> Result<String, FastpathError> {
         ("enqueued", &b.enqueued),
         ("dropped", &b.dropped),
         ("connections", &b.connections),
+        ("closed", &b.closed),
         ("protocol_errors", &b.protocol_errors),
     ] {
         let _ = writeln!(out, "  {name:<22} {:>12}", value.load(Ordering::Relaxed));

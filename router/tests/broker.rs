@@ -10,6 +10,23 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use m2m_router::mqtt::{self, Broker, BrokerConfig, Message};
 use m2m_router_tests::mqtt::RawClient;
+use m2m_router_tests::netns::{wait_for, DEADLINE};
+
+/// Waits until `n` connections have ended (their sessions detached), so a
+/// test never takes a sleep as "the disconnect was processed".
+fn wait_closed(broker: &Broker, n: u64) {
+    let closed = || {
+        broker
+            .stats
+            .closed
+            .load(std::sync::atomic::Ordering::Acquire)
+    };
+    assert!(
+        wait_for(DEADLINE, || closed() >= n),
+        "{} of {n} connections ended within {DEADLINE:?}",
+        closed()
+    );
+}
 
 /// A broker on 127.0.0.1:<free port>, served by its own runtime thread.
 fn start_broker(config: BrokerConfig) -> (Arc<Broker>, SocketAddr) {
@@ -52,7 +69,7 @@ fn sub(addr: SocketAddr, args: &[&str], count: usize) -> Vec<String> {
             &addr.port().to_string(),
             "-v",
             "-W",
-            "5",
+            &DEADLINE.as_secs().to_string(),
         ])
         .args(["-C", &count.to_string()])
         .args(args)
@@ -92,11 +109,14 @@ fn retained_messages_reach_later_subscribers_of_both_versions() {
         );
     }
     // An empty retained payload clears it (MQTT 3.3.1.3).
+    // The retained fence on a second filter comes after every retained
+    // message of the first, so its arrival ends the list without waiting
+    // for silence.
     publish(addr, &["-r", "-t", "plant/m1/temp", "-n"]);
-    assert_eq!(
-        sub(addr, &["-t", "plant/+/temp"], 2),
-        vec!["plant/m2/temp coap"]
-    );
+    publish(addr, &["-r", "-t", "zz/fence", "-m", "1"]);
+    let mut got = sub(addr, &["-t", "plant/+/temp", "-t", "zz/fence"], 2);
+    got.sort();
+    assert_eq!(got, vec!["plant/m2/temp coap", "zz/fence 1"]);
 }
 
 #[test]
@@ -115,7 +135,7 @@ fn qos1_is_redelivered_to_a_persistent_session_until_acknowledged() {
     );
     // Gone without a PUBACK; more arrives while offline.
     drop(c);
-    std::thread::sleep(Duration::from_millis(200));
+    wait_closed(&broker, 1);
     broker
         .publish(message("q/b", "two", 1, false), None)
         .unwrap();
@@ -140,18 +160,24 @@ fn qos1_is_redelivered_to_a_persistent_session_until_acknowledged() {
     );
     c.puback(id2);
     c.disconnect();
-    std::thread::sleep(Duration::from_millis(200));
-    // Acknowledged: nothing comes back on the next connection.
+    wait_closed(&broker, 2);
+    // Acknowledged: nothing comes back on the next connection. Redeliveries
+    // are written right after CONNACK, before anything queued, so a message
+    // published now is the first thing the session gets.
     let mut c = RawClient::connect(addr);
     assert_eq!(c.mqtt_connect("keeper", false, 60), (true, 0));
-    c.stream
-        .set_read_timeout(Some(Duration::from_millis(300)))
+    broker
+        .publish(message("q/fence", "f", 1, false), None)
         .unwrap();
-    let mut buf = [0u8; 16];
-    assert!(
-        std::io::Read::read(&mut c.stream, &mut buf).is_err(),
-        "nothing to redeliver"
+    let (dup, _, id, topic, _) = c.read_publish();
+    assert_eq!(
+        (dup, topic.as_str()),
+        (false, "q/fence"),
+        "nothing redelivered before it"
     );
+    c.puback(id);
+    drop(c);
+    wait_closed(&broker, 3);
     // A clean session starts empty.
     let mut c = RawClient::connect(addr);
     assert_eq!(c.mqtt_connect("keeper", true, 60), (false, 0));
@@ -160,13 +186,29 @@ fn qos1_is_redelivered_to_a_persistent_session_until_acknowledged() {
 #[test]
 fn mosquitto_persistent_session_gets_what_was_published_while_away() {
     let (broker, addr) = start_broker(BrokerConfig::default());
-    // Subscribe once with a persistent session, then leave.
+    // Subscribe once with a persistent session, then leave. The retained
+    // probe comes only once the whole SUBSCRIBE (both filters) is in place;
+    // silence would also be what a failed connection gives.
+    broker
+        .publish(message("ready/away", "1", 0, true), None)
+        .unwrap();
     let got = sub(
         addr,
-        &["-c", "-i", "away", "-q", "1", "-t", "away/#", "-W", "1"],
+        &[
+            "-c",
+            "-i",
+            "away",
+            "-q",
+            "1",
+            "-t",
+            "away/#",
+            "-t",
+            "ready/away",
+        ],
         1,
     );
-    assert!(got.is_empty());
+    assert_eq!(got, vec!["ready/away 1"]);
+    wait_closed(&broker, 1);
     for topic in ["away/1", "away/2", "away/3"] {
         broker.publish(message(topic, "x", 1, false), None).unwrap();
     }
@@ -176,15 +218,29 @@ fn mosquitto_persistent_session_gets_what_was_published_while_away() {
 
 #[test]
 fn a_silent_client_is_dropped_after_one_and_a_half_keep_alives() {
-    let (_broker, addr) = start_broker(BrokerConfig::default());
-    let mut c = RawClient::connect(addr);
-    assert_eq!(c.mqtt_connect("sleepy", true, 1), (false, 0));
+    let (broker, addr) = start_broker(BrokerConfig::default());
+    // The clock starts before CONNECT: the server's 1.5 x keep-alive starts
+    // after it, so 1.5 s is a lower bound on any machine (MQTT 3.1.1
+    // section 3.1.2.10). The upper bound is the read deadline: closed, not
+    // kept open.
     let start = Instant::now();
-    assert!(c.closed_by_server());
+    let mut c = RawClient::connect(addr);
+    c.stream.set_read_timeout(Some(DEADLINE)).unwrap();
+    assert_eq!(c.mqtt_connect("sleepy", true, 1), (false, 0));
+    assert!(c.closed_by_server(), "still open after {DEADLINE:?}");
     let waited = start.elapsed();
     assert!(
-        waited >= Duration::from_millis(1400) && waited < Duration::from_secs(4),
-        "{waited:?}"
+        waited >= Duration::from_millis(1500),
+        "closed after {waited:?}"
+    );
+    wait_closed(&broker, 1);
+    assert_eq!(
+        broker
+            .stats
+            .protocol_errors
+            .load(std::sync::atomic::Ordering::Relaxed),
+        0,
+        "a keep-alive timeout, not a protocol error"
     );
 }
 
@@ -199,7 +255,7 @@ fn a_full_queue_drops_for_that_session_only() {
     c.mqtt_connect("offline", false, 60);
     c.subscribe("f/#", 1);
     c.disconnect();
-    std::thread::sleep(Duration::from_millis(200));
+    wait_closed(&broker, 1);
     for _ in 0..25 {
         broker.publish(message("f/x", "m", 1, false), None).unwrap();
     }
@@ -213,7 +269,7 @@ fn packets_pipelined_behind_connect_are_not_left_waiting() {
     use std::io::{Read, Write};
     let (_broker, addr) = start_broker(BrokerConfig::default());
     let mut s = std::net::TcpStream::connect(addr).unwrap();
-    s.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
+    s.set_read_timeout(Some(DEADLINE)).unwrap();
     // CONNECT and SUBSCRIBE in one write, as fast clients send them.
     let mut both = vec![0x10, 12, 0, 4, b'M', b'Q', b'T', b'T', 4, 2, 0, 60, 0, 0];
     both.extend_from_slice(&[0x82, 6, 0, 9, 0, 1, b'#', 0]);

@@ -431,6 +431,7 @@ impl Control {
             "delivered": b.enqueued.load(Ordering::Relaxed),
             "dropped": b.dropped.load(Ordering::Relaxed),
             "connections": b.connections.load(Ordering::Relaxed),
+            "closed": b.closed.load(Ordering::Relaxed),
             "protocol_errors": b.protocol_errors.load(Ordering::Relaxed),
             "sessions": self.running.broker.session_stats().into_iter()
                 .map(|(id, queued, dropped)| json!({ "client_id": id, "queued": queued, "dropped": dropped }))

@@ -76,6 +76,8 @@ pub struct BrokerStats {
     /// Messages dropped because a session's queue was full.
     pub dropped: AtomicU64,
     pub connections: AtomicU64,
+    /// Connections ended (their session detached), for whatever reason.
+    pub closed: AtomicU64,
     /// Connections closed for a protocol violation or malformed packet.
     pub protocol_errors: AtomicU64,
 }

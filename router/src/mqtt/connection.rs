@@ -12,7 +12,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::time::{timeout, Instant};
 
-use super::broker::{Attached, Broker, Delivery, Message};
+use super::broker::{Attached, Broker, BrokerStats, Delivery, Message};
 use super::codec::{self, CodecError, Connect, OutProps, OutPublish, Packet, Publish, V311, V5};
 use super::topic;
 
@@ -33,6 +33,16 @@ enum End {
 pub async fn serve(mut stream: TcpStream, broker: Arc<Broker>) {
     let _ = stream.set_nodelay(true);
     broker.stats.connections.fetch_add(1, Ordering::Relaxed);
+    // Counted when this task ends, however it ends, after the session was
+    // detached (locals drop in reverse order): tests and operators can wait
+    // for "the connection is gone" instead of guessing.
+    struct Ended<'a>(&'a BrokerStats);
+    impl Drop for Ended<'_> {
+        fn drop(&mut self) {
+            self.0.closed.fetch_add(1, Ordering::Release);
+        }
+    }
+    let _ended = Ended(&broker.stats);
     let mut inbuf = BytesMut::with_capacity(4096);
     let mut out = BytesMut::with_capacity(4096);
     let connect = match timeout(
