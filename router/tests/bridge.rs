@@ -11,12 +11,14 @@ use std::time::Duration;
 use m2m_router::coap::message::{code, Message};
 use m2m_router_tests::daemon::Daemon;
 use m2m_router_tests::mqtt::Mosquitto;
-use m2m_router_tests::netns::{Netns, Topology, DEV_V4, GW_IF, GW_V4};
+use m2m_router_tests::netns::{wait_for, Netns, Topology, DEADLINE, DEV_V4, GW_IF, GW_V4};
 use m2m_router_tests::packet::coap;
 use m2m_router_tests::require_root;
 
 const BIN: &str = env!("CARGO_BIN_EXE_m2m-router");
 const UPSTREAM_PORT: u16 = 1885;
+/// The longest a bridge may wait before reconnecting (MAX_BACKOFF x 1.5).
+const RECONNECT: Duration = Duration::from_secs(45);
 
 fn router_config(extra_upstream: &str, spool: &std::path::Path) -> String {
     format!(
@@ -110,6 +112,60 @@ fn upstream_sub(ns: &Netns, client_id: &str, count: usize, wait_s: u32) -> Vec<S
         .collect()
 }
 
+/// Registers the persistent upstream subscriber `client_id` on `site-7/#`.
+/// The retained probe on a second filter arrives only once Mosquitto has
+/// processed the whole SUBSCRIBE, so its arrival (not silence, which a
+/// failed connection also gives) shows the subscription exists.
+fn register_upstream_sub(ns: &Netns, client_id: &str) {
+    let port = UPSTREAM_PORT.to_string();
+    let probe = ns
+        .command("mosquitto_pub")
+        .args([
+            "-h",
+            "127.0.0.1",
+            "-p",
+            &port,
+            "-r",
+            "-t",
+            "m2m-test/registered",
+            "-m",
+            "1",
+        ])
+        .status()
+        .unwrap();
+    assert!(probe.success());
+    let out = ns
+        .command("mosquitto_sub")
+        .args([
+            "-h",
+            "127.0.0.1",
+            "-p",
+            &port,
+            "-c",
+            "-i",
+            client_id,
+            "-q",
+            "1",
+        ])
+        .args([
+            "-t",
+            "site-7/#",
+            "-t",
+            "m2m-test/registered",
+            "-v",
+            "-C",
+            "1",
+        ])
+        .args(["-W", &DEADLINE.as_secs().to_string()])
+        .output()
+        .unwrap();
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout).trim(),
+        "m2m-test/registered 1",
+        "{out:?}"
+    );
+}
+
 /// Sends `per_peer` CON POSTs from each of `peers` sockets, payload
 /// "peer:seq"; returns how many were acknowledged 2.04.
 fn send(topo: &Topology, peers: &[UdpSocket], from_seq: u32, per_peer: u32) -> usize {
@@ -125,17 +181,44 @@ fn send(topo: &Topology, peers: &[UdpSocket], from_seq: u32, per_peer: u32) -> u
                 &[0xb1, b'x'],
                 format!("{p}:{seq}").as_bytes(),
             );
-            sock.send_to(&msg, dst).unwrap();
-            let mut buf = [0u8; 64];
-            if let Ok(n) = sock.recv(&mut buf) {
-                if Message::decode(&buf[..n]).is_ok_and(|m| m.code == code::CHANGED) {
-                    acked += 1;
-                }
+            if confirm(sock, dst, &msg, seq as u16) == code::CHANGED {
+                acked += 1;
             }
         }
     }
     let _ = topo;
     acked
+}
+
+/// A CON exchange as a device does it: retransmitted with a doubling
+/// timeout until its ACK comes (the router deduplicates retransmissions);
+/// returns the ACK's code. Fails after the deadline.
+fn confirm(sock: &UdpSocket, dst: SocketAddr, msg: &[u8], mid: u16) -> u8 {
+    let deadline = std::time::Instant::now() + DEADLINE;
+    let mut wait = Duration::from_secs(1);
+    let mut buf = [0u8; 64];
+    loop {
+        sock.send_to(msg, dst).unwrap();
+        let round = std::time::Instant::now() + wait;
+        while let Some(left) = round.checked_duration_since(std::time::Instant::now()) {
+            sock.set_read_timeout(Some(left.max(Duration::from_millis(1))))
+                .unwrap();
+            let Ok(n) = sock.recv(&mut buf) else {
+                break;
+            };
+            // A late ACK of an earlier exchange is not this one's.
+            if let Ok(m) = Message::decode(&buf[..n]) {
+                if m.mid == mid {
+                    return m.code;
+                }
+            }
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "CON {mid} unanswered after {DEADLINE:?}"
+        );
+        wait *= 2;
+    }
 }
 
 fn peers(topo: &Topology, n: usize) -> Vec<UdpSocket> {
@@ -153,7 +236,7 @@ fn coap_messages_reach_an_upstream_mosquitto() {
     let setup = Setup::new("br-up", "durability = \"memory\"");
     let _mosquitto = Mosquitto::start(&setup.topo.gw, UPSTREAM_PORT);
     // Register the upstream subscriber first (persistent, so nothing is missed).
-    assert!(upstream_sub(&setup.topo.gw, "up-sub", 1, 1).is_empty());
+    register_upstream_sub(&setup.topo.gw, "up-sub");
     let router = setup.router();
     let out = setup
         .topo
@@ -178,29 +261,19 @@ fn coap_messages_reach_an_upstream_mosquitto() {
         String::from_utf8_lossy(&out.stderr).contains("c:2.04")
             || String::from_utf8_lossy(&out.stdout).contains("c:2.04")
     );
-    let got = upstream_sub(&setup.topo.gw, "up-sub", 1, 10);
+    let got = upstream_sub(&setup.topo.gw, "up-sub", 1, DEADLINE.as_secs() as u32);
     assert_eq!(got, vec!["site-7/m2m/10.77.0.1/sensors/temp 21.5"]);
-    // `ctl upstream ls` shows the bridge's state.
-    let out = std::process::Command::new(BIN)
-        .args([
-            "ctl",
-            "--socket",
-            &router.socket,
-            "--json",
-            "upstream",
-            "ls",
-        ])
-        .output()
-        .unwrap();
-    assert!(out.status.success(), "{out:?}");
-    let state: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    // `ctl upstream ls` shows the bridge's state (the PUBACK may reach the
+    // bridge after the subscriber has the message: wait for it).
+    let state = router.wait_ctl(&["upstream", "ls"], DEADLINE, |v| {
+        v["upstreams"][0]["acked"] == 1
+    });
     let cloud = &state["upstreams"][0];
     assert_eq!(
         (cloud["name"].as_str(), cloud["connected"].as_bool()),
         (Some("cloud"), Some(true)),
         "{state}"
     );
-    assert_eq!(cloud["acked"], 1);
     assert_eq!(cloud["spooled_messages"], 0);
     router.stop();
 }
@@ -209,10 +282,7 @@ fn coap_messages_reach_an_upstream_mosquitto() {
 fn an_outage_and_a_router_crash_lose_nothing_with_the_disk_spool() {
     let setup = Setup::new("br-outage", "durability = \"disk\"");
     let mut mosquitto = Mosquitto::start(&setup.topo.gw, UPSTREAM_PORT);
-    assert!(
-        upstream_sub(&setup.topo.gw, "keeper", 1, 1).is_empty(),
-        "subscription registered"
-    );
+    register_upstream_sub(&setup.topo.gw, "keeper");
     mosquitto.stop();
 
     let sockets = peers(&setup.topo, 10);
@@ -230,7 +300,12 @@ fn an_outage_and_a_router_crash_lose_nothing_with_the_disk_spool() {
     assert_eq!(send(&setup.topo, &sockets, 250, 250), 2_500);
 
     mosquitto.restart(&setup.topo.gw);
-    let got = upstream_sub(&setup.topo.gw, "keeper", 5_000, 60);
+    // The bridge's reconnect backoff reaches 30 s x 1.5 (jitter) while the
+    // upstream is away: allow for that, then the drain.
+    router.wait_ctl(&["upstream", "ls"], RECONNECT + DEADLINE, |v| {
+        v["upstreams"][0]["acked"] == 5_000
+    });
+    let got = upstream_sub(&setup.topo.gw, "keeper", 5_000, DEADLINE.as_secs() as u32);
     let mut per_peer: HashMap<u32, Vec<u32>> = HashMap::new();
     for line in &got {
         let payload = line.rsplit(' ').next().unwrap();
@@ -367,37 +442,21 @@ fn acknowledged_messages_are_on_the_block_device_before_the_ack() {
 fn a_full_spool_evicts_the_oldest_and_the_router_keeps_serving() {
     let setup = Setup::new("br-full", "durability = \"disk\"\nspool_max_bytes = 20000");
     let sockets = peers(&setup.topo, 1);
-    let mut router = setup.router();
+    let router = setup.router();
     // No upstream at all: everything waits in the spool, which holds ~20 KB.
     assert_eq!(
         send(&setup.topo, &sockets, 0, 1_000),
         1_000,
         "every CON still acknowledged"
     );
-    router.signal(libc::SIGUSR1);
-    let line = router.expect_line("upstream cloud");
-    let evicted: u64 = line.rsplit(' ').next().unwrap().parse().unwrap();
-    assert!(evicted >= 500, "evictions counted: {line}");
+    let evicted = upstream_state(&router)["evicted"].as_u64().unwrap();
+    assert!(evicted >= 500, "evictions counted: {evicted}");
     // Once the upstream is back, what was kept drains and is acknowledged.
     let _mosquitto = Mosquitto::start(&setup.topo.gw, UPSTREAM_PORT);
-    let mut drained = false;
-    for _ in 0..60 {
-        router.signal(libc::SIGUSR1);
-        let line = router.expect_line("upstream cloud");
-        let acked: u64 = line
-            .split_whitespace()
-            .skip_while(|w| *w != "acked")
-            .nth(1)
-            .unwrap()
-            .parse()
-            .unwrap();
-        if line.contains("spooled 0 ") && acked == 1_000 - evicted {
-            drained = true;
-            break;
-        }
-        std::thread::sleep(Duration::from_millis(500));
-    }
-    assert!(drained, "the spool drained to the upstream");
+    router.wait_ctl(&["upstream", "ls"], RECONNECT + DEADLINE, |v| {
+        let u = &v["upstreams"][0];
+        u["spooled_messages"] == 0 && u["acked"].as_u64() == Some(1_000 - evicted)
+    });
     router.stop();
 }
 
@@ -414,13 +473,17 @@ fn commands_from_upstream_reach_the_device_and_responses_go_back_up() {
     )
     .unwrap();
     let _mosquitto = Mosquitto::start(&setup.topo.gw, UPSTREAM_PORT);
-    assert!(upstream_sub(&setup.topo.gw, "cloud-app", 1, 1).is_empty());
+    register_upstream_sub(&setup.topo.gw, "cloud-app");
     let router = setup.router();
     // The device says hello (so the router knows where it is).
     let dev = &peers(&setup.topo, 1)[0];
     assert_eq!(send(&setup.topo, std::slice::from_ref(dev), 0, 1), 1);
-    // Wait for the bridge to be up, then command from the cloud side.
-    std::thread::sleep(Duration::from_millis(500));
+    // The hello's PUBACK means the bridge's connection is past its
+    // SUBSCRIBE to upstream commands (sent first; Mosquitto handles a
+    // connection's packets in order): command from the cloud side now.
+    router.wait_ctl(&["upstream", "ls"], DEADLINE, |v| {
+        v["upstreams"][0]["acked"] == 1
+    });
     let ok = setup
         .topo
         .gw
@@ -439,6 +502,7 @@ fn commands_from_upstream_reach_the_device_and_responses_go_back_up() {
         .success();
     assert!(ok);
     let mut buf = [0u8; 512];
+    dev.set_read_timeout(Some(DEADLINE)).unwrap();
     let (n, from) = dev
         .recv_from(&mut buf)
         .expect("the command reaches the device");
@@ -455,10 +519,16 @@ fn commands_from_upstream_reach_the_device_and_responses_go_back_up() {
         b"done",
     );
     dev.send_to(&ack, from).unwrap();
-    // The response (and the uplink hello) went up through the bridge; the
-    // command itself is there once (Mosquitto's own delivery to this
-    // subscriber), not twice: the bridge does not echo it back up.
-    let got = upstream_sub(&setup.topo.gw, "cloud-app", 4, 3);
+    // The response (and the uplink hello) went up through the bridge, and
+    // nothing else: the bridge spooled exactly those two, so it did not echo
+    // the command back up (an echo would be spooled before the command
+    // even reached the device).
+    router.wait_ctl(&["upstream", "ls"], DEADLINE, |v| {
+        v["upstreams"][0]["acked"] == 2
+    });
+    assert_eq!(upstream_state(&router)["appended"], 2);
+    // The command is there once: Mosquitto's own delivery to this subscriber.
+    let got = upstream_sub(&setup.topo.gw, "cloud-app", 3, DEADLINE.as_secs() as u32);
     assert!(
         got.contains(&"site-7/m2m-resp/meter/relay done".to_owned()),
         "{got:?}"
@@ -468,7 +538,6 @@ fn commands_from_upstream_reach_the_device_and_responses_go_back_up() {
         1,
         "{got:?}"
     );
-    assert_eq!(got.len(), 3, "{got:?}");
     router.stop();
 }
 
@@ -505,7 +574,7 @@ fn a_local_command_is_not_forwarded_upstream_and_runs_once() {
     )
     .unwrap();
     let _mosquitto = Mosquitto::start(&setup.topo.gw, UPSTREAM_PORT);
-    assert!(upstream_sub(&setup.topo.gw, "cloud-app", 1, 1).is_empty());
+    register_upstream_sub(&setup.topo.gw, "cloud-app");
     let router = setup.router();
     let dev = &peers(&setup.topo, 1)[0];
     assert_eq!(send(&setup.topo, std::slice::from_ref(dev), 0, 1), 1);
@@ -644,9 +713,18 @@ fn mqtts_upstream_is_verified_against_the_configured_ca() {
         .args(["-c", conf.to_str().unwrap()])
         .spawn()
         .unwrap();
-    std::thread::sleep(Duration::from_millis(500));
-    assert!(upstream_sub(&setup.topo.gw, "tls-sub", 1, 1).is_empty());
-    for (ca_file, should_arrive) in [(&wrong_ca, false), (&ca, true)] {
+    let listening = |port: u16| {
+        setup
+            .topo
+            .gw
+            .run(|| std::net::TcpStream::connect(("127.0.0.1", port)).is_ok())
+    };
+    assert!(
+        wait_for(DEADLINE, || listening(UPSTREAM_PORT) && listening(8884)),
+        "Mosquitto never listened"
+    );
+    register_upstream_sub(&setup.topo.gw, "tls-sub");
+    for (seq, ca_file, should_arrive) in [(0, &wrong_ca, false), (1, &ca, true)] {
         let text = std::fs::read_to_string(&setup.config)
             .unwrap()
             .replace(
@@ -665,16 +743,33 @@ fn mqtts_upstream_is_verified_against_the_configured_ca() {
             ),
         );
         std::fs::write(&setup.config, text).unwrap();
-        let router = setup.router();
+        let mut router = setup.router();
         let sockets = peers(&setup.topo, 1);
-        assert_eq!(send(&setup.topo, &sockets, 0, 1), 1);
-        let got = upstream_sub(&setup.topo.gw, "tls-sub", 1, 3);
-        assert_eq!(
-            !got.is_empty(),
-            should_arrive,
-            "CA {}: {got:?}",
-            ca_file.display()
-        );
+        assert_eq!(send(&setup.topo, &sockets, seq, 1), 1);
+        if should_arrive {
+            router.wait_ctl(&["upstream", "ls"], DEADLINE, |v| {
+                v["upstreams"][0]["acked"] == 1
+            });
+            let got = upstream_sub(&setup.topo.gw, "tls-sub", 1, DEADLINE.as_secs() as u32);
+            assert_eq!(got, vec!["site-7/m2m/10.77.0.1/x 0:1"]);
+        } else {
+            // Refused for the reason under test, not any failure.
+            let line = router.expect_line("upstream connection lost");
+            assert!(
+                line.contains("invalid peer certificate") && line.contains("UnknownIssuer"),
+                "{line}"
+            );
+            let u = upstream_state(&router);
+            assert_eq!(
+                (
+                    u["connects"].as_u64(),
+                    u["acked"].as_u64(),
+                    u["spooled_messages"].as_u64()
+                ),
+                (Some(0), Some(0), Some(1)),
+                "{u}"
+            );
+        }
         router.stop();
     }
     // SAFETY: kill on our own child's pid.
