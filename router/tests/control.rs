@@ -9,7 +9,7 @@ use std::process::{Command, Output};
 use std::time::{Duration, Instant};
 
 use m2m_router_tests::daemon::Daemon;
-use m2m_router_tests::netns::{Topology, DEV_V4, GW_IF, GW_V4};
+use m2m_router_tests::netns::{wait_for, Topology, DEADLINE, DEV_V4, GW_IF, GW_V4};
 use m2m_router_tests::packet::coap_post;
 use m2m_router_tests::{require_root, TempPath};
 use serde_json::Value;
@@ -77,15 +77,42 @@ impl Gateway {
             .unwrap()
     }
 
-    /// One CON POST from device address `who`: whether it was acknowledged.
-    fn acked(&self, who: usize) -> bool {
+    /// One CON POST from device address `who`, acknowledged: retransmitted
+    /// as a device would until its ACK comes (the deadline fails the test).
+    /// Returns how many transmissions it took.
+    fn expect_acked(&self, who: usize) -> u64 {
         let sock: UdpSocket = self.topo.device_socket(IpAddr::V4(DEV_V4[who]));
-        sock.set_read_timeout(Some(Duration::from_millis(300)))
-            .unwrap();
+        let dst = SocketAddr::new(GW_V4.into(), 5683);
+        let deadline = Instant::now() + DEADLINE;
+        let mut wait = Duration::from_secs(1);
+        let mut buf = [0u8; 64];
+        for sent in 1.. {
+            sock.send_to(&coap_post(1, b"x"), dst).unwrap();
+            sock.set_read_timeout(Some(wait)).unwrap();
+            if sock.recv(&mut buf).is_ok() {
+                return sent;
+            }
+            assert!(Instant::now() < deadline, "no ACK within {DEADLINE:?}");
+            wait *= 2;
+        }
+        unreachable!()
+    }
+
+    /// One CON POST from `who`, dropped by XDP for `reason`: shown by that
+    /// verdict counter (and no new accept), not by silence.
+    fn expect_dropped(&self, who: usize, reason: &str) {
+        let (before, accepted) = (self.verdict(reason), self.verdict("accept"));
+        let sock: UdpSocket = self.topo.device_socket(IpAddr::V4(DEV_V4[who]));
         sock.send_to(&coap_post(1, b"x"), SocketAddr::new(GW_V4.into(), 5683))
             .unwrap();
-        let mut buf = [0u8; 64];
-        sock.recv(&mut buf).is_ok()
+        assert!(
+            wait_for(DEADLINE, || self.verdict(reason) > before),
+            "{reason} never counted the packet"
+        );
+        assert_eq!(
+            (self.verdict(reason), self.verdict("accept")),
+            (before + 1, accepted)
+        );
     }
 }
 
@@ -94,7 +121,7 @@ const DROP_UNKNOWN: &str = "[defaults]\nunknown_peers = \"drop\"\nrate = \"unlim
 #[test]
 fn peer_changes_take_effect_on_the_next_packet() {
     let gw = Gateway::start("ctl-live", DROP_UNKNOWN);
-    assert!(!gw.acked(1), "unknown sources are dropped");
+    gw.expect_dropped(1, "drop_unknown_peer");
     let dev = format!("{}/32", DEV_V4[1]);
     let out = gw.ctl(&["peer", "add", "dev1", "--prefix", &dev]);
     assert!(
@@ -102,30 +129,52 @@ fn peer_changes_take_effect_on_the_next_packet() {
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    assert!(gw.acked(1), "passes at once after peer add");
-    // Deny: replace the peer with a denied one.
+    // Passes at once after peer add: the first packet is not dropped.
+    let unknown = gw.verdict("drop_unknown_peer");
+    gw.expect_acked(1);
+    assert_eq!(gw.verdict("drop_unknown_peer"), unknown);
+    // Removed: dropped at once.
     assert!(gw.ctl(&["peer", "rm", "dev1"]).status.success());
-    assert!(!gw.acked(1), "dropped at once after peer rm");
-    let before = gw.verdict("drop_denied");
+    gw.expect_dropped(1, "drop_unknown_peer");
+    // Denied.
     assert!(gw
         .ctl(&["peer", "add", "dev1", "--prefix", &dev, "--deny"])
         .status
         .success());
-    assert!(!gw.acked(1));
-    assert_eq!(
-        gw.verdict("drop_denied"),
-        before + 1,
-        "the verdict counter moved"
-    );
-    // A rate of 1/s with a burst of 1: the second packet in a row is over.
+    gw.expect_dropped(1, "drop_denied");
+    // A rate of 1/s with a burst of 1 holds at once: of 20 back to back,
+    // one passes, plus one per second the sending took.
     assert!(gw.ctl(&["peer", "rm", "dev1"]).status.success());
     assert!(gw
         .ctl(&["peer", "add", "dev1", "--prefix", &dev, "--rate", "1/s", "--burst", "1"])
         .status
         .success());
-    assert!(gw.acked(1));
-    assert!(!gw.acked(1), "over the new rate at once");
-    assert!(gw.verdict("drop_rate_limited") >= 1);
+    let limited = gw.verdict("drop_rate_limited");
+    let sock: UdpSocket = gw.topo.device_socket(IpAddr::V4(DEV_V4[1]));
+    let start = Instant::now();
+    for mid in 0..20 {
+        sock.send_to(&coap_post(mid, b"x"), SocketAddr::new(GW_V4.into(), 5683))
+            .unwrap();
+    }
+    let counts = || {
+        let p = &gw.ctl_json(&["stats", "--peer", "dev1"])["peers"]["dev1"];
+        (
+            p["accepted_packets"].as_u64().unwrap(),
+            p["dropped_packets"].as_u64().unwrap(),
+        )
+    };
+    assert!(wait_for(DEADLINE, || {
+        let (a, d) = counts();
+        a + d >= 20
+    }));
+    let elapsed = start.elapsed().as_secs_f64();
+    let (accepted, dropped) = counts();
+    assert_eq!(accepted + dropped, 20);
+    assert!(
+        (1..=1 + elapsed.ceil() as u64).contains(&accepted),
+        "{accepted} of 20 passed in {elapsed:.3} s at 1/s, burst 1"
+    );
+    assert_eq!(gw.verdict("drop_rate_limited") - limited, dropped);
     let peers = gw.ctl_json(&["peer", "ls"]);
     assert_eq!(peers["peers"][0]["name"], "dev1");
     assert_eq!(peers["peers"][0]["rate"], "1/s");
@@ -157,8 +206,8 @@ fn a_hundred_thousand_peers_in_one_request() {
         answer["apply_ms"]
     );
     assert_eq!(answer["imported"], 100_001);
-    assert!(gw.acked(2), "a peer from the import passes");
-    assert!(!gw.acked(3), "a source outside it is still dropped");
+    let sent = gw.expect_acked(2); // a peer from the import passes
+    gw.expect_dropped(3, "drop_unknown_peer"); // a source outside it does not
     assert_eq!(
         gw.ctl_json(&["peer", "ls"])["peers"]
             .as_array()
@@ -167,7 +216,7 @@ fn a_hundred_thousand_peers_in_one_request() {
         100_001
     );
     let stats = gw.ctl_json(&["stats", "--peer", "dev2"]);
-    assert_eq!(stats["peers"]["dev2"]["accepted_packets"], 1);
+    assert_eq!(stats["peers"]["dev2"]["accepted_packets"], sent);
     gw.daemon.stop();
 }
 
@@ -215,8 +264,9 @@ fn a_saved_config_survives_a_restart() {
     assert_eq!(peers["peers"][0]["name"], "dev1");
     assert_eq!(peers["peers"][0]["rate"], "50/s");
     assert_eq!(gw.ctl_json(&["route", "ls"])["routes"][0]["name"], "alarms");
-    assert!(gw.acked(1), "same behaviour after the restart");
-    assert!(!gw.acked(2));
+    // Same behaviour after the restart.
+    gw.expect_acked(1);
+    gw.expect_dropped(2, "drop_unknown_peer");
     gw.daemon.stop();
 }
 
@@ -366,7 +416,7 @@ fn reload_applies_a_good_file_and_keeps_running_on_a_bad_one() {
     .unwrap();
     gw.daemon.signal(libc::SIGHUP);
     gw.daemon.expect_line("configuration reloaded");
-    assert!(gw.acked(1), "SIGHUP applied the file");
+    gw.expect_acked(1); // SIGHUP applied the file
     std::fs::write(
         &*gw.config,
         "[[peer]]\nname = \"dev1\"\nprefix = [\"not-an-ip\"]\n",
@@ -375,7 +425,7 @@ fn reload_applies_a_good_file_and_keeps_running_on_a_bad_one() {
     gw.daemon.signal(libc::SIGHUP);
     let line = gw.daemon.expect_line("reload refused");
     assert!(line.contains("peer[0].prefix[0]"), "{line}");
-    assert!(gw.acked(1), "the running config is unchanged");
+    gw.expect_acked(1); // the running config is unchanged
     let out = gw.ctl(&["config", "reload"]);
     assert_eq!(out.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&out.stderr).contains("peer[0].prefix[0]"));
@@ -423,7 +473,7 @@ fn metrics_are_valid_prometheus_text() {
         ])
         .status
         .success());
-    assert!(gw.acked(1));
+    let n = gw.expect_acked(1);
     let body = gw.topo.gw.run(|| {
         let mut s = std::net::TcpStream::connect("127.0.0.1:9683").unwrap();
         s.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n")
@@ -438,10 +488,14 @@ fn metrics_are_valid_prometheus_text() {
         "{head}"
     );
     assert!(
-        metrics.contains("m2m_xdp_packets_total{reason=\"accept\",action=\"pass\"} 1"),
+        metrics.contains(&format!(
+            "m2m_xdp_packets_total{{reason=\"accept\",action=\"pass\"}} {n}"
+        )),
         "{metrics}"
     );
-    assert!(metrics.contains("m2m_peer_packets_total{peer=\"dev1\",verdict=\"accepted\"} 1"));
+    assert!(metrics.contains(&format!(
+        "m2m_peer_packets_total{{peer=\"dev1\",verdict=\"accepted\"}} {n}"
+    )));
     assert!(metrics.contains("m2m_coap_published_total 1"));
     let mut promtool = Command::new("promtool")
         .args(["check", "metrics"])
