@@ -462,16 +462,7 @@ fn a_full_spool_evicts_the_oldest_and_the_router_keeps_serving() {
 
 #[test]
 fn commands_from_upstream_reach_the_device_and_responses_go_back_up() {
-    let setup = Setup::new("br-cmd", "durability = \"memory\"");
-    std::fs::write(
-        &setup.config,
-        std::fs::read_to_string(&setup.config).unwrap()
-            + &format!(
-                "\n[[peer]]\nname = \"meter\"\nprefix = [\"{}/32\"]\n",
-                DEV_V4[0]
-            ),
-    )
-    .unwrap();
+    let setup = setup_with_meter("br-cmd");
     let _mosquitto = Mosquitto::start(&setup.topo.gw, UPSTREAM_PORT);
     register_upstream_sub(&setup.topo.gw, "cloud-app");
     let router = setup.router();
@@ -501,24 +492,7 @@ fn commands_from_upstream_reach_the_device_and_responses_go_back_up() {
         .unwrap()
         .success();
     assert!(ok);
-    let mut buf = [0u8; 512];
-    dev.set_read_timeout(Some(DEADLINE)).unwrap();
-    let (n, from) = dev
-        .recv_from(&mut buf)
-        .expect("the command reaches the device");
-    let m = Message::decode(&buf[..n]).unwrap();
-    assert_eq!(m.payload, b"on");
-    let mut ack = Vec::new();
-    m2m_router::coap::message::encode(
-        &mut ack,
-        m2m_router::coap::message::ACK,
-        code::CHANGED,
-        m.mid,
-        m.token,
-        &[],
-        b"done",
-    );
-    dev.send_to(&ack, from).unwrap();
+    assert_eq!(answer_command(dev, b"done"), b"on");
     // The response (and the uplink hello) went up through the bridge, and
     // nothing else: the bridge spooled exactly those two, so it did not echo
     // the command back up (an echo would be spooled before the command
@@ -542,28 +516,12 @@ fn commands_from_upstream_reach_the_device_and_responses_go_back_up() {
 }
 
 fn upstream_state(router: &Daemon) -> serde_json::Value {
-    let out = std::process::Command::new(BIN)
-        .args([
-            "ctl",
-            "--socket",
-            &router.socket,
-            "--json",
-            "upstream",
-            "ls",
-        ])
-        .output()
-        .unwrap();
-    assert!(out.status.success(), "{out:?}");
-    let state: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
-    state["upstreams"][0].clone()
+    router.ctl_json(&["upstream", "ls"])["upstreams"][0].clone()
 }
 
-/// Issue 11, finding 0: a command published on the embedded broker was
-/// forwarded up by a `#` bridge and came back down through the bridge's
-/// subscription to upstream commands, so the device received it twice.
-#[test]
-fn a_local_command_is_not_forwarded_upstream_and_runs_once() {
-    let setup = Setup::new("br-loop", "durability = \"memory\"");
+/// Setup with the peer "meter" (the first device address) configured.
+fn setup_with_meter(tag: &str) -> Setup {
+    let setup = Setup::new(tag, "durability = \"memory\"");
     std::fs::write(
         &setup.config,
         std::fs::read_to_string(&setup.config).unwrap()
@@ -573,6 +531,38 @@ fn a_local_command_is_not_forwarded_upstream_and_runs_once() {
             ),
     )
     .unwrap();
+    setup
+}
+
+/// The device's next request, answered with a piggybacked 2.04 carrying
+/// `answer`; returns the request's payload.
+fn answer_command(dev: &UdpSocket, answer: &[u8]) -> Vec<u8> {
+    let mut buf = [0u8; 512];
+    dev.set_read_timeout(Some(DEADLINE)).unwrap();
+    let (n, from) = dev
+        .recv_from(&mut buf)
+        .expect("the command reaches the device");
+    let m = Message::decode(&buf[..n]).unwrap();
+    let mut ack = Vec::new();
+    m2m_router::coap::message::encode(
+        &mut ack,
+        m2m_router::coap::message::ACK,
+        code::CHANGED,
+        m.mid,
+        m.token,
+        &[],
+        answer,
+    );
+    dev.send_to(&ack, from).unwrap();
+    m.payload.to_vec()
+}
+
+/// Issue 11, finding 0: a command published on the embedded broker was
+/// forwarded up by a `#` bridge and came back down through the bridge's
+/// subscription to upstream commands, so the device received it twice.
+#[test]
+fn a_local_command_is_not_forwarded_upstream_and_runs_once() {
+    let setup = setup_with_meter("br-loop");
     let _mosquitto = Mosquitto::start(&setup.topo.gw, UPSTREAM_PORT);
     register_upstream_sub(&setup.topo.gw, "cloud-app");
     let router = setup.router();
@@ -581,7 +571,7 @@ fn a_local_command_is_not_forwarded_upstream_and_runs_once() {
     // The uplink reaching the upstream shows the bridge is connected and
     // subscribed to upstream commands, so an echo would come back.
     assert_eq!(
-        upstream_sub(&setup.topo.gw, "cloud-app", 1, 30),
+        upstream_sub(&setup.topo.gw, "cloud-app", 1, DEADLINE.as_secs() as u32),
         vec!["site-7/m2m/meter/x 0:0"]
     );
     let ok = setup
@@ -594,26 +584,10 @@ fn a_local_command_is_not_forwarded_upstream_and_runs_once() {
         .unwrap()
         .success();
     assert!(ok);
-    let mut buf = [0u8; 512];
-    let (n, from) = dev
-        .recv_from(&mut buf)
-        .expect("the command reaches the device");
-    let m = Message::decode(&buf[..n]).unwrap();
-    assert_eq!(m.payload, b"open");
-    let mut ack = Vec::new();
-    m2m_router::coap::message::encode(
-        &mut ack,
-        m2m_router::coap::message::ACK,
-        code::CHANGED,
-        m.mid,
-        m.token,
-        &[],
-        b"opened",
-    );
-    dev.send_to(&ack, from).unwrap();
+    assert_eq!(answer_command(dev, b"opened"), b"open");
     // The response goes up (the upstream application wants it) ...
     assert_eq!(
-        upstream_sub(&setup.topo.gw, "cloud-app", 1, 30),
+        upstream_sub(&setup.topo.gw, "cloud-app", 1, DEADLINE.as_secs() as u32),
         vec!["site-7/m2m-resp/meter/valve opened"]
     );
     // ... and the command never did: the bridge spooled the uplink and the
