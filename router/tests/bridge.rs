@@ -11,7 +11,7 @@ use std::time::Duration;
 use m2m_router::coap::message::{code, Message};
 use m2m_router_tests::daemon::Daemon;
 use m2m_router_tests::mqtt::Mosquitto;
-use m2m_router_tests::netns::{wait_for, Netns, Topology, DEADLINE, DEV_V4, GW_IF, GW_V4};
+use m2m_router_tests::netns::{confirm, wait_for, Netns, Topology, DEADLINE, DEV_V4, GW_IF, GW_V4};
 use m2m_router_tests::packet::coap;
 use m2m_router_tests::require_root;
 
@@ -82,28 +82,25 @@ impl Drop for Setup {
 /// Upstream messages as "topic payload" lines, from a persistent QoS 1
 /// session `client_id` (mosquitto_sub -c).
 fn upstream_sub(ns: &Netns, client_id: &str, count: usize, wait_s: u32) -> Vec<String> {
-    let out = ns
-        .command("mosquitto_sub")
-        .args([
-            "-h",
-            "127.0.0.1",
-            "-p",
-            &UPSTREAM_PORT.to_string(),
-            "-c",
-            "-i",
-            client_id,
-            "-q",
-            "1",
-        ])
-        .args([
-            "-t",
-            "site-7/#",
-            "-v",
-            "-C",
-            &count.to_string(),
-            "-W",
-            &wait_s.to_string(),
-        ])
+    upstream_sub_on(ns, client_id, &[], count, wait_s)
+}
+
+/// Like [`upstream_sub`], subscribed to `more` filters beside `site-7/#`.
+fn upstream_sub_on(
+    ns: &Netns,
+    client_id: &str,
+    more: &[&str],
+    count: usize,
+    wait_s: u32,
+) -> Vec<String> {
+    let mut cmd = ns.command("mosquitto_sub");
+    cmd.args(["-h", "127.0.0.1", "-p", &UPSTREAM_PORT.to_string()])
+        .args(["-c", "-i", client_id, "-q", "1", "-t", "site-7/#"]);
+    for filter in more {
+        cmd.args(["-t", filter]);
+    }
+    let out = cmd
+        .args(["-v", "-C", &count.to_string(), "-W", &wait_s.to_string()])
         .output()
         .expect("mosquitto_sub");
     String::from_utf8_lossy(&out.stdout)
@@ -117,53 +114,21 @@ fn upstream_sub(ns: &Netns, client_id: &str, count: usize, wait_s: u32) -> Vec<S
 /// processed the whole SUBSCRIBE, so its arrival (not silence, which a
 /// failed connection also gives) shows the subscription exists.
 fn register_upstream_sub(ns: &Netns, client_id: &str) {
-    let port = UPSTREAM_PORT.to_string();
     let probe = ns
         .command("mosquitto_pub")
-        .args([
-            "-h",
-            "127.0.0.1",
-            "-p",
-            &port,
-            "-r",
-            "-t",
-            "m2m-test/registered",
-            "-m",
-            "1",
-        ])
+        .args(["-h", "127.0.0.1", "-p", &UPSTREAM_PORT.to_string()])
+        .args(["-r", "-t", "m2m-test/registered", "-m", "1"])
         .status()
         .unwrap();
     assert!(probe.success());
-    let out = ns
-        .command("mosquitto_sub")
-        .args([
-            "-h",
-            "127.0.0.1",
-            "-p",
-            &port,
-            "-c",
-            "-i",
-            client_id,
-            "-q",
-            "1",
-        ])
-        .args([
-            "-t",
-            "site-7/#",
-            "-t",
-            "m2m-test/registered",
-            "-v",
-            "-C",
-            "1",
-        ])
-        .args(["-W", &DEADLINE.as_secs().to_string()])
-        .output()
-        .unwrap();
-    assert_eq!(
-        String::from_utf8_lossy(&out.stdout).trim(),
-        "m2m-test/registered 1",
-        "{out:?}"
+    let got = upstream_sub_on(
+        ns,
+        client_id,
+        &["m2m-test/registered"],
+        1,
+        DEADLINE.as_secs() as u32,
     );
+    assert_eq!(got, vec!["m2m-test/registered 1"]);
 }
 
 /// Sends `per_peer` CON POSTs from each of `peers` sockets, payload
@@ -181,44 +146,14 @@ fn send(topo: &Topology, peers: &[UdpSocket], from_seq: u32, per_peer: u32) -> u
                 &[0xb1, b'x'],
                 format!("{p}:{seq}").as_bytes(),
             );
-            if confirm(sock, dst, &msg, seq as u16) == code::CHANGED {
+            let (answer, _) = confirm(sock, dst, &msg, seq as u16);
+            if Message::decode(&answer).is_ok_and(|m| m.code == code::CHANGED) {
                 acked += 1;
             }
         }
     }
     let _ = topo;
     acked
-}
-
-/// A CON exchange as a device does it: retransmitted with a doubling
-/// timeout until its ACK comes (the router deduplicates retransmissions);
-/// returns the ACK's code. Fails after the deadline.
-fn confirm(sock: &UdpSocket, dst: SocketAddr, msg: &[u8], mid: u16) -> u8 {
-    let deadline = std::time::Instant::now() + DEADLINE;
-    let mut wait = Duration::from_secs(1);
-    let mut buf = [0u8; 64];
-    loop {
-        sock.send_to(msg, dst).unwrap();
-        let round = std::time::Instant::now() + wait;
-        while let Some(left) = round.checked_duration_since(std::time::Instant::now()) {
-            sock.set_read_timeout(Some(left.max(Duration::from_millis(1))))
-                .unwrap();
-            let Ok(n) = sock.recv(&mut buf) else {
-                break;
-            };
-            // A late ACK of an earlier exchange is not this one's.
-            if let Ok(m) = Message::decode(&buf[..n]) {
-                if m.mid == mid {
-                    return m.code;
-                }
-            }
-        }
-        assert!(
-            std::time::Instant::now() < deadline,
-            "CON {mid} unanswered after {DEADLINE:?}"
-        );
-        wait *= 2;
-    }
 }
 
 fn peers(topo: &Topology, n: usize) -> Vec<UdpSocket> {

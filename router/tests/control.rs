@@ -9,7 +9,7 @@ use std::process::{Command, Output};
 use std::time::{Duration, Instant};
 
 use m2m_router_tests::daemon::Daemon;
-use m2m_router_tests::netns::{wait_for, Topology, DEADLINE, DEV_V4, GW_IF, GW_V4};
+use m2m_router_tests::netns::{confirm, wait_for, Topology, DEADLINE, DEV_V4, GW_IF, GW_V4};
 use m2m_router_tests::packet::coap_post;
 use m2m_router_tests::{require_root, TempPath};
 use serde_json::Value;
@@ -59,16 +59,7 @@ impl Gateway {
 
     /// `ctl --json ARGS`, which must succeed; its JSON answer.
     fn ctl_json(&self, args: &[&str]) -> Value {
-        let mut all = vec!["--json"];
-        all.extend_from_slice(args);
-        let out = self.ctl(&all);
-        assert!(
-            out.status.success(),
-            "ctl {args:?}: {}{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        );
-        serde_json::from_slice(&out.stdout).unwrap()
+        self.daemon.ctl_json(args)
     }
 
     fn verdict(&self, reason: &str) -> u64 {
@@ -83,19 +74,7 @@ impl Gateway {
     fn expect_acked(&self, who: usize) -> u64 {
         let sock: UdpSocket = self.topo.device_socket(IpAddr::V4(DEV_V4[who]));
         let dst = SocketAddr::new(GW_V4.into(), 5683);
-        let deadline = Instant::now() + DEADLINE;
-        let mut wait = Duration::from_secs(1);
-        let mut buf = [0u8; 64];
-        for sent in 1.. {
-            sock.send_to(&coap_post(1, b"x"), dst).unwrap();
-            sock.set_read_timeout(Some(wait)).unwrap();
-            if sock.recv(&mut buf).is_ok() {
-                return sent;
-            }
-            assert!(Instant::now() < deadline, "no ACK within {DEADLINE:?}");
-            wait *= 2;
-        }
-        unreachable!()
+        u64::from(confirm(&sock, dst, &coap_post(1, b"x"), 1).1)
     }
 
     /// One CON POST from `who`, dropped by XDP for `reason`: shown by that

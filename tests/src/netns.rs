@@ -368,3 +368,34 @@ pub fn receive(socks: &[&UdpSocket], n: usize) -> Vec<Vec<u8>> {
     }
     got
 }
+
+/// A CON exchange as a device does it: `msg` (Message ID `mid`) is
+/// retransmitted with a doubling timeout from 1 s (RFC 7252 section 4.2;
+/// the router deduplicates retransmissions) until the answer with that
+/// Message ID comes; late answers to earlier exchanges are skipped. Returns
+/// the answer and how many transmissions it took; fails after [`DEADLINE`].
+pub fn confirm(sock: &UdpSocket, dst: SocketAddr, msg: &[u8], mid: u16) -> (Vec<u8>, u32) {
+    let deadline = Instant::now() + DEADLINE;
+    let mut wait = Duration::from_secs(1);
+    let mut buf = [0u8; 2048];
+    for sent in 1.. {
+        sock.send_to(msg, dst).expect("send a CON");
+        let round = Instant::now() + wait;
+        while let Some(left) = round.checked_duration_since(Instant::now()) {
+            sock.set_read_timeout(Some(left.max(Duration::from_millis(1))))
+                .unwrap();
+            let Ok(n) = sock.recv(&mut buf) else {
+                break;
+            };
+            if n >= 4 && u16::from_be_bytes([buf[2], buf[3]]) == mid {
+                return (buf[..n].to_vec(), sent);
+            }
+        }
+        assert!(
+            Instant::now() < deadline,
+            "CON {mid} unanswered after {sent} transmissions in {DEADLINE:?}"
+        );
+        wait *= 2;
+    }
+    unreachable!()
+}
