@@ -49,7 +49,7 @@ impl Setup {
     fn new(tag: &str, extra_upstream: &str) -> Setup {
         require_root();
         let topo = Topology::new(tag);
-        let dir = std::env::temp_dir().join(format!("m2m-bridge-{tag}-{}", std::process::id()));
+        let dir = m2m_router_tests::unique_temp_path(&format!("bridge-{tag}"), "");
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir).unwrap();
         let config = dir.join("router.toml");

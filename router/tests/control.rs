@@ -26,10 +26,7 @@ impl Gateway {
     fn start(tag: &str, config_text: &str) -> Gateway {
         require_root();
         let topo = Topology::new(tag);
-        let config =
-            std::env::temp_dir().join(format!("m2m-control-{tag}-{}.toml", std::process::id()));
-        std::fs::write(&config, config_text).unwrap();
-        let config = TempPath(config);
+        let config = TempPath::with_contents(&format!("control-{tag}"), "toml", config_text);
         let daemon = Daemon::running(&topo.gw, BIN, &Self::args(&config));
         Gateway {
             topo,
@@ -174,7 +171,7 @@ fn a_hundred_thousand_peers_in_one_request() {
         "[[peer]]\nname = \"dev2\"\nprefix = [\"{}/32\"]\n",
         DEV_V4[2]
     ));
-    let path = std::env::temp_dir().join(format!("m2m-bulk-{}.toml", std::process::id()));
+    let path = m2m_router_tests::unique_temp_path("bulk", ".toml");
     std::fs::write(&path, file).unwrap();
     let start = Instant::now();
     let answer = gw.ctl_json(&["peer", "import", path.to_str().unwrap()]);

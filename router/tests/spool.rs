@@ -19,7 +19,7 @@ struct SmallDisk(PathBuf);
 
 impl SmallDisk {
     fn mount(tag: &str, size: usize) -> SmallDisk {
-        let dir = std::env::temp_dir().join(format!("m2m-{tag}-{}", std::process::id()));
+        let dir = m2m_router_tests::unique_temp_path(tag, "");
         let _ = fs::create_dir_all(&dir);
         let target = CString::new(dir.to_str().unwrap()).unwrap();
         let options = CString::new(format!("size={size}")).unwrap();

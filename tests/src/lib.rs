@@ -41,13 +41,22 @@ impl Rng {
     }
 }
 
+/// `<tmp>/m2m-<tag>-<pid>-<n><suffix>`: a name no other test of any
+/// process uses, even when tests running in parallel pass the same tag.
+pub fn unique_temp_path(tag: &str, suffix: &str) -> std::path::PathBuf {
+    use std::sync::atomic::{AtomicU32, Ordering};
+    static SEQ: AtomicU32 = AtomicU32::new(0);
+    let n = SEQ.fetch_add(1, Ordering::Relaxed);
+    std::env::temp_dir().join(format!("m2m-{tag}-{}-{n}{suffix}", std::process::id()))
+}
+
 /// A file removed when the test ends (pass or fail).
 pub struct TempPath(pub std::path::PathBuf);
 
 impl TempPath {
-    /// `<tmp>/m2m-<tag>-<pid>.<ext>`, written with `contents`.
+    /// A [`unique_temp_path`] ending `.<ext>`, written with `contents`.
     pub fn with_contents(tag: &str, ext: &str, contents: &str) -> TempPath {
-        let path = std::env::temp_dir().join(format!("m2m-{tag}-{}.{ext}", std::process::id()));
+        let path = unique_temp_path(tag, &format!(".{ext}"));
         std::fs::write(&path, contents).expect("write a temporary file");
         TempPath(path)
     }
