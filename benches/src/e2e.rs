@@ -306,6 +306,7 @@ fn main() {
         payload_sizes: args.sizes.clone(),
         rate: args.rate,
         duration: Duration::from_secs_f64(args.seconds),
+        per_device: None,
         threads: args.threads,
         // ACKs later than this count as missing in the figures.
         ack_wait: Duration::from_millis(50),

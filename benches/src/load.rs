@@ -74,7 +74,12 @@ pub struct LoadSpec {
     pub payload_sizes: Vec<usize>,
     /// Messages per second over all devices; 0 for flat out.
     pub rate: f64,
+    /// The longest the run lasts.
     pub duration: Duration,
+    /// Messages each device sends, if the run is to end on a count (a test
+    /// decides what is sent, not how fast the machine is) rather than on
+    /// the duration.
+    pub per_device: Option<u32>,
     pub threads: usize,
     /// After the last send, how long to wait for the ACKs of the CONs still
     /// unanswered (the wait ends early when every CON has its ACK).
@@ -277,10 +282,12 @@ impl Sender {
         let mut batch = Batch::new();
         let mut acks = AckReader::new();
         let mut turn = 0usize;
-        loop {
+        let devices: usize = self.ports.iter().map(|p| p.devices.len()).sum();
+        let mut unsent = spec.per_device.map(|m| u64::from(m) * devices as u64);
+        let ended = loop {
             let elapsed = start.elapsed();
-            if elapsed >= spec.duration || stop.load(Ordering::Relaxed) {
-                break;
+            if elapsed >= spec.duration || stop.load(Ordering::Relaxed) || unsent == Some(0) {
+                break elapsed.min(spec.duration);
             }
             let due = if rate > 0.0 {
                 (rate * elapsed.as_secs_f64()) as u64
@@ -298,6 +305,13 @@ impl Sender {
             let port = &mut self.ports[turn];
             turn = (turn + 1) % ports;
             batch.fill(port, n, spec);
+            let n = batch.count;
+            if n == 0 {
+                continue; // this port's devices have all sent their count
+            }
+            if let Some(unsent) = &mut unsent {
+                *unsent -= n as u64;
+            }
             match batch.send(&port.fd, port.dst) {
                 Ok(k) => {
                     out.sent += k as u64;
@@ -309,7 +323,7 @@ impl Sender {
                 Err(_) => out.send_errors += n as u64,
             }
             out.acks += acks.drain(&port.fd);
-        }
+        };
         // Late ACKs for the last batches.
         let ack_deadline = Instant::now() + spec.ack_wait;
         while out.acks < out.cons && Instant::now() < ack_deadline {
@@ -318,7 +332,7 @@ impl Sender {
             }
             std::thread::sleep(Duration::from_millis(1));
         }
-        out.seconds = start.elapsed().min(spec.duration).as_secs_f64();
+        out.seconds = ended.as_secs_f64();
         let mut per_device: Vec<(u32, u32)> = self
             .ports
             .iter()
@@ -474,11 +488,20 @@ impl Batch {
     }
 
     /// The next `n` datagrams of `port`'s devices, in turn.
+    /// Up to `n` datagrams from the port's devices in turn, skipping those
+    /// that have sent `spec.per_device` already.
     fn fill(&mut self, port: &mut Port, n: usize, spec: &LoadSpec) {
-        for k in 0..n {
-            let devices = port.devices.len();
+        let devices = port.devices.len();
+        let mut k = 0;
+        let mut passed_over = 0;
+        while k < n && passed_over < devices {
             let device = &mut port.devices[port.next];
             port.next = (port.next + 1) % devices;
+            if spec.per_device.is_some_and(|limit| device.seq >= limit) {
+                passed_over += 1;
+                continue;
+            }
+            passed_over = 0;
             device.seq += 1;
             let seq = device.seq;
             let size = spec.payload_sizes
@@ -502,8 +525,9 @@ impl Batch {
             self.lens[k] = 9 + size;
             self.sources[k] = device.addr;
             self.con[k] = con;
+            k += 1;
         }
-        self.count = n;
+        self.count = k;
     }
 
     /// sendmmsg of the filled datagrams; how many the kernel took.

@@ -4,11 +4,11 @@
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{SocketAddr, TcpStream};
-use std::process::{Child, Stdio};
+use std::process::{Child, Command, Stdio};
 use std::sync::mpsc::{channel, Receiver};
 use std::time::{Duration, Instant};
 
-use crate::netns::Netns;
+use crate::netns::{Netns, DEADLINE};
 
 /// A message as mosquitto_sub printed it.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -19,16 +19,22 @@ pub struct Received {
     pub content_type: String,
 }
 
-const READY_TOPIC: &str = "m2m-test/ready";
+/// Probes and fences are published here; every subscriber also subscribes
+/// to it, and its messages are never returned as received.
+const PROBE_TOPIC: &str = "m2m-test/probe";
 
 pub struct MosquittoSub {
     child: Child,
     lines: Receiver<String>,
+    /// `ip netns exec <ns>`, to publish probes and fences from inside it.
+    ns: String,
+    probes: u32,
 }
 
 impl MosquittoSub {
     /// Subscribes (MQTT 5) to `filters` on 127.0.0.1:1883 inside `ns` and
-    /// returns once the subscription demonstrably works.
+    /// returns once the subscription demonstrably works (a probe published
+    /// after it came back through it).
     pub fn start(ns: &Netns, filters: &[&str], extra: &[&str]) -> MosquittoSub {
         let mut cmd = ns.command("mosquitto_sub");
         cmd.args([
@@ -42,7 +48,7 @@ impl MosquittoSub {
             "-F",
             "%t|%p|%C",
         ]);
-        for f in filters.iter().chain(std::iter::once(&READY_TOPIC)) {
+        for f in filters.iter().chain(std::iter::once(&PROBE_TOPIC)) {
             cmd.args(["-t", f]);
         }
         cmd.args(extra);
@@ -58,35 +64,27 @@ impl MosquittoSub {
                 let _ = tx.send(l);
             }
         });
-        let sub = MosquittoSub { child, lines };
-        let deadline = Instant::now() + Duration::from_secs(10);
+        let mut sub = MosquittoSub {
+            child,
+            lines,
+            ns: ns.name().to_owned(),
+            probes: 0,
+        };
+        // mosquitto_sub may not have subscribed yet when a probe is
+        // published, so a probe can be missed: publish another until one
+        // comes back. Missed probes that come late are skipped by `parse`.
+        let deadline = Instant::now() + DEADLINE;
         loop {
             assert!(
                 Instant::now() < deadline,
-                "mosquitto_sub never received the readiness probe"
+                "mosquitto_sub never received a readiness probe within {DEADLINE:?}"
             );
-            let ok = ns
-                .command("mosquitto_pub")
-                .args([
-                    "-h",
-                    "127.0.0.1",
-                    "-p",
-                    "1883",
-                    "-t",
-                    READY_TOPIC,
-                    "-m",
-                    "x",
-                ])
-                .status()
-                .expect("mosquitto_pub")
-                .success();
-            if ok {
-                if let Ok(line) = sub.lines.recv_timeout(Duration::from_millis(300)) {
-                    if line.starts_with(READY_TOPIC) {
-                        // Swallow further probes still in flight.
-                        while sub.lines.recv_timeout(Duration::from_millis(100)).is_ok() {}
-                        return sub;
-                    }
+            if let Some(probe) = sub.publish_probe() {
+                if sub
+                    .until_probe(&probe, Duration::from_millis(300))
+                    .is_some()
+                {
+                    return sub;
                 }
             } else {
                 std::thread::sleep(Duration::from_millis(100));
@@ -94,11 +92,12 @@ impl MosquittoSub {
         }
     }
 
-    /// Waits for `n` messages (or `timeout`), then for a quiet `settle`
-    /// period that would reveal extra (duplicate) deliveries.
-    pub fn collect(&self, n: usize, timeout: Duration, settle: Duration) -> Vec<Received> {
+    /// Waits (up to [`DEADLINE`]) for `n` messages and returns them; fewer
+    /// if they did not all come. Whether more follow is [`Self::fence`]'s
+    /// to show.
+    pub fn take(&self, n: usize) -> Vec<Received> {
         let mut got = Vec::new();
-        let deadline = Instant::now() + timeout;
+        let deadline = Instant::now() + DEADLINE;
         while got.len() < n {
             let Some(left) = deadline.checked_duration_since(Instant::now()) else {
                 break;
@@ -108,17 +107,58 @@ impl MosquittoSub {
                 Err(_) => break,
             }
         }
-        while let Ok(line) = self.lines.recv_timeout(settle) {
+        got
+    }
+
+    /// Every message delivered to this subscriber before a fence published
+    /// now. The broker forwards one session's messages in the order it
+    /// accepted them (MQTT 3.1.1 section 4.6), so whatever was published
+    /// before the fence comes before it: "nothing more arrived" is shown
+    /// without taking a quiet period as proof.
+    pub fn fence(&mut self) -> Vec<Received> {
+        let probe = self
+            .publish_probe()
+            .expect("mosquitto_pub could not publish a fence");
+        self.until_probe(&probe, DEADLINE)
+            .unwrap_or_else(|| panic!("the fence did not come back within {DEADLINE:?}"))
+    }
+
+    /// Publishes a probe with a payload of its own (QoS 1: the broker has
+    /// accepted it when mosquitto_pub exits successfully).
+    fn publish_probe(&mut self) -> Option<String> {
+        self.probes += 1;
+        let payload = format!("probe-{}", self.probes);
+        let ok = Command::new("ip")
+            .args(["netns", "exec", &self.ns, "mosquitto_pub"])
+            .args(["-h", "127.0.0.1", "-p", "1883", "-q", "1"])
+            .args(["-t", PROBE_TOPIC, "-m", &payload])
+            .status()
+            .expect("mosquitto_pub")
+            .success();
+        ok.then_some(payload)
+    }
+
+    /// The messages before the probe `payload`, or None if it did not come
+    /// within `limit`.
+    fn until_probe(&self, payload: &str, limit: Duration) -> Option<Vec<Received>> {
+        let fence = format!("{PROBE_TOPIC}|{payload}|");
+        let deadline = Instant::now() + limit;
+        let mut got = Vec::new();
+        loop {
+            let left = deadline.checked_duration_since(Instant::now())?;
+            let line = self.lines.recv_timeout(left).ok()?;
+            if line.starts_with(&fence) {
+                return Some(got);
+            }
             got.extend(parse(&line));
         }
-        got
     }
 }
 
 fn parse(line: &str) -> Option<Received> {
     let mut parts = line.splitn(3, '|');
     let topic = parts.next()?.to_owned();
-    if topic == READY_TOPIC {
+    if topic == PROBE_TOPIC {
         return None;
     }
     Some(Received {
@@ -143,9 +183,7 @@ pub struct RawClient {
 impl RawClient {
     pub fn connect(addr: SocketAddr) -> RawClient {
         let stream = TcpStream::connect(addr).expect("connect to the broker");
-        stream
-            .set_read_timeout(Some(Duration::from_secs(5)))
-            .unwrap();
+        stream.set_read_timeout(Some(DEADLINE)).unwrap();
         RawClient { stream }
     }
 

@@ -199,10 +199,27 @@ impl Topology {
             .run(|| UdpSocket::bind(SocketAddr::new(src, 0)).expect("bind device socket"))
     }
 
-    /// A UDP socket in the gateway namespace on `addr` (read it with [`receive`]).
+    /// A UDP socket in the gateway namespace on `addr` (read it with
+    /// [`receive`]). Its receive buffer is 16 MiB, set with SO_RCVBUFFORCE
+    /// (socket(7); root may exceed rmem_max): what a test sends is never
+    /// lost because the test read it late.
     pub fn gateway_socket(&self, addr: SocketAddr) -> UdpSocket {
-        self.gw
-            .run(|| UdpSocket::bind(addr).expect("bind gateway socket"))
+        let sock = self
+            .gw
+            .run(|| UdpSocket::bind(addr).expect("bind gateway socket"));
+        let size: libc::c_int = 16 << 20;
+        // SAFETY: setsockopt reads one c_int we own, on a socket we own.
+        let rc = unsafe {
+            libc::setsockopt(
+                sock.as_raw_fd(),
+                libc::SOL_SOCKET,
+                libc::SO_RCVBUFFORCE,
+                (&size as *const libc::c_int).cast(),
+                std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+            )
+        };
+        assert_eq!(rc, 0, "SO_RCVBUFFORCE: {}", std::io::Error::last_os_error());
+        sock
     }
 
     /// An AF_PACKET socket on the device's veth, for frames no UDP socket
@@ -375,11 +392,18 @@ pub fn receive(socks: &[&UdpSocket], n: usize) -> Vec<Vec<u8>> {
 /// Message ID comes; late answers to earlier exchanges are skipped. Returns
 /// the answer and how many transmissions it took; fails after [`DEADLINE`].
 pub fn confirm(sock: &UdpSocket, dst: SocketAddr, msg: &[u8], mid: u16) -> (Vec<u8>, u32) {
+    sock.send_to(msg, dst).expect("send a CON");
+    await_answer(sock, dst, msg, mid)
+}
+
+/// [`confirm`] for a CON already sent once: so a test can send many at
+/// once, then collect their answers.
+pub fn await_answer(sock: &UdpSocket, dst: SocketAddr, msg: &[u8], mid: u16) -> (Vec<u8>, u32) {
     let deadline = Instant::now() + DEADLINE;
     let mut wait = Duration::from_secs(1);
     let mut buf = [0u8; 2048];
+    sock.set_nonblocking(false).expect("blocking socket");
     for sent in 1.. {
-        sock.send_to(msg, dst).expect("send a CON");
         let round = Instant::now() + wait;
         while let Some(left) = round.checked_duration_since(Instant::now()) {
             sock.set_read_timeout(Some(left.max(Duration::from_millis(1))))
@@ -396,6 +420,18 @@ pub fn confirm(sock: &UdpSocket, dst: SocketAddr, msg: &[u8], mid: u16) -> (Vec<
             "CON {mid} unanswered after {sent} transmissions in {DEADLINE:?}"
         );
         wait *= 2;
+        sock.send_to(msg, dst).expect("retransmit a CON");
     }
     unreachable!()
+}
+
+/// The next datagram on `sock`, failing the test after [`DEADLINE`].
+pub fn next_datagram(sock: &UdpSocket) -> Vec<u8> {
+    let mut buf = [0u8; 2048];
+    sock.set_nonblocking(false).expect("blocking socket");
+    sock.set_read_timeout(Some(DEADLINE)).unwrap();
+    let n = sock
+        .recv(&mut buf)
+        .unwrap_or_else(|e| panic!("no datagram within {DEADLINE:?}: {e}"));
+    buf[..n].to_vec()
 }
