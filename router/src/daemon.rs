@@ -13,7 +13,7 @@ use crate::bridge::{self, Bridge};
 use crate::coap::uplink::{Uplink, UplinkConfig, UplinkStats};
 use crate::config::{Config, ConfigFile, XdpMode};
 use crate::control::{self, Control};
-use crate::downlink::{Downlink, DownlinkHandle, LastSeen};
+use crate::downlink::{Downlink, DownlinkHandle, DownlinkStats, LastSeen};
 use crate::fastpath::{Fastpath, PolicyTables};
 use crate::mapping::{Mapper, SharedMapper};
 use crate::metrics;
@@ -31,6 +31,7 @@ const DATAGRAM_OVERHEAD: usize = 1024;
 pub struct Running {
     pub fastpath: Option<Fastpath>,
     pub uplink: Arc<UplinkStats>,
+    pub downlink: Arc<DownlinkStats>,
     pub broker: Arc<Broker>,
 }
 
@@ -108,6 +109,7 @@ pub fn run(config: Config, raw: ConfigFile, config_path: Option<PathBuf>) -> any
         .with_context(|| format!("metrics listen address {}", config.metrics_listen))?;
     tracing::info!(addr = %config.metrics_listen, "metrics at /metrics");
     runtime.spawn(mqtt::serve(listener, broker.clone()));
+    let downlink_stats = Arc::new(DownlinkStats::default());
     let downlink = Downlink::new(
         config.downlink.clone(),
         broker.clone(),
@@ -116,6 +118,7 @@ pub fn run(config: Config, raw: ConfigFile, config_path: Option<PathBuf>) -> any
         workers
             .senders()
             .context("cloning the CoAP sockets for the downlink")?,
+        downlink_stats.clone(),
     );
     runtime.spawn(downlink.run(replies_rx));
     for (upstream, bridge) in bridges {
@@ -133,6 +136,7 @@ pub fn run(config: Config, raw: ConfigFile, config_path: Option<PathBuf>) -> any
         running: Running {
             fastpath,
             uplink: uplink_stats,
+            downlink: downlink_stats,
             broker,
         },
         mappers: mapper,

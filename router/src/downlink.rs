@@ -27,6 +27,7 @@
 
 use std::collections::{HashMap, VecDeque};
 use std::net::{SocketAddr, UdpSocket};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
@@ -44,6 +45,48 @@ use crate::mqtt::Message as MqttMessage;
 
 /// Commands waiting per peer behind the outstanding one.
 const QUEUE_PER_PEER: usize = 16;
+
+/// Downlink counters: what happened to each command taken from the broker.
+#[derive(Debug, Default)]
+pub struct DownlinkStats {
+    /// Commands taken from the broker.
+    pub commands: AtomicU64,
+    /// First transmissions of a request to a device.
+    pub sent: AtomicU64,
+    pub retransmissions: AtomicU64,
+    /// Requests a device answered (a response or RST).
+    pub answered: AtomicU64,
+    /// Commands refused without being sent (policy, unknown peer, a full
+    /// queue, a bad method).
+    pub refused: AtomicU64,
+    /// Commands that waited past their time to live and were not sent.
+    pub expired: AtomicU64,
+    /// Requests no answer came for.
+    pub timeouts: AtomicU64,
+    /// Commands waiting behind a peer's outstanding request (a gauge).
+    pub waiting: AtomicU64,
+}
+
+impl DownlinkStats {
+    /// Every counter by name; `waiting` is a gauge, the rest only grow.
+    pub fn snapshot(&self) -> Vec<(&'static str, u64)> {
+        let f = |a: &AtomicU64| a.load(Ordering::Relaxed);
+        vec![
+            ("commands", f(&self.commands)),
+            ("sent", f(&self.sent)),
+            ("retransmissions", f(&self.retransmissions)),
+            ("answered", f(&self.answered)),
+            ("refused", f(&self.refused)),
+            ("expired", f(&self.expired)),
+            ("timeouts", f(&self.timeouts)),
+            ("waiting", f(&self.waiting)),
+        ]
+    }
+}
+
+fn count(counter: &AtomicU64) {
+    counter.fetch_add(1, Ordering::Relaxed);
+}
 
 /// The latest uplink source of each named peer.
 #[derive(Default)]
@@ -98,6 +141,7 @@ struct Exchange {
 
 pub struct Downlink {
     settings: DownlinkSettings,
+    stats: Arc<DownlinkStats>,
     broker: Arc<Broker>,
     mappers: Arc<SharedMapper>,
     last_seen: Arc<LastSeen>,
@@ -117,6 +161,7 @@ impl Downlink {
         mappers: Arc<SharedMapper>,
         last_seen: Arc<LastSeen>,
         sockets: Vec<UdpSocket>,
+        stats: Arc<DownlinkStats>,
     ) -> Downlink {
         let seed = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
@@ -124,6 +169,7 @@ impl Downlink {
             .subsec_nanos();
         Downlink {
             settings,
+            stats,
             broker,
             mappers,
             last_seen,
@@ -164,6 +210,7 @@ impl Downlink {
     }
 
     fn command(&mut self, d: Delivery) {
+        count(&self.stats.commands);
         let props = d.message.properties.clone();
         let topic = String::from_utf8_lossy(&d.message.topic).into_owned();
         let rest = topic
@@ -217,25 +264,27 @@ impl Downlink {
             Some("DELETE") => code::DELETE,
             Some(other) => {
                 let why = format!("method {other:?} is not one of GET, POST, PUT, DELETE");
-                return self.fail(&command, &why);
+                return self.refuse(&command, &why);
             }
         };
         if peer.is_empty() {
-            return self.fail(&command, "the command topic names no peer");
+            return self.refuse(&command, "the command topic names no peer");
         }
         let (_, mapper) = self.mappers.load();
         let endpoint = match mapper.peer_by_name(peer) {
             None => {
-                return self.fail(
+                return self.refuse(
                     &command,
                     "unknown peer: commands go only to configured peers",
                 )
             }
-            Some(info) if info.deny => return self.fail(&command, "the peer is denied by policy"),
+            Some(info) if info.deny => {
+                return self.refuse(&command, "the peer is denied by policy")
+            }
             Some(info) => info.endpoint.or_else(|| self.last_seen.get(peer)),
         };
         let Some(endpoint) = endpoint else {
-            return self.fail(
+            return self.refuse(
                 &command,
                 "the peer has sent no uplink yet and has no endpoint configured",
             );
@@ -243,9 +292,10 @@ impl Downlink {
         if self.outstanding.contains_key(peer) {
             let queue = self.waiting.entry(peer.to_owned()).or_default();
             if queue.len() >= QUEUE_PER_PEER {
-                return self.fail(&command, "too many commands waiting for this peer");
+                return self.refuse(&command, "too many commands waiting for this peer");
             }
             queue.push_back(command);
+            count(&self.stats.waiting);
             return;
         }
         self.start(command, endpoint);
@@ -296,6 +346,7 @@ impl Downlink {
             command,
         };
         self.send(endpoint, &exchange.datagram);
+        count(&self.stats.sent);
         self.outstanding
             .insert(exchange.command.peer.clone(), exchange);
     }
@@ -331,9 +382,11 @@ impl Downlink {
                 e.next_at = now + e.timeout;
                 let (to, datagram) = (e.endpoint, e.datagram.clone());
                 self.send(to, &datagram);
+                count(&self.stats.retransmissions);
                 continue;
             }
             let e = self.outstanding.remove(&peer).unwrap();
+            count(&self.stats.timeouts);
             let why = if e.acked {
                 "timeout: the peer acknowledged but sent no response".to_owned()
             } else {
@@ -376,6 +429,7 @@ impl Downlink {
                 e.next_at = Instant::now() + self.settings.response_timeout;
             }
             (RST, _) => {
+                count(&self.stats.answered);
                 let e = self.outstanding.remove(&peer).unwrap();
                 self.fail(&e.command, "the peer reset the request (RST)");
                 self.next_of(&peer);
@@ -388,6 +442,7 @@ impl Downlink {
                         self.answered.pop_front();
                     }
                 }
+                count(&self.stats.answered);
                 let e = self.outstanding.remove(&peer).unwrap();
                 let format = msg
                     .options()
@@ -413,7 +468,9 @@ impl Downlink {
 
     fn next_of(&mut self, peer: &str) {
         while let Some(command) = self.waiting.get_mut(peer).and_then(VecDeque::pop_front) {
+            self.stats.waiting.fetch_sub(1, Ordering::Relaxed);
             if Instant::now() > command.expires_at {
+                count(&self.stats.expired);
                 self.respond(
                     &command,
                     "expired",
@@ -435,11 +492,18 @@ impl Downlink {
                 .and_then(|i| i.endpoint.or_else(|| self.last_seen.get(peer)));
             match endpoint {
                 Some(ep) => return self.start(command, ep),
-                None => self.fail(&command, "the peer is no longer reachable by policy"),
+                None => self.refuse(&command, "the peer is no longer reachable by policy"),
             }
         }
     }
 
+    /// Answers a command that will not be sent.
+    fn refuse(&self, command: &Command, why: &str) {
+        count(&self.stats.refused);
+        self.fail(command, why);
+    }
+
+    /// Answers a command with an error.
     fn fail(&self, command: &Command, why: &str) {
         let body = serde_json::json!({ "error": why, "peer": command.peer }).to_string();
         self.respond(

@@ -177,6 +177,24 @@ pub fn render(c: &Control) -> String {
         let _ = writeln!(out, "{metric} {value}");
     }
 
+    for (name, value) in c.running.downlink.snapshot() {
+        let (metric, kind, help) = if name == "waiting" {
+            (
+                "m2m_downlink_waiting".to_owned(),
+                "gauge",
+                "Commands waiting behind a peer's outstanding request.",
+            )
+        } else {
+            (
+                format!("m2m_downlink_{name}_total"),
+                "counter",
+                "CoAP downlink (command) counter.",
+            )
+        };
+        family(&mut out, &metric, kind, help);
+        let _ = writeln!(out, "{metric} {value}");
+    }
+
     let b = &c.running.broker.stats;
     for (name, help, value) in [
         (

@@ -18,6 +18,10 @@ pub fn render(running: &Running) -> Result<String, FastpathError> {
     for (name, value) in running.uplink.snapshot() {
         let _ = writeln!(out, "  {name:<22} {value:>12}");
     }
+    out.push_str("coap downlink:\n");
+    for (name, value) in running.downlink.snapshot() {
+        let _ = writeln!(out, "  {name:<22} {value:>12}");
+    }
     let b = &running.broker.stats;
     out.push_str("mqtt broker:\n");
     for (name, value) in [

@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 use m2m_router::coap::message::{self, code, Message, ACK, CON, RST};
 use m2m_router_tests::daemon::Daemon;
 use m2m_router_tests::mqtt::{MosquittoSub, Received};
-use m2m_router_tests::netns::{Topology, DEV_V4, GW_IF, GW_V4};
+use m2m_router_tests::netns::{wait_for, Topology, DEADLINE, DEV_V4, GW_IF, GW_V4};
 use m2m_router_tests::packet::coap_post;
 use m2m_router_tests::{require_root, TempPath};
 
@@ -254,6 +254,11 @@ fn a_silent_device_gets_the_rfc_retransmissions_then_a_timeout_is_published() {
         "{:?}",
         got[0]
     );
+    let count = |name| s.daemon.counter("downlink", name);
+    assert_eq!(
+        (count("sent"), count("retransmissions"), count("timeouts")),
+        (1, 4, 1)
+    );
     s.daemon.stop();
 }
 
@@ -334,9 +339,14 @@ fn stale_commands_are_answered_expired_and_never_sent(downlink: &str, stale_prop
     let (first, from) = recv(&dev);
     let first_mid = Message::decode(&first).unwrap().mid;
     command(&s, "m2m-cmd/meter/stale", "2", stale_props);
-    // Not synchronisation: the time to live (1 s) must pass while the
-    // stale command waits.
-    std::thread::sleep(Duration::from_millis(1500));
+    // Once the router shows the command waiting, it has held it since
+    // before this moment: its time to live (1 s) has surely passed 1.1 s
+    // later. (The sleep lets time pass; it synchronises nothing.)
+    assert!(
+        wait_for(DEADLINE, || s.daemon.counter("downlink", "waiting") == 1),
+        "the second command never waited behind the first"
+    );
+    std::thread::sleep(Duration::from_millis(1100));
     ack(&dev, &first, from);
     let mut got = sub.take(2);
     got.sort_by(|a, b| a.topic.cmp(&b.topic));
@@ -360,6 +370,16 @@ fn stale_commands_are_answered_expired_and_never_sent(downlink: &str, stale_prop
         Message::decode(&next).unwrap().payload,
         b"3",
         "not the stale command"
+    );
+    let count = |name| s.daemon.counter("downlink", name);
+    assert_eq!(
+        (
+            count("commands"),
+            count("sent"),
+            count("expired"),
+            count("waiting")
+        ),
+        (3, 2, 1, 0)
     );
     s.daemon.stop();
 }

@@ -425,6 +425,14 @@ impl Control {
             .map(|(k, v)| (k.to_owned(), json!(v)))
             .collect::<serde_json::Map<_, _>>()
             .into();
+        out["downlink"] = self
+            .running
+            .downlink
+            .snapshot()
+            .into_iter()
+            .map(|(k, v)| (k.to_owned(), json!(v)))
+            .collect::<serde_json::Map<_, _>>()
+            .into();
         let b = &self.running.broker.stats;
         out["mqtt"] = json!({
             "published": b.published.load(Ordering::Relaxed),
