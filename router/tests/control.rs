@@ -6,7 +6,7 @@ use std::io::{BufRead, BufReader, Write};
 use std::net::{IpAddr, SocketAddr, UdpSocket};
 use std::os::unix::net::UnixStream;
 use std::process::{Command, Output};
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use m2m_router_tests::daemon::Daemon;
 use m2m_router_tests::netns::{confirm, wait_for, Topology, DEADLINE, DEV_V4, GW_IF, GW_V4};
@@ -249,7 +249,7 @@ fn a_saved_config_survives_a_restart() {
 /// Sends raw lines to the control socket; returns each response.
 fn raw_requests(socket: &str, lines: &[&[u8]]) -> Vec<Value> {
     let mut s = UnixStream::connect(socket).unwrap();
-    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    s.set_read_timeout(Some(DEADLINE)).unwrap();
     let mut reader = BufReader::new(s.try_clone().unwrap());
     lines
         .iter()
@@ -309,7 +309,7 @@ fn bad_requests_get_clear_errors_and_change_nothing() {
     assert_eq!(answers[9]["result"]["peers"], 0, "nothing was half-applied");
     // stats --watch streams a response per interval on one request.
     let mut s = UnixStream::connect(&gw.daemon.socket).unwrap();
-    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    s.set_read_timeout(Some(DEADLINE)).unwrap();
     s.write_all(b"{\"id\":\"w\",\"version\":1,\"command\":\"stats\",\"args\":{\"watch\":true,\"interval_ms\":100}}\n").unwrap();
     let mut reader = BufReader::new(s);
     for _ in 0..3 {
