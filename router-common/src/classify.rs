@@ -26,7 +26,7 @@ pub enum Source {
 }
 
 /// Which rate-limit state a packet is charged to.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum RateKey {
     /// A configured peer: one bucket per peer, across all its prefixes.
     Peer(u32),

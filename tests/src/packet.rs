@@ -46,6 +46,10 @@ pub enum ExtHeader {
     Routing,
     /// Fragment header: (offset in 8-byte units, more fragments).
     Fragment(u16, bool),
+    /// Destination Options with Hdr Ext Len n: (n + 1) x 8 bytes, one PadN.
+    LongDestOpts(u8),
+    /// Authentication Header (RFC 4302) with a 96-bit ICV: 24 bytes.
+    Ah,
 }
 
 /// A UDP datagram in an Ethernet frame. Fields are public so tests can
@@ -180,6 +184,16 @@ impl UdpFrame {
                     out.extend_from_slice(&field.to_be_bytes());
                     out.extend_from_slice(&[0, 0, 0, 1]);
                 }
+                ExtHeader::LongDestOpts(n) => {
+                    let total = (usize::from(*n) + 1) * 8;
+                    out.extend_from_slice(&[next, *n, 1, (total - 4) as u8]);
+                    out.extend(std::iter::repeat_n(0, total - 4));
+                }
+                ExtHeader::Ah => {
+                    // Payload Len: 24 bytes in 4-octet units, minus 2.
+                    out.extend_from_slice(&[next, 4, 0, 0, 0, 0, 0x10, 0x01, 0, 0, 0, 7]);
+                    out.extend_from_slice(&[0xa5; 12]);
+                }
             }
         }
         out
@@ -192,6 +206,8 @@ fn ext_proto(h: ExtHeader) -> u8 {
         ExtHeader::DestOpts => 60,
         ExtHeader::Routing => 43,
         ExtHeader::Fragment(..) => 44,
+        ExtHeader::LongDestOpts(_) => 60,
+        ExtHeader::Ah => 51,
     }
 }
 
