@@ -382,3 +382,69 @@ fn a_client_that_vanishes_has_its_will_published() {
     let (_, _, _, topic, payload) = watcher.read_publish();
     assert_eq!((topic.as_str(), &payload[..]), ("wills/m1", &b"gone"[..]));
 }
+
+/// Subscribes `client_id` to `#` with `keep_alive`, then never reads again,
+/// while 40 MB are published: its 4 KiB receive buffer, the kernel's send
+/// buffer and the broker's output (64 KiB) fill, and the rest is dropped
+/// from its queue. Returns the silent client (kept open by the caller).
+fn stop_reading(broker: &Broker, addr: SocketAddr, client_id: &str, keep_alive: u16) -> RawClient {
+    let mut c = RawClient::connect_with_receive_buffer(addr, 4096);
+    assert_eq!(c.mqtt_connect(client_id, true, keep_alive), (false, 0));
+    assert_eq!(c.subscribe("#", 0), 0);
+    let payload = Bytes::from(vec![b'z'; 100_000]);
+    for _ in 0..400 {
+        let mut m = message("flood/x", "", 0, false);
+        m.payload = payload.clone();
+        broker.publish(m, None).unwrap();
+    }
+    let dropped = || {
+        broker
+            .stats
+            .dropped
+            .load(std::sync::atomic::Ordering::Relaxed)
+    };
+    assert!(
+        wait_for(DEADLINE, || dropped() > 0),
+        "the silent client's queue never filled"
+    );
+    c
+}
+
+/// Issue 11, finding 6: a client that stops reading still has its
+/// keep-alive enforced (MQTT 3.1.1 section 3.1.2.10): its packets go
+/// unanswered once its output is full, and it is closed.
+#[test]
+fn a_subscriber_that_stops_reading_is_closed_when_its_keep_alive_runs_out() {
+    let (broker, addr) = start_broker(BrokerConfig {
+        session_queue: 100,
+        ..BrokerConfig::default()
+    });
+    let c = stop_reading(&broker, addr, "deaf", 1);
+    wait_closed(&broker, 1);
+    drop(c);
+    // The client id is free again.
+    let mut again = RawClient::connect(addr);
+    assert_eq!(again.mqtt_connect("deaf", true, 60), (false, 0));
+}
+
+/// A client that stops reading, with keep-alive off, can still be taken
+/// over by a new connection with its client id (MQTT 3.1.1 section
+/// 3.1.4): the old connection is closed, the new one accepted.
+#[test]
+fn a_subscriber_that_stops_reading_can_be_taken_over() {
+    let (broker, addr) = start_broker(BrokerConfig {
+        session_queue: 100,
+        ..BrokerConfig::default()
+    });
+    let _deaf = stop_reading(&broker, addr, "stuck-id", 0);
+    let mut new = RawClient::connect(addr);
+    assert_eq!(new.mqtt_connect("stuck-id", true, 60), (false, 0));
+    wait_closed(&broker, 1);
+    // The new connection is served: it gets what is published now.
+    assert_eq!(new.subscribe("after/#", 0), 0);
+    broker
+        .publish(message("after/x", "hello", 0, false), None)
+        .unwrap();
+    let (_, _, _, topic, payload) = new.read_publish();
+    assert_eq!((topic.as_str(), &payload[..]), ("after/x", &b"hello"[..]));
+}

@@ -293,18 +293,7 @@ fn a_subscriber_that_stops_reading_slows_nobody_and_its_drops_are_counted() {
     const TOTAL: u16 = 60_000;
     let gw = Gateway::start("slow", &config("[mqtt]\nsession_queue = 2000\n"));
     let mut stuck = gw.topo.gw.run(|| {
-        // A small receive buffer, set before connecting, turns off TCP
-        // autotuning: the stuck client holds a few KiB, whatever the host's
-        // tcp_rmem.
-        let socket =
-            socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
-        socket.set_recv_buffer_size(4096).unwrap();
-        let broker: SocketAddr = "127.0.0.1:1883".parse().unwrap();
-        socket.connect(&broker.into()).unwrap();
-        let mut c = RawClient {
-            stream: socket.into(),
-        };
-        c.stream.set_read_timeout(Some(DEADLINE)).unwrap();
+        let mut c = RawClient::connect_with_receive_buffer("127.0.0.1:1883".parse().unwrap(), 4096);
         assert_eq!(c.handshake("stuck"), 0);
         assert_eq!(c.subscribe("m2m/#", 0), 0);
         c

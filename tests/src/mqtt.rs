@@ -187,6 +187,19 @@ impl RawClient {
         RawClient { stream }
     }
 
+    /// A client whose receive buffer is `bytes` (set before connecting, so
+    /// TCP autotuning is off): one that stops reading backs up at once,
+    /// whatever the host's tcp_rmem.
+    pub fn connect_with_receive_buffer(addr: SocketAddr, bytes: usize) -> RawClient {
+        let domain = socket2::Domain::for_address(addr);
+        let socket = socket2::Socket::new(domain, socket2::Type::STREAM, None).unwrap();
+        socket.set_recv_buffer_size(bytes).unwrap();
+        socket.connect(&addr.into()).expect("connect to the broker");
+        let stream: TcpStream = socket.into();
+        stream.set_read_timeout(Some(DEADLINE)).unwrap();
+        RawClient { stream }
+    }
+
     /// CONNECT (clean session, keep-alive 60 s) and read the CONNACK return code.
     pub fn handshake(&mut self, client_id: &str) -> u8 {
         self.mqtt_connect(client_id, true, 60).1

@@ -115,10 +115,10 @@ fn configs() -> Vec<Config> {
 /// hour, its burst kept.
 fn hourly(mut tables: PolicyTables) -> PolicyTables {
     let slow = |p: &mut PeerPolicy| {
-        if p.interval_ns != 0 {
-            let burst = p.burst_ns / p.interval_ns + 1;
+        // Unlimited (interval 0) stays unlimited.
+        if let Some(extra) = p.burst_ns.checked_div(p.interval_ns) {
             p.interval_ns = HOUR_NS;
-            p.burst_ns = (burst - 1) * HOUR_NS;
+            p.burst_ns = extra * HOUR_NS;
         }
     };
     slow(&mut tables.default_policy);
@@ -135,10 +135,10 @@ struct Buckets(HashMap<RateKey, u64>);
 
 impl Buckets {
     fn admit(&mut self, key: RateKey, policy: &PeerPolicy) -> bool {
-        if policy.interval_ns == 0 {
+        let Some(extra) = policy.burst_ns.checked_div(policy.interval_ns) else {
             return true; // unlimited: the state is not touched
-        }
-        let burst = policy.burst_ns / policy.interval_ns + 1;
+        };
+        let burst = extra + 1;
         let admitted = self.0.entry(key).or_default();
         *admitted < burst && {
             *admitted += 1;

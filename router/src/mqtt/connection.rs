@@ -18,6 +18,10 @@ use super::topic;
 
 /// How long a new connection has to send CONNECT.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+/// Output a connection may hold before it stops taking deliveries and
+/// reading requests: a client that does not read cannot grow it further,
+/// and its unanswered packets let its keep-alive run out.
+const OUT_HIGH_WATER: usize = 64 * 1024;
 static NEXT_CLIENT: AtomicU64 = AtomicU64::new(1);
 
 /// Why a connection ended.
@@ -131,18 +135,20 @@ pub async fn serve(mut stream: TcpStream, broker: Arc<Broker>) {
     let end = conn
         .run(&mut stream, &mut inbuf, &session, &mut queue)
         .await;
+    // The last DISCONNECT is written only if the socket takes it now: a
+    // client that does not read must not hold this task and its session.
     if let End::Error(e) = &end {
         broker.stats.protocol_errors.fetch_add(1, Ordering::Relaxed);
         if version == V5 {
             conn.out.clear();
             codec::disconnect(&mut conn.out, e.reason_code());
-            let _ = stream.write_all(&conn.out).await;
+            let _ = stream.try_write(&conn.out);
         }
     }
     if let (End::TakenOver, V5) = (&end, version) {
         conn.out.clear();
         codec::disconnect(&mut conn.out, 0x8E);
-        let _ = stream.write_all(&conn.out).await;
+        let _ = stream.try_write(&conn.out);
     }
     if !matches!(end, End::Normal) {
         if let Some(will) = &connect.will {
@@ -238,15 +244,20 @@ impl Connection {
                     Err(e) => return End::Error(e),
                 }
             }
-            if !self.out.is_empty() {
-                if stream.write_all(&self.out).await.is_err() {
-                    return End::Closed;
-                }
-                self.out.clear();
-            }
-            let can_send = self.inflight.len() < self.receive_max;
+            // Writing is one branch among the others, never a wait of its
+            // own: a client that stops reading still meets its keep-alive
+            // and can be taken over (a blocked write_all would hold both).
+            let writing = !self.out.is_empty();
+            let room = self.out.len() < OUT_HIGH_WATER;
+            let can_send = room && self.inflight.len() < self.receive_max;
+            let (mut reader, mut writer) = stream.split();
             tokio::select! {
-                read = stream.read_buf(inbuf) => {
+                written = writer.write_buf(&mut self.out), if writing => {
+                    if matches!(written, Ok(0) | Err(_)) {
+                        return End::Closed;
+                    }
+                }
+                read = reader.read_buf(inbuf), if room => {
                     match read {
                         Ok(0) | Err(_) => return End::Closed,
                         Ok(_) => {}
@@ -256,7 +267,7 @@ impl Connection {
                 Some(delivery) = queue.recv(), if can_send => {
                     self.send(delivery);
                     // Drain what is already queued into the same write.
-                    while self.inflight.len() < self.receive_max && self.out.len() < 64 * 1024 {
+                    while self.inflight.len() < self.receive_max && self.out.len() < OUT_HIGH_WATER {
                         match queue.try_recv() {
                             Ok(d) => self.send(d),
                             Err(_) => break,
