@@ -108,6 +108,12 @@ pub struct MqttSection {
     pub session_queue: Option<usize>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub max_inflight: Option<usize>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub max_connections: Option<usize>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub max_retained: Option<usize>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub max_retained_bytes: Option<usize>,
 }
 
 #[derive(Clone, Debug, Default, Deserialize, Serialize)]
@@ -416,6 +422,11 @@ pub struct MqttSettings {
     pub session_queue: usize,
     /// Unacknowledged QoS 1 messages per connection.
     pub max_inflight: usize,
+    /// Open client connections; more are refused (counted).
+    pub max_connections: usize,
+    /// Retained messages kept: topics, and topic plus payload bytes.
+    pub max_retained: usize,
+    pub max_retained_bytes: usize,
 }
 
 /// `[downlink]`: MQTT commands to CoAP requests (RFC 7252 section 4.8
@@ -638,6 +649,13 @@ impl ConfigFile {
             max_packet_size: positive("mqtt.max_packet_size", self.mqtt.max_packet_size, 1 << 20)?,
             session_queue: positive("mqtt.session_queue", self.mqtt.session_queue, 10_000)?,
             max_inflight: positive("mqtt.max_inflight", self.mqtt.max_inflight, 64)?,
+            max_connections: positive("mqtt.max_connections", self.mqtt.max_connections, 1000)?,
+            max_retained: positive("mqtt.max_retained", self.mqtt.max_retained, 100_000)?,
+            max_retained_bytes: positive(
+                "mqtt.max_retained_bytes",
+                self.mqtt.max_retained_bytes,
+                64 << 20,
+            )?,
         };
         let metrics_listen = socket_addr(
             "metrics.listen",

@@ -55,6 +55,9 @@ pub fn run(config: Config, raw: ConfigFile, config_path: Option<PathBuf>) -> any
         max_packet_size: config.mqtt.max_packet_size,
         username: config.mqtt.username.clone(),
         password: config.mqtt.password.clone(),
+        max_connections: config.mqtt.max_connections,
+        max_retained: config.mqtt.max_retained,
+        max_retained_bytes: config.mqtt.max_retained_bytes,
     });
     let listener = runtime
         .block_on(TcpListener::bind(config.mqtt.listen))

@@ -195,41 +195,22 @@ pub fn render(c: &Control) -> String {
         let _ = writeln!(out, "{metric} {value}");
     }
 
-    let b = &c.running.broker.stats;
-    for (name, help, value) in [
+    for (name, help, value) in c.running.broker.stats.counters() {
+        let metric = format!("m2m_mqtt_{name}_total");
+        family(&mut out, &metric, "counter", help);
+        let _ = writeln!(out, "{metric} {value}");
+    }
+    let (retained, retained_bytes) = c.running.broker.retained_usage();
+    for (metric, help, value) in [
+        ("m2m_mqtt_retained", "Retained messages kept.", retained),
         (
-            "m2m_mqtt_published_total",
-            "Messages published into the embedded broker.",
-            &b.published,
-        ),
-        (
-            "m2m_mqtt_delivered_total",
-            "Messages queued for delivery to a subscriber session.",
-            &b.enqueued,
-        ),
-        (
-            "m2m_mqtt_dropped_total",
-            "Messages dropped because a session's queue was full.",
-            &b.dropped,
-        ),
-        (
-            "m2m_mqtt_connections_total",
-            "MQTT connections accepted.",
-            &b.connections,
-        ),
-        (
-            "m2m_mqtt_closed_total",
-            "MQTT connections ended.",
-            &b.closed,
-        ),
-        (
-            "m2m_mqtt_protocol_errors_total",
-            "MQTT connections closed for a protocol error.",
-            &b.protocol_errors,
+            "m2m_mqtt_retained_bytes",
+            "Topic and payload bytes of the retained messages.",
+            retained_bytes,
         ),
     ] {
-        family(&mut out, name, "counter", help);
-        let _ = writeln!(out, "{name} {}", value.load(Ordering::Relaxed));
+        family(&mut out, metric, "gauge", help);
+        let _ = writeln!(out, "{metric} {value}");
     }
     let bridges = c.running.broker.bridges();
     for (name, kind, help) in [

@@ -22,17 +22,9 @@ pub fn render(running: &Running) -> Result<String, FastpathError> {
     for (name, value) in running.downlink.snapshot() {
         let _ = writeln!(out, "  {name:<22} {value:>12}");
     }
-    let b = &running.broker.stats;
     out.push_str("mqtt broker:\n");
-    for (name, value) in [
-        ("published", &b.published),
-        ("enqueued", &b.enqueued),
-        ("dropped", &b.dropped),
-        ("connections", &b.connections),
-        ("closed", &b.closed),
-        ("protocol_errors", &b.protocol_errors),
-    ] {
-        let _ = writeln!(out, "  {name:<22} {:>12}", value.load(Ordering::Relaxed));
+    for (name, _, value) in running.broker.stats.counters() {
+        let _ = writeln!(out, "  {name:<22} {value:>12}");
     }
     for bridge in running.broker.bridges() {
         let s = &bridge.spool.stats;

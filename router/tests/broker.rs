@@ -448,3 +448,77 @@ fn a_subscriber_that_stops_reading_can_be_taken_over() {
     let (_, _, _, topic, payload) = new.read_publish();
     assert_eq!((topic.as_str(), &payload[..]), ("after/x", &b"hello"[..]));
 }
+
+fn stat(broker: &Broker, name: &str) -> u64 {
+    broker
+        .stats
+        .counters()
+        .iter()
+        .find(|(n, _, _)| *n == name)
+        .map(|(_, _, v)| *v)
+        .unwrap()
+}
+
+/// Issue 11, finding 8: connections past `max_connections` are closed at
+/// once and counted, and a CONNECT larger than 64 KiB is refused before
+/// it is read whole; established clients keep being served.
+#[test]
+fn connections_are_bounded_before_and_after_connect() {
+    use std::io::Write;
+    let (broker, addr) = start_broker(BrokerConfig {
+        max_connections: 3,
+        ..BrokerConfig::default()
+    });
+    let mut open: Vec<RawClient> = (0..3)
+        .map(|i| {
+            let mut c = RawClient::connect(addr);
+            assert_eq!(c.handshake(&format!("c{i}")), 0);
+            c
+        })
+        .collect();
+    let mut extra = RawClient::connect(addr);
+    assert!(extra.closed_by_server(), "a fourth connection was kept");
+    assert_eq!(stat(&broker, "refused_connections"), 1);
+    // One leaves: there is room again.
+    open.pop().unwrap().disconnect();
+    wait_closed(&broker, 1);
+    let mut big = RawClient::connect(addr);
+    // A CONNECT announcing 100,000 bytes: refused at its header.
+    big.stream
+        .write_all(&[0x10, 0xa0, 0x8d, 0x06, 0, 4, b'M', b'Q', b'T', b'T', 4, 2])
+        .unwrap();
+    assert!(big.closed_by_server(), "a 100 kB CONNECT was waited for");
+    assert_eq!(stat(&broker, "protocol_errors"), 1);
+    // The established clients are still served.
+    assert_eq!(open[0].subscribe("still/#", 0), 0);
+    broker
+        .publish(message("still/here", "yes", 0, false), None)
+        .unwrap();
+    assert_eq!(open[0].read_publish().3, "still/here");
+}
+
+/// Issue 11, finding 7: the retained store keeps at most `max_retained`
+/// topics and `max_retained_bytes`; what does not fit is counted, and a
+/// later subscriber gets exactly what was kept.
+#[test]
+fn the_retained_store_is_bounded_and_counts_what_it_refuses() {
+    let (broker, addr) = start_broker(BrokerConfig {
+        max_retained: 3,
+        max_retained_bytes: 1000,
+        ..BrokerConfig::default()
+    });
+    for topic in ["r/1", "r/2", "r/3", "r/4"] {
+        broker.publish(message(topic, "v", 0, true), None).unwrap();
+    }
+    assert_eq!(stat(&broker, "retained_refused"), 1);
+    assert_eq!(broker.retained_usage(), (3, 12));
+    // Too big for the bytes left: refused, and r/1's older value removed.
+    let mut big = message("r/1", "", 0, true);
+    big.payload = Bytes::from(vec![b'x'; 1000]);
+    broker.publish(big, None).unwrap();
+    assert_eq!(stat(&broker, "retained_refused"), 2);
+    assert_eq!(broker.retained_usage(), (2, 8));
+    let mut got = sub(addr, &["-t", "r/#"], 2);
+    got.sort();
+    assert_eq!(got, vec!["r/2 v", "r/3 v"]);
+}

@@ -433,18 +433,25 @@ impl Control {
             .map(|(k, v)| (k.to_owned(), json!(v)))
             .collect::<serde_json::Map<_, _>>()
             .into();
-        let b = &self.running.broker.stats;
-        out["mqtt"] = json!({
-            "published": b.published.load(Ordering::Relaxed),
-            "delivered": b.enqueued.load(Ordering::Relaxed),
-            "dropped": b.dropped.load(Ordering::Relaxed),
-            "connections": b.connections.load(Ordering::Relaxed),
-            "closed": b.closed.load(Ordering::Relaxed),
-            "protocol_errors": b.protocol_errors.load(Ordering::Relaxed),
-            "sessions": self.running.broker.session_stats().into_iter()
+        let broker = &self.running.broker;
+        let mut mqtt: serde_json::Map<String, serde_json::Value> = broker
+            .stats
+            .counters()
+            .into_iter()
+            .map(|(name, _, value)| (name.to_owned(), json!(value)))
+            .collect();
+        let (retained, retained_bytes) = broker.retained_usage();
+        mqtt.insert("retained".into(), json!(retained));
+        mqtt.insert("retained_bytes".into(), json!(retained_bytes));
+        mqtt.insert(
+            "sessions".into(),
+            broker
+                .session_stats()
+                .into_iter()
                 .map(|(id, queued, dropped)| json!({ "client_id": id, "queued": queued, "dropped": dropped }))
-                .collect::<Vec<_>>(),
-        });
+                .collect(),
+        );
+        out["mqtt"] = mqtt.into();
         Ok(out)
     }
 }

@@ -15,6 +15,7 @@ use bytes::Bytes;
 use tokio::sync::{mpsc, Notify};
 
 use super::codec::{Properties, SubscriptionOptions};
+use super::store::TopicStore;
 use super::topic;
 use crate::bridge::Bridge;
 use crate::mapping::MAX_TOPIC_BYTES;
@@ -53,6 +54,11 @@ pub struct BrokerConfig {
     pub max_packet_size: usize,
     pub username: Option<String>,
     pub password: Option<String>,
+    /// Open client connections; more are refused (counted).
+    pub max_connections: usize,
+    /// Retained messages kept: topics, and topic plus payload bytes.
+    pub max_retained: usize,
+    pub max_retained_bytes: usize,
 }
 
 impl Default for BrokerConfig {
@@ -63,6 +69,9 @@ impl Default for BrokerConfig {
             max_packet_size: 1 << 20,
             username: None,
             password: None,
+            max_connections: 1000,
+            max_retained: 100_000,
+            max_retained_bytes: 64 << 20,
         }
     }
 }
@@ -80,6 +89,64 @@ pub struct BrokerStats {
     pub closed: AtomicU64,
     /// Connections closed for a protocol violation or malformed packet.
     pub protocol_errors: AtomicU64,
+    /// Connections refused because `max_connections` were open.
+    pub refused_connections: AtomicU64,
+    /// Retained messages not kept: the retained store was full.
+    pub retained_refused: AtomicU64,
+    /// Last values (for CoAP GET) not kept: their store was full.
+    pub last_values_refused: AtomicU64,
+}
+
+impl BrokerStats {
+    /// Every counter: the name the control socket and the report use, the
+    /// help text of its Prometheus family (`m2m_mqtt_<name>_total`), and
+    /// its value. One list, so the three renderings cannot drift apart.
+    pub fn counters(&self) -> [(&'static str, &'static str, u64); 9] {
+        let f = |a: &AtomicU64| a.load(Ordering::Relaxed);
+        [
+            (
+                "published",
+                "Messages published into the embedded broker.",
+                f(&self.published),
+            ),
+            (
+                "delivered",
+                "Messages queued for delivery to a subscriber session.",
+                f(&self.enqueued),
+            ),
+            (
+                "dropped",
+                "Messages dropped because a session's queue was full.",
+                f(&self.dropped),
+            ),
+            (
+                "connections",
+                "MQTT connections accepted.",
+                f(&self.connections),
+            ),
+            ("closed", "MQTT connections ended.", f(&self.closed)),
+            (
+                "protocol_errors",
+                "MQTT connections closed for a protocol error.",
+                f(&self.protocol_errors),
+            ),
+            (
+                "refused_connections",
+                "MQTT connections refused: max_connections were open.",
+                f(&self.refused_connections),
+            ),
+            (
+                "retained_refused",
+                "Retained messages not kept: the retained store was full.",
+                f(&self.retained_refused),
+            ),
+            (
+                "last_values_refused",
+                "Last values for CoAP GET not kept: their store was full.",
+                f(&self.last_values_refused),
+            ),
+        ]
+    }
 }
 
 pub struct Session {
@@ -110,10 +177,10 @@ struct Entry {
 pub struct Broker {
     pub config: BrokerConfig,
     sessions: RwLock<HashMap<Bytes, Entry>>,
-    retained: Mutex<HashMap<Bytes, Message>>,
+    retained: Mutex<TopicStore>,
     /// The newest message of every topic, retained or not, for CoAP GET.
     /// Sharded by topic so the workers seldom meet on one lock.
-    last_values: Vec<Mutex<HashMap<Bytes, Message>>>,
+    last_values: Vec<Mutex<TopicStore>>,
     /// Upstream bridges; a message they want is spooled before anyone
     /// else sees it.
     bridges: RwLock<Vec<Arc<Bridge>>>,
@@ -121,8 +188,10 @@ pub struct Broker {
 }
 
 const LAST_VALUE_SHARDS: usize = 16;
-/// Topics whose last value is kept; past it, new topics are not remembered.
+/// Topics whose last value is kept, and their bytes (topic and payload);
+/// past either, new values are not remembered (counted).
 const MAX_LAST_VALUES: usize = 1 << 20;
+const MAX_LAST_VALUE_BYTES: usize = 256 << 20;
 
 fn shard_of(topic: &[u8]) -> usize {
     // FNV-1a: cheap and good enough to spread topics over the shards.
@@ -142,12 +211,18 @@ pub struct Attached {
 
 impl Broker {
     pub fn new(config: BrokerConfig) -> Arc<Broker> {
+        let retained = TopicStore::new(config.max_retained, config.max_retained_bytes);
         Arc::new(Broker {
             config,
             sessions: RwLock::new(HashMap::new()),
-            retained: Mutex::new(HashMap::new()),
+            retained: Mutex::new(retained),
             last_values: (0..LAST_VALUE_SHARDS)
-                .map(|_| Mutex::new(HashMap::new()))
+                .map(|_| {
+                    Mutex::new(TopicStore::new(
+                        MAX_LAST_VALUES / LAST_VALUE_SHARDS,
+                        MAX_LAST_VALUE_BYTES / LAST_VALUE_SHARDS,
+                    ))
+                })
                 .collect(),
             bridges: RwLock::new(Vec::new()),
             stats: BrokerStats::default(),
@@ -202,17 +277,18 @@ impl Broker {
             let mut retained = self.retained.lock().unwrap();
             if message.payload.is_empty() {
                 retained.remove(&message.topic);
-            } else {
-                retained.insert(message.topic.clone(), message.clone());
+            } else if !retained.put(&message) {
+                self.stats.retained_refused.fetch_add(1, Ordering::Relaxed);
             }
         }
-        {
-            let mut last = self.last_values[shard_of(&message.topic)].lock().unwrap();
-            if let Some(slot) = last.get_mut(&message.topic) {
-                *slot = message.clone();
-            } else if last.len() < MAX_LAST_VALUES / LAST_VALUE_SHARDS {
-                last.insert(message.topic.clone(), message.clone());
-            }
+        let kept = self.last_values[shard_of(&message.topic)]
+            .lock()
+            .unwrap()
+            .put(&message);
+        if !kept {
+            self.stats
+                .last_values_refused
+                .fetch_add(1, Ordering::Relaxed);
         }
         let sessions = self.sessions.read().unwrap();
         for entry in sessions.values() {
@@ -260,6 +336,12 @@ impl Broker {
             .unwrap()
             .get(topic)
             .cloned()
+    }
+
+    /// Retained messages kept, and their topic and payload bytes.
+    pub fn retained_usage(&self) -> (usize, usize) {
+        let retained = self.retained.lock().unwrap();
+        (retained.len(), retained.bytes())
     }
 
     /// The newest retained message of `topic`, if any.
@@ -397,7 +479,7 @@ impl Broker {
         self.retained
             .lock()
             .unwrap()
-            .values()
+            .messages()
             .filter(|m| topic::matches(&filter, &m.topic))
             .cloned()
             .collect()

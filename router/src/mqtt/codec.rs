@@ -146,7 +146,10 @@ pub fn decode(buf: &mut BytesMut, version: u8, max_size: usize) -> Result<Option
         return Ok(None);
     }
     let first = buf[0];
-    let mut frame = buf.split_to(total).freeze();
+    // A copy of its own: what outlives the packet (a retained payload, a
+    // queued message) must not keep the whole receive buffer alive.
+    let mut frame = Bytes::copy_from_slice(&buf[..total]);
+    buf.advance(total);
     frame.advance(header_len);
     let mut r = Reader(frame);
     let (kind, flags) = (first >> 4, first & 0x0f);

@@ -16,8 +16,12 @@ use super::broker::{Attached, Broker, BrokerStats, Delivery, Message};
 use super::codec::{self, CodecError, Connect, OutProps, OutPublish, Packet, Publish, V311, V5};
 use super::topic;
 
-/// How long a new connection has to send CONNECT.
+/// How long a new connection has to send CONNECT, and the most it may
+/// send before it: memory a client holds before it has authenticated is
+/// bounded by `max_connections` x this (MQTT 3.1.1 section 3.1.4 lets
+/// the server close a connection that does not CONNECT in reasonable time).
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+const MAX_CONNECT_BYTES: usize = 64 * 1024;
 /// Output a connection may hold before it stops taking deliveries and
 /// reading requests: a client that does not read cannot grow it further,
 /// and its unanswered packets let its keep-alive run out.
@@ -36,7 +40,6 @@ enum End {
 
 pub async fn serve(mut stream: TcpStream, broker: Arc<Broker>) {
     let _ = stream.set_nodelay(true);
-    broker.stats.connections.fetch_add(1, Ordering::Relaxed);
     // Counted when this task ends, however it ends, after the session was
     // detached (locals drop in reverse order): tests and operators can wait
     // for "the connection is gone" instead of guessing.
@@ -175,7 +178,8 @@ async fn read_connect(
     broker: &Broker,
 ) -> Result<Connect, CodecError> {
     loop {
-        if let Some(packet) = codec::decode(inbuf, 0, broker.config.max_packet_size)? {
+        let limit = broker.config.max_packet_size.min(MAX_CONNECT_BYTES);
+        if let Some(packet) = codec::decode(inbuf, 0, limit)? {
             return match packet {
                 Packet::Connect(c) => Ok(*c),
                 _ => Err(CodecError::Protocol("the first packet must be CONNECT")),
