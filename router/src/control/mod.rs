@@ -58,6 +58,16 @@ struct ImportArgs {
     replace: bool,
 }
 
+/// Named counters as one JSON object.
+fn counters_json(
+    counters: impl IntoIterator<Item = (&'static str, u64)>,
+) -> serde_json::Map<String, serde_json::Value> {
+    counters
+        .into_iter()
+        .map(|(name, value)| (name.to_owned(), json!(value)))
+        .collect()
+}
+
 #[derive(Deserialize, Default)]
 #[serde(deny_unknown_fields)]
 struct StatsArgs {
@@ -417,29 +427,16 @@ impl Control {
             }
             out["peers"] = peers.into();
         }
-        out["coap"] = self
-            .running
-            .uplink
-            .snapshot()
-            .into_iter()
-            .map(|(k, v)| (k.to_owned(), json!(v)))
-            .collect::<serde_json::Map<_, _>>()
-            .into();
-        out["downlink"] = self
-            .running
-            .downlink
-            .snapshot()
-            .into_iter()
-            .map(|(k, v)| (k.to_owned(), json!(v)))
-            .collect::<serde_json::Map<_, _>>()
-            .into();
+        out["coap"] = counters_json(self.running.uplink.snapshot()).into();
+        out["downlink"] = counters_json(self.running.downlink.snapshot()).into();
         let broker = &self.running.broker;
-        let mut mqtt: serde_json::Map<String, serde_json::Value> = broker
-            .stats
-            .counters()
-            .into_iter()
-            .map(|(name, _, value)| (name.to_owned(), json!(value)))
-            .collect();
+        let mut mqtt = counters_json(
+            broker
+                .stats
+                .counters()
+                .into_iter()
+                .map(|(name, _, value)| (name, value)),
+        );
         let (retained, retained_bytes) = broker.retained_usage();
         mqtt.insert("retained".into(), json!(retained));
         mqtt.insert("retained_bytes".into(), json!(retained_bytes));
