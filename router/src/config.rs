@@ -124,6 +124,10 @@ pub struct ControlSection {
     /// Group allowed on the control socket (besides root and the owner).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub group: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub max_connections: Option<usize>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub idle_timeout_s: Option<u64>,
 }
 
 #[derive(Clone, Debug, Default, Deserialize, Serialize)]
@@ -429,6 +433,19 @@ pub struct MqttSettings {
     pub max_retained_bytes: usize,
 }
 
+/// `[control]`: the control socket.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ControlSettings {
+    pub socket: PathBuf,
+    /// Group allowed on the socket (besides root and the owner).
+    pub group: Option<String>,
+    /// Open connections; more are refused (counted).
+    pub max_connections: usize,
+    /// A connection that sends no complete request, or does not take its
+    /// response, for this long is closed.
+    pub idle_timeout: std::time::Duration,
+}
+
 /// `[downlink]`: MQTT commands to CoAP requests (RFC 7252 section 4.8
 /// transmission parameters).
 #[derive(Clone, Debug, PartialEq)]
@@ -457,8 +474,7 @@ pub struct Config {
     pub mqtt: MqttSettings,
     pub interfaces: Vec<String>,
     pub xdp_mode: XdpMode,
-    pub control_socket: PathBuf,
-    pub control_group: Option<String>,
+    pub control: ControlSettings,
     pub metrics_listen: SocketAddr,
     pub metrics_peer_series: usize,
     pub defaults: Defaults,
@@ -671,6 +687,16 @@ impl ConfigFile {
         if control_socket.as_os_str().is_empty() {
             return Err(invalid("control.socket", "empty path"));
         }
+        let control = ControlSettings {
+            socket: control_socket,
+            group: self.control.group,
+            max_connections: positive("control.max_connections", self.control.max_connections, 64)?,
+            idle_timeout: std::time::Duration::from_secs(positive(
+                "control.idle_timeout_s",
+                self.control.idle_timeout_s.map(|s| s as usize),
+                60,
+            )? as u64),
+        };
 
         let defaults = Defaults {
             unknown_peers: match self.defaults.unknown_peers.as_deref().unwrap_or("allow") {
@@ -739,8 +765,7 @@ impl ConfigFile {
             mqtt,
             interfaces: self.fastpath.interfaces,
             xdp_mode,
-            control_socket,
-            control_group: self.control.group,
+            control,
             metrics_listen,
             metrics_peer_series: self.metrics.peer_series.unwrap_or(100),
             defaults,

@@ -15,6 +15,7 @@ use crate::config::{Config, ConfigFile, XdpMode};
 use crate::control::{self, Control};
 use crate::downlink::{Downlink, DownlinkHandle, DownlinkStats, LastSeen};
 use crate::fastpath::{Fastpath, PolicyTables};
+use crate::listener::{self, ListenerStats};
 use crate::mapping::{Mapper, SharedMapper};
 use crate::metrics;
 use crate::mqtt::{self, Broker, BrokerConfig};
@@ -33,6 +34,9 @@ pub struct Running {
     pub uplink: Arc<UplinkStats>,
     pub downlink: Arc<DownlinkStats>,
     pub broker: Arc<Broker>,
+    /// The control socket's and the metrics endpoint's connections.
+    pub control_socket: Arc<ListenerStats>,
+    pub metrics_http: Arc<ListenerStats>,
 }
 
 pub fn run(config: Config, raw: ConfigFile, config_path: Option<PathBuf>) -> anyhow::Result<()> {
@@ -44,10 +48,11 @@ pub fn run(config: Config, raw: ConfigFile, config_path: Option<PathBuf>) -> any
     // touches XDP or the CoAP ports.
     let (control_listener, access) = {
         let _guard = runtime.enter();
-        control::server::bind(&config.control_socket, config.control_group.as_deref())?
+        control::server::bind(&config.control.socket, config.control.group.as_deref())?
     };
-    let _socket_file = RemoveOnDrop(config.control_socket.clone());
-    tracing::info!(path = %config.control_socket.display(), "control socket listening");
+    let _socket_file = RemoveOnDrop(config.control.socket.clone());
+    tracing::info!(path = %config.control.socket.display(), "control socket listening");
+    listener::raise_descriptor_limit();
     let fastpath = start_fastpath(&config)?;
     let broker = Broker::new(BrokerConfig {
         session_queue: config.mqtt.session_queue,
@@ -132,6 +137,12 @@ pub fn run(config: Config, raw: ConfigFile, config_path: Option<PathBuf>) -> any
             config.downlink.command_prefix.clone(),
         ));
     }
+    let control_limits = control::server::Limits {
+        max_connections: config.control.max_connections,
+        idle_timeout: config.control.idle_timeout,
+    };
+    let control_socket = Arc::new(ListenerStats::default());
+    let metrics_http = Arc::new(ListenerStats::default());
     let control = Arc::new(Mutex::new(Control {
         raw,
         config,
@@ -141,6 +152,8 @@ pub fn run(config: Config, raw: ConfigFile, config_path: Option<PathBuf>) -> any
             uplink: uplink_stats,
             downlink: downlink_stats,
             broker,
+            control_socket: control_socket.clone(),
+            metrics_http: metrics_http.clone(),
         },
         mappers: mapper,
         started: Instant::now(),
@@ -149,8 +162,14 @@ pub fn run(config: Config, raw: ConfigFile, config_path: Option<PathBuf>) -> any
         control_listener,
         control.clone(),
         access,
+        control_limits,
+        control_socket,
     ));
-    runtime.spawn(metrics::serve(metrics_listener, control.clone()));
+    runtime.spawn(metrics::serve(
+        metrics_listener,
+        control.clone(),
+        metrics_http,
+    ));
     runtime.block_on(serve(&control))?;
     workers.stop();
     let control = Arc::try_unwrap(control)

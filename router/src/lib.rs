@@ -9,6 +9,7 @@ pub mod control;
 pub mod daemon;
 pub mod downlink;
 pub mod fastpath;
+pub mod listener;
 pub mod mapping;
 pub mod metrics;
 pub mod mqtt;

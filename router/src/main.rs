@@ -222,7 +222,7 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
         c.mqtt.listen = addr;
     }
     if let Some(path) = args.control_socket {
-        c.control_socket = path;
+        c.control.socket = path;
     }
     if let Some(addr) = args.metrics_listen {
         c.metrics_listen = addr;

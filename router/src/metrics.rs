@@ -10,13 +10,36 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 
 use crate::control::Control;
+use crate::listener::{AcceptFailures, ListenerStats};
 
-pub async fn serve(listener: TcpListener, control: Arc<Mutex<Control>>) {
+/// Scrapes served at once; a scraper needs one.
+const MAX_SCRAPES: usize = 16;
+/// A scrape that has not sent its request head and taken its response in
+/// this long is dropped.
+const SCRAPE_TIMEOUT: Duration = Duration::from_secs(10);
+
+pub async fn serve(listener: TcpListener, control: Arc<Mutex<Control>>, stats: Arc<ListenerStats>) {
+    let mut failures = AcceptFailures::new("metrics");
     loop {
-        if let Ok((stream, _)) = listener.accept().await {
-            tokio::spawn(answer(stream, control.clone()));
-        } else {
-            tokio::time::sleep(Duration::from_millis(100)).await;
+        match listener.accept().await {
+            Ok((stream, _)) => {
+                failures.accepted();
+                let Some(slot) = stats.admit(MAX_SCRAPES) else {
+                    continue;
+                };
+                let control = control.clone();
+                let stats = stats.clone();
+                tokio::spawn(async move {
+                    if tokio::time::timeout(SCRAPE_TIMEOUT, answer(stream, control))
+                        .await
+                        .is_err()
+                    {
+                        stats.timed_out.fetch_add(1, Ordering::Relaxed);
+                    }
+                    drop(slot);
+                });
+            }
+            Err(err) => failures.failed(err, &stats.accept_errors).await,
         }
     }
 }
@@ -25,7 +48,7 @@ async fn answer(mut stream: TcpStream, control: Arc<Mutex<Control>>) {
     let mut request = Vec::with_capacity(1024);
     let mut buf = [0u8; 1024];
     // The request head only; scrapers send nothing else.
-    let read = tokio::time::timeout(Duration::from_secs(5), async {
+    let read = async {
         while !request.windows(4).any(|w| w == b"\r\n\r\n") && request.len() < 8192 {
             match stream.read(&mut buf).await {
                 Ok(0) | Err(_) => return false,
@@ -33,9 +56,9 @@ async fn answer(mut stream: TcpStream, control: Arc<Mutex<Control>>) {
             }
         }
         true
-    })
+    }
     .await;
-    if read != Ok(true) {
+    if !read {
         return;
     }
     let line = request.split(|&b| b == b'\r').next().unwrap_or_default();
@@ -199,6 +222,19 @@ pub fn render(c: &Control) -> String {
         let metric = format!("m2m_mqtt_{name}_total");
         family(&mut out, &metric, "counter", help);
         let _ = writeln!(out, "{metric} {value}");
+    }
+    for (prefix, listener) in [
+        ("m2m_control", &c.running.control_socket),
+        ("m2m_metrics_http", &c.running.metrics_http),
+    ] {
+        for (name, help, value) in listener.counters() {
+            let metric = format!("{prefix}_{name}_total");
+            family(&mut out, &metric, "counter", help);
+            let _ = writeln!(out, "{metric} {value}");
+        }
+        let metric = format!("{prefix}_open_connections");
+        family(&mut out, &metric, "gauge", "Connections open now.");
+        let _ = writeln!(out, "{metric} {}", listener.open());
     }
     let (retained, retained_bytes) = c.running.broker.retained_usage();
     for (metric, help, value) in [

@@ -22,6 +22,15 @@ pub fn render(running: &Running) -> Result<String, FastpathError> {
     for (name, value) in running.downlink.snapshot() {
         let _ = writeln!(out, "  {name:<22} {value:>12}");
     }
+    for (title, listener) in [
+        ("control socket", &running.control_socket),
+        ("metrics endpoint", &running.metrics_http),
+    ] {
+        let _ = writeln!(out, "{title}:");
+        for (name, _, value) in listener.counters() {
+            let _ = writeln!(out, "  {name:<22} {value:>12}");
+        }
+    }
     out.push_str("mqtt broker:\n");
     for (name, _, value) in running.broker.stats.counters() {
         let _ = writeln!(out, "  {name:<22} {value:>12}");

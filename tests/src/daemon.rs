@@ -134,6 +134,11 @@ impl Daemon {
             .unwrap_or_else(|| panic!("no counter {section}.{name} in {stats}"))
     }
 
+    /// The daemon's pid (`ip netns exec` execs the binary).
+    pub fn pid(&self) -> i32 {
+        self.child.id() as i32
+    }
+
     pub fn signal(&self, sig: i32) {
         // `ip netns exec` execs the binary, so the child's pid is the daemon's.
         // SAFETY: kill on our own child's pid.

@@ -249,6 +249,14 @@ impl RawClient {
         (first[0] & 0x08 != 0, qos, id, topic, body[at..].to_vec())
     }
 
+    /// PUBLISH at QoS 0.
+    pub fn publish(&mut self, topic: &str, payload: &[u8]) {
+        let mut body = (topic.len() as u16).to_be_bytes().to_vec();
+        body.extend_from_slice(topic.as_bytes());
+        body.extend_from_slice(payload);
+        self.send_packet(0x30, &body);
+    }
+
     pub fn puback(&mut self, id: u16) {
         self.send_packet(0x40, &id.to_be_bytes());
     }

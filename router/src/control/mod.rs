@@ -429,6 +429,19 @@ impl Control {
         }
         out["coap"] = counters_json(self.running.uplink.snapshot()).into();
         out["downlink"] = counters_json(self.running.downlink.snapshot()).into();
+        for (section, listener) in [
+            ("control", &self.running.control_socket),
+            ("metrics_http", &self.running.metrics_http),
+        ] {
+            let mut counters = counters_json(
+                listener
+                    .counters()
+                    .into_iter()
+                    .map(|(name, _, value)| (name, value)),
+            );
+            counters.insert("open".into(), json!(listener.open()));
+            out[section] = counters.into();
+        }
         let broker = &self.running.broker;
         let mut mqtt = counters_json(
             broker
@@ -478,7 +491,7 @@ fn restart_only_changes(current: &Config, new: &Config) -> Vec<&'static str> {
     if new.mqtt != current.mqtt {
         restart.push("mqtt");
     }
-    if new.control_socket != current.control_socket || new.control_group != current.control_group {
+    if new.control != current.control {
         restart.push("control");
     }
     if new.metrics_listen != current.metrics_listen {
@@ -508,8 +521,7 @@ fn keep_restart_only_settings(current: &Config, new: Config) -> Config {
         mqtt: current.mqtt.clone(),
         interfaces: current.interfaces.clone(),
         xdp_mode: current.xdp_mode,
-        control_socket: current.control_socket.clone(),
-        control_group: current.control_group.clone(),
+        control: current.control.clone(),
         metrics_listen: current.metrics_listen,
         metrics_peer_series: new.metrics_peer_series,
         defaults: new.defaults,

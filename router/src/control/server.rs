@@ -4,16 +4,20 @@
 
 use std::os::unix::fs::PermissionsExt as _;
 use std::path::Path;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use anyhow::{bail, Context as _};
 use serde_json::Value;
-use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
+use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+use tokio::net::unix::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::net::{UnixListener, UnixStream};
+use tokio::time::timeout;
 
 use super::protocol::{ApiError, Request, Response, MAX_REQUEST_BYTES, PROTOCOL_VERSION};
 use super::Control;
+use crate::listener::{AcceptFailures, ListenerStats, Slot};
 
 /// Who may talk to the daemon.
 #[derive(Clone, Copy, Debug)]
@@ -72,16 +76,55 @@ fn group_id(name: &str) -> anyhow::Result<u32> {
     Ok(unsafe { (*gr).gr_gid })
 }
 
-pub async fn serve(listener: UnixListener, control: Arc<Mutex<Control>>, access: Access) {
+/// How much the control socket takes from its clients.
+#[derive(Clone, Copy, Debug)]
+pub struct Limits {
+    pub max_connections: usize,
+    /// A client that sends no complete request, or does not read its
+    /// response, for this long is disconnected.
+    pub idle_timeout: Duration,
+}
+
+/// Bytes of requests being read or run, all connections together: room for
+/// two bulk imports at once, and a bound however many clients send.
+pub const MAX_BUFFERED_BYTES: usize = 2 * MAX_REQUEST_BYTES;
+
+pub async fn serve(
+    listener: UnixListener,
+    control: Arc<Mutex<Control>>,
+    access: Access,
+    limits: Limits,
+    stats: Arc<ListenerStats>,
+) {
+    let buffered = Arc::new(AtomicUsize::new(0));
+    let mut failures = AcceptFailures::new("control");
     loop {
         match listener.accept().await {
             Ok((stream, _)) => {
-                tokio::spawn(connection(stream, control.clone(), access));
+                failures.accepted();
+                let Some(slot) = stats.admit(limits.max_connections) else {
+                    let busy = ApiError::new(
+                        "busy",
+                        format!(
+                            "{} control connections are open; retry later",
+                            limits.max_connections
+                        ),
+                        None,
+                    );
+                    // Best effort: the socket buffer of a new connection has room.
+                    let _ = stream.try_write(response(Value::Null, Err(busy)).as_bytes());
+                    continue;
+                };
+                let session = Session {
+                    control: control.clone(),
+                    limits,
+                    stats: stats.clone(),
+                    buffered: buffered.clone(),
+                    _slot: slot,
+                };
+                tokio::spawn(session.run(stream, access));
             }
-            Err(err) => {
-                tracing::warn!(%err, "control socket accept failed");
-                tokio::time::sleep(Duration::from_millis(100)).await;
-            }
+            Err(err) => failures.failed(err, &stats.accept_errors).await,
         }
     }
 }
@@ -97,56 +140,97 @@ fn allowed(stream: &UnixStream, access: Access) -> bool {
     }
 }
 
-async fn connection(stream: UnixStream, control: Arc<Mutex<Control>>, access: Access) {
-    let permitted = allowed(&stream, access);
-    let (read, mut write) = stream.into_split();
-    let mut reader = BufReader::new(read);
-    if !permitted {
-        let refusal = response(
-            Value::Null,
-            Err(ApiError::new(
-                "forbidden",
-                "not allowed on this control socket",
-                None,
-            )),
-        );
-        let _ = write.write_all(refusal.as_bytes()).await;
-        tracing::warn!("refused a control client (SO_PEERCRED)");
-        return;
-    }
-    let mut line = Vec::new();
-    loop {
-        line.clear();
-        // Bounded read: `take` stops a line that never ends at the limit.
-        let mut limited = (&mut reader).take(MAX_REQUEST_BYTES as u64 + 1);
-        match limited.read_until(b'\n', &mut line).await {
-            Ok(0) | Err(_) => return,
-            Ok(_) => {}
-        }
-        if line.len() > MAX_REQUEST_BYTES {
-            let err = ApiError::new(
-                "too_large",
-                format!("requests are limited to {MAX_REQUEST_BYTES} bytes"),
-                None,
-            );
-            let _ = write
-                .write_all(response(Value::Null, Err(err)).as_bytes())
-                .await;
+/// One client connection.
+struct Session {
+    control: Arc<Mutex<Control>>,
+    limits: Limits,
+    stats: Arc<ListenerStats>,
+    buffered: Arc<AtomicUsize>,
+    _slot: Slot,
+}
+
+/// How reading one request ended.
+enum Read {
+    Request,
+    Closed,
+    TooLarge,
+    /// The shared [`MAX_BUFFERED_BYTES`] were taken by other clients.
+    Busy,
+}
+
+impl Session {
+    async fn run(self, stream: UnixStream, access: Access) {
+        let permitted = allowed(&stream, access);
+        let (read, mut write) = stream.into_split();
+        let mut reader = BufReader::new(read);
+        if !permitted {
+            let refusal = ApiError::new("forbidden", "not allowed on this control socket", None);
+            let _ = self.send(&mut write, Value::Null, Err(refusal)).await;
+            tracing::warn!("refused a control client (SO_PEERCRED)");
             return;
         }
-        let request = match parse(&line) {
-            Ok(r) => r,
-            Err((id, err)) => {
-                if write
-                    .write_all(response(id, Err(err)).as_bytes())
-                    .await
-                    .is_err()
-                {
-                    return;
+        loop {
+            // A fresh buffer and reservation per request: neither a bulk
+            // import's 64 MiB nor its share of the budget outlives it.
+            let mut line = Vec::new();
+            let mut reservation = Reservation {
+                budget: &self.buffered,
+                bytes: 0,
+            };
+            let read = timeout(
+                self.limits.idle_timeout,
+                read_request(&mut reader, &mut line, &mut reservation),
+            )
+            .await;
+            let refusal = match read {
+                Ok(Read::Request) => None,
+                Ok(Read::Closed) => return,
+                Ok(Read::TooLarge) => Some(ApiError::new(
+                    "too_large",
+                    format!("requests are limited to {MAX_REQUEST_BYTES} bytes"),
+                    None,
+                )),
+                Ok(Read::Busy) => Some(ApiError::new(
+                    "busy",
+                    format!(
+                        "other clients' requests fill the control socket's {MAX_BUFFERED_BYTES} bytes; retry later"
+                    ),
+                    None,
+                )),
+                Err(_) => {
+                    self.stats.timed_out.fetch_add(1, Ordering::Relaxed);
+                    Some(ApiError::new(
+                        "timeout",
+                        format!(
+                            "no complete request in {} s",
+                            self.limits.idle_timeout.as_secs()
+                        ),
+                        None,
+                    ))
                 }
-                continue;
+            };
+            if let Some(refusal) = refusal {
+                let _ = self.send(&mut write, Value::Null, Err(refusal)).await;
+                return;
             }
-        };
+            let request = match parse(&line) {
+                Ok(r) => r,
+                Err((id, err)) => {
+                    if self.send(&mut write, id, Err(err)).await.is_err() {
+                        return;
+                    }
+                    continue;
+                }
+            };
+            if self.answer(&mut write, &request).await.is_err() {
+                return;
+            }
+        }
+    }
+
+    /// Runs `request` and writes its response; a `stats` watch repeats
+    /// until the client goes away.
+    async fn answer(&self, write: &mut OwnedWriteHalf, request: &Request) -> Result<(), ()> {
         let watch = request.command == "stats"
             && request.args.get("watch").and_then(Value::as_bool) == Some(true);
         let interval = Duration::from_millis(
@@ -158,7 +242,7 @@ async fn connection(stream: UnixStream, control: Arc<Mutex<Control>>, access: Ac
                 .max(100),
         );
         loop {
-            let outcome = run(&control, &request).await;
+            let outcome = run(&self.control, request).await;
             let failed = outcome.is_err();
             if request.command.contains('.') && !request.command.ends_with(".ls") {
                 match &outcome {
@@ -170,17 +254,93 @@ async fn connection(stream: UnixStream, control: Arc<Mutex<Control>>, access: Ac
                     }
                 }
             }
-            if write
-                .write_all(response(request.id.clone(), outcome).as_bytes())
-                .await
-                .is_err()
-            {
-                return;
-            }
+            self.send(write, request.id.clone(), outcome).await?;
             if !watch || failed {
-                break;
+                return Ok(());
             }
             tokio::time::sleep(interval).await;
+        }
+    }
+
+    /// Writes one response; a client that does not take it within the
+    /// idle timeout is given up.
+    async fn send(
+        &self,
+        write: &mut OwnedWriteHalf,
+        id: Value,
+        outcome: Result<Value, ApiError>,
+    ) -> Result<(), ()> {
+        match timeout(
+            self.limits.idle_timeout,
+            write.write_all(response(id, outcome).as_bytes()),
+        )
+        .await
+        {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(_)) => Err(()),
+            Err(_) => {
+                self.stats.timed_out.fetch_add(1, Ordering::Relaxed);
+                Err(())
+            }
+        }
+    }
+}
+
+/// One request's share of [`MAX_BUFFERED_BYTES`], given back on drop.
+struct Reservation<'a> {
+    budget: &'a AtomicUsize,
+    bytes: usize,
+}
+
+impl Reservation<'_> {
+    fn grow(&mut self, n: usize) -> bool {
+        let taken = self
+            .budget
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |used| {
+                (used + n <= MAX_BUFFERED_BYTES).then_some(used + n)
+            })
+            .is_ok();
+        if taken {
+            self.bytes += n;
+        }
+        taken
+    }
+}
+
+impl Drop for Reservation<'_> {
+    fn drop(&mut self) {
+        self.budget.fetch_sub(self.bytes, Ordering::AcqRel);
+    }
+}
+
+/// Reads one request line (its newline included) into `line`, taking each
+/// chunk from the shared budget before keeping it. A last line without a
+/// newline before the client shuts its side counts as a request.
+async fn read_request(
+    reader: &mut BufReader<OwnedReadHalf>,
+    line: &mut Vec<u8>,
+    reservation: &mut Reservation<'_>,
+) -> Read {
+    loop {
+        let available = match reader.fill_buf().await {
+            Ok([]) if !line.is_empty() => return Read::Request,
+            Ok([]) | Err(_) => return Read::Closed,
+            Ok(bytes) => bytes,
+        };
+        let (take, complete) = match available.iter().position(|&b| b == b'\n') {
+            Some(i) => (i + 1, true),
+            None => (available.len(), false),
+        };
+        if line.len() + take > MAX_REQUEST_BYTES {
+            return Read::TooLarge;
+        }
+        if !reservation.grow(take) {
+            return Read::Busy;
+        }
+        line.extend_from_slice(&available[..take]);
+        reader.consume(take);
+        if complete {
+            return Read::Request;
         }
     }
 }

@@ -91,6 +91,8 @@ pub struct BrokerStats {
     pub protocol_errors: AtomicU64,
     /// Connections refused because `max_connections` were open.
     pub refused_connections: AtomicU64,
+    /// Accepts that failed (descriptors exhausted).
+    pub accept_errors: AtomicU64,
     /// Retained messages not kept: the retained store was full.
     pub retained_refused: AtomicU64,
     /// Last values (for CoAP GET) not kept: their store was full.
@@ -101,7 +103,7 @@ impl BrokerStats {
     /// Every counter: the name the control socket and the report use, the
     /// help text of its Prometheus family (`m2m_mqtt_<name>_total`), and
     /// its value. One list, so the three renderings cannot drift apart.
-    pub fn counters(&self) -> [(&'static str, &'static str, u64); 9] {
+    pub fn counters(&self) -> [(&'static str, &'static str, u64); 10] {
         let f = |a: &AtomicU64| a.load(Ordering::Relaxed);
         [
             (
@@ -134,6 +136,11 @@ impl BrokerStats {
                 "refused_connections",
                 "MQTT connections refused: max_connections were open.",
                 f(&self.refused_connections),
+            ),
+            (
+                "accept_errors",
+                "MQTT accepts that failed (descriptors exhausted, or out of memory).",
+                f(&self.accept_errors),
             ),
             (
                 "retained_refused",

@@ -12,13 +12,17 @@ use std::sync::Arc;
 
 use tokio::net::TcpListener;
 
+use crate::listener::AcceptFailures;
+
 pub use broker::{Broker, BrokerConfig, Message};
 
 /// Accepts MQTT clients on `listener` forever, one task per connection.
 pub async fn serve(listener: TcpListener, broker: Arc<Broker>) {
+    let mut failures = AcceptFailures::new("mqtt");
     loop {
         match listener.accept().await {
             Ok((stream, _)) => {
+                failures.accepted();
                 // Counted here, before the task runs, so a burst of
                 // connections cannot overtake the bound.
                 let stats = &broker.stats;
@@ -32,11 +36,7 @@ pub async fn serve(listener: TcpListener, broker: Arc<Broker>) {
                 stats.connections.fetch_add(1, Ordering::Relaxed);
                 tokio::spawn(connection::serve(stream, broker.clone()));
             }
-            Err(err) => {
-                // EMFILE and friends: back off instead of spinning.
-                tracing::warn!(%err, "MQTT accept failed");
-                tokio::time::sleep(std::time::Duration::from_millis(100)).await;
-            }
+            Err(err) => failures.failed(err, &broker.stats.accept_errors).await,
         }
     }
 }
