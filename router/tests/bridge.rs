@@ -5,11 +5,13 @@
 
 use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr, UdpSocket};
+use std::path::Path;
 use std::process::Command;
 use std::time::Duration;
 
 use m2m_router::coap::message::{code, Message};
 use m2m_router_tests::daemon::Daemon;
+use m2m_router_tests::disk::SmallDisk;
 use m2m_router_tests::mqtt::Mosquitto;
 use m2m_router_tests::netns::{confirm, wait_for, Netns, Topology, DEADLINE, DEV_V4, GW_IF, GW_V4};
 use m2m_router_tests::packet::coap;
@@ -47,13 +49,19 @@ struct Setup {
 
 impl Setup {
     fn new(tag: &str, extra_upstream: &str) -> Setup {
+        Setup::with_spool_dir(tag, extra_upstream, None)
+    }
+
+    /// With the spool in `spool_dir` instead of the test's directory.
+    fn with_spool_dir(tag: &str, extra_upstream: &str, spool_dir: Option<&Path>) -> Setup {
         require_root();
         let topo = Topology::new(tag);
         let dir = m2m_router_tests::unique_temp_path(&format!("bridge-{tag}"), "");
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir).unwrap();
         let config = dir.join("router.toml");
-        std::fs::write(&config, router_config(extra_upstream, &dir.join("spool"))).unwrap();
+        let spool = spool_dir.map_or_else(|| dir.join("spool"), Path::to_path_buf);
+        std::fs::write(&config, router_config(extra_upstream, &spool)).unwrap();
         Setup { topo, dir, config }
     }
 
@@ -388,6 +396,99 @@ fn a_full_spool_evicts_the_oldest_and_the_router_keeps_serving() {
         let u = &v["upstreams"][0];
         u["spooled_messages"] == 0 && u["acked"].as_u64() == Some(1_000 - evicted)
     });
+    router.stop();
+}
+
+/// The code of the answer to one CON POST "x" from `sock`, payload `payload`.
+fn post(sock: &UdpSocket, mid: u16, payload: &str) -> u8 {
+    let dst = SocketAddr::new(GW_V4.into(), 5683);
+    let msg = coap(
+        0,
+        code::POST,
+        mid,
+        &mid.to_be_bytes(),
+        &[0xb1, b'x'],
+        payload.as_bytes(),
+    );
+    let (answer, _) = confirm(sock, dst, &msg, mid);
+    Message::decode(&answer).expect("a CoAP answer").code
+}
+
+#[test]
+fn a_full_spool_disk_answers_5_03_logs_once_and_recovers_by_itself() {
+    let disk = SmallDisk::mount("br-disk", 64 << 10);
+    let setup = Setup::with_spool_dir(
+        "br-disk",
+        "durability = \"disk\"",
+        Some(&disk.path().join("spool")),
+    );
+    let mut mosquitto = Mosquitto::start(&setup.topo.gw, UPSTREAM_PORT);
+    register_upstream_sub(&setup.topo.gw, "keeper");
+    mosquitto.stop();
+    let sock = &peers(&setup.topo, 1)[0];
+    let mut router = setup.router();
+
+    // Until the disk is full, every CON is acknowledged; then 5.03.
+    let mut acknowledged = Vec::new();
+    let mut mid = 0u16;
+    loop {
+        mid += 1;
+        let payload = format!("m{mid}");
+        match post(sock, mid, &payload) {
+            code::CHANGED => acknowledged.push(payload),
+            code::SERVICE_UNAVAILABLE => break,
+            other => panic!("CON {mid} answered {other:#x}"),
+        }
+        assert!(mid < 10_000, "a 64 KiB disk never filled");
+    }
+    assert!(
+        acknowledged.len() > 100,
+        "{} acknowledged",
+        acknowledged.len()
+    );
+    router.expect_line("refuses messages");
+    // It stays full: more 5.03s, logged no more.
+    for _ in 0..50 {
+        mid += 1;
+        assert_eq!(post(sock, mid, "refused"), code::SERVICE_UNAVAILABLE);
+    }
+
+    // Room returns: service resumes by itself, and the log says so once.
+    disk.resize(1 << 20);
+    for _ in 0..100 {
+        mid += 1;
+        let payload = format!("m{mid}");
+        assert_eq!(post(sock, mid, &payload), code::CHANGED);
+        acknowledged.push(payload);
+    }
+    router.expect_line("accept messages again");
+    let refusals = router
+        .seen
+        .iter()
+        .filter(|l| l.contains("refuses messages"))
+        .count();
+    assert_eq!(
+        refusals,
+        1,
+        "one line per outage:\n{}",
+        router.seen.join("\n")
+    );
+    assert_eq!(router.counter("coap", "unavailable"), 51);
+
+    // Nothing acknowledged was lost: the upstream gets all of it, in order.
+    let _mosquitto = Mosquitto::start(&setup.topo.gw, UPSTREAM_PORT);
+    let got = upstream_sub(
+        &setup.topo.gw,
+        "keeper",
+        acknowledged.len(),
+        (RECONNECT + DEADLINE).as_secs() as u32,
+    );
+    let topic = format!("site-7/m2m/{}/x", DEV_V4[0]);
+    let expected: Vec<String> = acknowledged
+        .iter()
+        .map(|p| format!("{topic} {p}"))
+        .collect();
+    assert_eq!(got, expected);
     router.stop();
 }
 

@@ -5,51 +5,12 @@
 //!
 //! Privileged: mounts a small tmpfs (root), unmounted when the test ends.
 
-use std::ffi::CString;
 use std::fs;
-use std::path::{Path, PathBuf};
 
 use bytes::Bytes;
 use m2m_router::bridge::Spool;
+use m2m_router_tests::disk::SmallDisk;
 use m2m_router_tests::require_root;
-
-/// A tmpfs of `size` bytes mounted on a fresh directory; unmounted and
-/// removed on drop.
-struct SmallDisk(PathBuf);
-
-impl SmallDisk {
-    fn mount(tag: &str, size: usize) -> SmallDisk {
-        let dir = m2m_router_tests::unique_temp_path(tag, "");
-        let _ = fs::create_dir_all(&dir);
-        let target = CString::new(dir.to_str().unwrap()).unwrap();
-        let options = CString::new(format!("size={size}")).unwrap();
-        // SAFETY: every pointer is a valid NUL-terminated string.
-        let rc = unsafe {
-            libc::mount(
-                c"tmpfs".as_ptr(),
-                target.as_ptr(),
-                c"tmpfs".as_ptr(),
-                0,
-                options.as_ptr().cast(),
-            )
-        };
-        assert_eq!(rc, 0, "mount tmpfs: {}", std::io::Error::last_os_error());
-        SmallDisk(dir)
-    }
-
-    fn path(&self) -> &Path {
-        &self.0
-    }
-}
-
-impl Drop for SmallDisk {
-    fn drop(&mut self) {
-        let target = CString::new(self.0.to_str().unwrap()).unwrap();
-        // SAFETY: a valid NUL-terminated path.
-        unsafe { libc::umount2(target.as_ptr(), libc::MNT_DETACH) };
-        let _ = fs::remove_dir(&self.0);
-    }
-}
 
 fn message(i: usize) -> (Bytes, Bytes) {
     // 328-byte records, as in the finding: they straddle tmpfs pages, so

@@ -427,6 +427,42 @@ fn bad_requests_get_the_rfc_answer_and_the_router_keeps_serving() {
         answer(&coap(0, code::POST, 7, &[], &[0xb1, b'#'], b"x")).1,
         code::BAD_REQUEST
     );
+    // A 6,000-byte Uri-Path does not fit the receive buffer: 4.13, not RST.
+    // Sent over the gateway's loopback: on the veth it would be fragmented,
+    // and the fast path drops fragments.
+    let local = gw.topo.gw.run(|| UdpSocket::bind("127.0.0.1:0")).unwrap();
+    let mut long_path = vec![0xbe];
+    long_path.extend_from_slice(&(6_000u16 - 269).to_be_bytes());
+    long_path.extend_from_slice(&[b'p'; 6_000]);
+    let reply = exchange(
+        &local,
+        "127.0.0.1:5683".parse().unwrap(),
+        &coap(0, code::POST, 11, &[1], &long_path, b"x"),
+    );
+    let reply = Message::decode(&reply).unwrap();
+    assert_eq!(
+        (reply.mtype, reply.code, reply.token),
+        (message::ACK, code::REQUEST_ENTITY_TOO_LARGE, &[1][..])
+    );
+    // A 300-byte segment fits but Uri-Path holds 0-255 bytes: like an
+    // unknown critical option, 4.02 (section 5.4.3).
+    let mut wide_segment = vec![0xbd, (300 - 13) as u8];
+    wide_segment.extend_from_slice(&[b'p'; 300]);
+    assert_eq!(
+        answer(&coap(0, code::POST, 12, &[], &wide_segment, b"x")).1,
+        code::BAD_OPTION
+    );
+    // 18 Uri-Host options: the second is a supernumerary critical option,
+    // 4.02 (section 5.4.5).
+    let mut hosts = vec![0x31, b'h'];
+    for _ in 1..18 {
+        hosts.extend_from_slice(&[0x01, b'h']);
+    }
+    hosts.extend_from_slice(&[0x81, b'x']);
+    assert_eq!(
+        answer(&coap(0, code::POST, 13, &[], &hosts, b"x")).1,
+        code::BAD_OPTION
+    );
     // A NON with an unknown critical option is dropped silently.
     expect_no_answer(
         &sock,
@@ -441,7 +477,7 @@ fn bad_requests_get_the_rfc_answer_and_the_router_keeps_serving() {
     );
     let daemon = gw.daemon;
     assert_eq!(daemon.counter("coap", "malformed"), 1);
-    assert_eq!(daemon.counter("coap", "too_large"), 1);
+    assert_eq!(daemon.counter("coap", "too_large"), 2);
     daemon.stop();
 }
 

@@ -3,9 +3,11 @@
 //! - [`netns`]: network namespaces joined by a veth pair, removed on drop,
 //!   and a way to run code inside one;
 //! - [`packet`]: an Ethernet/VLAN/IPv4/IPv6/UDP/CoAP frame builder;
+//! - [`disk`]: a small tmpfs that fills up and gets room back on demand;
 //! - [`require_root`]: privileged tests fail loudly, never skip.
 
 pub mod daemon;
+pub mod disk;
 pub mod mqtt;
 pub mod netns;
 pub mod packet;

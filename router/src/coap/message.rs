@@ -90,24 +90,11 @@ impl<'a> Message<'a> {
     /// Decodes and validates the header, token and option framing. The
     /// message ID is readable even when this fails (see [`peek_header`]).
     pub fn decode(buf: &'a [u8]) -> Result<Message<'a>, FormatError> {
-        if buf.len() < 4 {
-            return Err(FormatError::TooShort);
-        }
-        if buf[0] >> 6 != 1 {
-            return Err(FormatError::BadVersion);
-        }
-        let tkl = usize::from(buf[0] & 0x0f);
-        if tkl > 8 {
-            return Err(FormatError::BadTokenLength);
-        }
-        let code = buf[1];
-        if code == code::EMPTY && buf.len() != 4 {
+        let head = Message::decode_head(buf)?;
+        if head.code == code::EMPTY && buf.len() != 4 {
             return Err(FormatError::BadEmpty);
         }
-        if buf.len() < 4 + tkl {
-            return Err(FormatError::Truncated);
-        }
-        let rest = &buf[4 + tkl..];
+        let rest = &buf[4 + head.token.len()..];
         let mut iter = OptionIter { rest, number: 0 };
         for item in &mut iter {
             item?;
@@ -120,12 +107,36 @@ impl<'a> Message<'a> {
             _ => unreachable!("the option walk stops only at the end or a marker"),
         };
         Ok(Message {
-            mtype: (buf[0] >> 4) & 0x03,
-            code,
-            mid: u16::from_be_bytes([buf[2], buf[3]]),
-            token: &buf[4..4 + tkl],
             options: &rest[..options_len],
             payload,
+            ..head
+        })
+    }
+
+    /// Decodes the header and token alone: all that is needed to answer
+    /// a datagram whose options and payload were cut off by the receive
+    /// buffer (4.13, section 5.9.2.9).
+    pub fn decode_head(buf: &'a [u8]) -> Result<Message<'a>, FormatError> {
+        if buf.len() < 4 {
+            return Err(FormatError::TooShort);
+        }
+        if buf[0] >> 6 != 1 {
+            return Err(FormatError::BadVersion);
+        }
+        let tkl = usize::from(buf[0] & 0x0f);
+        if tkl > 8 {
+            return Err(FormatError::BadTokenLength);
+        }
+        if buf.len() < 4 + tkl {
+            return Err(FormatError::Truncated);
+        }
+        Ok(Message {
+            mtype: (buf[0] >> 4) & 0x03,
+            code: buf[1],
+            mid: u16::from_be_bytes([buf[2], buf[3]]),
+            token: &buf[4..4 + tkl],
+            options: &[],
+            payload: &[],
         })
     }
 

@@ -47,17 +47,49 @@ impl RequestError {
     }
 }
 
+/// Whether an option may occur more than once (RFC 7252 Table 4).
+fn repeatable(number: u16) -> bool {
+    matches!(
+        number,
+        option::IF_MATCH
+            | option::ETAG
+            | option::LOCATION_PATH
+            | option::URI_PATH
+            | option::URI_QUERY
+            | option::LOCATION_QUERY
+    )
+}
+
+/// Uri-Path segments are 0 to 255 bytes (Table 4).
+const MAX_SEGMENT_BYTES: usize = 255;
+
 /// Reads the options a request may carry. Elective options we do not know
-/// are ignored (section 5.4.1); critical ones we do not know are an error.
+/// are ignored and critical ones are an error (section 5.4.1); so are the
+/// second and later occurrences of a non-repeatable option, and values of
+/// a length outside the option's range (sections 5.4.5 and 5.4.3).
 pub fn parse<'a>(msg: &Message<'a>) -> Result<Request<'a>, RequestError> {
     let mut path = Path {
         segments: [""; MAX_PATH_SEGMENTS],
         len: 0,
     };
     let mut content_format = None;
+    let mut previous = None;
     for (number, value) in msg.options() {
+        // Options arrive sorted by number (section 3.1): a repeat follows
+        // its first occurrence.
+        let repeat = previous == Some(number);
+        previous = Some(number);
+        if repeat && !repeatable(number) {
+            if option::is_critical(number) {
+                return Err(RequestError::BadOption(number));
+            }
+            continue;
+        }
         match number {
             option::URI_PATH => {
+                if value.len() > MAX_SEGMENT_BYTES {
+                    return Err(RequestError::BadOption(number));
+                }
                 if path.len == MAX_PATH_SEGMENTS {
                     return Err(RequestError::BadRequest("Uri-Path too deep"));
                 }
@@ -65,13 +97,11 @@ pub fn parse<'a>(msg: &Message<'a>) -> Result<Request<'a>, RequestError> {
                     .map_err(|_| RequestError::BadRequest("Uri-Path is not UTF-8"))?;
                 path.len += 1;
             }
-            option::CONTENT_FORMAT => {
-                content_format = Some(
-                    uint_option(value)
-                        .and_then(|v| u16::try_from(v).ok())
-                        .ok_or(RequestError::BadRequest("bad Content-Format"))?,
-                );
+            // Elective: a value of a length outside 0-2 bytes is ignored.
+            option::CONTENT_FORMAT if value.len() <= 2 => {
+                content_format = uint_option(value).and_then(|v| u16::try_from(v).ok());
             }
+            option::CONTENT_FORMAT => {}
             option::PROXY_URI | option::PROXY_SCHEME => {
                 return Err(RequestError::ProxyingNotSupported)
             }
@@ -138,5 +168,56 @@ pub fn method_name(code: u8) -> &'static str {
         6 => "PATCH",
         7 => "iPATCH",
         _ => "UNKNOWN",
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::coap::message::{code, encode, CON};
+
+    fn parse_options(options: &[(u16, &[u8])]) -> Result<Option<u16>, RequestError> {
+        let mut datagram = Vec::new();
+        encode(&mut datagram, CON, code::POST, 1, &[], options, b"x");
+        let msg = Message::decode(&datagram).unwrap();
+        parse(&msg).map(|r| r.content_format)
+    }
+
+    #[test]
+    fn a_repeated_elective_option_keeps_its_first_value() {
+        // Content-Format is elective and not repeatable: the second is
+        // ignored like an unknown elective option (RFC 7252 section 5.4.5).
+        let formats = [
+            (option::CONTENT_FORMAT, &[][..]),
+            (option::CONTENT_FORMAT, &[50][..]),
+        ];
+        assert_eq!(parse_options(&formats), Ok(Some(0)));
+    }
+
+    #[test]
+    fn a_repeated_critical_option_is_a_bad_option() {
+        let hosts = [(option::URI_HOST, &b"a"[..]), (option::URI_HOST, &b"b"[..])];
+        assert_eq!(
+            parse_options(&hosts),
+            Err(RequestError::BadOption(option::URI_HOST))
+        );
+        // Repeatable ones may repeat.
+        let paths = [(option::URI_PATH, &b"a"[..]), (option::URI_PATH, &b"b"[..])];
+        assert_eq!(parse_options(&paths), Ok(None));
+    }
+
+    #[test]
+    fn option_values_outside_their_length_range() {
+        // Uri-Path (critical): over 255 bytes is 4.02 (section 5.4.3).
+        let long = [b'p'; 256];
+        assert_eq!(
+            parse_options(&[(option::URI_PATH, &long[..])]),
+            Err(RequestError::BadOption(option::URI_PATH))
+        );
+        // Content-Format (elective): over 2 bytes is ignored.
+        assert_eq!(
+            parse_options(&[(option::CONTENT_FORMAT, &[0, 0, 50][..])]),
+            Ok(None)
+        );
     }
 }

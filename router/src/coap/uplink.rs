@@ -4,7 +4,7 @@
 //! answered again and never published twice.
 
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -34,6 +34,30 @@ pub struct UplinkStats {
     pub dedup_evictions: AtomicU64,
     /// Answered 5.03: a bridge's spool could not store the message.
     pub unavailable: AtomicU64,
+    spool_outage: Outage,
+}
+
+/// Whether the bridge spools are refusing messages, so that a full disk is
+/// logged when it fills and when it has room again, not once per packet.
+#[derive(Debug, Default)]
+struct Outage(AtomicBool);
+
+impl Outage {
+    fn failed(&self, err: &std::io::Error) {
+        if !self.0.swap(true, Ordering::Relaxed) {
+            tracing::warn!(%err, "a bridge spool refuses messages: devices get 5.03 until it has room (coap.unavailable counts them)");
+        }
+    }
+
+    fn recovered(&self, unavailable: &AtomicU64) {
+        // A load first: the common case (no outage) writes nothing shared.
+        if self.0.load(Ordering::Relaxed) && self.0.swap(false, Ordering::Relaxed) {
+            tracing::info!(
+                unavailable_so_far = unavailable.load(Ordering::Relaxed),
+                "the bridge spools accept messages again"
+            );
+        }
+    }
 }
 
 impl UplinkStats {
@@ -87,6 +111,8 @@ pub struct Uplink {
     /// they are forgotten so a retransmission is processed again rather
     /// than answered from the cache (it was never acknowledged).
     uncommitted: Vec<(SocketAddr, u16)>,
+    /// Whether a message was published since the last commit.
+    published_uncommitted: bool,
     topic: String,
     /// Message IDs for NON responses (section 4.4: ours to choose).
     next_mid: u16,
@@ -105,6 +131,7 @@ impl Uplink {
             dedup: DedupCache::new(config.dedup_per_peer, config.dedup_total),
             evictions_reported: 0,
             uncommitted: Vec::new(),
+            published_uncommitted: false,
             config,
             mappers,
             mapper,
@@ -156,10 +183,18 @@ impl Uplink {
         if self.mappers.generation() != self.mapper_generation {
             (self.mapper_generation, self.mapper) = self.mappers.load();
         }
+        if truncated {
+            // Longer than the receive buffer (options or payload): the head
+            // is enough to tell a request it is too large.
+            if let Ok(head) = Message::decode_head(dgram) {
+                if head.is_request() && matches!(head.mtype, CON | NON) {
+                    return self.too_large(&head, out);
+                }
+            }
+        }
         let msg = match Message::decode(dgram) {
             Ok(m) if !truncated => m,
-            Ok(m) => return self.too_large(&m, out),
-            Err(_) => {
+            _ => {
                 self.stats.malformed.fetch_add(1, Ordering::Relaxed);
                 // Section 4.2: a CON that cannot be processed is rejected with RST.
                 return match peek_header(dgram) {
@@ -290,10 +325,11 @@ impl Uplink {
         if let Err(err) = published {
             // Not stored, so not accepted: 5.03, and the device tries again
             // (DESIGN.md invariant 1).
-            tracing::warn!(%err, "a bridge spool refused a message");
             self.stats.unavailable.fetch_add(1, Ordering::Relaxed);
+            self.stats.spool_outage.failed(&err);
             return code::SERVICE_UNAVAILABLE;
         }
+        self.published_uncommitted = true;
         self.stats.published.fetch_add(1, Ordering::Relaxed);
         code::CHANGED
     }
@@ -380,12 +416,22 @@ impl Uplink {
     /// acknowledgements (DESIGN.md invariant 1: nothing acknowledged is lost).
     pub fn commit(&mut self) -> std::io::Result<()> {
         let synced = self.broker.sync_bridges();
-        if synced.is_err() {
-            for (src, mid) in &self.uncommitted {
-                self.dedup.forget(src, *mid);
+        match &synced {
+            // Recovered only when something was stored and synced: a full
+            // disk refuses every write, yet has nothing to sync.
+            Ok(()) if self.published_uncommitted => {
+                self.stats.spool_outage.recovered(&self.stats.unavailable)
+            }
+            Ok(()) => {}
+            Err(err) => {
+                self.stats.spool_outage.failed(err);
+                for (src, mid) in &self.uncommitted {
+                    self.dedup.forget(src, *mid);
+                }
             }
         }
         self.uncommitted.clear();
+        self.published_uncommitted = false;
         synced
     }
 
