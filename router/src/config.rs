@@ -114,6 +114,8 @@ pub struct MqttSection {
     pub max_retained: Option<usize>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub max_retained_bytes: Option<usize>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub max_subscriptions: Option<usize>,
 }
 
 #[derive(Clone, Debug, Default, Deserialize, Serialize)]
@@ -431,6 +433,8 @@ pub struct MqttSettings {
     /// Retained messages kept: topics, and topic plus payload bytes.
     pub max_retained: usize,
     pub max_retained_bytes: usize,
+    /// Filters one session may subscribe to.
+    pub max_subscriptions: usize,
 }
 
 /// `[control]`: the control socket.
@@ -671,6 +675,11 @@ impl ConfigFile {
                 "mqtt.max_retained_bytes",
                 self.mqtt.max_retained_bytes,
                 64 << 20,
+            )?,
+            max_subscriptions: positive(
+                "mqtt.max_subscriptions",
+                self.mqtt.max_subscriptions,
+                10_000,
             )?,
         };
         let metrics_listen = socket_addr(

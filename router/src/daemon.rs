@@ -61,6 +61,7 @@ pub fn run(config: Config, raw: ConfigFile, config_path: Option<PathBuf>) -> any
         username: config.mqtt.username.clone(),
         password: config.mqtt.password.clone(),
         max_connections: config.mqtt.max_connections,
+        max_subscriptions: config.mqtt.max_subscriptions,
         max_retained: config.mqtt.max_retained,
         max_retained_bytes: config.mqtt.max_retained_bytes,
     });

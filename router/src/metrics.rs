@@ -244,6 +244,11 @@ pub fn render(c: &Control) -> String {
             "Topic and payload bytes of the retained messages.",
             retained_bytes,
         ),
+        (
+            "m2m_mqtt_subscriptions",
+            "Subscriptions held by all sessions.",
+            c.running.broker.subscription_count(),
+        ),
     ] {
         family(&mut out, metric, "gauge", help);
         let _ = writeln!(out, "{metric} {value}");

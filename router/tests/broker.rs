@@ -522,3 +522,96 @@ fn the_retained_store_is_bounded_and_counts_what_it_refuses() {
     got.sort();
     assert_eq!(got, vec!["r/2 v", "r/3 v"]);
 }
+
+/// Issue 11, finding 5: a session holds at most `max_subscriptions`
+/// filters (the rest refused in the SUBACK and counted, the session kept);
+/// the index routes each publish to exactly the sessions whose filters
+/// match, once per session at its highest QoS, and forgets a session's
+/// filters when it goes.
+#[test]
+fn subscriptions_are_bounded_per_session_and_indexed_exactly() {
+    use std::io::Write;
+    let (broker, addr) = start_broker(BrokerConfig {
+        max_subscriptions: 1_000,
+        ..BrokerConfig::default()
+    });
+    let mut greedy = RawClient::connect(addr);
+    assert_eq!(greedy.handshake("greedy"), 0);
+    // 20 SUBSCRIBEs of 100 distinct filters each: the first 1,000 granted.
+    let mut codes = Vec::new();
+    for packet in 0..20u16 {
+        let filters: Vec<String> = (0..100)
+            .map(|i| format!("dev/{}/+", packet * 100 + i))
+            .collect();
+        codes.extend(greedy.subscribe_all(packet + 1, &filters, 0));
+    }
+    assert!(codes[..1_000].iter().all(|&c| c == 0), "granted first");
+    assert!(codes[1_000..].iter().all(|&c| c == 0x80), "then refused");
+    assert_eq!(stat(&broker, "subscriptions_refused"), 1_000);
+    assert_eq!(broker.subscription_count(), 1_000);
+    // Re-subscribing to a filter it holds is a replacement, not one more;
+    // it raises the QoS of "dev/7/+" to 1.
+    assert_eq!(greedy.subscribe("dev/7/+", 1), 1);
+    assert_eq!(greedy.subscribe("dev/#", 0), 0x80);
+
+    // Overlapping filters: one copy, at the highest QoS among them.
+    let mut watcher = RawClient::connect(addr);
+    assert_eq!(watcher.handshake("watcher"), 0);
+    assert_eq!(watcher.subscribe("dev/#", 0), 0);
+    assert_eq!(watcher.subscribe("+/7/temp", 0), 0);
+    for (topic, payload) in [
+        ("dev/7/temp", "a"),
+        ("dev/1500/temp", "b"),
+        ("other/7/temp", "c"),
+    ] {
+        broker
+            .publish(message(topic, payload, 1, false), None)
+            .unwrap();
+    }
+    let (_, qos, id, topic, payload) = greedy.read_publish();
+    assert_eq!(
+        (qos, topic.as_str(), &payload[..]),
+        (1, "dev/7/temp", &b"a"[..])
+    );
+    greedy.puback(id);
+    let got: Vec<(String, Vec<u8>)> = (0..3)
+        .map(|_| {
+            let (_, _, _, topic, payload) = watcher.read_publish();
+            (topic, payload)
+        })
+        .collect();
+    assert_eq!(
+        got,
+        vec![
+            ("dev/7/temp".into(), b"a".to_vec()),
+            ("dev/1500/temp".into(), b"b".to_vec()),
+            ("other/7/temp".into(), b"c".to_vec()),
+        ]
+    );
+    // A fence: the next message each gets is this one, so greedy got
+    // nothing for the unsubscribed-to topics and nobody got a second copy.
+    broker
+        .publish(message("dev/1/fence", "f", 0, false), None)
+        .unwrap();
+    assert_eq!(greedy.read_publish().3, "dev/1/fence");
+    assert_eq!(watcher.read_publish().3, "dev/1/fence");
+
+    // Unsubscribing makes room; a session that goes takes its filters.
+    greedy
+        .stream
+        .write_all(&[
+            0xa2, 11, 0, 99, 0, 7, b'd', b'e', b'v', b'/', b'7', b'/', b'+',
+        ])
+        .unwrap();
+    let mut unsuback = [0u8; 4];
+    std::io::Read::read_exact(&mut greedy.stream, &mut unsuback).unwrap();
+    assert_eq!(unsuback, [0xb0, 2, 0, 99]);
+    assert_eq!(greedy.subscribe("dev/#", 0), 0);
+    greedy.disconnect();
+    wait_closed(&broker, 1);
+    assert_eq!(
+        broker.subscription_count(),
+        2,
+        "only the watcher's are left"
+    );
+}

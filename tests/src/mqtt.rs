@@ -278,6 +278,34 @@ impl RawClient {
         ack[4]
     }
 
+    /// One SUBSCRIBE of every filter at `qos` (packet id `id`); the SUBACK's
+    /// return codes, one per filter.
+    pub fn subscribe_all(&mut self, id: u16, filters: &[String], qos: u8) -> Vec<u8> {
+        let mut body = id.to_be_bytes().to_vec();
+        for filter in filters {
+            body.extend_from_slice(&(filter.len() as u16).to_be_bytes());
+            body.extend_from_slice(filter.as_bytes());
+            body.push(qos);
+        }
+        self.send_packet(0x82, &body);
+        let mut first = [0u8; 1];
+        self.stream.read_exact(&mut first).expect("SUBACK");
+        assert_eq!(first[0], 0x90, "SUBACK expected, got {:#x}", first[0]);
+        let mut len = 0usize;
+        for i in 0..4 {
+            let mut b = [0u8; 1];
+            self.stream.read_exact(&mut b).unwrap();
+            len |= usize::from(b[0] & 0x7f) << (7 * i);
+            if b[0] & 0x80 == 0 {
+                break;
+            }
+        }
+        let mut ack = vec![0u8; len];
+        self.stream.read_exact(&mut ack).unwrap();
+        assert_eq!(&ack[..2], &id.to_be_bytes(), "SUBACK for another packet");
+        ack.split_off(2)
+    }
+
     fn send_packet(&mut self, first: u8, body: &[u8]) {
         let mut p = vec![first];
         let mut len = body.len();

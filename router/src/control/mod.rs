@@ -453,6 +453,7 @@ impl Control {
         let (retained, retained_bytes) = broker.retained_usage();
         mqtt.insert("retained".into(), json!(retained));
         mqtt.insert("retained_bytes".into(), json!(retained_bytes));
+        mqtt.insert("subscriptions".into(), json!(broker.subscription_count()));
         mqtt.insert(
             "sessions".into(),
             broker

@@ -7,7 +7,7 @@
 //! dropped for that session alone and counted. A slow subscriber therefore
 //! cannot stall the data plane or anyone else.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 
@@ -16,7 +16,7 @@ use tokio::sync::{mpsc, Notify};
 
 use super::codec::{Properties, SubscriptionOptions};
 use super::store::TopicStore;
-use super::topic;
+use super::tree::TopicTree;
 use crate::bridge::Bridge;
 use crate::mapping::MAX_TOPIC_BYTES;
 
@@ -59,6 +59,8 @@ pub struct BrokerConfig {
     /// Retained messages kept: topics, and topic plus payload bytes.
     pub max_retained: usize,
     pub max_retained_bytes: usize,
+    /// Filters one session may subscribe to; more are refused (counted).
+    pub max_subscriptions: usize,
 }
 
 impl Default for BrokerConfig {
@@ -72,6 +74,7 @@ impl Default for BrokerConfig {
             max_connections: 1000,
             max_retained: 100_000,
             max_retained_bytes: 64 << 20,
+            max_subscriptions: 10_000,
         }
     }
 }
@@ -97,13 +100,15 @@ pub struct BrokerStats {
     pub retained_refused: AtomicU64,
     /// Last values (for CoAP GET) not kept: their store was full.
     pub last_values_refused: AtomicU64,
+    /// Subscriptions refused: the session had max_subscriptions.
+    pub subscriptions_refused: AtomicU64,
 }
 
 impl BrokerStats {
     /// Every counter: the name the control socket and the report use, the
     /// help text of its Prometheus family (`m2m_mqtt_<name>_total`), and
     /// its value. One list, so the three renderings cannot drift apart.
-    pub fn counters(&self) -> [(&'static str, &'static str, u64); 10] {
+    pub fn counters(&self) -> [(&'static str, &'static str, u64); 11] {
         let f = |a: &AtomicU64| a.load(Ordering::Relaxed);
         [
             (
@@ -152,6 +157,11 @@ impl BrokerStats {
                 "Last values for CoAP GET not kept: their store was full.",
                 f(&self.last_values_refused),
             ),
+            (
+                "subscriptions_refused",
+                "Subscriptions refused: the session had max_subscriptions filters.",
+                f(&self.subscriptions_refused),
+            ),
         ]
     }
 }
@@ -170,20 +180,52 @@ pub struct Session {
     persistent: AtomicBool,
 }
 
-struct Subscription {
-    filter: Bytes,
+/// One session's subscription with one filter.
+struct Subscriber {
+    session: Arc<Session>,
     options: SubscriptionOptions,
     id: Option<u32>,
 }
 
 struct Entry {
     session: Arc<Session>,
-    subscriptions: Vec<Subscription>,
+    /// Its filters, to find them in the tree when it goes.
+    filters: HashSet<Bytes>,
+}
+
+/// Sessions and their subscriptions, indexed by filter so that a publish
+/// visits only the filters that can match its topic.
+#[derive(Default)]
+struct Sessions {
+    by_client: HashMap<Bytes, Entry>,
+    /// Filter -> client id -> subscription.
+    subscriptions: TopicTree<HashMap<Bytes, Subscriber>>,
+}
+
+impl Sessions {
+    fn remove(&mut self, client_id: &[u8]) {
+        let Some(entry) = self.by_client.remove(client_id) else {
+            return;
+        };
+        for filter in &entry.filters {
+            self.unsubscribe(filter, client_id);
+        }
+    }
+
+    fn unsubscribe(&mut self, filter: &[u8], client_id: &[u8]) {
+        let Some(subscribers) = self.subscriptions.get_mut(filter) else {
+            return;
+        };
+        subscribers.remove(client_id);
+        if subscribers.is_empty() {
+            self.subscriptions.remove(filter);
+        }
+    }
 }
 
 pub struct Broker {
     pub config: BrokerConfig,
-    sessions: RwLock<HashMap<Bytes, Entry>>,
+    sessions: RwLock<Sessions>,
     retained: Mutex<TopicStore>,
     /// The newest message of every topic, retained or not, for CoAP GET.
     /// Sharded by topic so the workers seldom meet on one lock.
@@ -218,10 +260,10 @@ pub struct Attached {
 
 impl Broker {
     pub fn new(config: BrokerConfig) -> Arc<Broker> {
-        let retained = TopicStore::new(config.max_retained, config.max_retained_bytes);
+        let retained = TopicStore::new(config.max_retained, config.max_retained_bytes).indexed();
         Arc::new(Broker {
             config,
-            sessions: RwLock::new(HashMap::new()),
+            sessions: RwLock::new(Sessions::default()),
             retained: Mutex::new(retained),
             last_values: (0..LAST_VALUE_SHARDS)
                 .map(|_| {
@@ -298,28 +340,38 @@ impl Broker {
                 .fetch_add(1, Ordering::Relaxed);
         }
         let sessions = self.sessions.read().unwrap();
-        for entry in sessions.values() {
-            let mut best: Option<&Subscription> = None;
-            for sub in &entry.subscriptions {
-                if sub.options.no_local && origin == Some(&entry.session.client_id[..]) {
-                    continue;
+        // A session with several matching filters gets the message once, at
+        // the highest QoS among them (MQTT 5 section 3.3.4). The usual single
+        // match needs no list (this runs for every message).
+        let mut first: Option<&Subscriber> = None;
+        let mut more: Vec<&Subscriber> = Vec::new();
+        sessions
+            .subscriptions
+            .filters_matching(&message.topic, |subscribers| {
+                for sub in subscribers.values() {
+                    if sub.options.no_local && origin == Some(&sub.session.client_id[..]) {
+                        continue;
+                    }
+                    match first {
+                        None => first = Some(sub),
+                        Some(_) => more.push(sub),
+                    }
                 }
-                if topic::matches(&sub.filter, &message.topic)
-                    && best.is_none_or(|b| sub.options.qos > b.options.qos)
-                {
-                    best = Some(sub);
-                }
-            }
-            if let Some(sub) = best {
-                let delivery = Delivery {
-                    qos: message.qos.min(sub.options.qos),
-                    retain: message.retain && sub.options.retain_as_published,
-                    subscription_id: sub.id,
-                    dup: false,
-                    message: message.clone(),
-                };
-                self.enqueue(&entry.session, delivery);
-            }
+            });
+        if !more.is_empty() {
+            more.extend(first.take());
+            more.sort_unstable_by_key(|sub| (Arc::as_ptr(&sub.session), u8::MAX - sub.options.qos));
+            more.dedup_by_key(|sub| Arc::as_ptr(&sub.session));
+        }
+        for sub in first.into_iter().chain(more) {
+            let delivery = Delivery {
+                qos: message.qos.min(sub.options.qos),
+                retain: message.retain && sub.options.retain_as_published,
+                subscription_id: sub.id,
+                dup: false,
+                message: message.clone(),
+            };
+            self.enqueue(&sub.session, delivery);
         }
         Ok(())
     }
@@ -381,7 +433,7 @@ impl Broker {
         persistent: bool,
     ) -> Option<Attached> {
         let mut sessions = self.sessions.write().unwrap();
-        if let Some(entry) = sessions.get(client_id) {
+        if let Some(entry) = sessions.by_client.get(client_id) {
             let parked = entry.session.parked.lock().unwrap().take();
             let Some(queue) = parked else {
                 // Held by a live connection: ask it to go.
@@ -413,11 +465,11 @@ impl Broker {
             takeover: Notify::new(),
             persistent: AtomicBool::new(persistent),
         });
-        sessions.insert(
+        sessions.by_client.insert(
             client_id.clone(),
             Entry {
                 session: session.clone(),
-                subscriptions: Vec::new(),
+                filters: HashSet::new(),
             },
         );
         Some(Attached {
@@ -438,6 +490,7 @@ impl Broker {
     ) {
         let mut sessions = self.sessions.write().unwrap();
         let current = sessions
+            .by_client
             .get(&session.client_id)
             .is_some_and(|e| Arc::ptr_eq(&e.session, session));
         if !current {
@@ -452,61 +505,73 @@ impl Broker {
     }
 
     /// Adds or replaces a subscription; returns the matching retained
-    /// messages to send (per the retain handling option).
+    /// messages to send (per the retain handling option), or `None` when
+    /// the session has `max_subscriptions` other filters already.
     pub fn subscribe(
         &self,
         session: &Arc<Session>,
         filter: Bytes,
         options: SubscriptionOptions,
         id: Option<u32>,
-    ) -> Vec<Message> {
+    ) -> Option<Vec<Message>> {
         let mut sessions = self.sessions.write().unwrap();
-        let Some(entry) = sessions.get_mut(&session.client_id) else {
-            return Vec::new();
-        };
-        let existed = entry.subscriptions.iter().position(|s| s.filter == filter);
-        let sub = Subscription {
-            filter: filter.clone(),
-            options,
-            id,
-        };
-        match existed {
-            Some(i) => entry.subscriptions[i] = sub,
-            None => entry.subscriptions.push(sub),
+        let Sessions {
+            by_client,
+            subscriptions,
+        } = &mut *sessions;
+        let entry = by_client.get_mut(&session.client_id)?;
+        let existed = entry.filters.contains(&filter);
+        if !existed && entry.filters.len() >= self.config.max_subscriptions {
+            self.stats
+                .subscriptions_refused
+                .fetch_add(1, Ordering::Relaxed);
+            return None;
         }
+        entry.filters.insert(filter.clone());
+        subscriptions.entry(&filter, HashMap::new).insert(
+            session.client_id.clone(),
+            Subscriber {
+                session: session.clone(),
+                options,
+                id,
+            },
+        );
         drop(sessions);
         let send_retained = match options.retain_handling {
             0 => true,
-            1 => existed.is_none(),
+            1 => !existed,
             _ => false,
         };
         if !send_retained {
-            return Vec::new();
+            return Some(Vec::new());
         }
-        self.retained
-            .lock()
-            .unwrap()
-            .messages()
-            .filter(|m| topic::matches(&filter, &m.topic))
-            .cloned()
-            .collect()
+        Some(self.retained.lock().unwrap().matching(&filter))
     }
 
     /// Removes a subscription; whether it existed.
     pub fn unsubscribe(&self, session: &Arc<Session>, filter: &[u8]) -> bool {
         let mut sessions = self.sessions.write().unwrap();
-        let Some(entry) = sessions.get_mut(&session.client_id) else {
+        let Some(entry) = sessions.by_client.get_mut(&session.client_id) else {
             return false;
         };
-        let before = entry.subscriptions.len();
-        entry.subscriptions.retain(|s| s.filter != filter);
-        entry.subscriptions.len() != before
+        if !entry.filters.remove(filter) {
+            return false;
+        }
+        sessions.unsubscribe(filter, &session.client_id);
+        true
+    }
+
+    /// Subscriptions held by all sessions.
+    pub fn subscription_count(&self) -> usize {
+        let sessions = self.sessions.read().unwrap();
+        sessions.by_client.values().map(|e| e.filters.len()).sum()
     }
 
     /// (client id, queued, dropped) per session, for reports.
     pub fn session_stats(&self) -> Vec<(String, usize, u64)> {
         let sessions = self.sessions.read().unwrap();
         sessions
+            .by_client
             .values()
             .map(|e| {
                 let s = &e.session;

@@ -314,14 +314,18 @@ impl Connection {
                         codes.push(if v == V5 { 0x9E } else { 0x80 });
                     } else {
                         options.qos = options.qos.min(1);
-                        codes.push(options.qos);
                         let granted = options.qos;
-                        retained.extend(
-                            self.broker
-                                .subscribe(session, filter, options, subscription_id)
-                                .into_iter()
-                                .map(|m| (m, granted)),
-                        );
+                        match self
+                            .broker
+                            .subscribe(session, filter, options, subscription_id)
+                        {
+                            Some(messages) => {
+                                codes.push(granted);
+                                retained.extend(messages.into_iter().map(|m| (m, granted)));
+                            }
+                            // MQTT 5: 0x97 Quota exceeded.
+                            None => codes.push(if v == V5 { 0x97 } else { 0x80 }),
+                        }
                     }
                 }
                 codec::suback(&mut self.out, v, packet_id, &codes);

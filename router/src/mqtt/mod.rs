@@ -6,6 +6,7 @@ pub mod codec;
 mod connection;
 mod store;
 pub mod topic;
+mod tree;
 
 use std::sync::atomic::Ordering;
 use std::sync::Arc;

@@ -10,9 +10,13 @@ use std::collections::HashMap;
 use bytes::Bytes;
 
 use super::broker::Message;
+use super::topic;
+use super::tree::TopicTree;
 
 pub struct TopicStore {
     messages: HashMap<Bytes, Message>,
+    /// The topics by level, when subscriptions look them up by filter.
+    index: Option<TopicTree<Bytes>>,
     /// Topic and payload bytes of everything kept.
     bytes: usize,
     max_messages: usize,
@@ -27,10 +31,17 @@ impl TopicStore {
     pub fn new(max_messages: usize, max_bytes: usize) -> TopicStore {
         TopicStore {
             messages: HashMap::new(),
+            index: None,
             bytes: 0,
             max_messages,
             max_bytes,
         }
+    }
+
+    /// Also indexes the topics by level, for [`TopicStore::matching`].
+    pub fn indexed(mut self) -> TopicStore {
+        self.index = Some(TopicTree::default());
+        self
     }
 
     /// Keeps `message` as its topic's; false if it does not fit.
@@ -41,6 +52,9 @@ impl TopicStore {
         if fits {
             self.bytes += size(message);
             self.messages.insert(message.topic.clone(), message.clone());
+            if let Some(index) = &mut self.index {
+                index.entry(&message.topic, || message.topic.clone());
+            }
         }
         drop(old);
         fits
@@ -49,6 +63,9 @@ impl TopicStore {
     pub fn remove(&mut self, topic: &[u8]) -> Option<Message> {
         let old = self.messages.remove(topic)?;
         self.bytes -= size(&old);
+        if let Some(index) = &mut self.index {
+            index.remove(topic);
+        }
         Some(old)
     }
 
@@ -56,8 +73,22 @@ impl TopicStore {
         self.messages.get(topic)
     }
 
-    pub fn messages(&self) -> impl Iterator<Item = &Message> {
-        self.messages.values()
+    /// The messages whose topics `filter` matches: through the index when
+    /// there is one, else by looking at every topic.
+    pub fn matching(&self, filter: &[u8]) -> Vec<Message> {
+        let mut found = Vec::new();
+        match &self.index {
+            Some(index) => index.topics_matching(filter, |topic| {
+                found.extend(self.messages.get(topic).cloned());
+            }),
+            None => found.extend(
+                self.messages
+                    .values()
+                    .filter(|m| topic::matches(filter, &m.topic))
+                    .cloned(),
+            ),
+        }
+        found
     }
 
     pub fn len(&self) -> usize {
@@ -81,6 +112,31 @@ mod tests {
             retain: true,
             content_type: None,
             properties: None,
+        }
+    }
+
+    #[test]
+    fn the_index_finds_what_a_scan_finds() {
+        let mut plain = TopicStore::new(100, 1000);
+        let mut indexed = TopicStore::new(100, 1000).indexed();
+        for t in ["a", "a/b", "a/b/c", "$SYS/x", "b/b", "/"] {
+            for store in [&mut plain, &mut indexed] {
+                assert!(store.put(&message(t, "1")));
+            }
+        }
+        indexed.remove(b"a/b");
+        plain.remove(b"a/b");
+        for filter in ["#", "a/#", "+/b", "+/+", "$SYS/#", "a/b", "+"] {
+            let topics = |store: &TopicStore| {
+                let mut t: Vec<Bytes> = store
+                    .matching(filter.as_bytes())
+                    .into_iter()
+                    .map(|m| m.topic)
+                    .collect();
+                t.sort();
+                t
+            };
+            assert_eq!(topics(&indexed), topics(&plain), "{filter}");
         }
     }
 
