@@ -520,11 +520,7 @@ impl Config {
     }
 
     pub fn parse(text: &str) -> Result<Config, ConfigError> {
-        let file: ConfigFile = toml::from_str(text).map_err(|e| ConfigError::Syntax {
-            path: PathBuf::from("<config>"),
-            message: e.to_string(),
-        })?;
-        file.validate()
+        ConfigFile::parse(text, Path::new("<config>"))?.validate()
     }
 
     /// The CoAP ports the fast path guards: those of the listen addresses.
@@ -603,7 +599,12 @@ impl ConfigFile {
             path: path.to_owned(),
             source,
         })?;
-        toml::from_str(&text).map_err(|e| ConfigError::Syntax {
+        ConfigFile::parse(&text, path)
+    }
+
+    /// Reads config text without validating it; errors name `path`.
+    pub fn parse(text: &str, path: &Path) -> Result<ConfigFile, ConfigError> {
+        toml::from_str(text).map_err(|e| ConfigError::Syntax {
             path: path.to_owned(),
             message: e.to_string(),
         })

@@ -2,15 +2,19 @@
 //!
 //! - [`netns`]: network namespaces joined by a veth pair, removed on drop,
 //!   and a way to run code inside one;
+//! - [`frames`]: the differential corpus of Ethernet frames;
 //! - [`packet`]: an Ethernet/VLAN/IPv4/IPv6/UDP/CoAP frame builder;
 //! - [`disk`]: a small tmpfs that fills up and gets room back on demand;
+//! - [`verdict`]: the XDP program's verdict for a frame beside the reference's;
 //! - [`require_root`]: privileged tests fail loudly, never skip.
 
 pub mod daemon;
 pub mod disk;
+pub mod frames;
 pub mod mqtt;
 pub mod netns;
 pub mod packet;
+pub mod verdict;
 
 /// Fails the calling test with the reason when it cannot run here.
 pub fn require_root() {

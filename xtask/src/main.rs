@@ -9,6 +9,8 @@
 //!   cargo xtask bench-peers      the systems the benchmarks compare against
 //!   cargo xtask bench [--quick]  run every benchmark, rewrite the generated
 //!                                part of BENCHMARKS.md
+//!   cargo xtask fuzz [--seconds N] [TARGET...]
+//!                                run the fuzz targets (default 60 s each)
 
 use std::env;
 use std::ffi::OsString;
@@ -18,6 +20,7 @@ use std::process::{Command, ExitCode};
 use anyhow::{bail, Context, Result};
 
 mod bench;
+mod fuzz;
 
 /// Debian packages for building the eBPF side (see TOOLCHAIN notes):
 /// Debian's Rust 1.96 with a ready-built `core` for bpfel-unknown-none, and
@@ -45,6 +48,8 @@ const TEST_PACKAGES: &[&str] = &[
     "e2fsprogs", // mkfs.ext4 for the spool-on-a-loop-device test
 ];
 const BPF_LINKER_VERSION: &str = "0.13.0";
+/// Seconds each fuzz target runs in `cargo xtask test`.
+const FUZZ_SECONDS_IN_TESTS: u32 = 10;
 
 fn main() -> ExitCode {
     let args: Vec<OsString> = env::args_os().skip(1).collect();
@@ -81,9 +86,27 @@ fn dispatch(args: &[OsString]) -> Result<()> {
         "test" => test(rest),
         "bench-peers" => bench_peers(),
         "bench" => bench(rest.iter().any(|a| a == "--quick")),
+        "fuzz" => {
+            let mut seconds = 60;
+            let mut targets = Vec::new();
+            let mut args = rest.iter().map(|a| a.to_string_lossy().into_owned());
+            while let Some(arg) = args.next() {
+                if arg == "--seconds" {
+                    seconds = args
+                        .next()
+                        .and_then(|n| n.parse().ok())
+                        .context("--seconds takes a number")?;
+                } else {
+                    targets.push(arg);
+                }
+            }
+            ensure_packages(BUILD_PACKAGES)?;
+            ensure_bpf_linker()?;
+            fuzz::fuzz(seconds, &targets)
+        }
         "help" | "--help" | "-h" => {
             println!(
-                "usage: cargo xtask <bootstrap | build | run -- ARGS | test [-- CARGO TEST ARGS] | bench-peers | bench [--quick]>"
+                "usage: cargo xtask <bootstrap | build | run -- ARGS | test [-- CARGO TEST ARGS] | bench-peers | bench [--quick] | fuzz [--seconds N] [TARGET...]>"
             );
             Ok(())
         }
@@ -189,6 +212,7 @@ fn test(extra: &[OsString]) -> Result<()> {
     ensure_bpf_linker()?;
     step("checking formatting (cargo fmt --check)");
     cargo(&["fmt", "--all", "--check"])?;
+    cargo(&["fmt", "--manifest-path", "fuzz/Cargo.toml", "--check"])?;
     step("linting (cargo clippy, warnings are errors)");
     // Default members only (no --workspace): router-ebpf builds for the BPF
     // target alone; router/build.rs builds it and the tests load it.
@@ -205,6 +229,11 @@ fn test(extra: &[OsString]) -> Result<()> {
         bail!("tests failed");
     }
     step("all tests passed");
+    // The whole suite (no test filter given) also runs every fuzz target
+    // briefly: the parsers' seeds and a few seconds of mutations each.
+    if extra.is_empty() {
+        fuzz::fuzz(FUZZ_SECONDS_IN_TESTS, &[])?;
+    }
     Ok(())
 }
 

@@ -280,12 +280,16 @@ async fn session(
         let ping_at = last_traffic + Duration::from_secs(u64::from(KEEP_ALIVE));
         tokio::select! {
             packet = read_packet(&mut stream, &mut inbuf) => {
-                let mut packet = Some(packet?);
+                let (mut kind, mut body) = packet?;
                 // Take every packet already buffered before writing again:
                 // one write then carries the publishes they made room for.
-                while let Some((kind, body)) = packet {
+                // (A bad one stays in the buffer for read_packet to refuse.)
+                loop {
                     on_packet(kind, body, &mut inflight, &mut out, &cfg.prefix, bridge, broker);
-                    packet = next_frame(&mut inbuf);
+                    match next_frame(&mut inbuf) {
+                        Frame::Whole(k, b) => (kind, body) = (k, b),
+                        _ => break,
+                    }
                 }
             }
             _ = bridge.spool.appended.notified(), if inflight.len() < WINDOW => {}
@@ -328,13 +332,37 @@ fn on_packet(
 
 /// A PUBLISH from the upstream (a command): published locally without its
 /// prefix. Returns the packet id to acknowledge (QoS 1) once it is in.
-fn bring_in(
-    first: u8,
-    mut body: Bytes,
-    prefix: &str,
-    bridge: &Bridge,
-    broker: &Broker,
-) -> Option<u16> {
+fn bring_in(first: u8, body: Bytes, prefix: &str, bridge: &Bridge, broker: &Broker) -> Option<u16> {
+    let command = parse_command(first, body, prefix)?;
+    let message = crate::mqtt::Message {
+        topic: command.topic,
+        payload: command.payload,
+        qos: command.qos.min(1),
+        retain: false,
+        content_type: None,
+        properties: None,
+    };
+    match broker.publish(message, Some(&bridge.origin)) {
+        Ok(()) => command.packet_id,
+        Err(err) => {
+            tracing::warn!(%err, "a command from upstream could not be published");
+            None
+        }
+    }
+}
+
+/// A command from the upstream, its topic without the bridge's prefix.
+#[derive(Debug)]
+pub struct Command {
+    pub topic: Bytes,
+    pub payload: Bytes,
+    pub qos: u8,
+    pub packet_id: Option<u16>,
+}
+
+/// Reads an MQTT 3.1.1 PUBLISH body (section 3.3) from the upstream; None
+/// if it is malformed, its topic is not UTF-8, or it lies outside `prefix`.
+pub fn parse_command(first: u8, mut body: Bytes, prefix: &str) -> Option<Command> {
     let qos = (first >> 1) & 3;
     if body.len() < 2 {
         return None;
@@ -344,28 +372,17 @@ fn bring_in(
         return None;
     }
     let topic_name = body.split_to(tlen);
-    let id = if qos > 0 { Some(body.get_u16()) } else { None };
-    let local = topic_name
+    let packet_id = if qos > 0 { Some(body.get_u16()) } else { None };
+    let topic = topic_name
         .strip_prefix(prefix.as_bytes())
         .map(|t| topic_name.slice_ref(t))?;
-    if std::str::from_utf8(&local).is_err() {
-        return None;
-    }
-    let message = crate::mqtt::Message {
-        topic: local,
+    std::str::from_utf8(&topic).ok()?;
+    Some(Command {
+        topic,
         payload: body,
-        qos: qos.min(1),
-        retain: false,
-        content_type: None,
-        properties: None,
-    };
-    match broker.publish(message, Some(&bridge.origin)) {
-        Ok(()) => id,
-        Err(err) => {
-            tracing::warn!(%err, "a command from upstream could not be published");
-            None
-        }
-    }
+        qos,
+        packet_id,
+    })
 }
 
 fn subscribe_packet(out: &mut BytesMut, filter: &str) {
@@ -413,18 +430,26 @@ fn put_remaining_length(out: &mut BytesMut, mut len: usize) {
     }
 }
 
+/// The largest packet taken from an upstream: a command and its payload.
+/// A longer one ends the connection instead of growing the buffer to the
+/// 256 MiB MQTT allows.
+pub const MAX_UPSTREAM_PACKET: usize = 1 << 20;
+
 /// Reads one packet from the upstream: (first byte, body).
 async fn read_packet<S: AsyncRead + Unpin + ?Sized>(
     stream: &mut S,
     buf: &mut BytesMut,
 ) -> std::io::Result<(u8, Bytes)> {
     loop {
-        if let Some(frame) = next_frame(buf) {
-            return Ok(frame);
-        }
-        // MQTT 3.1.1 section 2.2.3: at most 4 bytes of remaining length.
-        if buf.len() >= 5 && buf[1..5].iter().all(|b| b & 0x80 != 0) {
-            return Err(io_err("malformed remaining length from the upstream"));
+        match next_frame(buf) {
+            Frame::Whole(first, body) => return Ok((first, body)),
+            Frame::Malformed => return Err(io_err("malformed remaining length from the upstream")),
+            Frame::TooLarge(len) => {
+                return Err(io_err(format!(
+                    "a {len}-byte packet from the upstream (at most {MAX_UPSTREAM_PACKET})"
+                )))
+            }
+            Frame::Partial => {}
         }
         if stream.read_buf(buf).await? == 0 {
             return Err(io_err("upstream closed the connection"));
@@ -432,23 +457,40 @@ async fn read_packet<S: AsyncRead + Unpin + ?Sized>(
     }
 }
 
-/// The first whole packet in `buf` (fixed header first byte, body), taken
-/// out of it; None until one has fully arrived.
-fn next_frame(buf: &mut BytesMut) -> Option<(u8, Bytes)> {
+/// What the front of the receive buffer holds.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Frame {
+    /// A whole packet, taken out of the buffer: first byte and body.
+    Whole(u8, Bytes),
+    /// Not all of it yet.
+    Partial,
+    /// A remaining length over 4 bytes (MQTT 3.1.1 section 2.2.3).
+    Malformed,
+    /// Announces more than [`MAX_UPSTREAM_PACKET`] bytes.
+    TooLarge(usize),
+}
+
+/// The first packet in `buf`, taken out of it once it is whole.
+pub fn next_frame(buf: &mut BytesMut) -> Frame {
     let mut len = 0usize;
     for i in 0..4 {
-        let b = *buf.get(1 + i)?;
+        let Some(&b) = buf.get(1 + i) else {
+            return Frame::Partial;
+        };
         len |= usize::from(b & 0x7f) << (7 * i);
         if b & 0x80 == 0 {
+            if len > MAX_UPSTREAM_PACKET {
+                return Frame::TooLarge(len);
+            }
             let header = 2 + i;
             if buf.len() < header + len {
-                return None;
+                return Frame::Partial;
             }
             let first = buf[0];
             let mut frame = buf.split_to(header + len).freeze();
             frame.advance(header);
-            return Some((first, frame));
+            return Frame::Whole(first, frame);
         }
     }
-    None
+    Frame::Malformed
 }

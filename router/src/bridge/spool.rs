@@ -124,9 +124,10 @@ impl Spool {
         let mut queue = VecDeque::new();
         let mut segments = VecDeque::new();
         let mut last_seq = done_through;
+        let mut last_record = 0;
         let mut current_bytes = 0;
         for path in &paths {
-            let (records, valid_len, stop) = read_segment(path)?;
+            let (records, valid_len, stop) = read_segment(path, last_record)?;
             if let Some(reason) = stop {
                 // A torn or corrupt tail: the write it came from failed or
                 // never finished, so no device was acknowledged for it.
@@ -145,6 +146,7 @@ impl Spool {
                 );
             }
             let seg_last = records.last().map_or(0, |r| r.seq);
+            last_record = last_record.max(seg_last);
             for record in records {
                 last_seq = last_seq.max(record.seq);
                 if record.seq > done_through {
@@ -442,12 +444,18 @@ impl Disk {
 
 /// The valid records of a segment, the length they cover, and why reading
 /// stopped before the end of the file, if it did.
-fn read_segment(path: &Path) -> io::Result<(Vec<Record>, u64, Option<&'static str>)> {
+/// Reads a segment's records up to the first that is torn, corrupt, or not
+/// numbered above the one before it (`after`: the last sequence number of
+/// the earlier segments). Sequence numbers only grow as records are
+/// written, so a repeat or a step back is damage, not data: replaying it
+/// would deliver a message twice.
+fn read_segment(path: &Path, after: u64) -> io::Result<(Vec<Record>, u64, Option<&'static str>)> {
     let mut data = Vec::new();
     File::open(path)?.read_to_end(&mut data)?;
     let mut records = Vec::new();
     let mut at = 0usize;
     let mut stop = None;
+    let mut previous = after;
     while at < data.len() {
         let Some(header) = data.get(at..at + 8) else {
             stop = Some("a record header ends early");
@@ -464,6 +472,11 @@ fn read_segment(path: &Path) -> io::Result<(Vec<Record>, u64, Option<&'static st
             break;
         }
         let seq = u64::from_be_bytes(body[0..8].try_into().unwrap());
+        if seq <= previous {
+            stop = Some("a record's sequence number does not increase");
+            break;
+        }
+        previous = seq;
         let tlen = usize::from(u16::from_be_bytes([body[8], body[9]]));
         if 10 + tlen > len {
             stop = Some("a record's topic length exceeds the record");
@@ -517,6 +530,35 @@ mod tests {
         // New appends continue the sequence.
         s.append(msg(10).0, msg(10).1).unwrap();
         assert_eq!(s.pending(0, 100).last().unwrap().seq, 11);
+        fs::remove_dir_all(&dir).unwrap();
+    }
+
+    /// Found by the spool fuzz target: a whole record written twice (a
+    /// repeated sequence number) was replayed twice.
+    #[test]
+    fn a_record_that_repeats_a_sequence_number_ends_the_replay() {
+        let dir = temp_dir("repeat");
+        {
+            let s = Spool::open(&dir, 1 << 20).unwrap();
+            for i in 0..2 {
+                s.append(msg(i).0, msg(i).1).unwrap();
+            }
+        }
+        let segment = fs::read_dir(&dir)
+            .unwrap()
+            .flatten()
+            .map(|e| e.path())
+            .find(|p| p.extension().is_some_and(|x| x == "seg"))
+            .unwrap();
+        let mut data = fs::read(&segment).unwrap();
+        let first_record = RECORD_HEADER + msg(0).0.len() + msg(0).1.len();
+        data.extend_from_within(..first_record);
+        fs::write(&segment, &data).unwrap();
+        let s = Spool::open(&dir, 1 << 20).unwrap();
+        let seqs: Vec<u64> = s.pending(0, 100).iter().map(|r| r.seq).collect();
+        assert_eq!(seqs, [1, 2]);
+        s.append(msg(2).0, msg(2).1).unwrap();
+        assert_eq!(s.pending(2, 100)[0].seq, 3);
         fs::remove_dir_all(&dir).unwrap();
     }
 

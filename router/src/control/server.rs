@@ -368,7 +368,9 @@ fn summary(args: &Value) -> String {
     }
 }
 
-fn parse(line: &[u8]) -> Result<Request, (Value, ApiError)> {
+/// One request line as the protocol defines it; on refusal, the id to
+/// echo (when one could be read) and the error.
+pub fn parse(line: &[u8]) -> Result<Request, (Value, ApiError)> {
     let value: Value = serde_json::from_slice(line).map_err(|e| {
         (
             Value::Null,
