@@ -220,9 +220,8 @@ fn serve(
             }
         }
         // One fdatasync for the whole batch, before any of its ACKs leaves.
-        // A failed sync is logged by the uplink, once per outage; the
-        // batch is not acknowledged and its retransmissions are processed
-        // again.
+        // A failed sync is logged by the spool, once per outage; the batch
+        // is not acknowledged and its retransmissions are processed again.
         if uplink.commit().is_err() {
             continue;
         }

@@ -461,7 +461,7 @@ fn a_full_spool_disk_answers_5_03_logs_once_and_recovers_by_itself() {
         assert_eq!(post(sock, mid, &payload), code::CHANGED);
         acknowledged.push(payload);
     }
-    router.expect_line("accept messages again");
+    router.expect_line("accepts messages again");
     let refusals = router
         .seen
         .iter()

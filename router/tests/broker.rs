@@ -614,4 +614,29 @@ fn subscriptions_are_bounded_per_session_and_indexed_exactly() {
         2,
         "only the watcher's are left"
     );
+    // And the index forgot them too: a topic greedy matched goes to the
+    // watcher alone.
+    let delivered = stat(&broker, "delivered");
+    broker
+        .publish(message("dev/1/x", "y", 0, false), None)
+        .unwrap();
+    assert_eq!(watcher.read_publish().3, "dev/1/x");
+    assert_eq!(stat(&broker, "delivered"), delivered + 1);
+}
+
+/// Topics and filters are bounded in levels (the topic tree recurses once
+/// per level): a deeper filter is refused in the SUBACK, a deeper topic is
+/// refused at the broker's gate, and the broker keeps serving.
+#[test]
+fn topics_and_filters_deeper_than_the_bound_are_refused() {
+    let (broker, addr) = start_broker(BrokerConfig::default());
+    let mut client = RawClient::connect(addr);
+    assert_eq!(client.handshake("deep"), 0);
+    let deep = "a/".repeat(mqtt::topic::MAX_LEVELS) + "a";
+    assert_eq!(client.subscribe(&deep, 0), 0x80);
+    let mut too_deep = message("x", "y", 0, false);
+    too_deep.topic = Bytes::from(deep);
+    assert!(broker.publish(too_deep, None).is_err());
+    let within = "a/".repeat(mqtt::topic::MAX_LEVELS - 1) + "a";
+    assert_eq!(client.subscribe(&within, 0), 0);
 }

@@ -11,6 +11,7 @@ use std::path::{Path, PathBuf};
 use bytes::Bytes;
 use m2m_router::bridge::Spool;
 use m2m_router_tests::frames;
+use m2m_router_tests::mqtt::packet;
 use m2m_router_tests::packet::{coap, coap_post};
 
 fn corpus_dir(target: &str) -> PathBuf {
@@ -69,53 +70,35 @@ fn coap_seeds() {
     }
 }
 
-fn mqtt_packet(first: u8, body: &[u8]) -> Vec<u8> {
-    let mut p = vec![first];
-    let mut len = body.len();
-    loop {
-        let mut b = (len & 0x7f) as u8;
-        len >>= 7;
-        if len > 0 {
-            b |= 0x80;
-        }
-        p.push(b);
-        if len == 0 {
-            break;
-        }
-    }
-    p.extend_from_slice(body);
-    p
-}
-
 fn mqtt_seeds() {
     let dir = corpus_dir("mqtt_codec");
-    let connect_311 = mqtt_packet(
+    let connect_311 = packet(
         0x10,
         &[0, 4, b'M', b'Q', b'T', b'T', 4, 2, 0, 60, 0, 2, b'c', b'1'],
     );
     // MQTT 5 CONNECT with Session Expiry and Receive Maximum properties.
-    let connect_5 = mqtt_packet(
+    let connect_5 = packet(
         0x10,
         &[
             0, 4, b'M', b'Q', b'T', b'T', 5, 2, 0, 60, 8, 0x11, 0, 0, 0, 60, 0x21, 0, 10, 0, 2,
             b'c', b'5',
         ],
     );
-    let subscribe = mqtt_packet(0x82, &[0, 1, 0, 3, b'a', b'/', b'#', 1]);
-    let subscribe_5 = mqtt_packet(0x82, &[0, 1, 2, 0x0b, 7, 0, 3, b'a', b'/', b'+', 0x2d]);
-    let publish_0 = mqtt_packet(0x30, &[0, 3, b'a', b'/', b'b', b'h', b'i']);
-    let publish_1 = mqtt_packet(0x33, &[0, 3, b'a', b'/', b'b', 0, 7, b'x']);
+    let subscribe = packet(0x82, &[0, 1, 0, 3, b'a', b'/', b'#', 1]);
+    let subscribe_5 = packet(0x82, &[0, 1, 2, 0x0b, 7, 0, 3, b'a', b'/', b'+', 0x2d]);
+    let publish_0 = packet(0x30, &[0, 3, b'a', b'/', b'b', b'h', b'i']);
+    let publish_1 = packet(0x33, &[0, 3, b'a', b'/', b'b', 0, 7, b'x']);
     // MQTT 5 PUBLISH: Content Type, Response Topic, a User Property, Topic Alias.
-    let publish_5 = mqtt_packet(
+    let publish_5 = packet(
         0x32,
         &[
             0, 3, b'a', b'/', b'b', 0, 9, 22, 0x03, 0, 4, b't', b'e', b'x', b't', 0x08, 0, 1, b'r',
             0x26, 0, 1, b'k', 0, 1, b'v', 0x23, 0, 1, b'p',
         ],
     );
-    let unsubscribe = mqtt_packet(0xa2, &[0, 2, 0, 3, b'a', b'/', b'#']);
+    let unsubscribe = packet(0xa2, &[0, 2, 0, 3, b'a', b'/', b'#']);
     let pingreq = vec![0xc0, 0];
-    let puback = mqtt_packet(0x40, &[0, 7]);
+    let puback = packet(0x40, &[0, 7]);
     let disconnect = vec![0xe0, 0];
     for (version, packets) in [
         (
@@ -147,15 +130,15 @@ fn mqtt_seeds() {
 fn bridge_seeds() {
     let dir = corpus_dir("bridge_frames");
     let connack = vec![0x20, 2, 0, 0];
-    let suback = mqtt_packet(0x90, &[0, 1, 1]);
-    let command = mqtt_packet(
+    let suback = packet(0x90, &[0, 1, 1]);
+    let command = packet(
         0x32,
         &[
             0, 15, b's', b'i', b't', b'e', b'/', b'm', b'2', b'm', b'-', b'c', b'm', b'd', b'/',
             b'v', b'1', 0, 5, b'o', b'n',
         ],
     );
-    let puback = mqtt_packet(0x40, &[0, 9]);
+    let puback = packet(0x40, &[0, 9]);
     let stream = [
         connack.clone(),
         suback.clone(),

@@ -176,6 +176,25 @@ impl Drop for MosquittoSub {
 }
 
 /// An MQTT 3.1.1 client speaking raw bytes.
+/// An MQTT packet: first byte, remaining length, body (section 2.2).
+pub fn packet(first: u8, body: &[u8]) -> Vec<u8> {
+    let mut p = vec![first];
+    let mut len = body.len();
+    loop {
+        let mut b = (len & 0x7f) as u8;
+        len >>= 7;
+        if len > 0 {
+            b |= 0x80;
+        }
+        p.push(b);
+        if len == 0 {
+            break;
+        }
+    }
+    p.extend_from_slice(body);
+    p
+}
+
 pub struct RawClient {
     pub stream: TcpStream,
 }
@@ -222,9 +241,25 @@ impl RawClient {
 
     /// Reads one PUBLISH: (DUP, QoS, packet id, topic, payload).
     pub fn read_publish(&mut self) -> (bool, u8, u16, String, Vec<u8>) {
+        let (first, body) = self.read_packet("PUBLISH");
+        assert_eq!(first >> 4, 3, "PUBLISH expected, got {first:#x}");
+        let qos = (first >> 1) & 3;
+        let tlen = usize::from(u16::from_be_bytes([body[0], body[1]]));
+        let topic = String::from_utf8(body[2..2 + tlen].to_vec()).unwrap();
+        let mut at = 2 + tlen;
+        let id = if qos > 0 {
+            at += 2;
+            u16::from_be_bytes([body[at - 2], body[at - 1]])
+        } else {
+            0
+        };
+        (first & 0x08 != 0, qos, id, topic, body[at..].to_vec())
+    }
+
+    /// Reads one packet: its first byte and its body.
+    fn read_packet(&mut self, expected: &str) -> (u8, Vec<u8>) {
         let mut first = [0u8; 1];
-        self.stream.read_exact(&mut first).expect("PUBLISH");
-        assert_eq!(first[0] >> 4, 3, "PUBLISH expected, got {:#x}", first[0]);
+        self.stream.read_exact(&mut first).expect(expected);
         let mut len = 0usize;
         for i in 0..4 {
             let mut b = [0u8; 1];
@@ -236,17 +271,7 @@ impl RawClient {
         }
         let mut body = vec![0u8; len];
         self.stream.read_exact(&mut body).unwrap();
-        let qos = (first[0] >> 1) & 3;
-        let tlen = usize::from(u16::from_be_bytes([body[0], body[1]]));
-        let topic = String::from_utf8(body[2..2 + tlen].to_vec()).unwrap();
-        let mut at = 2 + tlen;
-        let id = if qos > 0 {
-            at += 2;
-            u16::from_be_bytes([body[at - 2], body[at - 1]])
-        } else {
-            0
-        };
-        (first[0] & 0x08 != 0, qos, id, topic, body[at..].to_vec())
+        (first[0], body)
     }
 
     /// PUBLISH at QoS 0.
@@ -288,40 +313,16 @@ impl RawClient {
             body.push(qos);
         }
         self.send_packet(0x82, &body);
-        let mut first = [0u8; 1];
-        self.stream.read_exact(&mut first).expect("SUBACK");
-        assert_eq!(first[0], 0x90, "SUBACK expected, got {:#x}", first[0]);
-        let mut len = 0usize;
-        for i in 0..4 {
-            let mut b = [0u8; 1];
-            self.stream.read_exact(&mut b).unwrap();
-            len |= usize::from(b[0] & 0x7f) << (7 * i);
-            if b[0] & 0x80 == 0 {
-                break;
-            }
-        }
-        let mut ack = vec![0u8; len];
-        self.stream.read_exact(&mut ack).unwrap();
+        let (first, mut ack) = self.read_packet("SUBACK");
+        assert_eq!(first, 0x90, "SUBACK expected, got {first:#x}");
         assert_eq!(&ack[..2], &id.to_be_bytes(), "SUBACK for another packet");
         ack.split_off(2)
     }
 
     fn send_packet(&mut self, first: u8, body: &[u8]) {
-        let mut p = vec![first];
-        let mut len = body.len();
-        loop {
-            let mut b = (len & 0x7f) as u8;
-            len >>= 7;
-            if len > 0 {
-                b |= 0x80;
-            }
-            p.push(b);
-            if len == 0 {
-                break;
-            }
-        }
-        p.extend_from_slice(body);
-        self.stream.write_all(&p).expect("write to the broker");
+        self.stream
+            .write_all(&packet(first, body))
+            .expect("write to the broker");
     }
 
     /// Whether the server has closed the connection (read returns 0 or an error).

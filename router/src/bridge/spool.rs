@@ -26,7 +26,7 @@ use std::collections::VecDeque;
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, Read, Write};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use bytes::Bytes;
@@ -100,6 +100,9 @@ pub struct Spool {
     pub stats: SpoolStats,
     /// Woken when a record is appended.
     pub appended: tokio::sync::Notify,
+    /// Whether writes are failing (a full or failing disk): logged when
+    /// that begins and when it ends, not once per refused message.
+    failing: AtomicBool,
 }
 
 impl Spool {
@@ -215,6 +218,34 @@ impl Spool {
             max_bytes,
             stats: SpoolStats::default(),
             appended: tokio::sync::Notify::new(),
+            failing: AtomicBool::new(false),
+        }
+    }
+
+    fn write_failed(&self, err: &io::Error) {
+        if !self.failing.swap(true, Ordering::Relaxed) {
+            let dir = self
+                .inner
+                .lock()
+                .unwrap()
+                .disk
+                .as_ref()
+                .map(|d| d.dir.clone());
+            tracing::warn!(dir = ?dir, %err, "spool: writes fail, so it refuses messages (devices get 5.03, coap.unavailable counts them) until they succeed again");
+        }
+    }
+
+    /// A write reached the disk and was synced.
+    fn write_succeeded(&self) {
+        if self.failing.load(Ordering::Relaxed) && self.failing.swap(false, Ordering::Relaxed) {
+            let dir = self
+                .inner
+                .lock()
+                .unwrap()
+                .disk
+                .as_ref()
+                .map(|d| d.dir.clone());
+            tracing::info!(dir = ?dir, "spool: writes succeed again; it accepts messages again");
         }
     }
 
@@ -237,7 +268,11 @@ impl Spool {
                 payload,
             };
             if let Some(disk) = &mut inner.disk {
-                disk.write(&record)?;
+                if let Err(err) = disk.write(&record) {
+                    drop(inner);
+                    self.write_failed(&err);
+                    return Err(err);
+                }
             }
             inner.next_seq += 1;
             inner.bytes += record.size();
@@ -298,8 +333,12 @@ impl Spool {
                 None => return Ok(()),
             }
         };
-        file.sync_data()?;
+        if let Err(err) = file.sync_data() {
+            self.write_failed(&err);
+            return Err(err);
+        }
         *synced = target;
+        self.write_succeeded();
         Ok(())
     }
 

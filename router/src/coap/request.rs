@@ -60,8 +60,24 @@ fn repeatable(number: u16) -> bool {
     )
 }
 
-/// Uri-Path segments are 0 to 255 bytes (Table 4).
-const MAX_SEGMENT_BYTES: usize = 255;
+/// The lengths an option's value may have (RFC 7252 Table 4; Observe,
+/// RFC 7641 section 2).
+fn length_range(number: u16) -> Option<std::ops::RangeInclusive<usize>> {
+    Some(match number {
+        option::IF_MATCH => 0..=8,
+        option::URI_HOST | option::PROXY_SCHEME => 1..=255,
+        option::ETAG => 1..=8,
+        option::IF_NONE_MATCH => 0..=0,
+        option::OBSERVE => 0..=3,
+        option::URI_PORT | option::CONTENT_FORMAT | option::ACCEPT => 0..=2,
+        option::LOCATION_PATH | option::URI_PATH | option::URI_QUERY | option::LOCATION_QUERY => {
+            0..=255
+        }
+        option::MAX_AGE | option::SIZE1 => 0..=4,
+        option::PROXY_URI => 1..=1034,
+        _ => return None,
+    })
+}
 
 /// Reads the options a request may carry. Elective options we do not know
 /// are ignored and critical ones are an error (section 5.4.1); so are the
@@ -79,7 +95,9 @@ pub fn parse<'a>(msg: &Message<'a>) -> Result<Request<'a>, RequestError> {
         // its first occurrence.
         let repeat = previous == Some(number);
         previous = Some(number);
-        if repeat && !repeatable(number) {
+        let bad_length = length_range(number).is_some_and(|r| !r.contains(&value.len()));
+        if bad_length || (repeat && !repeatable(number)) {
+            // Treated like an unrecognised option (sections 5.4.3, 5.4.5).
             if option::is_critical(number) {
                 return Err(RequestError::BadOption(number));
             }
@@ -87,9 +105,6 @@ pub fn parse<'a>(msg: &Message<'a>) -> Result<Request<'a>, RequestError> {
         }
         match number {
             option::URI_PATH => {
-                if value.len() > MAX_SEGMENT_BYTES {
-                    return Err(RequestError::BadOption(number));
-                }
                 if path.len == MAX_PATH_SEGMENTS {
                     return Err(RequestError::BadRequest("Uri-Path too deep"));
                 }
@@ -97,11 +112,9 @@ pub fn parse<'a>(msg: &Message<'a>) -> Result<Request<'a>, RequestError> {
                     .map_err(|_| RequestError::BadRequest("Uri-Path is not UTF-8"))?;
                 path.len += 1;
             }
-            // Elective: a value of a length outside 0-2 bytes is ignored.
-            option::CONTENT_FORMAT if value.len() <= 2 => {
+            option::CONTENT_FORMAT => {
                 content_format = uint_option(value).and_then(|v| u16::try_from(v).ok());
             }
-            option::CONTENT_FORMAT => {}
             option::PROXY_URI | option::PROXY_SCHEME => {
                 return Err(RequestError::ProxyingNotSupported)
             }
@@ -208,6 +221,15 @@ mod tests {
 
     #[test]
     fn option_values_outside_their_length_range() {
+        // Uri-Host (critical) is 1-255 bytes, Uri-Port (critical) 0-2.
+        assert_eq!(
+            parse_options(&[(option::URI_HOST, &[][..])]),
+            Err(RequestError::BadOption(option::URI_HOST))
+        );
+        assert_eq!(
+            parse_options(&[(option::URI_PORT, &[1, 2, 3][..])]),
+            Err(RequestError::BadOption(option::URI_PORT))
+        );
         // Uri-Path (critical): over 255 bytes is 4.02 (section 5.4.3).
         let long = [b'p'; 256];
         assert_eq!(

@@ -4,7 +4,7 @@
 //! answered again and never published twice.
 
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -34,30 +34,6 @@ pub struct UplinkStats {
     pub dedup_evictions: AtomicU64,
     /// Answered 5.03: a bridge's spool could not store the message.
     pub unavailable: AtomicU64,
-    spool_outage: Outage,
-}
-
-/// Whether the bridge spools are refusing messages, so that a full disk is
-/// logged when it fills and when it has room again, not once per packet.
-#[derive(Debug, Default)]
-struct Outage(AtomicBool);
-
-impl Outage {
-    fn failed(&self, err: &std::io::Error) {
-        if !self.0.swap(true, Ordering::Relaxed) {
-            tracing::warn!(%err, "a bridge spool refuses messages: devices get 5.03 until it has room (coap.unavailable counts them)");
-        }
-    }
-
-    fn recovered(&self, unavailable: &AtomicU64) {
-        // A load first: the common case (no outage) writes nothing shared.
-        if self.0.load(Ordering::Relaxed) && self.0.swap(false, Ordering::Relaxed) {
-            tracing::info!(
-                unavailable_so_far = unavailable.load(Ordering::Relaxed),
-                "the bridge spools accept messages again"
-            );
-        }
-    }
 }
 
 impl UplinkStats {
@@ -111,8 +87,6 @@ pub struct Uplink {
     /// they are forgotten so a retransmission is processed again rather
     /// than answered from the cache (it was never acknowledged).
     uncommitted: Vec<(SocketAddr, u16)>,
-    /// Whether a message was published since the last commit.
-    published_uncommitted: bool,
     topic: String,
     /// Message IDs for NON responses (section 4.4: ours to choose).
     next_mid: u16,
@@ -131,7 +105,6 @@ impl Uplink {
             dedup: DedupCache::new(config.dedup_per_peer, config.dedup_total),
             evictions_reported: 0,
             uncommitted: Vec::new(),
-            published_uncommitted: false,
             config,
             mappers,
             mapper,
@@ -322,14 +295,18 @@ impl Uplink {
             },
             None,
         );
-        if let Err(err) = published {
+        match published {
+            Ok(()) => {}
+            // A topic MQTT cannot carry (too long, too many levels).
+            Err(err) if err.kind() == std::io::ErrorKind::InvalidInput => return code::BAD_REQUEST,
             // Not stored, so not accepted: 5.03, and the device tries again
-            // (DESIGN.md invariant 1).
-            self.stats.unavailable.fetch_add(1, Ordering::Relaxed);
-            self.stats.spool_outage.failed(&err);
-            return code::SERVICE_UNAVAILABLE;
+            // (DESIGN.md invariant 1). The spool logs the outage.
+            Err(_) => {
+                self.stats.unavailable.fetch_add(1, Ordering::Relaxed);
+                return code::SERVICE_UNAVAILABLE;
+            }
         }
-        self.published_uncommitted = true;
+
         self.stats.published.fetch_add(1, Ordering::Relaxed);
         code::CHANGED
     }
@@ -416,22 +393,12 @@ impl Uplink {
     /// acknowledgements (DESIGN.md invariant 1: nothing acknowledged is lost).
     pub fn commit(&mut self) -> std::io::Result<()> {
         let synced = self.broker.sync_bridges();
-        match &synced {
-            // Recovered only when something was stored and synced: a full
-            // disk refuses every write, yet has nothing to sync.
-            Ok(()) if self.published_uncommitted => {
-                self.stats.spool_outage.recovered(&self.stats.unavailable)
-            }
-            Ok(()) => {}
-            Err(err) => {
-                self.stats.spool_outage.failed(err);
-                for (src, mid) in &self.uncommitted {
-                    self.dedup.forget(src, *mid);
-                }
+        if synced.is_err() {
+            for (src, mid) in &self.uncommitted {
+                self.dedup.forget(src, *mid);
             }
         }
         self.uncommitted.clear();
-        self.published_uncommitted = false;
         synced
     }
 

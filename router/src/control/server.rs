@@ -213,7 +213,9 @@ impl Session {
                 let _ = self.send(&mut write, Value::Null, Err(refusal)).await;
                 return;
             }
-            let request = match parse(&line) {
+            let parsed = parse(&line);
+            drop(line);
+            let request = match parsed {
                 Ok(r) => r,
                 Err((id, err)) => {
                     if self.send(&mut write, id, Err(err)).await.is_err() {
@@ -222,6 +224,12 @@ impl Session {
                     continue;
                 }
             };
+            // The budget share stays while a request is parsed and run (its
+            // parsed form is what costs), except for a watch, which never
+            // ends and holds only its small arguments.
+            if is_watch(&request) {
+                drop(reservation);
+            }
             if self.answer(&mut write, &request).await.is_err() {
                 return;
             }
@@ -231,8 +239,7 @@ impl Session {
     /// Runs `request` and writes its response; a `stats` watch repeats
     /// until the client goes away.
     async fn answer(&self, write: &mut OwnedWriteHalf, request: &Request) -> Result<(), ()> {
-        let watch = request.command == "stats"
-            && request.args.get("watch").and_then(Value::as_bool) == Some(true);
+        let watch = is_watch(request);
         let interval = Duration::from_millis(
             request
                 .args
@@ -284,6 +291,10 @@ impl Session {
             }
         }
     }
+}
+
+fn is_watch(request: &Request) -> bool {
+    request.command == "stats" && request.args.get("watch").and_then(Value::as_bool) == Some(true)
 }
 
 /// One request's share of [`MAX_BUFFERED_BYTES`], given back on drop.

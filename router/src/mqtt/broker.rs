@@ -16,6 +16,7 @@ use tokio::sync::{mpsc, Notify};
 
 use super::codec::{Properties, SubscriptionOptions};
 use super::store::TopicStore;
+use super::topic;
 use super::tree::TopicTree;
 use crate::bridge::Bridge;
 use crate::mapping::MAX_TOPIC_BYTES;
@@ -314,6 +315,12 @@ impl Broker {
             return Err(std::io::Error::new(
                 std::io::ErrorKind::InvalidInput,
                 "a topic longer than 65,535 bytes",
+            ));
+        }
+        if !topic::within_levels(&message.topic) {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::InvalidInput,
+                format!("a topic of more than {} levels", topic::MAX_LEVELS),
             ));
         }
         for bridge in self.bridges.read().unwrap().iter() {

@@ -393,7 +393,10 @@ fn connect(r: &mut Reader) -> Result<Connect> {
             Properties::default()
         };
         let topic = r.string()?;
-        if topic.is_empty() || topic.iter().any(|&b| b == b'+' || b == b'#') {
+        if topic.is_empty()
+            || topic.iter().any(|&b| b == b'+' || b == b'#')
+            || !super::topic::within_levels(&topic)
+        {
             return Err(CodecError::Malformed("invalid will topic"));
         }
         Some(Will {
@@ -443,6 +446,9 @@ fn publish(r: &mut Reader, flags: u8, version: u8) -> Result<Publish> {
     let topic = r.string()?;
     if topic.iter().any(|&b| b == b'+' || b == b'#') {
         return Err(CodecError::Malformed("wildcard in a topic name"));
+    }
+    if !super::topic::within_levels(&topic) {
+        return Err(CodecError::Malformed("a topic name with too many levels"));
     }
     let packet_id = if qos > 0 {
         match r.u16()? {

@@ -385,9 +385,13 @@ impl Connection {
             content_type: p.properties.content_type.clone(),
             properties: has_props.then(|| Arc::new(p.properties)),
         };
-        if let Err(err) = self.broker.publish(message, Some(&session.client_id)) {
-            // Not stored: no acknowledgement, so the client publishes again.
-            tracing::warn!(%err, "a bridge spool refused a message from an MQTT client");
+        if self
+            .broker
+            .publish(message, Some(&session.client_id))
+            .is_err()
+        {
+            // Not stored: no acknowledgement, so the client publishes again
+            // (the spool logs the outage).
             return None;
         }
         match p.qos {

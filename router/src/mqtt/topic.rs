@@ -1,9 +1,20 @@
 //! Topic names and filters (MQTT 3.1.1 section 4.7, MQTT 5 section 4.7).
 
+/// Levels a topic name or filter may have. MQTT sets no limit; ours keeps
+/// the broker's topic tree (one node per level, walked recursively) shallow
+/// and its memory per subscription bounded.
+pub const MAX_LEVELS: usize = 64;
+
+/// Whether `topic` has at most [`MAX_LEVELS`] levels.
+pub fn within_levels(topic: &[u8]) -> bool {
+    topic.iter().filter(|&&b| b == b'/').count() < MAX_LEVELS
+}
+
 /// Whether `filter` is a valid topic filter: `#` only as the whole last
-/// level, `+` only as a whole level, no NUL, not empty.
+/// level, `+` only as a whole level, no NUL, not empty, at most
+/// [`MAX_LEVELS`] levels.
 pub fn valid_filter(filter: &[u8]) -> bool {
-    if filter.is_empty() || filter.contains(&0) {
+    if filter.is_empty() || filter.contains(&0) || !within_levels(filter) {
         return false;
     }
     let levels: Vec<&[u8]> = filter.split(|&b| b == b'/').collect();
