@@ -142,20 +142,10 @@ fn register_upstream_sub(ns: &Netns, client_id: &str) {
 /// Sends `per_peer` CON POSTs from each of `peers` sockets, payload
 /// "peer:seq"; returns how many were acknowledged 2.04.
 fn send(topo: &Topology, peers: &[UdpSocket], from_seq: u32, per_peer: u32) -> usize {
-    let dst = SocketAddr::new(GW_V4.into(), 5683);
     let mut acked = 0;
     for seq in from_seq..from_seq + per_peer {
         for (p, sock) in peers.iter().enumerate() {
-            let msg = coap(
-                0,
-                code::POST,
-                seq as u16,
-                &[seq as u8],
-                &[0xb1, b'x'],
-                format!("{p}:{seq}").as_bytes(),
-            );
-            let (answer, _) = confirm(sock, dst, &msg, seq as u16);
-            if Message::decode(&answer).is_ok_and(|m| m.code == code::CHANGED) {
+            if post(sock, seq as u16, &format!("{p}:{seq}")) == code::CHANGED {
                 acked += 1;
             }
         }

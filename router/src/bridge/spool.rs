@@ -222,15 +222,19 @@ impl Spool {
         }
     }
 
+    /// The segment directory, for log lines (a memory spool has none).
+    fn dir(&self) -> Option<PathBuf> {
+        self.inner
+            .lock()
+            .unwrap()
+            .disk
+            .as_ref()
+            .map(|d| d.dir.clone())
+    }
+
     fn write_failed(&self, err: &io::Error) {
         if !self.failing.swap(true, Ordering::Relaxed) {
-            let dir = self
-                .inner
-                .lock()
-                .unwrap()
-                .disk
-                .as_ref()
-                .map(|d| d.dir.clone());
+            let dir = self.dir();
             tracing::warn!(dir = ?dir, %err, "spool: writes fail, so it refuses messages (devices get 5.03, coap.unavailable counts them) until they succeed again");
         }
     }
@@ -238,13 +242,7 @@ impl Spool {
     /// A write reached the disk and was synced.
     fn write_succeeded(&self) {
         if self.failing.load(Ordering::Relaxed) && self.failing.swap(false, Ordering::Relaxed) {
-            let dir = self
-                .inner
-                .lock()
-                .unwrap()
-                .disk
-                .as_ref()
-                .map(|d| d.dir.clone());
+            let dir = self.dir();
             tracing::info!(dir = ?dir, "spool: writes succeed again; it accepts messages again");
         }
     }
