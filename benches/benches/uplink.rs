@@ -104,7 +104,7 @@ fn benches(c: &mut Criterion) {
             mid = mid.wrapping_add(1);
             dgram[2..4].copy_from_slice(&mid.to_be_bytes());
             uplink.handle(&dgram, false, src, Instant::now(), &mut reply);
-            uplink.commit().unwrap(); // a batch of one, as the worker would
+            uplink.commit(std::slice::from_mut(&mut reply)).unwrap(); // a batch of one, as the worker would
             black_box(queue.try_recv().unwrap());
         })
     });

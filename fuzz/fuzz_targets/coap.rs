@@ -66,5 +66,5 @@ fuzz_target!(|data: &[u8]| {
             "the reply does not decode: {reply:02x?}"
         );
     }
-    let _ = uplink.commit();
+    let _ = uplink.commit(std::slice::from_mut(&mut reply));
 });

@@ -34,6 +34,8 @@ pub struct Running {
     pub uplink: Arc<UplinkStats>,
     pub downlink: Arc<DownlinkStats>,
     pub broker: Arc<Broker>,
+    /// Upstream bridges, one per `[[upstream]]`.
+    pub bridges: Vec<Arc<Bridge>>,
     /// The control socket's and the metrics endpoint's connections.
     pub control_socket: Arc<ListenerStats>,
     pub metrics_http: Arc<ListenerStats>,
@@ -74,7 +76,7 @@ pub fn run(config: Config, raw: ConfigFile, config_path: Option<PathBuf>) -> any
     for upstream in &config.upstreams {
         let bridge = Bridge::open(upstream, &config.downlink.command_prefix)
             .with_context(|| format!("upstream {:?}", upstream.name))?;
-        broker.add_bridge(bridge.clone());
+        broker.add_sink(bridge.clone());
         bridges.push((upstream.clone(), bridge));
         tracing::info!(upstream = %upstream.name, url = %upstream.url, durability = ?upstream.durability, "upstream bridge configured");
     }
@@ -130,10 +132,10 @@ pub fn run(config: Config, raw: ConfigFile, config_path: Option<PathBuf>) -> any
         downlink_stats.clone(),
     );
     runtime.spawn(downlink.run(replies_rx));
-    for (upstream, bridge) in bridges {
+    for (upstream, bridge) in &bridges {
         runtime.spawn(bridge::run(
-            upstream,
-            bridge,
+            upstream.clone(),
+            bridge.clone(),
             broker.clone(),
             config.downlink.command_prefix.clone(),
         ));
@@ -153,6 +155,7 @@ pub fn run(config: Config, raw: ConfigFile, config_path: Option<PathBuf>) -> any
             uplink: uplink_stats,
             downlink: downlink_stats,
             broker,
+            bridges: bridges.into_iter().map(|(_, bridge)| bridge).collect(),
             control_socket: control_socket.clone(),
             metrics_http: metrics_http.clone(),
         },

@@ -537,7 +537,8 @@ impl Downlink {
             content_type: media_type.map(|t| Bytes::from_static(t.as_bytes())),
             properties: Some(Arc::new(properties)),
         };
-        if let Err(err) = self.broker.publish(message, None) {
+        // Nobody waits for a response: the writer thread commits it.
+        if let Err(err) = self.broker.publish_deferred(message, None) {
             tracing::warn!(%err, "downlink: publishing a response failed");
         }
     }

@@ -253,7 +253,7 @@ pub fn render(c: &Control) -> String {
         family(&mut out, metric, "gauge", help);
         let _ = writeln!(out, "{metric} {value}");
     }
-    let bridges = c.running.broker.bridges();
+    let bridges = &c.running.bridges;
     for (name, kind, help) in [
         (
             "m2m_spool_messages",
@@ -282,7 +282,7 @@ pub fn render(c: &Control) -> String {
         ),
     ] {
         family(&mut out, name, kind, help);
-        for b in &bridges {
+        for b in bridges {
             let s = &b.spool.stats;
             let value = match name {
                 "m2m_spool_messages" => s.records.load(Ordering::Relaxed),

@@ -35,7 +35,7 @@ pub fn render(running: &Running) -> Result<String, FastpathError> {
     for (name, _, value) in running.broker.stats.counters() {
         let _ = writeln!(out, "  {name:<22} {value:>12}");
     }
-    for bridge in running.broker.bridges() {
+    for bridge in &running.bridges {
         let s = &bridge.spool.stats;
         let _ = writeln!(
             out,

@@ -84,7 +84,7 @@ fn only_the_message_bytes_are_allocated() {
         for i in from..to {
             datagram[2..4].copy_from_slice(&(i as u16).to_be_bytes());
             assert!(uplink.handle(&datagram, false, src, Instant::now(), reply));
-            uplink.commit().unwrap(); // a batch of one, as the worker would
+            uplink.commit(std::slice::from_mut(reply)).unwrap(); // a batch of one, as the worker would
             assert_eq!(reply[1], 0x44, "2.04");
             // The subscriber takes the delivery (a connection task would).
             assert_eq!(&queue.try_recv().unwrap().message.payload[..], b"21.5");

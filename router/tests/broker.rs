@@ -97,7 +97,7 @@ fn retained_messages_reach_later_subscribers_of_both_versions() {
     publish(addr, &["-r", "-t", "plant/m1/temp", "-m", "old"]);
     publish(addr, &["-r", "-t", "plant/m1/temp", "-m", "new"]);
     broker
-        .publish(message("plant/m2/temp", "coap", 0, true), None)
+        .publish_deferred(message("plant/m2/temp", "coap", 0, true), None)
         .unwrap();
     for version in ["mqttv311", "mqttv5"] {
         let mut got = sub(addr, &["-V", version, "-t", "plant/+/temp"], 2);
@@ -126,7 +126,7 @@ fn qos1_is_redelivered_to_a_persistent_session_until_acknowledged() {
     assert_eq!(c.mqtt_connect("keeper", false, 60), (false, 0));
     assert_eq!(c.subscribe("q/#", 1), 1);
     broker
-        .publish(message("q/a", "one", 1, false), None)
+        .publish_deferred(message("q/a", "one", 1, false), None)
         .unwrap();
     let (dup, qos, id, topic, payload) = c.read_publish();
     assert_eq!(
@@ -137,7 +137,7 @@ fn qos1_is_redelivered_to_a_persistent_session_until_acknowledged() {
     drop(c);
     wait_closed(&broker, 1);
     broker
-        .publish(message("q/b", "two", 1, false), None)
+        .publish_deferred(message("q/b", "two", 1, false), None)
         .unwrap();
     let mut c = RawClient::connect(addr);
     assert_eq!(
@@ -167,7 +167,7 @@ fn qos1_is_redelivered_to_a_persistent_session_until_acknowledged() {
     let mut c = RawClient::connect(addr);
     assert_eq!(c.mqtt_connect("keeper", false, 60), (true, 0));
     broker
-        .publish(message("q/fence", "f", 1, false), None)
+        .publish_deferred(message("q/fence", "f", 1, false), None)
         .unwrap();
     let (dup, _, id, topic, _) = c.read_publish();
     assert_eq!(
@@ -190,7 +190,7 @@ fn mosquitto_persistent_session_gets_what_was_published_while_away() {
     // probe comes only once the whole SUBSCRIBE (both filters) is in place;
     // silence would also be what a failed connection gives.
     broker
-        .publish(message("ready/away", "1", 0, true), None)
+        .publish_deferred(message("ready/away", "1", 0, true), None)
         .unwrap();
     let got = sub(
         addr,
@@ -210,7 +210,9 @@ fn mosquitto_persistent_session_gets_what_was_published_while_away() {
     assert_eq!(got, vec!["ready/away 1"]);
     wait_closed(&broker, 1);
     for topic in ["away/1", "away/2", "away/3"] {
-        broker.publish(message(topic, "x", 1, false), None).unwrap();
+        broker
+            .publish_deferred(message(topic, "x", 1, false), None)
+            .unwrap();
     }
     let got = sub(addr, &["-c", "-i", "away", "-q", "1", "-t", "away/#"], 3);
     assert_eq!(got, vec!["away/1 x", "away/2 x", "away/3 x"]);
@@ -257,7 +259,9 @@ fn a_full_queue_drops_for_that_session_only() {
     c.disconnect();
     wait_closed(&broker, 1);
     for _ in 0..25 {
-        broker.publish(message("f/x", "m", 1, false), None).unwrap();
+        broker
+            .publish_deferred(message("f/x", "m", 1, false), None)
+            .unwrap();
     }
     let stats = broker.session_stats();
     let (_, queued, dropped) = stats.iter().find(|(id, _, _)| id == "offline").unwrap();
@@ -395,7 +399,7 @@ fn stop_reading(broker: &Broker, addr: SocketAddr, client_id: &str, keep_alive: 
     for _ in 0..400 {
         let mut m = message("flood/x", "", 0, false);
         m.payload = payload.clone();
-        broker.publish(m, None).unwrap();
+        broker.publish_deferred(m, None).unwrap();
     }
     let dropped = || {
         broker
@@ -443,7 +447,7 @@ fn a_subscriber_that_stops_reading_can_be_taken_over() {
     // The new connection is served: it gets what is published now.
     assert_eq!(new.subscribe("after/#", 0), 0);
     broker
-        .publish(message("after/x", "hello", 0, false), None)
+        .publish_deferred(message("after/x", "hello", 0, false), None)
         .unwrap();
     let (_, _, _, topic, payload) = new.read_publish();
     assert_eq!((topic.as_str(), &payload[..]), ("after/x", &b"hello"[..]));
@@ -492,7 +496,7 @@ fn connections_are_bounded_before_and_after_connect() {
     // The established clients are still served.
     assert_eq!(open[0].subscribe("still/#", 0), 0);
     broker
-        .publish(message("still/here", "yes", 0, false), None)
+        .publish_deferred(message("still/here", "yes", 0, false), None)
         .unwrap();
     assert_eq!(open[0].read_publish().3, "still/here");
 }
@@ -508,14 +512,16 @@ fn the_retained_store_is_bounded_and_counts_what_it_refuses() {
         ..BrokerConfig::default()
     });
     for topic in ["r/1", "r/2", "r/3", "r/4"] {
-        broker.publish(message(topic, "v", 0, true), None).unwrap();
+        broker
+            .publish_deferred(message(topic, "v", 0, true), None)
+            .unwrap();
     }
     assert_eq!(stat(&broker, "retained_refused"), 1);
     assert_eq!(broker.retained_usage(), (3, 12));
     // Too big for the bytes left: refused, and r/1's older value removed.
     let mut big = message("r/1", "", 0, true);
     big.payload = Bytes::from(vec![b'x'; 1000]);
-    broker.publish(big, None).unwrap();
+    broker.publish_deferred(big, None).unwrap();
     assert_eq!(stat(&broker, "retained_refused"), 2);
     assert_eq!(broker.retained_usage(), (2, 8));
     let mut got = sub(addr, &["-t", "r/#"], 2);
@@ -565,7 +571,7 @@ fn subscriptions_are_bounded_per_session_and_indexed_exactly() {
         ("other/7/temp", "c"),
     ] {
         broker
-            .publish(message(topic, payload, 1, false), None)
+            .publish_deferred(message(topic, payload, 1, false), None)
             .unwrap();
     }
     let (_, qos, id, topic, payload) = greedy.read_publish();
@@ -591,7 +597,7 @@ fn subscriptions_are_bounded_per_session_and_indexed_exactly() {
     // A fence: the next message each gets is this one, so greedy got
     // nothing for the unsubscribed-to topics and nobody got a second copy.
     broker
-        .publish(message("dev/1/fence", "f", 0, false), None)
+        .publish_deferred(message("dev/1/fence", "f", 0, false), None)
         .unwrap();
     assert_eq!(greedy.read_publish().3, "dev/1/fence");
     assert_eq!(watcher.read_publish().3, "dev/1/fence");
@@ -618,7 +624,7 @@ fn subscriptions_are_bounded_per_session_and_indexed_exactly() {
     // watcher alone.
     let delivered = stat(&broker, "delivered");
     broker
-        .publish(message("dev/1/x", "y", 0, false), None)
+        .publish_deferred(message("dev/1/x", "y", 0, false), None)
         .unwrap();
     assert_eq!(watcher.read_publish().3, "dev/1/x");
     assert_eq!(stat(&broker, "delivered"), delivered + 1);
@@ -636,7 +642,7 @@ fn topics_and_filters_deeper_than_the_bound_are_refused() {
     assert_eq!(client.subscribe(&deep, 0), 0x80);
     let mut too_deep = message("x", "y", 0, false);
     too_deep.topic = Bytes::from(deep);
-    assert!(broker.publish(too_deep, None).is_err());
+    assert!(broker.publish_deferred(too_deep, None).is_err());
     let within = "a/".repeat(mqtt::topic::MAX_LEVELS - 1) + "a";
     assert_eq!(client.subscribe(&within, 0), 0);
 }

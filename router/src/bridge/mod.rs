@@ -23,7 +23,7 @@ use crate::config::{Durability, Upstream};
 use crate::mapping::MAX_TOPIC_BYTES;
 use crate::mqtt::codec::{self, OutPublish, Properties, V311};
 use crate::mqtt::topic;
-use crate::mqtt::Broker;
+use crate::mqtt::{Broker, Message, Sink};
 pub use spool::Spool;
 
 /// QoS 1 messages in flight to the upstream.
@@ -137,20 +137,34 @@ impl Bridge {
         }
         true
     }
+}
 
-    /// Spools a message without waiting for the disk (see `Spool::sync`).
-    pub fn accept(&self, topic_name: &Bytes, payload: &Bytes) -> std::io::Result<()> {
+/// The broker stages every message the bridge wants in its spool; the
+/// spool's fdatasync is the commit.
+impl Sink for Bridge {
+    fn stage(&self, message: &Message, origin: Option<&[u8]>) -> std::io::Result<bool> {
+        if origin == Some(&self.origin[..]) || !self.wants(&message.topic) {
+            return Ok(false);
+        }
         let upstream_topic = if self.prefix.is_empty() {
-            topic_name.clone()
+            message.topic.clone()
         } else {
-            let mut t = BytesMut::with_capacity(self.prefix.len() + topic_name.len());
+            let mut t = BytesMut::with_capacity(self.prefix.len() + message.topic.len());
             t.put_slice(&self.prefix);
-            t.put_slice(topic_name);
+            t.put_slice(&message.topic);
             t.freeze()
         };
         self.spool
-            .append_deferred(upstream_topic, payload.clone())
-            .map(drop)
+            .append_deferred(upstream_topic, message.payload.clone())?;
+        Ok(self.spool.on_disk())
+    }
+
+    fn commit(&self) -> std::io::Result<()> {
+        self.spool.sync()
+    }
+
+    fn checkpoint(&self) -> std::io::Result<()> {
+        self.spool.checkpoint()
     }
 }
 
@@ -240,7 +254,6 @@ async fn session(
     let mut last_sent = bridge.spool.done_through();
     let mut inflight: VecDeque<(u16, u64)> = VecDeque::with_capacity(WINDOW);
     let mut next_id: u16 = 1;
-    let mut last_checkpoint = Instant::now();
     let mut last_traffic = Instant::now();
     let empty = Properties::default();
     loop {
@@ -273,10 +286,6 @@ async fn session(
             out.clear();
             last_traffic = Instant::now();
         }
-        if last_checkpoint.elapsed() > Duration::from_millis(200) {
-            bridge.spool.checkpoint()?;
-            last_checkpoint = Instant::now();
-        }
         let ping_at = last_traffic + Duration::from_secs(u64::from(KEEP_ALIVE));
         tokio::select! {
             packet = read_packet(&mut stream, &mut inbuf) => {
@@ -284,12 +293,17 @@ async fn session(
                 // Take every packet already buffered before writing again:
                 // one write then carries the publishes they made room for.
                 // (A bad one stays in the buffer for read_packet to refuse.)
+                let mut staged = false;
                 loop {
-                    on_packet(kind, body, &mut inflight, &mut out, &cfg.prefix, bridge, broker);
+                    staged |= on_packet(kind, body, &mut inflight, &mut out, &cfg.prefix, bridge, broker);
                     match next_frame(&mut inbuf) {
                         Frame::Whole(k, b) => (kind, body) = (k, b),
                         _ => break,
                     }
+                }
+                // The commands' PUBACKs in `out` go only once they are durable.
+                if staged {
+                    broker.commit_async().await?;
                 }
             }
             _ = bridge.spool.appended.notified(), if inflight.len() < WINDOW => {}
@@ -302,7 +316,9 @@ async fn session(
 }
 
 /// One packet from the upstream: a PUBACK frees its window slot and
-/// releases the spool record; a PUBLISH is a command coming in.
+/// releases the spool record; a PUBLISH is a command coming in. True if a
+/// command was staged in a sink and must be committed before its PUBACK
+/// (in `out`) is sent.
 fn on_packet(
     kind: u8,
     mut body: Bytes,
@@ -311,7 +327,7 @@ fn on_packet(
     prefix: &str,
     bridge: &Bridge,
     broker: &Broker,
-) {
+) -> bool {
     if kind >> 4 == 4 && body.len() >= 2 {
         let id = body.get_u16();
         // The broker acknowledges in order (MQTT 3.1.1 section 4.6), so
@@ -322,17 +338,28 @@ fn on_packet(
             }
         }
     } else if kind >> 4 == 3 {
-        if let Some(ack_id) = bring_in(kind, body, prefix, bridge, broker) {
-            out.put_u8(0x40);
-            out.put_u8(2);
-            out.put_u16(ack_id);
+        if let Some((ack_id, staged)) = bring_in(kind, body, prefix, bridge, broker) {
+            if let Some(id) = ack_id {
+                out.put_u8(0x40);
+                out.put_u8(2);
+                out.put_u16(id);
+            }
+            return staged;
         }
     }
+    false
 }
 
 /// A PUBLISH from the upstream (a command): published locally without its
-/// prefix. Returns the packet id to acknowledge (QoS 1) once it is in.
-fn bring_in(first: u8, body: Bytes, prefix: &str, bridge: &Bridge, broker: &Broker) -> Option<u16> {
+/// prefix. Returns the packet id to acknowledge (QoS 1) once it is in, and
+/// whether it awaits a commit; None if it was not taken.
+fn bring_in(
+    first: u8,
+    body: Bytes,
+    prefix: &str,
+    bridge: &Bridge,
+    broker: &Broker,
+) -> Option<(Option<u16>, bool)> {
     let command = parse_command(first, body, prefix)?;
     let message = crate::mqtt::Message {
         topic: command.topic,
@@ -342,8 +369,8 @@ fn bring_in(first: u8, body: Bytes, prefix: &str, bridge: &Bridge, broker: &Brok
         content_type: None,
         properties: None,
     };
-    match broker.publish(message, Some(&bridge.origin)) {
-        Ok(()) => command.packet_id,
+    match broker.publish_deferred(message, Some(&bridge.origin)) {
+        Ok(staged) => Some((command.packet_id, staged)),
         Err(err) => {
             tracing::warn!(%err, "a command from upstream could not be published");
             None

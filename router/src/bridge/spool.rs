@@ -73,11 +73,17 @@ struct Disk {
     dir: PathBuf,
     /// The segment being appended to (shared with `sync`).
     file: Arc<File>,
+    /// Segments rotated out whose records `sync` has not yet made durable.
+    unsynced: Vec<Arc<File>>,
     file_bytes: u64,
     segment_bytes: u64,
     /// A failed write could not be rolled back: start a new segment, so
     /// that no good record follows the torn one.
     rotate: bool,
+    /// fdatasync failed on the current segment: start a new one and never
+    /// sync this one again (it may fail forever; its unsynced records were
+    /// refused, its synced ones are safe).
+    abandon: bool,
     /// Oldest first; the last one is `file`.
     segments: VecDeque<Segment>,
 }
@@ -90,6 +96,8 @@ struct Inner {
     done_through: u64,
     disk: Option<Disk>,
     written: u64,
+    /// Eviction left segments to delete: the next `sync` checkpoints.
+    release_wanted: bool,
 }
 
 pub struct Spool {
@@ -103,6 +111,11 @@ pub struct Spool {
     /// Whether writes are failing (a full or failing disk): logged when
     /// that begins and when it ends, not once per refused message.
     failing: AtomicBool,
+    /// The watermark last written to disk; held while checkpointing, so
+    /// that one checkpoint runs at a time.
+    checkpointed: Mutex<u64>,
+    /// Whether checkpoints are failing (logged like `failing`).
+    checkpoint_failing: AtomicBool,
 }
 
 impl Spool {
@@ -186,9 +199,11 @@ impl Spool {
             Some(Disk {
                 dir: dir.to_owned(),
                 file,
+                unsynced: Vec::new(),
                 file_bytes: current_bytes,
                 segment_bytes: (max_bytes / 8).clamp(MIN_SEGMENT_BYTES, MAX_SEGMENT_BYTES),
                 rotate: false,
+                abandon: false,
                 segments,
             }),
         );
@@ -196,16 +211,18 @@ impl Spool {
         inner.bytes = queue.iter().map(|e| e.record.size()).sum();
         inner.queue = queue;
         let spool = Spool::with(inner, max_bytes);
-        {
+        *spool.checkpointed.lock().unwrap() = done_through;
+        let replayed = {
             let mut inner = spool.inner.lock().unwrap();
             let evicted = spool.evict_over_bound(&mut inner);
             if evicted > 0 {
                 tracing::warn!(dir = %dir.display(), evicted, max_bytes, "spool: more on disk than spool_max_bytes; the oldest were evicted at replay");
             }
-            inner.release_done_segments()?;
-            if !inner.queue.is_empty() {
-                tracing::info!(dir = %dir.display(), replayed = inner.queue.len(), "spool: replaying messages not yet acknowledged upstream");
-            }
+            inner.queue.len()
+        };
+        spool.try_checkpoint()?;
+        if replayed > 0 {
+            tracing::info!(dir = %dir.display(), replayed, "spool: replaying messages not yet acknowledged upstream");
         }
         spool.publish_gauges();
         Ok(spool)
@@ -219,7 +236,14 @@ impl Spool {
             stats: SpoolStats::default(),
             appended: tokio::sync::Notify::new(),
             failing: AtomicBool::new(false),
+            checkpointed: Mutex::new(0),
+            checkpoint_failing: AtomicBool::new(false),
         }
+    }
+
+    /// Whether the spool keeps its records on disk (then a commit matters).
+    pub fn on_disk(&self) -> bool {
+        self.inner.lock().unwrap().disk.is_some()
     }
 
     /// The segment directory, for log lines (a memory spool has none).
@@ -249,15 +273,15 @@ impl Spool {
 
     /// Adds a message; with a disk spool, returns once it is on disk.
     pub fn append(&self, topic: Bytes, payload: Bytes) -> io::Result<()> {
-        let written = self.append_deferred(topic, payload)?;
-        self.sync_through(written)
+        self.append_deferred(topic, payload)?;
+        self.sync()
     }
 
     /// Adds a message without waiting for the disk; `sync` makes it (and
     /// every other deferred one) durable. The CoAP workers append a whole
     /// receive batch this way and sync once before acknowledging it.
-    pub fn append_deferred(&self, topic: Bytes, payload: Bytes) -> io::Result<u64> {
-        let written = {
+    pub fn append_deferred(&self, topic: Bytes, payload: Bytes) -> io::Result<()> {
+        {
             let mut inner = self.inner.lock().unwrap();
             let seq = inner.next_seq;
             let record = Record {
@@ -280,17 +304,16 @@ impl Spool {
             });
             inner.written += 1;
             if self.evict_over_bound(&mut inner) > 0 {
-                // Keeps the disk within the bound too. The record is stored
-                // whatever happens here: a failure only delays the release
-                // to the next eviction or checkpoint.
-                let _ = inner.release_done_segments();
+                // The next sync deletes the segments this emptied, keeping
+                // the disk within the bound too (not here: it waits for the
+                // disk, and appenders may be on the async runtime).
+                inner.release_wanted = true;
             }
-            inner.written
-        };
+        }
         self.stats.appended.fetch_add(1, Ordering::Relaxed);
         self.publish_gauges();
         self.appended.notify_one();
-        Ok(written)
+        Ok(())
     }
 
     /// Drops the oldest records until the spool is within `max_bytes`
@@ -309,10 +332,17 @@ impl Spool {
         evicted
     }
 
-    /// Makes every record appended so far durable.
+    /// Makes every record appended so far durable; then, if eviction
+    /// emptied segments, deletes them (a checkpoint).
     pub fn sync(&self) -> io::Result<()> {
         let written = self.inner.lock().unwrap().written;
-        self.sync_through(written)
+        self.sync_through(written)?;
+        if std::mem::take(&mut self.inner.lock().unwrap().release_wanted) {
+            // The records are durable whatever happens here: a failure only
+            // delays the release to the next checkpoint.
+            let _ = self.checkpoint();
+        }
+        Ok(())
     }
 
     /// Group commit: whoever syncs covers everything written before it, so
@@ -322,16 +352,31 @@ impl Spool {
         if *synced >= written {
             return Ok(());
         }
-        let (target, file) = {
-            let inner = self.inner.lock().unwrap();
-            match &inner.disk {
-                // A rotated segment was synced when it was closed, so the
-                // current one is all that can be behind.
-                Some(disk) => (inner.written, disk.file.clone()),
+        let (target, rotated, file) = {
+            let mut inner = self.inner.lock().unwrap();
+            let target = inner.written;
+            match &mut inner.disk {
+                Some(disk) => (
+                    target,
+                    std::mem::take(&mut disk.unsynced),
+                    disk.file.clone(),
+                ),
                 None => return Ok(()),
             }
         };
-        if let Err(err) = file.sync_data() {
+        let result = rotated
+            .iter()
+            .chain(std::iter::once(&file))
+            .try_for_each(|f| f.sync_data());
+        if let Err(err) = result {
+            // After a failed fdatasync the kernel may have dropped the
+            // failed pages and will not report it again (Linux marks them
+            // clean): never trust that file again. Later records go to a
+            // new segment; this batch is refused, and the records stay in
+            // memory for the upstream.
+            if let Some(disk) = &mut self.inner.lock().unwrap().disk {
+                disk.abandon = true;
+            }
             self.write_failed(&err);
             return Err(err);
         }
@@ -368,15 +413,57 @@ impl Spool {
         self.publish_gauges();
     }
 
-    /// Records the acknowledged watermark on disk and deletes segments that
-    /// hold nothing pending. Called by the sender now and then.
+    /// Records the acknowledged watermark on disk and deletes the segments
+    /// that hold nothing pending. May block on the disk: the broker's
+    /// writer thread calls it now and then, `sync` after an eviction.
     pub fn checkpoint(&self) -> io::Result<()> {
-        let mut inner = self.inner.lock().unwrap();
-        let done = inner.done_through;
-        if let Some(disk) = &inner.disk {
-            disk.write_watermark(done)?;
+        match self.try_checkpoint() {
+            Ok(()) => {
+                if self.checkpoint_failing.swap(false, Ordering::Relaxed) {
+                    tracing::info!(dir = ?self.dir(), "spool: checkpoints succeed again");
+                }
+                Ok(())
+            }
+            Err(err) => {
+                if !self.checkpoint_failing.swap(true, Ordering::Relaxed) {
+                    tracing::warn!(dir = ?self.dir(), %err, "spool: checkpoints fail, so acknowledged segments stay on disk (a restart would send their messages again) until they succeed");
+                }
+                Err(err)
+            }
         }
-        inner.release_done_segments()
+    }
+
+    fn try_checkpoint(&self) -> io::Result<()> {
+        let mut checkpointed = self.checkpointed.lock().unwrap();
+        let (done, dir) = {
+            let inner = self.inner.lock().unwrap();
+            match &inner.disk {
+                Some(disk) => (inner.done_through, disk.dir.clone()),
+                None => return Ok(()),
+            }
+        };
+        if done != *checkpointed {
+            write_watermark(&dir, done)?;
+            *checkpointed = done;
+        }
+        // Only now may the segments below the watermark go.
+        let released: Vec<PathBuf> = {
+            let mut inner = self.inner.lock().unwrap();
+            let Some(disk) = &mut inner.disk else {
+                return Ok(());
+            };
+            let mut released = Vec::new();
+            while disk.segments.len() > 1
+                && disk.segments.front().is_some_and(|s| s.last_seq <= done)
+            {
+                released.push(disk.segments.pop_front().unwrap().path);
+            }
+            released
+        };
+        for path in released {
+            let _ = fs::remove_file(&path);
+        }
+        Ok(())
     }
 
     /// The sequence before the oldest pending record.
@@ -402,43 +489,21 @@ impl Inner {
             done_through: next_seq - 1,
             disk,
             written: 0,
+            release_wanted: false,
         }
     }
 }
 
-impl Inner {
-    /// Deletes the segments (but the current one) whose records are all
-    /// acknowledged or evicted, after recording that on disk.
-    fn release_done_segments(&mut self) -> io::Result<()> {
-        let done = self.done_through;
-        let Some(disk) = &mut self.disk else {
-            return Ok(());
-        };
-        let releasable = |d: &Disk| {
-            d.segments.len() > 1 && d.segments.front().is_some_and(|s| s.last_seq <= done)
-        };
-        if !releasable(disk) {
-            return Ok(());
-        }
-        disk.write_watermark(done)?;
-        while releasable(disk) {
-            let seg = disk.segments.pop_front().unwrap();
-            let _ = fs::remove_file(&seg.path);
-        }
-        Ok(())
-    }
+/// Every record up to `done` is acknowledged or evicted (atomic rename).
+fn write_watermark(dir: &Path, done: u64) -> io::Result<()> {
+    let tmp = dir.join("acked.tmp");
+    let mut f = File::create(&tmp)?;
+    f.write_all(format!("{done}\n").as_bytes())?;
+    f.sync_all()?;
+    fs::rename(&tmp, dir.join("acked"))
 }
 
 impl Disk {
-    /// Every record up to `done` is acknowledged or evicted (atomic rename).
-    fn write_watermark(&self, done: u64) -> io::Result<()> {
-        let tmp = self.dir.join("acked.tmp");
-        let mut f = File::create(&tmp)?;
-        f.write_all(format!("{done}\n").as_bytes())?;
-        f.sync_all()?;
-        fs::rename(&tmp, self.dir.join("acked"))
-    }
-
     fn write(&mut self, r: &Record) -> io::Result<()> {
         let topic_len = u16::try_from(r.topic.len()).map_err(|_| {
             io::Error::new(
@@ -446,10 +511,15 @@ impl Disk {
                 "a topic longer than 65,535 bytes cannot be spooled",
             )
         })?;
-        if self.file_bytes >= self.segment_bytes || self.rotate {
-            self.file.sync_data()?;
+        if self.file_bytes >= self.segment_bytes || self.rotate || self.abandon {
             let path = self.dir.join(format!("{:020}.seg", r.seq));
-            self.file = Arc::new(OpenOptions::new().create(true).append(true).open(&path)?);
+            let next = Arc::new(OpenOptions::new().create(true).append(true).open(&path)?);
+            let old = std::mem::replace(&mut self.file, next);
+            // The next sync makes the old segment durable (not here: this
+            // runs under the appenders' lock).
+            if !std::mem::take(&mut self.abandon) {
+                self.unsynced.push(old);
+            }
             self.file_bytes = 0;
             self.rotate = false;
             self.segments.push_back(Segment { path, last_seq: 0 });

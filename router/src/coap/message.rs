@@ -162,6 +162,18 @@ pub fn peek_header(buf: &[u8]) -> Option<(u8, u16)> {
     Some(((buf[0] >> 4) & 0x03, u16::from_be_bytes([buf[2], buf[3]])))
 }
 
+/// Whether an encoded message is an ACK carrying response `code`.
+pub fn is_ack_with(buf: &[u8], response: u8) -> bool {
+    peek_header(buf).is_some_and(|(mtype, _)| mtype == ACK) && buf[1] == response
+}
+
+/// Rewrites the code of an encoded message (header byte 1, section 3).
+pub fn set_code(buf: &mut [u8], new: u8) {
+    if buf.len() >= 4 {
+        buf[1] = new;
+    }
+}
+
 struct OptionIter<'a> {
     rest: &'a [u8],
     number: u16,

@@ -296,7 +296,8 @@ impl Uplink {
             None,
         );
         match published {
-            Ok(()) => {}
+            // Staged or not, the worker's commit covers it before the 2.04.
+            Ok(_) => {}
             // A topic MQTT cannot carry (too long, too many levels).
             Err(err) if err.kind() == std::io::ErrorKind::InvalidInput => return code::BAD_REQUEST,
             // Not stored, so not accepted: 5.03, and the device tries again
@@ -388,18 +389,29 @@ impl Uplink {
         self.next_mid
     }
 
-    /// Makes the messages of the batch handled so far durable in the
-    /// bridges' disk spools; the worker calls it before sending the batch's
-    /// acknowledgements (DESIGN.md invariant 1: nothing acknowledged is lost).
-    pub fn commit(&mut self) -> std::io::Result<()> {
-        let synced = self.broker.sync_bridges();
-        if synced.is_err() {
+    /// Makes the messages of the batch handled so far durable (the
+    /// bridges' disk spools); the worker calls it before sending the
+    /// batch's `replies` (invariant 1: nothing acknowledged is lost). If
+    /// that fails, none of them was accepted: every 2.04 among the replies
+    /// becomes 5.03, and duplicate detection forgets the batch, so the
+    /// devices' retransmissions are processed again. (A 2.04 re-sent for an
+    /// earlier, committed message turns 5.03 too: at worst its device sends
+    /// it again, and the upstream gets it twice, never zero times.)
+    pub fn commit(&mut self, replies: &mut [Vec<u8>]) -> std::io::Result<()> {
+        let committed = self.broker.commit();
+        if committed.is_err() {
             for (src, mid) in &self.uncommitted {
                 self.dedup.forget(src, *mid);
             }
+            for reply in replies {
+                if message::is_ack_with(reply, code::CHANGED) {
+                    message::set_code(reply, code::SERVICE_UNAVAILABLE);
+                    self.stats.unavailable.fetch_add(1, Ordering::Relaxed);
+                }
+            }
         }
         self.uncommitted.clear();
-        synced
+        committed
     }
 
     /// Drops expired duplicate-detection state; call about once a second.
@@ -453,7 +465,7 @@ mod tests {
             for port in 0..2_000u16 {
                 let src = SocketAddr::from(([10, 0, w as u8, 1], 10_000 + port));
                 assert!(worker.handle(&datagram, false, src, now, &mut out));
-                worker.commit().unwrap();
+                worker.commit(std::slice::from_mut(&mut out)).unwrap();
             }
         }
         let happened: u64 = workers.iter().map(|w| w.dedup.evictions).sum();

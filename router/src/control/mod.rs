@@ -351,7 +351,7 @@ impl Control {
     }
 
     fn upstreams(&self) -> Value {
-        let bridges = self.running.broker.bridges();
+        let bridges = &self.running.bridges;
         let list: Vec<Value> = self
             .config
             .upstreams

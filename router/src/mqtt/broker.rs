@@ -6,6 +6,10 @@
 //! its own bounded queue, or, when that queue is full, the message is
 //! dropped for that session alone and counted. A slow subscriber therefore
 //! cannot stall the data plane or anyone else.
+//!
+//! Sinks (see `sink`: the upstream bridges' spools) get a message before
+//! any session does; a publisher is acknowledged only once the sinks have
+//! committed it, which the caller waits for on a thread that may block.
 
 use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -15,10 +19,10 @@ use bytes::Bytes;
 use tokio::sync::{mpsc, Notify};
 
 use super::codec::{Properties, SubscriptionOptions};
+use super::sink::{Sink, Sinks};
 use super::store::TopicStore;
 use super::topic;
 use super::tree::TopicTree;
-use crate::bridge::Bridge;
 use crate::mapping::MAX_TOPIC_BYTES;
 
 /// A message as the broker routes it. Cloning shares the bytes.
@@ -231,9 +235,9 @@ pub struct Broker {
     /// The newest message of every topic, retained or not, for CoAP GET.
     /// Sharded by topic so the workers seldom meet on one lock.
     last_values: Vec<Mutex<TopicStore>>,
-    /// Upstream bridges; a message they want is spooled before anyone
-    /// else sees it.
-    bridges: RwLock<Vec<Arc<Bridge>>>,
+    /// Where a message is stored before anyone else sees it (upstream
+    /// bridges' spools), and the writer thread that commits for async callers.
+    sinks: Sinks,
     pub stats: BrokerStats,
 }
 
@@ -274,41 +278,50 @@ impl Broker {
                     ))
                 })
                 .collect(),
-            bridges: RwLock::new(Vec::new()),
+            sinks: Sinks::default(),
             stats: BrokerStats::default(),
         })
     }
 
-    pub fn add_bridge(&self, bridge: Arc<Bridge>) {
-        self.bridges.write().unwrap().push(bridge);
+    /// Adds a sink: from now on every message it wants is staged in it
+    /// before any subscriber sees it.
+    pub fn add_sink(&self, sink: Arc<dyn Sink>) {
+        self.sinks.add(sink);
     }
 
-    pub fn bridges(&self) -> Vec<Arc<Bridge>> {
-        self.bridges.read().unwrap().clone()
-    }
-
-    /// Like [`Broker::publish_deferred`], then waits until the bridges'
-    /// disk spools hold the message.
-    pub fn publish(&self, message: Message, origin: Option<&[u8]>) -> std::io::Result<()> {
-        self.publish_deferred(message, origin)?;
-        self.sync_bridges()
-    }
-
-    /// Makes everything spooled so far durable (one group commit per spool).
-    pub fn sync_bridges(&self) -> std::io::Result<()> {
-        for bridge in self.bridges.read().unwrap().iter() {
-            bridge.spool.sync()?;
+    /// [`Broker::publish_deferred`], then waits (off the runtime's threads)
+    /// until the sinks hold the message durably: what a publisher must wait
+    /// for before it is told the message was accepted.
+    pub async fn publish(&self, message: Message, origin: Option<&[u8]>) -> std::io::Result<()> {
+        if self.publish_deferred(message, origin)? {
+            self.sinks.commit_async().await?;
         }
         Ok(())
     }
 
-    /// Routes `message` to the bridges that want it, then to every matching
-    /// session. Never blocks on a subscriber. The bridges' disk spools have
-    /// the message written but not yet synced: call [`Broker::sync_bridges`]
-    /// before telling the publisher it was accepted. An error (a spool could
-    /// not store it) means nobody got the message. `origin` is the
-    /// publishing client (for MQTT 5 No Local and bridge loops).
-    pub fn publish_deferred(&self, message: Message, origin: Option<&[u8]>) -> std::io::Result<()> {
+    /// Makes everything staged so far durable, blocking this thread (the
+    /// CoAP workers commit a whole receive batch at once this way).
+    pub fn commit(&self) -> std::io::Result<()> {
+        self.sinks.commit()
+    }
+
+    /// [`Broker::commit`] for async code: the writer thread does it.
+    pub async fn commit_async(&self) -> std::io::Result<()> {
+        self.sinks.commit_async().await
+    }
+
+    /// Routes `message` to the sinks that want it, then to every matching
+    /// session. Never blocks on a subscriber or a disk. Returns true if a
+    /// sink staged it and it is durable only after a commit
+    /// ([`Broker::commit`]): wait for that before telling the publisher it
+    /// was accepted. An error (a sink could not store it) means nobody got
+    /// the message. `origin` is the publishing client (for MQTT 5 No Local,
+    /// and so that a bridge never takes back what it brought in).
+    pub fn publish_deferred(
+        &self,
+        message: Message,
+        origin: Option<&[u8]>,
+    ) -> std::io::Result<bool> {
         // The one gate every message passes: what the MQTT wire cannot carry
         // is refused here, before anyone is handed it.
         if message.topic.len() > MAX_TOPIC_BYTES {
@@ -323,11 +336,7 @@ impl Broker {
                 format!("a topic of more than {} levels", topic::MAX_LEVELS),
             ));
         }
-        for bridge in self.bridges.read().unwrap().iter() {
-            if origin != Some(&bridge.origin[..]) && bridge.wants(&message.topic) {
-                bridge.accept(&message.topic, &message.payload)?;
-            }
-        }
+        let staged = self.sinks.stage(&message, origin)?;
         self.stats.published.fetch_add(1, Ordering::Relaxed);
         if message.retain {
             let mut retained = self.retained.lock().unwrap();
@@ -380,7 +389,7 @@ impl Broker {
             };
             self.enqueue(&sub.session, delivery);
         }
-        Ok(())
+        Ok(staged)
     }
 
     fn enqueue(&self, session: &Session, delivery: Delivery) {

@@ -36,6 +36,10 @@ enum End {
     Error(CodecError),
     KeepAlive,
     TakenOver,
+    /// A publish could not be stored (a sink refused it or its commit
+    /// failed): the client is disconnected unacknowledged, so that it
+    /// reconnects and sends it again (MQTT 4.4), and nothing is lost.
+    Unavailable,
 }
 
 pub async fn serve(mut stream: TcpStream, broker: Arc<Broker>) {
@@ -123,6 +127,7 @@ pub async fn serve(mut stream: TcpStream, broker: Arc<Broker>) {
         next_id: 1,
         qos2_received: HashSet::new(),
         out,
+        staged: false,
     };
     let Attached {
         session,
@@ -148,14 +153,20 @@ pub async fn serve(mut stream: TcpStream, broker: Arc<Broker>) {
             let _ = stream.try_write(&conn.out);
         }
     }
-    if let (End::TakenOver, V5) = (&end, version) {
+    let reason = match end {
+        End::TakenOver => Some(0x8E),   // session taken over
+        End::Unavailable => Some(0x89), // server busy
+        _ => None,
+    };
+    if let (Some(reason), V5) = (reason, version) {
         conn.out.clear();
-        codec::disconnect(&mut conn.out, 0x8E);
+        codec::disconnect(&mut conn.out, reason);
         let _ = stream.try_write(&conn.out);
     }
     if !matches!(end, End::Normal) {
         if let Some(will) = &connect.will {
-            let _ = broker.publish(
+            // Nobody waits for a will: the writer thread commits it.
+            let _ = broker.publish_deferred(
                 Message {
                     topic: will.topic.clone(),
                     payload: will.payload.clone(),
@@ -221,6 +232,9 @@ struct Connection {
     next_id: u16,
     qos2_received: HashSet<u16>,
     out: BytesMut,
+    /// A publish acknowledged in `out` was staged in a sink: `out` waits
+    /// for the commit.
+    staged: bool,
 }
 
 impl Connection {
@@ -247,6 +261,11 @@ impl Connection {
                     Ok(None) => break,
                     Err(e) => return End::Error(e),
                 }
+            }
+            // One commit for every publish just read, on the writer thread:
+            // a slow disk delays this client's acknowledgements, nobody else.
+            if std::mem::take(&mut self.staged) && self.broker.commit_async().await.is_err() {
+                return End::Unavailable;
             }
             // Writing is one branch among the others, never a wait of its
             // own: a client that stops reading still meets its keep-alive
@@ -385,14 +404,13 @@ impl Connection {
             content_type: p.properties.content_type.clone(),
             properties: has_props.then(|| Arc::new(p.properties)),
         };
-        if self
+        match self
             .broker
-            .publish(message, Some(&session.client_id))
-            .is_err()
+            .publish_deferred(message, Some(&session.client_id))
         {
-            // Not stored: no acknowledgement, so the client publishes again
-            // (the spool logs the outage).
-            return None;
+            Ok(staged) => self.staged |= staged,
+            // Not stored (the sink logs why): unacknowledged, see End::Unavailable.
+            Err(_) => return Some(End::Unavailable),
         }
         match p.qos {
             1 => codec::ack_packet(&mut self.out, self.version, 4, p.packet_id, 0),

@@ -4,6 +4,7 @@
 pub mod broker;
 pub mod codec;
 mod connection;
+pub mod sink;
 mod store;
 pub mod topic;
 mod tree;
@@ -16,6 +17,7 @@ use tokio::net::TcpListener;
 use crate::listener::AcceptFailures;
 
 pub use broker::{Broker, BrokerConfig, Message};
+pub use sink::Sink;
 
 /// Accepts MQTT clients on `listener` forever, one task per connection.
 pub async fn serve(listener: TcpListener, broker: Arc<Broker>) {

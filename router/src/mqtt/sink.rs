@@ -1,0 +1,150 @@
+//! Sinks: where the broker hands a message before anyone else sees it (an
+//! upstream bridge's spool, say), and the writer thread that makes what
+//! they staged durable for async callers.
+//!
+//! A publish is two steps. `stage` writes the message into every sink that
+//! wants it, cheaply (a write to the page cache); `commit` makes everything
+//! staged so far durable (fdatasync). Only after the commit is a publisher
+//! told its message was accepted (a CoAP 2.04, an MQTT PUBACK).
+//!
+//! Who commits: the CoAP workers call [`Sinks::commit`] on their own
+//! threads, once per receive batch. The async side (MQTT connections, the
+//! bridges' incoming commands) must never wait for a disk on the runtime's
+//! threads, which serve every connection and the control socket: they ask
+//! the writer thread, which takes every request queued while it was busy
+//! and answers them all with one commit (group commit). About every 200 ms
+//! the writer thread also commits what nobody waits for (a will, a downlink
+//! response) and runs each sink's `checkpoint`.
+
+use std::io;
+use std::sync::{Arc, RwLock};
+use std::time::Duration;
+
+use crossbeam_channel::{Receiver, RecvTimeoutError, Sender};
+use tokio::sync::oneshot;
+
+use super::Message;
+
+/// A consumer that gets a message before any subscriber does, and keeps it.
+pub trait Sink: Send + Sync {
+    /// Stores `message` if this sink wants it (`origin` is the publishing
+    /// client, or the broker origin of a bridge). Ok(true): stored, durable
+    /// only after the next `commit`; Ok(false): not wanted, or already
+    /// durable. An error refuses the message: nobody gets it.
+    fn stage(&self, message: &Message, origin: Option<&[u8]>) -> io::Result<bool>;
+    /// Makes everything staged so far durable. May block on the disk.
+    fn commit(&self) -> io::Result<()>;
+    /// Housekeeping that may block on the disk (recording progress,
+    /// releasing space); the writer thread calls it about every 200 ms.
+    fn checkpoint(&self) -> io::Result<()>;
+}
+
+/// The broker's sinks, and the writer thread that commits for async callers.
+pub struct Sinks {
+    list: Arc<RwLock<Vec<Arc<dyn Sink>>>>,
+    /// Started with the first sink.
+    writer: RwLock<Option<Sender<Job>>>,
+}
+
+enum Job {
+    /// Commit, then answer.
+    Commit(oneshot::Sender<io::Result<()>>),
+}
+
+/// How often the writer thread runs the sinks' checkpoints.
+const CHECKPOINT_EVERY: Duration = Duration::from_millis(200);
+
+impl Default for Sinks {
+    fn default() -> Sinks {
+        Sinks {
+            list: Arc::new(RwLock::new(Vec::new())),
+            writer: RwLock::new(None),
+        }
+    }
+}
+
+impl Sinks {
+    pub fn add(&self, sink: Arc<dyn Sink>) {
+        self.list.write().unwrap().push(sink);
+        let mut writer = self.writer.write().unwrap();
+        if writer.is_none() {
+            let (tx, rx) = crossbeam_channel::unbounded();
+            let list = self.list.clone();
+            std::thread::Builder::new()
+                .name("m2m-writer".into())
+                .spawn(move || write_loop(&list, &rx))
+                .expect("spawning the writer thread");
+            *writer = Some(tx);
+        }
+    }
+
+    /// Stages `message` in every sink that wants it; true if any of them
+    /// needs a commit before the message is durable.
+    pub fn stage(&self, message: &Message, origin: Option<&[u8]>) -> io::Result<bool> {
+        let mut staged = false;
+        for sink in self.list.read().unwrap().iter() {
+            staged |= sink.stage(message, origin)?;
+        }
+        Ok(staged)
+    }
+
+    /// Makes everything staged so far durable, on the caller's thread: for
+    /// threads that may block (the CoAP workers).
+    pub fn commit(&self) -> io::Result<()> {
+        commit_all(&self.list)
+    }
+
+    /// The same from async code: the writer thread commits, grouping
+    /// concurrent callers into one commit per sink.
+    pub async fn commit_async(&self) -> io::Result<()> {
+        let (tx, rx) = oneshot::channel();
+        let sent = match &*self.writer.read().unwrap() {
+            Some(writer) => writer.send(Job::Commit(tx)).is_ok(),
+            None => return Ok(()), // no sinks, nothing to commit
+        };
+        if !sent {
+            return Err(io::Error::other("the writer thread has stopped"));
+        }
+        rx.await
+            .unwrap_or_else(|_| Err(io::Error::other("the writer thread has stopped")))
+    }
+}
+
+fn commit_all(list: &RwLock<Vec<Arc<dyn Sink>>>) -> io::Result<()> {
+    for sink in list.read().unwrap().iter() {
+        sink.commit()?;
+    }
+    Ok(())
+}
+
+fn write_loop(list: &RwLock<Vec<Arc<dyn Sink>>>, jobs: &Receiver<Job>) {
+    let mut next_checkpoint = std::time::Instant::now() + CHECKPOINT_EVERY;
+    loop {
+        match jobs.recv_deadline(next_checkpoint) {
+            Ok(Job::Commit(first)) => {
+                // Everyone who asked while the last commit ran shares this one.
+                let mut waiting = vec![first];
+                waiting.extend(jobs.try_iter().map(|Job::Commit(tx)| tx));
+                let result = commit_all(list);
+                for tx in waiting {
+                    let answer = match &result {
+                        Ok(()) => Ok(()),
+                        Err(err) => Err(io::Error::new(err.kind(), err.to_string())),
+                    };
+                    let _ = tx.send(answer);
+                }
+            }
+            Err(RecvTimeoutError::Timeout) => {}
+            Err(RecvTimeoutError::Disconnected) => return, // the broker is gone
+        }
+        let now = std::time::Instant::now();
+        if now >= next_checkpoint {
+            let _ = commit_all(list);
+            for sink in list.read().unwrap().iter() {
+                // A sink logs its own disk trouble, once per outage.
+                let _ = sink.checkpoint();
+            }
+            next_checkpoint = now + CHECKPOINT_EVERY;
+        }
+    }
+}
