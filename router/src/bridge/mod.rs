@@ -23,7 +23,7 @@ use crate::config::{Durability, Upstream};
 use crate::mapping::MAX_TOPIC_BYTES;
 use crate::mqtt::codec::{self, OutPublish, Properties, V311};
 use crate::mqtt::topic;
-use crate::mqtt::{Broker, Message, Sink};
+use crate::mqtt::{Broker, Message, Sink, Ticket};
 pub use spool::Spool;
 
 /// QoS 1 messages in flight to the upstream.
@@ -163,6 +163,10 @@ impl Sink for Bridge {
         self.spool.sync()
     }
 
+    fn failures(&self) -> u64 {
+        self.spool.failures()
+    }
+
     fn checkpoint(&self) -> std::io::Result<()> {
         self.spool.checkpoint()
     }
@@ -293,17 +297,18 @@ async fn session(
                 // Take every packet already buffered before writing again:
                 // one write then carries the publishes they made room for.
                 // (A bad one stays in the buffer for read_packet to refuse.)
-                let mut staged = false;
+                let mut staged = None;
                 loop {
-                    staged |= on_packet(kind, body, &mut inflight, &mut out, &cfg.prefix, bridge, broker);
+                    let ticket = on_packet(kind, body, &mut inflight, &mut out, &cfg.prefix, bridge, broker);
+                    staged = staged.or(ticket);
                     match next_frame(&mut inbuf) {
                         Frame::Whole(k, b) => (kind, body) = (k, b),
                         _ => break,
                     }
                 }
                 // The commands' PUBACKs in `out` go only once they are durable.
-                if staged {
-                    broker.commit_async().await?;
+                if let Some(ticket) = staged {
+                    broker.commit_async(ticket).await?;
                 }
             }
             _ = bridge.spool.appended.notified(), if inflight.len() < WINDOW => {}
@@ -316,9 +321,9 @@ async fn session(
 }
 
 /// One packet from the upstream: a PUBACK frees its window slot and
-/// releases the spool record; a PUBLISH is a command coming in. True if a
-/// command was staged in a sink and must be committed before its PUBACK
-/// (in `out`) is sent.
+/// releases the spool record; a PUBLISH is a command coming in. A ticket
+/// if a command was staged in a sink and must be committed before its
+/// PUBACK (in `out`) is sent.
 fn on_packet(
     kind: u8,
     mut body: Bytes,
@@ -327,7 +332,7 @@ fn on_packet(
     prefix: &str,
     bridge: &Bridge,
     broker: &Broker,
-) -> bool {
+) -> Option<Ticket> {
     if kind >> 4 == 4 && body.len() >= 2 {
         let id = body.get_u16();
         // The broker acknowledges in order (MQTT 3.1.1 section 4.6), so
@@ -347,7 +352,7 @@ fn on_packet(
             return staged;
         }
     }
-    false
+    None
 }
 
 /// A PUBLISH from the upstream (a command): published locally without its
@@ -359,7 +364,7 @@ fn bring_in(
     prefix: &str,
     bridge: &Bridge,
     broker: &Broker,
-) -> Option<(Option<u16>, bool)> {
+) -> Option<(Option<u16>, Option<Ticket>)> {
     let command = parse_command(first, body, prefix)?;
     let message = crate::mqtt::Message {
         topic: command.topic,

@@ -4,12 +4,27 @@
 //!
 //! With disk durability the spool is an append-only log of segment files.
 //! A record is `[len u32][crc32 u32][seq u64][topic_len u16][topic][payload]`
-//! (big-endian, CRC over everything after the CRC field). `append` returns
-//! only once the record is on disk: writers append under a lock, then one of
-//! them calls fdatasync for everything written so far, so concurrent writers
-//! share one sync (group commit). The highest sequence the upstream has
-//! acknowledged is kept in `acked` (written atomically); on start the log is
-//! replayed from there, stopping at the first torn or corrupt record.
+//! (big-endian, CRC over everything after the CRC field). The highest
+//! sequence the upstream has acknowledged is kept in `acked` (written
+//! atomically); on start the log is replayed from there, stopping at the
+//! first torn or corrupt record.
+//!
+//! Two steps, so that nothing that waits for a disk runs where it must not:
+//! `append_deferred` only queues a record in memory (the broker's async
+//! callers do this); `sync` writes every queued record to the segment and
+//! fdatasyncs it, on a thread that may block (a CoAP worker, the broker's
+//! writer thread). Concurrent syncs share one write and one fdatasync
+//! (group commit): whoever syncs covers everything queued before it. Only
+//! durable records are offered to the upstream.
+//!
+//! A sync that fails (a full or failing disk) drops every record not yet
+//! durable and counts the failure: whoever queued one of them is refused
+//! (devices get 5.03 and send again), so a backlog of refused records
+//! never stands between a disk that has room again and new messages. The
+//! failed write is cut off the segment with `set_len`, so no torn record is ever
+//! followed by good ones, and after a failed fdatasync (Linux may have
+//! dropped those pages and will not say so again) the records are written
+//! anew; if even the cut fails, the next write starts a new segment.
 //!
 //! The spool is bounded: past `max_bytes` the oldest messages are evicted
 //! and counted, and the router keeps serving. The disk holds at most
@@ -17,17 +32,14 @@
 //! of the bound, 4 KiB to 4 MiB): a segment is deleted as soon as every
 //! record in it is acknowledged or evicted, and replay applies the bound
 //! again, so evicted messages do not come back after a restart.
-//!
-//! A write that fails part-way (a full disk) is rolled back with `set_len`,
-//! so no torn record is ever followed by good ones; if even the rollback
-//! fails, the next record starts a new segment.
 
 use std::collections::VecDeque;
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, Read, Write};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 
@@ -35,6 +47,9 @@ use bytes::Bytes;
 const MIN_SEGMENT_BYTES: u64 = 4 << 10;
 const MAX_SEGMENT_BYTES: u64 = 4 << 20;
 const RECORD_HEADER: usize = 4 + 4 + 8 + 2;
+/// After a failed sync, syncs are refused at once for this long instead of
+/// rewriting the whole backlog to a disk that just failed, batch after batch.
+const RETRY_AFTER: Duration = Duration::from_millis(50);
 
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Record {
@@ -57,6 +72,8 @@ pub struct SpoolStats {
     pub evicted: AtomicU64,
     pub bytes: AtomicU64,
     pub records: AtomicU64,
+    /// Syncs that failed (each refused its callers' messages).
+    pub sync_failures: AtomicU64,
 }
 
 struct Entry {
@@ -69,23 +86,26 @@ struct Segment {
     last_seq: u64,
 }
 
+/// The files; held by the one sync or checkpoint at work.
 struct Disk {
     dir: PathBuf,
-    /// The segment being appended to (shared with `sync`).
-    file: Arc<File>,
-    /// Segments rotated out whose records `sync` has not yet made durable.
-    unsynced: Vec<Arc<File>>,
+    /// The segment being appended to.
+    file: File,
     file_bytes: u64,
     segment_bytes: u64,
-    /// A failed write could not be rolled back: start a new segment, so
-    /// that no good record follows the torn one.
-    rotate: bool,
-    /// fdatasync failed on the current segment: start a new one and never
-    /// sync this one again (it may fail forever; its unsynced records were
-    /// refused, its synced ones are safe).
+    /// A failed write could not be cut off the current segment: the next
+    /// write starts a new one, so no good record follows a torn one.
     abandon: bool,
     /// Oldest first; the last one is `file`.
     segments: VecDeque<Segment>,
+    /// The watermark last written to `acked`.
+    checkpointed: u64,
+    /// The number in the newest segment's name: a new segment's name is
+    /// its first record's number, or above this if that is taken (a
+    /// rewrite after an abandoned segment), so names sort in write order.
+    last_name: u64,
+    /// Syncs are refused until then (see RETRY_AFTER), with this error.
+    failed: Option<(Instant, io::ErrorKind)>,
 }
 
 struct Inner {
@@ -94,33 +114,32 @@ struct Inner {
     next_seq: u64,
     /// Every record up to here is acknowledged or evicted.
     done_through: u64,
-    disk: Option<Disk>,
-    written: u64,
+    /// Every record up to here that is still queued is on disk, synced.
+    durable_through: u64,
     /// Eviction left segments to delete: the next `sync` checkpoints.
     release_wanted: bool,
+    /// Failed syncs so far; each dropped the records not yet durable.
+    failures: u64,
 }
 
 pub struct Spool {
     inner: Mutex<Inner>,
-    /// Records known to be on disk (group commit).
-    synced: Mutex<u64>,
+    /// None for a memory spool.
+    disk: Option<Mutex<Disk>>,
     max_bytes: u64,
     pub stats: SpoolStats,
-    /// Woken when a record is appended.
+    /// Woken when records become durable (ready for the upstream).
     pub appended: tokio::sync::Notify,
-    /// Whether writes are failing (a full or failing disk): logged when
+    /// Whether syncs are failing (a full or failing disk): logged when
     /// that begins and when it ends, not once per refused message.
     failing: AtomicBool,
-    /// The watermark last written to disk; held while checkpointing, so
-    /// that one checkpoint runs at a time.
-    checkpointed: Mutex<u64>,
     /// Whether checkpoints are failing (logged like `failing`).
     checkpoint_failing: AtomicBool,
 }
 
 impl Spool {
     pub fn memory(max_bytes: u64) -> Spool {
-        Spool::with(Inner::new(1, None), max_bytes)
+        Spool::with(Inner::new(1), None, max_bytes)
     }
 
     /// Opens (or creates) the disk spool in `dir` and replays what the
@@ -193,25 +212,24 @@ impl Spool {
                 path
             }
         };
-        let file = Arc::new(OpenOptions::new().create(true).append(true).open(&path)?);
-        let mut inner = Inner::new(
-            next_seq,
-            Some(Disk {
-                dir: dir.to_owned(),
-                file,
-                unsynced: Vec::new(),
-                file_bytes: current_bytes,
-                segment_bytes: (max_bytes / 8).clamp(MIN_SEGMENT_BYTES, MAX_SEGMENT_BYTES),
-                rotate: false,
-                abandon: false,
-                segments,
-            }),
-        );
+        let file = OpenOptions::new().create(true).append(true).open(&path)?;
+        let disk = Disk {
+            dir: dir.to_owned(),
+            file,
+            file_bytes: current_bytes,
+            segment_bytes: (max_bytes / 8).clamp(MIN_SEGMENT_BYTES, MAX_SEGMENT_BYTES),
+            abandon: false,
+            segments,
+            checkpointed: done_through,
+            failed: None,
+            last_name: segment_number(&path),
+        };
+        let mut inner = Inner::new(next_seq);
         inner.done_through = done_through;
+        inner.durable_through = last_seq;
         inner.bytes = queue.iter().map(|e| e.record.size()).sum();
         inner.queue = queue;
-        let spool = Spool::with(inner, max_bytes);
-        *spool.checkpointed.lock().unwrap() = done_through;
+        let spool = Spool::with(inner, Some(disk), max_bytes);
         let replayed = {
             let mut inner = spool.inner.lock().unwrap();
             let evicted = spool.evict_over_bound(&mut inner);
@@ -228,59 +246,57 @@ impl Spool {
         Ok(spool)
     }
 
-    fn with(inner: Inner, max_bytes: u64) -> Spool {
+    fn with(inner: Inner, disk: Option<Disk>, max_bytes: u64) -> Spool {
         Spool {
             inner: Mutex::new(inner),
-            synced: Mutex::new(0),
+            disk: disk.map(Mutex::new),
             max_bytes,
             stats: SpoolStats::default(),
             appended: tokio::sync::Notify::new(),
             failing: AtomicBool::new(false),
-            checkpointed: Mutex::new(0),
             checkpoint_failing: AtomicBool::new(false),
         }
     }
 
-    /// Whether the spool keeps its records on disk (then a commit matters).
+    /// Whether the spool keeps its records on disk (then a sync matters).
     pub fn on_disk(&self) -> bool {
-        self.inner.lock().unwrap().disk.is_some()
+        self.disk.is_some()
     }
 
     /// The segment directory, for log lines (a memory spool has none).
     fn dir(&self) -> Option<PathBuf> {
-        self.inner
-            .lock()
-            .unwrap()
-            .disk
-            .as_ref()
-            .map(|d| d.dir.clone())
-    }
-
-    fn write_failed(&self, err: &io::Error) {
-        if !self.failing.swap(true, Ordering::Relaxed) {
-            let dir = self.dir();
-            tracing::warn!(dir = ?dir, %err, "spool: writes fail, so it refuses messages (devices get 5.03, coap.unavailable counts them) until they succeed again");
-        }
-    }
-
-    /// A write reached the disk and was synced.
-    fn write_succeeded(&self) {
-        if self.failing.load(Ordering::Relaxed) && self.failing.swap(false, Ordering::Relaxed) {
-            let dir = self.dir();
-            tracing::info!(dir = ?dir, "spool: writes succeed again; it accepts messages again");
-        }
+        Some(self.disk.as_ref()?.lock().unwrap().dir.clone())
     }
 
     /// Adds a message; with a disk spool, returns once it is on disk.
     pub fn append(&self, topic: Bytes, payload: Bytes) -> io::Result<()> {
+        let failures = self.failures();
         self.append_deferred(topic, payload)?;
-        self.sync()
+        self.sync()?;
+        if self.failures() != failures {
+            return Err(io::Error::other("refused by a failed sync"));
+        }
+        Ok(())
     }
 
-    /// Adds a message without waiting for the disk; `sync` makes it (and
-    /// every other deferred one) durable. The CoAP workers append a whole
-    /// receive batch this way and sync once before acknowledging it.
+    /// How many syncs have failed. Each dropped every record not yet
+    /// durable: whoever queued a record before reading a count that has
+    /// since grown must take it as refused (see `mqtt::sink::Ticket`).
+    pub fn failures(&self) -> u64 {
+        self.inner.lock().unwrap().failures
+    }
+
+    /// Queues a message without touching the disk; `sync` makes it (and
+    /// every other queued one) durable. The broker stages messages this
+    /// way; the CoAP workers sync once per receive batch before
+    /// acknowledging it.
     pub fn append_deferred(&self, topic: Bytes, payload: Bytes) -> io::Result<()> {
+        if topic.len() > usize::from(u16::MAX) {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                "a topic longer than 65,535 bytes cannot be spooled",
+            ));
+        }
         {
             let mut inner = self.inner.lock().unwrap();
             let seq = inner.next_seq;
@@ -289,30 +305,26 @@ impl Spool {
                 topic,
                 payload,
             };
-            if let Some(disk) = &mut inner.disk {
-                if let Err(err) = disk.write(&record) {
-                    drop(inner);
-                    self.write_failed(&err);
-                    return Err(err);
-                }
-            }
             inner.next_seq += 1;
+            if self.disk.is_none() {
+                inner.durable_through = seq;
+            }
             inner.bytes += record.size();
             inner.queue.push_back(Entry {
                 record,
                 acked: false,
             });
-            inner.written += 1;
             if self.evict_over_bound(&mut inner) > 0 {
                 // The next sync deletes the segments this emptied, keeping
-                // the disk within the bound too (not here: it waits for the
-                // disk, and appenders may be on the async runtime).
+                // the disk within the bound too.
                 inner.release_wanted = true;
             }
         }
         self.stats.appended.fetch_add(1, Ordering::Relaxed);
         self.publish_gauges();
-        self.appended.notify_one();
+        if self.disk.is_none() {
+            self.appended.notify_one();
+        }
         Ok(())
     }
 
@@ -332,11 +344,41 @@ impl Spool {
         evicted
     }
 
-    /// Makes every record appended so far durable; then, if eviction
+    /// Makes every record queued so far durable: writes what is not yet on
+    /// disk and fdatasyncs it. Blocks on the disk. Then, if eviction
     /// emptied segments, deletes them (a checkpoint).
     pub fn sync(&self) -> io::Result<()> {
-        let written = self.inner.lock().unwrap().written;
-        self.sync_through(written)?;
+        let Some(disk) = &self.disk else {
+            return Ok(());
+        };
+        let target = self.inner.lock().unwrap().next_seq - 1;
+        let mut disk = disk.lock().unwrap();
+        match self.write_and_sync(&mut disk, target) {
+            Ok(true) => {
+                drop(disk);
+                self.write_succeeded();
+                self.appended.notify_one();
+            }
+            Ok(false) => drop(disk), // an earlier sync covered it
+            Err(err) => {
+                // Refused: every record not yet durable goes (their
+                // publishers are told so), in the same step as the count
+                // that tells them, so none of them is acknowledged.
+                let mut inner = self.inner.lock().unwrap();
+                let durable = inner.durable_through;
+                while inner.queue.back().is_some_and(|e| e.record.seq > durable) {
+                    let e = inner.queue.pop_back().unwrap();
+                    inner.bytes -= e.record.size();
+                }
+                inner.failures += 1;
+                drop(inner);
+                drop(disk);
+                self.stats.sync_failures.fetch_add(1, Ordering::Relaxed);
+                self.publish_gauges();
+                self.write_failed(&err);
+                return Err(err);
+            }
+        }
         if std::mem::take(&mut self.inner.lock().unwrap().release_wanted) {
             // The records are durable whatever happens here: a failure only
             // delays the release to the next checkpoint.
@@ -345,53 +387,69 @@ impl Spool {
         Ok(())
     }
 
-    /// Group commit: whoever syncs covers everything written before it, so
-    /// concurrent writers share one fdatasync.
-    fn sync_through(&self, written: u64) -> io::Result<()> {
-        let mut synced = self.synced.lock().unwrap();
-        if *synced >= written {
-            return Ok(());
-        }
-        let (target, rotated, file) = {
-            let mut inner = self.inner.lock().unwrap();
-            let target = inner.written;
-            match &mut inner.disk {
-                Some(disk) => (
-                    target,
-                    std::mem::take(&mut disk.unsynced),
-                    disk.file.clone(),
-                ),
-                None => return Ok(()),
+    /// Writes and syncs the queued records not yet durable, if `target` is
+    /// not durable already; true if it did. Called with the disk held, so
+    /// one sync at a time covers everyone queued before it.
+    fn write_and_sync(&self, disk: &mut Disk, target: u64) -> io::Result<bool> {
+        let records: Vec<Record> = {
+            let inner = self.inner.lock().unwrap();
+            if inner.durable_through >= target {
+                return Ok(false);
             }
+            inner
+                .queue
+                .iter()
+                .filter(|e| e.record.seq > inner.durable_through)
+                .map(|e| e.record.clone())
+                .collect()
         };
-        let result = rotated
-            .iter()
-            .chain(std::iter::once(&file))
-            .try_for_each(|f| f.sync_data());
-        if let Err(err) = result {
-            // After a failed fdatasync the kernel may have dropped the
-            // failed pages and will not report it again (Linux marks them
-            // clean): never trust that file again. Later records go to a
-            // new segment; this batch is refused, and the records stay in
-            // memory for the upstream.
-            if let Some(disk) = &mut self.inner.lock().unwrap().disk {
-                disk.abandon = true;
+        if let Some((until, kind)) = disk.failed {
+            if Instant::now() < until {
+                return Err(io::Error::new(
+                    kind,
+                    "the spool's disk failed a moment ago; retrying shortly",
+                ));
             }
-            self.write_failed(&err);
+        }
+        let Some(last) = records.last().map(|r| r.seq) else {
+            // Everything after the durable mark was evicted meanwhile.
+            self.inner.lock().unwrap().durable_through = target;
+            return Ok(false);
+        };
+        if let Err(err) = disk.write_and_sync(&records) {
+            disk.failed = Some((Instant::now() + RETRY_AFTER, err.kind()));
             return Err(err);
         }
-        *synced = target;
-        self.write_succeeded();
-        Ok(())
+        disk.failed = None;
+        let mut inner = self.inner.lock().unwrap();
+        inner.durable_through = inner.durable_through.max(last);
+        Ok(true)
     }
 
-    /// Up to `max` records after `after_seq`, oldest first, not yet acknowledged.
+    fn write_failed(&self, err: &io::Error) {
+        if !self.failing.swap(true, Ordering::Relaxed) {
+            let dir = self.dir();
+            tracing::warn!(dir = ?dir, %err, "spool: writes fail, so it refuses messages (devices get 5.03, coap.unavailable counts them) until they succeed again");
+        }
+    }
+
+    /// A write reached the disk and was synced.
+    fn write_succeeded(&self) {
+        if self.failing.load(Ordering::Relaxed) && self.failing.swap(false, Ordering::Relaxed) {
+            let dir = self.dir();
+            tracing::info!(dir = ?dir, "spool: writes succeed again; it accepts messages again");
+        }
+    }
+
+    /// Up to `max` durable records after `after_seq`, oldest first, not
+    /// yet acknowledged.
     pub fn pending(&self, after_seq: u64, max: usize) -> Vec<Record> {
         let inner = self.inner.lock().unwrap();
         inner
             .queue
             .iter()
             .filter(|e| !e.acked && e.record.seq > after_seq)
+            .take_while(|e| e.record.seq <= inner.durable_through)
             .take(max)
             .map(|e| e.record.clone())
             .collect()
@@ -434,34 +492,19 @@ impl Spool {
     }
 
     fn try_checkpoint(&self) -> io::Result<()> {
-        let mut checkpointed = self.checkpointed.lock().unwrap();
-        let (done, dir) = {
-            let inner = self.inner.lock().unwrap();
-            match &inner.disk {
-                Some(disk) => (inner.done_through, disk.dir.clone()),
-                None => return Ok(()),
-            }
+        let Some(disk) = &self.disk else {
+            return Ok(());
         };
-        if done != *checkpointed {
-            write_watermark(&dir, done)?;
-            *checkpointed = done;
+        let mut disk = disk.lock().unwrap();
+        let done = self.inner.lock().unwrap().done_through;
+        if done != disk.checkpointed {
+            write_watermark(&disk.dir, done)?;
+            disk.checkpointed = done;
         }
         // Only now may the segments below the watermark go.
-        let released: Vec<PathBuf> = {
-            let mut inner = self.inner.lock().unwrap();
-            let Some(disk) = &mut inner.disk else {
-                return Ok(());
-            };
-            let mut released = Vec::new();
-            while disk.segments.len() > 1
-                && disk.segments.front().is_some_and(|s| s.last_seq <= done)
-            {
-                released.push(disk.segments.pop_front().unwrap().path);
-            }
-            released
-        };
-        for path in released {
-            let _ = fs::remove_file(&path);
+        while disk.segments.len() > 1 && disk.segments.front().is_some_and(|s| s.last_seq <= done) {
+            let seg = disk.segments.pop_front().unwrap();
+            let _ = fs::remove_file(&seg.path);
         }
         Ok(())
     }
@@ -481,15 +524,15 @@ impl Spool {
 }
 
 impl Inner {
-    fn new(next_seq: u64, disk: Option<Disk>) -> Inner {
+    fn new(next_seq: u64) -> Inner {
         Inner {
             queue: VecDeque::new(),
             bytes: 0,
             next_seq,
             done_through: next_seq - 1,
-            disk,
-            written: 0,
+            durable_through: next_seq - 1,
             release_wanted: false,
+            failures: 0,
         }
     }
 }
@@ -504,58 +547,81 @@ fn write_watermark(dir: &Path, done: u64) -> io::Result<()> {
 }
 
 impl Disk {
-    fn write(&mut self, r: &Record) -> io::Result<()> {
-        let topic_len = u16::try_from(r.topic.len()).map_err(|_| {
-            io::Error::new(
-                io::ErrorKind::InvalidInput,
-                "a topic longer than 65,535 bytes cannot be spooled",
-            )
-        })?;
-        if self.file_bytes >= self.segment_bytes || self.rotate || self.abandon {
-            let path = self.dir.join(format!("{:020}.seg", r.seq));
-            let next = Arc::new(OpenOptions::new().create(true).append(true).open(&path)?);
-            let old = std::mem::replace(&mut self.file, next);
-            // The next sync makes the old segment durable (not here: this
-            // runs under the appenders' lock).
-            if !std::mem::take(&mut self.abandon) {
-                self.unsynced.push(old);
-            }
-            self.file_bytes = 0;
-            self.rotate = false;
-            self.segments.push_back(Segment { path, last_seq: 0 });
+    /// Appends `records` (in order) and fdatasyncs them, all or nothing:
+    /// on an error the segment is cut back to what it held before (what
+    /// earlier syncs made durable), so the records can be written again.
+    fn write_and_sync(&mut self, records: &[Record]) -> io::Result<()> {
+        if self.file_bytes >= self.segment_bytes || self.abandon {
+            self.rotate(records[0].seq)?;
         }
-        let mut body = Vec::with_capacity(RECORD_HEADER + r.topic.len() + r.payload.len());
-        body.extend_from_slice(&r.seq.to_be_bytes());
-        body.extend_from_slice(&topic_len.to_be_bytes());
-        body.extend_from_slice(&r.topic);
-        body.extend_from_slice(&r.payload);
-        let mut rec = Vec::with_capacity(8 + body.len());
-        rec.extend_from_slice(&(body.len() as u32).to_be_bytes());
-        rec.extend_from_slice(&crc32fast::hash(&body).to_be_bytes());
-        rec.extend_from_slice(&body);
-        if let Err(err) = (&*self.file).write_all(&rec) {
-            // Part of the record may be in the file (ENOSPC after a short
-            // write): cut it off so the next record follows a good one.
-            if self.file.set_len(self.file_bytes).is_err() {
-                self.rotate = true;
+        let mut buf = Vec::new();
+        for r in records {
+            encode_record(r, &mut buf);
+        }
+        let before = self.file_bytes;
+        let written = (&self.file).write_all(&buf).and_then(|()| {
+            // If this fails, Linux may have dropped the pages it could not
+            // write and will not say so again: cut them off too.
+            self.file.sync_data()
+        });
+        if let Err(err) = written {
+            // Part of it may be in the file (ENOSPC after a short write, or
+            // unsynced pages): the next record must follow a good one.
+            if self.file.set_len(before).is_err() {
+                self.abandon = true;
             }
             return Err(err);
         }
-        self.file_bytes += rec.len() as u64;
+        self.file_bytes += buf.len() as u64;
         if let Some(seg) = self.segments.back_mut() {
-            seg.last_seq = r.seq;
+            seg.last_seq = records[records.len() - 1].seq;
         }
+        Ok(())
+    }
+
+    /// Starts a new segment (the old one is durable, or abandoned).
+    fn rotate(&mut self, first_seq: u64) -> io::Result<()> {
+        let name = first_seq.max(self.last_name + 1);
+        let path = self.dir.join(format!("{name:020}.seg"));
+        self.file = OpenOptions::new().create(true).append(true).open(&path)?;
+        self.last_name = name;
+        self.file_bytes = 0;
+        self.abandon = false;
+        self.segments.push_back(Segment { path, last_seq: 0 });
         Ok(())
     }
 }
 
-/// The valid records of a segment, the length they cover, and why reading
-/// stopped before the end of the file, if it did.
+/// The number a segment file is named by (0 if it is not one of ours).
+fn segment_number(path: &Path) -> u64 {
+    path.file_stem()
+        .and_then(|s| s.to_str())
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0)
+}
+
+fn encode_record(r: &Record, out: &mut Vec<u8>) {
+    let body_len = 8 + 2 + r.topic.len() + r.payload.len();
+    let start = out.len();
+    out.extend_from_slice(&(body_len as u32).to_be_bytes());
+    out.extend_from_slice(&[0; 4]); // the CRC, once the body is in
+    out.extend_from_slice(&r.seq.to_be_bytes());
+    out.extend_from_slice(&(r.topic.len() as u16).to_be_bytes());
+    out.extend_from_slice(&r.topic);
+    out.extend_from_slice(&r.payload);
+    let crc = crc32fast::hash(&out[start + 8..]);
+    out[start + 4..start + 8].copy_from_slice(&crc.to_be_bytes());
+}
+
 /// Reads a segment's records up to the first that is torn, corrupt, or not
-/// numbered above the one before it (`after`: the last sequence number of
-/// the earlier segments). Sequence numbers only grow as records are
-/// written, so a repeat or a step back is damage, not data: replaying it
-/// would deliver a message twice.
+/// numbered above the one before it; returns them, the length they cover,
+/// and why reading stopped before the end of the file, if it did.
+/// Sequence numbers only grow as records are written, so a repeat or a
+/// step back within a segment is damage, not data: replaying it would
+/// deliver a message twice. The exception: a segment may begin with
+/// records already in the earlier ones (numbered up to `after`), rewritten
+/// there after the segment holding them was abandoned (a failed sync);
+/// those are skipped.
 fn read_segment(path: &Path, after: u64) -> io::Result<(Vec<Record>, u64, Option<&'static str>)> {
     let mut data = Vec::new();
     File::open(path)?.read_to_end(&mut data)?;
@@ -563,6 +629,7 @@ fn read_segment(path: &Path, after: u64) -> io::Result<(Vec<Record>, u64, Option
     let mut at = 0usize;
     let mut stop = None;
     let mut previous = after;
+    let mut last_rewritten = 0;
     while at < data.len() {
         let Some(header) = data.get(at..at + 8) else {
             stop = Some("a record header ends early");
@@ -579,9 +646,15 @@ fn read_segment(path: &Path, after: u64) -> io::Result<(Vec<Record>, u64, Option
             break;
         }
         let seq = u64::from_be_bytes(body[0..8].try_into().unwrap());
-        if seq <= previous {
+        let rewritten = previous == after && seq <= after && seq > last_rewritten;
+        if seq <= previous && !rewritten {
             stop = Some("a record's sequence number does not increase");
             break;
+        }
+        if rewritten {
+            last_rewritten = seq;
+            at += 8 + len;
+            continue;
         }
         previous = seq;
         let tlen = usize::from(u16::from_be_bytes([body[8], body[9]]));

@@ -15,7 +15,7 @@ use super::message::{self, code, option, peek_header, Message, ACK, CON, NON, RS
 use super::request::{self, content_type, RequestError};
 use crate::downlink::DownlinkHandle;
 use crate::mapping::{self, Mapper, SharedMapper};
-use crate::mqtt::{Broker, Message as MqttMessage};
+use crate::mqtt::{Broker, Message as MqttMessage, Ticket};
 
 /// Uplink counters, shared by all workers.
 #[derive(Debug, Default)]
@@ -87,6 +87,9 @@ pub struct Uplink {
     /// they are forgotten so a retransmission is processed again rather
     /// than answered from the cache (it was never acknowledged).
     uncommitted: Vec<(SocketAddr, u16)>,
+    /// The ticket of the batch's first publish a sink staged (see
+    /// `mqtt::sink`): the commit before the batch's replies checks it.
+    staged: Option<Ticket>,
     topic: String,
     /// Message IDs for NON responses (section 4.4: ours to choose).
     next_mid: u16,
@@ -105,6 +108,7 @@ impl Uplink {
             dedup: DedupCache::new(config.dedup_per_peer, config.dedup_total),
             evictions_reported: 0,
             uncommitted: Vec::new(),
+            staged: None,
             config,
             mappers,
             mapper,
@@ -296,8 +300,8 @@ impl Uplink {
             None,
         );
         match published {
-            // Staged or not, the worker's commit covers it before the 2.04.
-            Ok(_) => {}
+            // The worker's commit makes it durable before the 2.04 leaves.
+            Ok(ticket) => self.staged = self.staged.or(ticket),
             // A topic MQTT cannot carry (too long, too many levels).
             Err(err) if err.kind() == std::io::ErrorKind::InvalidInput => return code::BAD_REQUEST,
             // Not stored, so not accepted: 5.03, and the device tries again
@@ -398,7 +402,10 @@ impl Uplink {
     /// earlier, committed message turns 5.03 too: at worst its device sends
     /// it again, and the upstream gets it twice, never zero times.)
     pub fn commit(&mut self, replies: &mut [Vec<u8>]) -> std::io::Result<()> {
-        let committed = self.broker.commit();
+        let committed = match self.staged.take() {
+            Some(ticket) => self.broker.commit(ticket),
+            None => Ok(()),
+        };
         if committed.is_err() {
             for (src, mid) in &self.uncommitted {
                 self.dedup.forget(src, *mid);

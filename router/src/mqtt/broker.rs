@@ -19,7 +19,7 @@ use bytes::Bytes;
 use tokio::sync::{mpsc, Notify};
 
 use super::codec::{Properties, SubscriptionOptions};
-use super::sink::{Sink, Sinks};
+use super::sink::{Sink, Sinks, Ticket};
 use super::store::TopicStore;
 use super::topic;
 use super::tree::TopicTree;
@@ -293,35 +293,35 @@ impl Broker {
     /// until the sinks hold the message durably: what a publisher must wait
     /// for before it is told the message was accepted.
     pub async fn publish(&self, message: Message, origin: Option<&[u8]>) -> std::io::Result<()> {
-        if self.publish_deferred(message, origin)? {
-            self.sinks.commit_async().await?;
+        match self.publish_deferred(message, origin)? {
+            Some(ticket) => self.sinks.commit_async(ticket).await,
+            None => Ok(()),
         }
-        Ok(())
     }
 
-    /// Makes everything staged so far durable, blocking this thread (the
-    /// CoAP workers commit a whole receive batch at once this way).
-    pub fn commit(&self) -> std::io::Result<()> {
-        self.sinks.commit()
+    /// Makes everything staged since `ticket` was taken durable, blocking
+    /// this thread (the CoAP workers commit a receive batch this way).
+    pub fn commit(&self, ticket: Ticket) -> std::io::Result<()> {
+        self.sinks.commit(ticket)
     }
 
     /// [`Broker::commit`] for async code: the writer thread does it.
-    pub async fn commit_async(&self) -> std::io::Result<()> {
-        self.sinks.commit_async().await
+    pub async fn commit_async(&self, ticket: Ticket) -> std::io::Result<()> {
+        self.sinks.commit_async(ticket).await
     }
 
     /// Routes `message` to the sinks that want it, then to every matching
-    /// session. Never blocks on a subscriber or a disk. Returns true if a
-    /// sink staged it and it is durable only after a commit
-    /// ([`Broker::commit`]): wait for that before telling the publisher it
-    /// was accepted. An error (a sink could not store it) means nobody got
+    /// session. Never blocks on a subscriber or a disk. Returns a ticket if
+    /// a sink staged it: it is durable only after a commit with that ticket
+    /// (or an earlier one) succeeds ([`Broker::commit`]); wait for that
+    /// before telling the publisher it was accepted. An error (a sink could not store it) means nobody got
     /// the message. `origin` is the publishing client (for MQTT 5 No Local,
     /// and so that a bridge never takes back what it brought in).
     pub fn publish_deferred(
         &self,
         message: Message,
         origin: Option<&[u8]>,
-    ) -> std::io::Result<bool> {
+    ) -> std::io::Result<Option<Ticket>> {
         // The one gate every message passes: what the MQTT wire cannot carry
         // is refused here, before anyone is handed it.
         if message.topic.len() > MAX_TOPIC_BYTES {

@@ -127,7 +127,7 @@ pub async fn serve(mut stream: TcpStream, broker: Arc<Broker>) {
         next_id: 1,
         qos2_received: HashSet::new(),
         out,
-        staged: false,
+        staged: None,
     };
     let Attached {
         session,
@@ -234,7 +234,7 @@ struct Connection {
     out: BytesMut,
     /// A publish acknowledged in `out` was staged in a sink: `out` waits
     /// for the commit.
-    staged: bool,
+    staged: Option<super::Ticket>,
 }
 
 impl Connection {
@@ -264,8 +264,10 @@ impl Connection {
             }
             // One commit for every publish just read, on the writer thread:
             // a slow disk delays this client's acknowledgements, nobody else.
-            if std::mem::take(&mut self.staged) && self.broker.commit_async().await.is_err() {
-                return End::Unavailable;
+            if let Some(ticket) = self.staged.take() {
+                if self.broker.commit_async(ticket).await.is_err() {
+                    return End::Unavailable;
+                }
             }
             // Writing is one branch among the others, never a wait of its
             // own: a client that stops reading still meets its keep-alive
@@ -408,7 +410,7 @@ impl Connection {
             .broker
             .publish_deferred(message, Some(&session.client_id))
         {
-            Ok(staged) => self.staged |= staged,
+            Ok(ticket) => self.staged = self.staged.or(ticket),
             // Not stored (the sink logs why): unacknowledged, see End::Unavailable.
             Err(_) => return Some(End::Unavailable),
         }

@@ -17,7 +17,7 @@ use tokio::net::TcpListener;
 use crate::listener::AcceptFailures;
 
 pub use broker::{Broker, BrokerConfig, Message};
-pub use sink::Sink;
+pub use sink::{Sink, Ticket};
 
 /// Accepts MQTT clients on `listener` forever, one task per connection.
 pub async fn serve(listener: TcpListener, broker: Arc<Broker>) {

@@ -7,6 +7,11 @@
 //! staged so far durable (fdatasync). Only after the commit is a publisher
 //! told its message was accepted (a CoAP 2.04, an MQTT PUBACK).
 //!
+//! A commit may fail (a full or failing disk). The sink then drops what
+//! it had staged and not yet made durable, and counts the failure; so a
+//! publisher takes a [`Ticket`] (the count) when it stages, and its commit
+//! fails if the count has moved since, whoever's commit failed.
+//!
 //! Who commits: the CoAP workers call [`Sinks::commit`] on their own
 //! threads, once per receive batch. The async side (MQTT connections, the
 //! bridges' incoming commands) must never wait for a disk on the runtime's
@@ -32,8 +37,12 @@ pub trait Sink: Send + Sync {
     /// only after the next `commit`; Ok(false): not wanted, or already
     /// durable. An error refuses the message: nobody gets it.
     fn stage(&self, message: &Message, origin: Option<&[u8]>) -> io::Result<bool>;
-    /// Makes everything staged so far durable. May block on the disk.
+    /// Makes everything staged so far durable. May block on the disk. If
+    /// it fails, what was staged and not yet durable is dropped, and
+    /// `failures` grows in the same step.
     fn commit(&self) -> io::Result<()>;
+    /// How many commits have failed so far.
+    fn failures(&self) -> u64;
     /// Housekeeping that may block on the disk (recording progress,
     /// releasing space); the writer thread calls it about every 200 ms.
     fn checkpoint(&self) -> io::Result<()>;
@@ -46,9 +55,15 @@ pub struct Sinks {
     writer: RwLock<Option<Sender<Job>>>,
 }
 
+/// The sinks' failure count when a publisher staged its messages: they
+/// are durable once a later commit succeeds with the count unchanged.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[must_use]
+pub struct Ticket(u64);
+
 enum Job {
     /// Commit, then answer.
-    Commit(oneshot::Sender<io::Result<()>>),
+    Commit(Ticket, oneshot::Sender<io::Result<()>>),
 }
 
 /// How often the writer thread runs the sinks' checkpoints.
@@ -78,28 +93,34 @@ impl Sinks {
         }
     }
 
-    /// Stages `message` in every sink that wants it; true if any of them
-    /// needs a commit before the message is durable.
-    pub fn stage(&self, message: &Message, origin: Option<&[u8]>) -> io::Result<bool> {
+    /// Stages `message` in every sink that wants it; a ticket if any of
+    /// them needs a commit before the message is durable.
+    pub fn stage(&self, message: &Message, origin: Option<&[u8]>) -> io::Result<Option<Ticket>> {
+        let list = self.list.read().unwrap();
+        // Read before staging: a failure after this drops what follows.
+        let ticket = ticket(&list);
         let mut staged = false;
-        for sink in self.list.read().unwrap().iter() {
+        for sink in list.iter() {
             staged |= sink.stage(message, origin)?;
         }
-        Ok(staged)
+        Ok(staged.then_some(ticket))
     }
 
-    /// Makes everything staged so far durable, on the caller's thread: for
-    /// threads that may block (the CoAP workers).
-    pub fn commit(&self) -> io::Result<()> {
-        commit_all(&self.list)
+    /// Makes everything staged so far durable, on the caller's thread (for
+    /// threads that may block: the CoAP workers). An error if a commit
+    /// failed since `ticket` was taken: what was staged with it is gone.
+    pub fn commit(&self, ticket: Ticket) -> io::Result<()> {
+        let list = self.list.read().unwrap();
+        commit_all(&list)?;
+        check(&list, ticket)
     }
 
     /// The same from async code: the writer thread commits, grouping
     /// concurrent callers into one commit per sink.
-    pub async fn commit_async(&self) -> io::Result<()> {
+    pub async fn commit_async(&self, ticket: Ticket) -> io::Result<()> {
         let (tx, rx) = oneshot::channel();
         let sent = match &*self.writer.read().unwrap() {
-            Some(writer) => writer.send(Job::Commit(tx)).is_ok(),
+            Some(writer) => writer.send(Job::Commit(ticket, tx)).is_ok(),
             None => return Ok(()), // no sinks, nothing to commit
         };
         if !sent {
@@ -110,25 +131,39 @@ impl Sinks {
     }
 }
 
-fn commit_all(list: &RwLock<Vec<Arc<dyn Sink>>>) -> io::Result<()> {
-    for sink in list.read().unwrap().iter() {
-        sink.commit()?;
+type List = Vec<Arc<dyn Sink>>;
+
+fn ticket(list: &List) -> Ticket {
+    Ticket(list.iter().map(|s| s.failures()).sum())
+}
+
+fn commit_all(list: &List) -> io::Result<()> {
+    list.iter().try_for_each(|sink| sink.commit())
+}
+
+fn check(list: &List, staged: Ticket) -> io::Result<()> {
+    if ticket(list) == staged {
+        Ok(())
+    } else {
+        Err(io::Error::other(
+            "a commit failed after the message was staged: it was dropped",
+        ))
     }
-    Ok(())
 }
 
 fn write_loop(list: &RwLock<Vec<Arc<dyn Sink>>>, jobs: &Receiver<Job>) {
     let mut next_checkpoint = std::time::Instant::now() + CHECKPOINT_EVERY;
     loop {
         match jobs.recv_deadline(next_checkpoint) {
-            Ok(Job::Commit(first)) => {
+            Ok(first) => {
                 // Everyone who asked while the last commit ran shares this one.
                 let mut waiting = vec![first];
-                waiting.extend(jobs.try_iter().map(|Job::Commit(tx)| tx));
-                let result = commit_all(list);
-                for tx in waiting {
+                waiting.extend(jobs.try_iter());
+                let list = list.read().unwrap();
+                let result = commit_all(&list);
+                for Job::Commit(staged, tx) in waiting {
                     let answer = match &result {
-                        Ok(()) => Ok(()),
+                        Ok(()) => check(&list, staged),
                         Err(err) => Err(io::Error::new(err.kind(), err.to_string())),
                     };
                     let _ = tx.send(answer);
@@ -139,8 +174,9 @@ fn write_loop(list: &RwLock<Vec<Arc<dyn Sink>>>, jobs: &Receiver<Job>) {
         }
         let now = std::time::Instant::now();
         if now >= next_checkpoint {
-            let _ = commit_all(list);
-            for sink in list.read().unwrap().iter() {
+            let list = list.read().unwrap();
+            let _ = commit_all(&list);
+            for sink in list.iter() {
                 // A sink logs its own disk trouble, once per outage.
                 let _ = sink.checkpoint();
             }
