@@ -271,6 +271,11 @@ pub fn render(c: &Control) -> String {
             "Messages evicted from a full spool, oldest first.",
         ),
         (
+            "m2m_spool_sync_failures_total",
+            "counter",
+            "Spool syncs that failed (their messages were refused: 5.03).",
+        ),
+        (
             "m2m_upstream_acked_total",
             "counter",
             "Messages the upstream broker acknowledged.",
@@ -288,6 +293,7 @@ pub fn render(c: &Control) -> String {
                 "m2m_spool_messages" => s.records.load(Ordering::Relaxed),
                 "m2m_spool_bytes" => s.bytes.load(Ordering::Relaxed),
                 "m2m_spool_evicted_total" => s.evicted.load(Ordering::Relaxed),
+                "m2m_spool_sync_failures_total" => s.sync_failures.load(Ordering::Relaxed),
                 "m2m_upstream_acked_total" => s.acked.load(Ordering::Relaxed),
                 _ => u64::from(b.connected.load(Ordering::Relaxed)),
             };

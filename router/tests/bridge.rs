@@ -12,7 +12,8 @@ use std::time::{Duration, Instant};
 use m2m_router::coap::message::{code, Message};
 use m2m_router_tests::daemon::Daemon;
 use m2m_router_tests::disk::SmallDisk;
-use m2m_router_tests::mqtt::Mosquitto;
+use m2m_router_tests::faultfs::FaultFs;
+use m2m_router_tests::mqtt::{Mosquitto, RawClient};
 use m2m_router_tests::netns::{confirm, wait_for, Netns, Topology, DEADLINE, DEV_V4, GW_IF, GW_V4};
 use m2m_router_tests::packet::coap;
 use m2m_router_tests::require_root;
@@ -480,7 +481,9 @@ fn a_full_spool_disk_answers_5_03_logs_once_and_recovers_by_itself() {
 
     // Nothing acknowledged was lost: the upstream gets all of it, in order,
     // and nothing refused (a failed sync drops what it could not store).
-    let _mosquitto = Mosquitto::start(&setup.topo.gw, UPSTREAM_PORT);
+    // Restarted with its persistence, so the subscriber registered above
+    // gets every message, however soon the bridge reconnects.
+    mosquitto.restart(&setup.topo.gw);
     let got = upstream_sub(
         &setup.topo.gw,
         "keeper",
@@ -493,6 +496,154 @@ fn a_full_spool_disk_answers_5_03_logs_once_and_recovers_by_itself() {
         .map(|p| format!("{topic} {p}"))
         .collect();
     assert_eq!(got, expected, "the acknowledged messages, in order");
+    let sent = acknowledged.len() as u64;
+    router.wait_ctl(&["upstream", "ls"], DEADLINE, |v| {
+        let u = &v["upstreams"][0];
+        u["spooled_messages"] == 0 && u["acked"].as_u64() == Some(sent)
+    });
+    router.stop();
+}
+
+/// Issue 11, build item 2: an fdatasync that takes long (here: held by
+/// the fault-injecting filesystem until the test lets it go) delays the
+/// publisher waiting for it, and nobody else: other MQTT clients, the
+/// message's local delivery and the control socket are served meanwhile.
+#[test]
+fn a_slow_disk_delays_only_the_publisher_waiting_for_it() {
+    let disk = FaultFs::mount("br-slow");
+    let setup = Setup::with_spool_dir(
+        "br-slow",
+        "durability = \"disk\"",
+        Some(&disk.path().join("spool")),
+    );
+    let router = setup.router();
+    let broker: SocketAddr = "127.0.0.1:1883".parse().unwrap();
+    let (mut publisher, mut other) = setup.topo.gw.run(|| {
+        let mut publisher = RawClient::connect(broker);
+        assert_eq!(publisher.handshake("slow-publisher"), 0);
+        let mut other = RawClient::connect(broker);
+        assert_eq!(other.handshake("other"), 0);
+        assert_eq!(other.subscribe("plant/#", 0), 0);
+        (publisher, other)
+    });
+
+    disk.faults.hold_syncs();
+    publisher.publish_qos1("plant/valve", b"durable", 7);
+    disk.faults.wait_for_held_sync(DEADLINE);
+
+    // While the disk holds that fsync, everyone else is served: the message
+    // reaches local subscribers, another client publishes and pings...
+    let (_, _, _, topic, payload) = other.read_publish();
+    assert_eq!(
+        (topic.as_str(), &payload[..]),
+        ("plant/valve", &b"durable"[..])
+    );
+    other.publish("plant/other", b"x");
+    assert_eq!(other.read_publish().3, "plant/other");
+    other.ping();
+    // ...and the control socket answers.
+    assert_eq!(
+        router.ctl_json(&["upstream", "ls"])["upstreams"][0]["name"],
+        "cloud"
+    );
+    // The publisher alone waits: no PUBACK while its message is not on disk.
+    assert!(disk.faults.held() > 0, "the fsync is still held");
+    assert!(
+        publisher.nothing_to_read(),
+        "PUBACK before the message was on disk"
+    );
+    disk.faults.release_syncs();
+    assert_eq!(publisher.read_puback(), 7);
+    router.stop();
+}
+
+/// Issue 11, build item 3: write and fsync errors (the fault-injecting
+/// filesystem answers EIO): devices get 5.03, duplicate detection forgets
+/// the refused exchange so its retransmission is processed again, an MQTT
+/// publisher is disconnected unacknowledged, each outage is logged once, and
+/// the upstream gets exactly what was acknowledged.
+#[test]
+fn write_and_fsync_errors_answer_5_03_and_lose_nothing() {
+    let disk = FaultFs::mount("br-eio");
+    let setup = Setup::with_spool_dir(
+        "br-eio",
+        "durability = \"disk\"",
+        Some(&disk.path().join("spool")),
+    );
+    let mut mosquitto = Mosquitto::start(&setup.topo.gw, UPSTREAM_PORT);
+    register_upstream_sub(&setup.topo.gw, "keeper-eio");
+    mosquitto.stop();
+    let sock = &peers(&setup.topo, 1)[0];
+    let mut router = setup.router();
+
+    assert_eq!(post(sock, 1, "m1"), code::CHANGED);
+    let mut acknowledged = vec!["m1".to_string()];
+    let faults = &disk.faults;
+    let outages: [(&str, &dyn Fn(bool)); 2] = [
+        ("fsync", &|on| faults.fail_syncs(on)),
+        ("write", &|on| faults.fail_writes(on)),
+    ];
+    for (mid, (what, fail)) in (2u16..).zip(outages) {
+        let payload = format!("m{mid}");
+        fail(true);
+        assert_eq!(
+            post(sock, mid, &payload),
+            code::SERVICE_UNAVAILABLE,
+            "a failing {what}"
+        );
+        router.expect_line("refuses messages");
+        // An MQTT publisher is not acknowledged either: disconnected, it
+        // will send again when it reconnects.
+        setup.topo.gw.run(|| {
+            let mut client = RawClient::connect("127.0.0.1:1883".parse().unwrap());
+            assert_eq!(client.handshake(&format!("eio-{what}")), 0);
+            client.publish_qos1("plant/valve", b"refused", 1);
+            assert!(client.closed_by_server(), "closed, unacknowledged");
+        });
+        fail(false);
+        // The same exchange again (same Message ID): processed anew, not
+        // answered from the cache, once the disk is retried (50 ms).
+        let deadline = Instant::now() + DEADLINE;
+        while post(sock, mid, &payload) != code::CHANGED {
+            assert!(Instant::now() < deadline, "CON {mid} never accepted");
+        }
+        acknowledged.push(payload);
+        router.expect_line("accepts messages again");
+    }
+    let refusals = router
+        .seen
+        .iter()
+        .filter(|l| l.contains("refuses messages"))
+        .count();
+    assert_eq!(
+        refusals,
+        2,
+        "one line per outage:\n{}",
+        router.seen.join("\n")
+    );
+    let upstream = router.ctl_json(&["upstream", "ls"])["upstreams"][0].clone();
+    assert!(
+        upstream["sync_failures"].as_u64().unwrap() >= 2,
+        "{upstream}"
+    );
+    assert!(router.counter("coap", "unavailable") >= 2);
+
+    // The upstream gets what was acknowledged, in order, and nothing refused.
+    // Restarted with its persistence, so the subscriber registered above
+    // gets every message, however soon the bridge reconnects.
+    mosquitto.restart(&setup.topo.gw);
+    let got = upstream_sub(
+        &setup.topo.gw,
+        "keeper-eio",
+        acknowledged.len(),
+        (RECONNECT + DEADLINE).as_secs() as u32,
+    );
+    let topic = format!("site-7/m2m/{}/x", DEV_V4[0]);
+    let expected: Vec<String> = acknowledged
+        .iter()
+        .map(|p| format!("{topic} {p}"))
+        .collect();
+    assert_eq!(got, expected);
     let sent = acknowledged.len() as u64;
     router.wait_ctl(&["upstream", "ls"], DEADLINE, |v| {
         let u = &v["upstreams"][0];

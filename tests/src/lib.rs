@@ -5,11 +5,14 @@
 //! - [`frames`]: the differential corpus of Ethernet frames;
 //! - [`packet`]: an Ethernet/VLAN/IPv4/IPv6/UDP/CoAP frame builder;
 //! - [`disk`]: a small tmpfs that fills up and gets room back on demand;
+//! - [`faultfs`]: a FUSE filesystem whose writes and fsyncs fail or wait
+//!   on demand;
 //! - [`verdict`]: the XDP program's verdict for a frame beside the reference's;
 //! - [`require_root`]: privileged tests fail loudly, never skip.
 
 pub mod daemon;
 pub mod disk;
+pub mod faultfs;
 pub mod frames;
 pub mod mqtt;
 pub mod netns;

@@ -282,6 +282,38 @@ impl RawClient {
         self.send_packet(0x30, &body);
     }
 
+    /// PUBLISH at QoS 1 with packet id `id` (the PUBACK is not read).
+    pub fn publish_qos1(&mut self, topic: &str, payload: &[u8], id: u16) {
+        let mut body = (topic.len() as u16).to_be_bytes().to_vec();
+        body.extend_from_slice(topic.as_bytes());
+        body.extend_from_slice(&id.to_be_bytes());
+        body.extend_from_slice(payload);
+        self.send_packet(0x32, &body);
+    }
+
+    /// Reads a PUBACK; returns its packet id.
+    pub fn read_puback(&mut self) -> u16 {
+        let (first, body) = self.read_packet("PUBACK");
+        assert_eq!(first, 0x40, "PUBACK expected, got {first:#x}");
+        u16::from_be_bytes([body[0], body[1]])
+    }
+
+    /// PINGREQ, and waits for the PINGRESP.
+    pub fn ping(&mut self) {
+        self.send_packet(0xc0, &[]);
+        let (first, _) = self.read_packet("PINGRESP");
+        assert_eq!(first, 0xd0, "PINGRESP expected, got {first:#x}");
+    }
+
+    /// Whether nothing from the server is waiting to be read right now.
+    pub fn nothing_to_read(&mut self) -> bool {
+        self.stream.set_nonblocking(true).unwrap();
+        let mut byte = [0u8; 1];
+        let idle = matches!(self.stream.peek(&mut byte), Err(e) if e.kind() == std::io::ErrorKind::WouldBlock);
+        self.stream.set_nonblocking(false).unwrap();
+        idle
+    }
+
     pub fn puback(&mut self, id: u16) {
         self.send_packet(0x40, &id.to_be_bytes());
     }

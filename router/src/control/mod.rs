@@ -371,6 +371,7 @@ impl Control {
                     v["sent"] = json!(b.sent.load(Ordering::Relaxed));
                     v["acked"] = json!(s.acked.load(Ordering::Relaxed));
                     v["evicted"] = json!(s.evicted.load(Ordering::Relaxed));
+                    v["sync_failures"] = json!(s.sync_failures.load(Ordering::Relaxed));
                     v["too_long"] = json!(b.too_long.load(Ordering::Relaxed));
                 }
                 v

@@ -410,7 +410,10 @@ impl Connection {
             .broker
             .publish_deferred(message, Some(&session.client_id))
         {
-            Ok(ticket) => self.staged = self.staged.or(ticket),
+            // Only an acknowledgement waits for the disk: a QoS 0 message is
+            // committed by the writer thread's next round.
+            Ok(ticket) if p.qos > 0 => self.staged = self.staged.or(ticket),
+            Ok(_) => {}
             // Not stored (the sink logs why): unacknowledged, see End::Unavailable.
             Err(_) => return Some(End::Unavailable),
         }

@@ -184,3 +184,74 @@ fn write_loop(list: &RwLock<Vec<Arc<dyn Sink>>>, jobs: &Receiver<Job>) {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+
+    use bytes::Bytes;
+
+    use super::*;
+
+    /// A sink whose commits fail while `failing` is set.
+    #[derive(Default)]
+    struct Flaky {
+        failing: AtomicBool,
+        failures: AtomicU64,
+    }
+
+    impl Sink for Flaky {
+        fn stage(&self, _: &Message, _: Option<&[u8]>) -> io::Result<bool> {
+            Ok(true)
+        }
+        fn commit(&self) -> io::Result<()> {
+            if self.failing.load(Ordering::SeqCst) {
+                self.failures.fetch_add(1, Ordering::SeqCst);
+                return Err(io::Error::other("disk on fire"));
+            }
+            Ok(())
+        }
+        fn failures(&self) -> u64 {
+            self.failures.load(Ordering::SeqCst)
+        }
+        fn checkpoint(&self) -> io::Result<()> {
+            Ok(())
+        }
+    }
+
+    fn message() -> Message {
+        Message {
+            topic: Bytes::from_static(b"t"),
+            payload: Bytes::from_static(b"p"),
+            qos: 1,
+            retain: false,
+            content_type: None,
+            properties: None,
+        }
+    }
+
+    /// A message staged before someone else's commit failed was dropped
+    /// by that failure: its own later commit must not report it durable,
+    /// even though that commit itself succeeds.
+    #[test]
+    fn a_failure_after_staging_fails_the_commit_that_follows() {
+        let sinks = Sinks::default();
+        let flaky = Arc::new(Flaky::default());
+        sinks.add(flaky.clone());
+        let early = sinks.stage(&message(), None).unwrap().expect("staged");
+        flaky.failing.store(true, Ordering::SeqCst);
+        let failed = sinks.stage(&message(), None).unwrap().expect("staged");
+        assert!(sinks.commit(failed).is_err(), "the disk fails");
+        flaky.failing.store(false, Ordering::SeqCst);
+        assert!(sinks.commit(early).is_err(), "dropped by the failure");
+        let late = sinks.stage(&message(), None).unwrap().expect("staged");
+        sinks
+            .commit(late)
+            .expect("staged after the failure, committed after it");
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .build()
+            .unwrap();
+        assert!(runtime.block_on(sinks.commit_async(early)).is_err());
+        runtime.block_on(sinks.commit_async(late)).unwrap();
+    }
+}
