@@ -37,6 +37,7 @@ fn control() -> &'static Mutex<Control> {
                 uplink: Arc::new(UplinkStats::default()),
                 downlink: Arc::new(DownlinkStats::default()),
                 broker: Broker::new(BrokerConfig::default()),
+                bridges: Vec::new(),
                 control_socket: Default::default(),
                 metrics_http: Default::default(),
             },

@@ -3,17 +3,18 @@
 //! crash in the middle loses nothing with the disk spool; a full spool
 //! evicts the oldest and the router keeps serving. Privileged: needs root.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::net::{IpAddr, SocketAddr, UdpSocket};
 use std::path::Path;
 use std::process::Command;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use m2m_router::coap::message::{code, Message};
 use m2m_router_tests::daemon::Daemon;
 use m2m_router_tests::disk::SmallDisk;
 use m2m_router_tests::faultfs::FaultFs;
-use m2m_router_tests::mqtt::{Mosquitto, RawClient};
+use m2m_router_tests::mqtt::{Mosquitto, MosquittoSub, RawClient};
 use m2m_router_tests::netns::{confirm, wait_for, Netns, Topology, DEADLINE, DEV_V4, GW_IF, GW_V4};
 use m2m_router_tests::packet::coap;
 use m2m_router_tests::require_root;
@@ -649,6 +650,163 @@ fn write_and_fsync_errors_answer_5_03_and_lose_nothing() {
         let u = &v["upstreams"][0];
         u["spooled_messages"] == 0 && u["acked"].as_u64() == Some(sent)
     });
+    router.stop();
+}
+
+/// A device under load: CON POSTs "peer:seq" from `sock`, each sent again
+/// until answered, until `stop`; once stopped, a CON left unanswered (the
+/// router was killed) ends it. Returns the sequence numbers answered 2.04,
+/// counting them in `acked` as they come. `pause` between messages keeps
+/// the volume within what the test's upstream queues hold.
+fn load(
+    sock: &UdpSocket,
+    peer: usize,
+    pause: Duration,
+    stop: &AtomicBool,
+    acked: &AtomicUsize,
+) -> Vec<u32> {
+    let dst = SocketAddr::new(GW_V4.into(), 5683);
+    sock.set_read_timeout(Some(Duration::from_millis(500)))
+        .unwrap();
+    let mut answered = Vec::new();
+    let mut buf = [0u8; 512];
+    'next: for seq in 0u32.. {
+        if stop.load(Ordering::SeqCst) {
+            break;
+        }
+        std::thread::sleep(pause);
+        let mid = seq as u16;
+        let payload = format!("{peer}:{seq}");
+        let msg = coap(
+            0,
+            code::POST,
+            mid,
+            &mid.to_be_bytes(),
+            &[0xb1, b'x'],
+            payload.as_bytes(),
+        );
+        loop {
+            let _ = sock.send_to(&msg, dst);
+            match sock.recv(&mut buf) {
+                Ok(n) if n >= 4 && u16::from_be_bytes([buf[2], buf[3]]) == mid => {
+                    if buf[1] == code::CHANGED {
+                        answered.push(seq);
+                        acked.fetch_add(1, Ordering::SeqCst);
+                    }
+                    continue 'next;
+                }
+                Ok(_) => {} // a late answer to an earlier CON
+                Err(_) if stop.load(Ordering::SeqCst) => break 'next,
+                Err(_) => {} // lost or slow: send it again
+            }
+        }
+    }
+    answered
+}
+
+/// Checks that every acknowledged "peer:seq" of `acked` is among the
+/// upstream's messages `got` (at least once: more, or twice, is allowed).
+fn assert_all_delivered(acked: &[Vec<u32>], got: &[m2m_router_tests::mqtt::Received]) {
+    let delivered: HashSet<&str> = got.iter().map(|m| m.payload.as_str()).collect();
+    for (peer, seqs) in acked.iter().enumerate() {
+        let lost: Vec<u32> = seqs
+            .iter()
+            .copied()
+            .filter(|seq| !delivered.contains(format!("{peer}:{seq}").as_str()))
+            .collect();
+        assert!(
+            lost.is_empty(),
+            "peer {peer}: acknowledged but never delivered: {lost:?}"
+        );
+    }
+}
+
+/// Issue 11, build item 3: SIGKILL while devices are sending and the bridge
+/// is forwarding; after the restart and replay, the upstream has every
+/// message a device was acknowledged for.
+#[test]
+fn a_kill_under_load_loses_nothing_acknowledged() {
+    let setup = Setup::new("br-kill", "durability = \"disk\"");
+    let _mosquitto = Mosquitto::start(&setup.topo.gw, UPSTREAM_PORT);
+    let mut upstream =
+        MosquittoSub::start_on(&setup.topo.gw, UPSTREAM_PORT, &["site-7/#"], &["-q", "1"]);
+    let sockets = peers(&setup.topo, 8);
+    let router = setup.router();
+    let stop = AtomicBool::new(false);
+    let acked_so_far = AtomicUsize::new(0);
+    let acked: Vec<Vec<u32>> = std::thread::scope(|scope| {
+        let senders: Vec<_> = sockets
+            .iter()
+            .enumerate()
+            .map(|(peer, sock)| {
+                let (stop, count) = (&stop, &acked_so_far);
+                scope.spawn(move || load(sock, peer, Duration::ZERO, stop, count))
+            })
+            .collect();
+        wait_for(DEADLINE, || acked_so_far.load(Ordering::SeqCst) >= 2_000);
+        drop(router); // SIGKILL, mid-load
+        stop.store(true, Ordering::SeqCst);
+        senders.into_iter().map(|s| s.join().unwrap()).collect()
+    });
+
+    let router = setup.router();
+    router.wait_ctl(&["upstream", "ls"], RECONNECT + DEADLINE, |v| {
+        let u = &v["upstreams"][0];
+        u["connected"] == true && u["spooled_messages"] == 0
+    });
+    let got = upstream.fence();
+    assert_all_delivered(&acked, &got);
+    router.stop();
+}
+
+/// Issue 11, build item 3: the upstream broker goes away and comes back
+/// every second for a minute while devices send: every acknowledged
+/// message arrives once it stays up, and the router stays up.
+#[test]
+fn a_flapping_upstream_under_load_loses_nothing_acknowledged() {
+    let setup = Setup::new("br-flap", "durability = \"disk\"");
+    let mut mosquitto = Mosquitto::start(&setup.topo.gw, UPSTREAM_PORT);
+    // A persistent session (kept across the restarts): what is published
+    // while it reconnects waits for it.
+    let mut upstream = MosquittoSub::start_on(
+        &setup.topo.gw,
+        UPSTREAM_PORT,
+        &["site-7/#"],
+        &["-q", "1", "-c", "-i", "flap-keeper"],
+    );
+    let sockets = peers(&setup.topo, 4);
+    let router = setup.router();
+    let stop = AtomicBool::new(false);
+    let acked_so_far = AtomicUsize::new(0);
+    let acked: Vec<Vec<u32>> = std::thread::scope(|scope| {
+        let senders: Vec<_> = sockets
+            .iter()
+            .enumerate()
+            .map(|(peer, sock)| {
+                let (stop, count) = (&stop, &acked_so_far);
+                // ~200 messages a second each: Mosquitto keeps at most
+                // 100,000 for an offline session (its max_queued_messages).
+                let pause = Duration::from_millis(5);
+                scope.spawn(move || load(sock, peer, pause, stop, count))
+            })
+            .collect();
+        for _ in 0..30 {
+            std::thread::sleep(Duration::from_secs(1));
+            mosquitto.stop();
+            std::thread::sleep(Duration::from_secs(1));
+            mosquitto.restart(&setup.topo.gw);
+        }
+        stop.store(true, Ordering::SeqCst);
+        senders.into_iter().map(|s| s.join().unwrap()).collect()
+    });
+    let total: usize = acked.iter().map(Vec::len).sum();
+    assert!(total > 100, "only {total} acknowledged in a minute");
+    router.wait_ctl(&["upstream", "ls"], RECONNECT + DEADLINE, |v| {
+        let u = &v["upstreams"][0];
+        u["connected"] == true && u["spooled_messages"] == 0
+    });
+    let got = upstream.fence();
+    assert_all_delivered(&acked, &got);
     router.stop();
 }
 

@@ -28,6 +28,7 @@ pub struct MosquittoSub {
     lines: Receiver<String>,
     /// `ip netns exec <ns>`, to publish probes and fences from inside it.
     ns: String,
+    port: u16,
     probes: u32,
 }
 
@@ -36,12 +37,18 @@ impl MosquittoSub {
     /// returns once the subscription demonstrably works (a probe published
     /// after it came back through it).
     pub fn start(ns: &Netns, filters: &[&str], extra: &[&str]) -> MosquittoSub {
+        MosquittoSub::start_on(ns, 1883, filters, extra)
+    }
+
+    /// [`MosquittoSub::start`] against the broker on 127.0.0.1:`port`.
+    pub fn start_on(ns: &Netns, port: u16, filters: &[&str], extra: &[&str]) -> MosquittoSub {
         let mut cmd = ns.command("mosquitto_sub");
+        let port_arg = port.to_string();
         cmd.args([
             "-h",
             "127.0.0.1",
             "-p",
-            "1883",
+            &port_arg,
             "-V",
             "mqttv5",
             "-v",
@@ -68,6 +75,7 @@ impl MosquittoSub {
             child,
             lines,
             ns: ns.name().to_owned(),
+            port,
             probes: 0,
         };
         // mosquitto_sub may not have subscribed yet when a probe is
@@ -130,7 +138,7 @@ impl MosquittoSub {
         let payload = format!("probe-{}", self.probes);
         let ok = Command::new("ip")
             .args(["netns", "exec", &self.ns, "mosquitto_pub"])
-            .args(["-h", "127.0.0.1", "-p", "1883", "-q", "1"])
+            .args(["-h", "127.0.0.1", "-p", &self.port.to_string(), "-q", "1"])
             .args(["-t", PROBE_TOPIC, "-m", &payload])
             .status()
             .expect("mosquitto_pub")
