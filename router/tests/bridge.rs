@@ -54,6 +54,14 @@ impl Setup {
         Setup::with_spool_dir(tag, extra_upstream, None)
     }
 
+    /// With a disk spool on a fresh fault-injecting filesystem.
+    fn on_faulty_disk(tag: &str) -> (FaultFs, Setup) {
+        let disk = FaultFs::mount(tag);
+        let spool = disk.path().join("spool");
+        let setup = Setup::with_spool_dir(tag, "durability = \"disk\"", Some(&spool));
+        (disk, setup)
+    }
+
     /// With the spool in `spool_dir` instead of the test's directory.
     fn with_spool_dir(tag: &str, extra_upstream: &str, spool_dir: Option<&Path>) -> Setup {
         require_root();
@@ -511,12 +519,7 @@ fn a_full_spool_disk_answers_5_03_logs_once_and_recovers_by_itself() {
 /// message's local delivery and the control socket are served meanwhile.
 #[test]
 fn a_slow_disk_delays_only_the_publisher_waiting_for_it() {
-    let disk = FaultFs::mount("br-slow");
-    let setup = Setup::with_spool_dir(
-        "br-slow",
-        "durability = \"disk\"",
-        Some(&disk.path().join("spool")),
-    );
+    let (disk, setup) = Setup::on_faulty_disk("br-slow");
     let router = setup.router();
     let broker: SocketAddr = "127.0.0.1:1883".parse().unwrap();
     let (mut publisher, mut other) = setup.topo.gw.run(|| {
@@ -565,12 +568,7 @@ fn a_slow_disk_delays_only_the_publisher_waiting_for_it() {
 /// the upstream gets exactly what was acknowledged.
 #[test]
 fn write_and_fsync_errors_answer_5_03_and_lose_nothing() {
-    let disk = FaultFs::mount("br-eio");
-    let setup = Setup::with_spool_dir(
-        "br-eio",
-        "durability = \"disk\"",
-        Some(&disk.path().join("spool")),
-    );
+    let (disk, setup) = Setup::on_faulty_disk("br-eio");
     let mut mosquitto = Mosquitto::start(&setup.topo.gw, UPSTREAM_PORT);
     register_upstream_sub(&setup.topo.gw, "keeper-eio");
     mosquitto.stop();
@@ -704,6 +702,40 @@ fn load(
     answered
 }
 
+/// Runs [`load`] from every socket (peer = its index) while `meanwhile`
+/// runs, given the count of 2.04s so far; stops the devices when it
+/// returns, and returns each one's acknowledged sequence numbers.
+fn under_load(
+    sockets: &[UdpSocket],
+    pause: Duration,
+    meanwhile: impl FnOnce(&AtomicUsize),
+) -> Vec<Vec<u32>> {
+    let stop = AtomicBool::new(false);
+    let acked = AtomicUsize::new(0);
+    std::thread::scope(|scope| {
+        let senders: Vec<_> = sockets
+            .iter()
+            .enumerate()
+            .map(|(peer, sock)| {
+                let (stop, acked) = (&stop, &acked);
+                scope.spawn(move || load(sock, peer, pause, stop, acked))
+            })
+            .collect();
+        meanwhile(&acked);
+        stop.store(true, Ordering::SeqCst);
+        senders.into_iter().map(|s| s.join().unwrap()).collect()
+    })
+}
+
+/// Waits until the bridge is connected and its spool empty: everything
+/// it took is acknowledged upstream.
+fn wait_drained(router: &Daemon, limit: Duration) {
+    router.wait_ctl(&["upstream", "ls"], limit, |v| {
+        let u = &v["upstreams"][0];
+        u["connected"] == true && u["spooled_messages"] == 0
+    });
+}
+
 /// Checks that every acknowledged "peer:seq" of `acked` is among the
 /// upstream's messages `got` (at least once: more, or twice, is allowed).
 fn assert_all_delivered(acked: &[Vec<u32>], got: &[m2m_router_tests::mqtt::Received]) {
@@ -732,28 +764,13 @@ fn a_kill_under_load_loses_nothing_acknowledged() {
         MosquittoSub::start_on(&setup.topo.gw, UPSTREAM_PORT, &["site-7/#"], &["-q", "1"]);
     let sockets = peers(&setup.topo, 8);
     let router = setup.router();
-    let stop = AtomicBool::new(false);
-    let acked_so_far = AtomicUsize::new(0);
-    let acked: Vec<Vec<u32>> = std::thread::scope(|scope| {
-        let senders: Vec<_> = sockets
-            .iter()
-            .enumerate()
-            .map(|(peer, sock)| {
-                let (stop, count) = (&stop, &acked_so_far);
-                scope.spawn(move || load(sock, peer, Duration::ZERO, stop, count))
-            })
-            .collect();
-        wait_for(DEADLINE, || acked_so_far.load(Ordering::SeqCst) >= 2_000);
+    let acked = under_load(&sockets, Duration::ZERO, |acked| {
+        wait_for(DEADLINE, || acked.load(Ordering::SeqCst) >= 2_000);
         drop(router); // SIGKILL, mid-load
-        stop.store(true, Ordering::SeqCst);
-        senders.into_iter().map(|s| s.join().unwrap()).collect()
     });
 
     let router = setup.router();
-    router.wait_ctl(&["upstream", "ls"], RECONNECT + DEADLINE, |v| {
-        let u = &v["upstreams"][0];
-        u["connected"] == true && u["spooled_messages"] == 0
-    });
+    wait_drained(&router, RECONNECT + DEADLINE);
     let got = upstream.fence();
     assert_all_delivered(&acked, &got);
     router.stop();
@@ -776,35 +793,19 @@ fn a_flapping_upstream_under_load_loses_nothing_acknowledged() {
     );
     let sockets = peers(&setup.topo, 4);
     let router = setup.router();
-    let stop = AtomicBool::new(false);
-    let acked_so_far = AtomicUsize::new(0);
-    let acked: Vec<Vec<u32>> = std::thread::scope(|scope| {
-        let senders: Vec<_> = sockets
-            .iter()
-            .enumerate()
-            .map(|(peer, sock)| {
-                let (stop, count) = (&stop, &acked_so_far);
-                // ~200 messages a second each: Mosquitto keeps at most
-                // 100,000 for an offline session (its max_queued_messages).
-                let pause = Duration::from_millis(5);
-                scope.spawn(move || load(sock, peer, pause, stop, count))
-            })
-            .collect();
+    // ~200 messages a second each: Mosquitto keeps at most 100,000 for an
+    // offline session (its max_queued_messages).
+    let acked = under_load(&sockets, Duration::from_millis(5), |_| {
         for _ in 0..30 {
             std::thread::sleep(Duration::from_secs(1));
             mosquitto.stop();
             std::thread::sleep(Duration::from_secs(1));
             mosquitto.restart(&setup.topo.gw);
         }
-        stop.store(true, Ordering::SeqCst);
-        senders.into_iter().map(|s| s.join().unwrap()).collect()
     });
     let total: usize = acked.iter().map(Vec::len).sum();
     assert!(total > 100, "only {total} acknowledged in a minute");
-    router.wait_ctl(&["upstream", "ls"], RECONNECT + DEADLINE, |v| {
-        let u = &v["upstreams"][0];
-        u["connected"] == true && u["spooled_messages"] == 0
-    });
+    wait_drained(&router, RECONNECT + DEADLINE);
     let got = upstream.fence();
     assert_all_delivered(&acked, &got);
     router.stop();
