@@ -22,9 +22,9 @@
 //! (devices get 5.03 and send again), so a backlog of refused records
 //! never stands between a disk that has room again and new messages. The
 //! failed write is cut off the segment with `set_len`, so no torn record is ever
-//! followed by good ones, and after a failed fdatasync (Linux may have
-//! dropped those pages and will not say so again) the records are written
-//! anew; if even the cut fails, the next write starts a new segment.
+//! followed by good ones, also after a failed fdatasync (Linux may have
+//! dropped those pages and will not say so again); if even the cut fails,
+//! the next write starts a new segment, as does every start of the router.
 //!
 //! The spool is bounded: past `max_bytes` the oldest messages are evicted
 //! and counted, and the router keeps serving. The disk holds at most
@@ -160,7 +160,6 @@ impl Spool {
         let mut segments = VecDeque::new();
         let mut last_seq = done_through;
         let mut last_record = 0;
-        let mut current_bytes = 0;
         for path in &paths {
             let (records, valid_len, stop) = read_segment(path, last_record)?;
             if let Some(reason) = stop {
@@ -195,34 +194,33 @@ impl Spool {
                 path: path.clone(),
                 last_seq: seg_last,
             });
-            current_bytes = valid_len;
         }
         let next_seq = last_seq + 1;
-        // Appends continue in the newest segment: creating another named
-        // after `next_seq` could give the name of the (empty) newest one.
-        let path = match segments.back() {
-            Some(seg) => seg.path.clone(),
-            None => {
-                current_bytes = 0;
-                let path = dir.join(format!("{next_seq:020}.seg"));
-                segments.push_back(Segment {
-                    path: path.clone(),
-                    last_seq: 0,
-                });
-                path
-            }
-        };
+        // Appends go to a fresh segment, never after what an earlier run
+        // left: that may end in bytes whose fdatasync failed, which this
+        // file handle would not hear about (and whose name could repeat).
+        let name = next_seq.max(
+            segments
+                .back()
+                .map_or(0, |s: &Segment| segment_number(&s.path))
+                + 1,
+        );
+        let path = dir.join(format!("{name:020}.seg"));
+        segments.push_back(Segment {
+            path: path.clone(),
+            last_seq: 0,
+        });
         let file = OpenOptions::new().create(true).append(true).open(&path)?;
         let disk = Disk {
             dir: dir.to_owned(),
             file,
-            file_bytes: current_bytes,
+            file_bytes: 0,
             segment_bytes: (max_bytes / 8).clamp(MIN_SEGMENT_BYTES, MAX_SEGMENT_BYTES),
             abandon: false,
             segments,
             checkpointed: done_through,
             failed: None,
-            last_name: segment_number(&path),
+            last_name: name,
         };
         let mut inner = Inner::new(next_seq);
         inner.done_through = done_through;
@@ -238,7 +236,9 @@ impl Spool {
             }
             inner.queue.len()
         };
-        spool.try_checkpoint()?;
+        if let Some(disk) = &spool.disk {
+            spool.try_checkpoint(&mut disk.lock().unwrap())?;
+        }
         if replayed > 0 {
             tracing::info!(dir = %dir.display(), replayed, "spool: replaying messages not yet acknowledged upstream");
         }
@@ -351,8 +351,21 @@ impl Spool {
         let Some(disk) = &self.disk else {
             return Ok(());
         };
-        let target = self.inner.lock().unwrap().next_seq - 1;
+        let (target, release) = {
+            let mut inner = self.inner.lock().unwrap();
+            let release = std::mem::take(&mut inner.release_wanted);
+            if inner.durable_through >= inner.next_seq - 1 && !release {
+                return Ok(()); // nothing to do: never wait for the disk lock
+            }
+            (inner.next_seq - 1, release)
+        };
         let mut disk = disk.lock().unwrap();
+        if release {
+            // First make room: segments emptied by eviction go before the
+            // backlog is written, so the disk stays within the bound. A
+            // failure only delays the release to the next checkpoint.
+            let _ = self.checkpoint_with(&mut disk);
+        }
         match self.write_and_sync(&mut disk, target) {
             Ok(true) => {
                 drop(disk);
@@ -379,11 +392,6 @@ impl Spool {
                 return Err(err);
             }
         }
-        if std::mem::take(&mut self.inner.lock().unwrap().release_wanted) {
-            // The records are durable whatever happens here: a failure only
-            // delays the release to the next checkpoint.
-            let _ = self.checkpoint();
-        }
         Ok(())
     }
 
@@ -396,12 +404,16 @@ impl Spool {
             if inner.durable_through >= target {
                 return Ok(false);
             }
-            inner
+            // Only the tail is not durable: never walk the whole backlog.
+            let mut tail: Vec<Record> = inner
                 .queue
                 .iter()
-                .filter(|e| e.record.seq > inner.durable_through)
+                .rev()
+                .take_while(|e| e.record.seq > inner.durable_through)
                 .map(|e| e.record.clone())
-                .collect()
+                .collect();
+            tail.reverse();
+            tail
         };
         if let Some((until, kind)) = disk.failed {
             if Instant::now() < until {
@@ -416,7 +428,10 @@ impl Spool {
             self.inner.lock().unwrap().durable_through = target;
             return Ok(false);
         };
-        if let Err(err) = disk.write_and_sync(&records) {
+        if let Err((err, durable)) = disk.write_and_sync(&records) {
+            // Whole segments written before the failure are durable.
+            let mut inner = self.inner.lock().unwrap();
+            inner.durable_through = inner.durable_through.max(durable);
             disk.failed = Some((Instant::now() + RETRY_AFTER, err.kind()));
             return Err(err);
         }
@@ -475,27 +490,31 @@ impl Spool {
     /// that hold nothing pending. May block on the disk: the broker's
     /// writer thread calls it now and then, `sync` after an eviction.
     pub fn checkpoint(&self) -> io::Result<()> {
-        match self.try_checkpoint() {
+        match &self.disk {
+            Some(disk) => self.checkpoint_with(&mut disk.lock().unwrap()),
+            None => Ok(()),
+        }
+    }
+
+    /// [`Spool::checkpoint`] with the disk held; logs an outage once.
+    fn checkpoint_with(&self, disk: &mut Disk) -> io::Result<()> {
+        match self.try_checkpoint(disk) {
             Ok(()) => {
                 if self.checkpoint_failing.swap(false, Ordering::Relaxed) {
-                    tracing::info!(dir = ?self.dir(), "spool: checkpoints succeed again");
+                    tracing::info!(dir = %disk.dir.display(), "spool: checkpoints succeed again");
                 }
                 Ok(())
             }
             Err(err) => {
                 if !self.checkpoint_failing.swap(true, Ordering::Relaxed) {
-                    tracing::warn!(dir = ?self.dir(), %err, "spool: checkpoints fail, so acknowledged segments stay on disk (a restart would send their messages again) until they succeed");
+                    tracing::warn!(dir = %disk.dir.display(), %err, "spool: checkpoints fail, so acknowledged segments stay on disk (a restart would send their messages again) until they succeed");
                 }
                 Err(err)
             }
         }
     }
 
-    fn try_checkpoint(&self) -> io::Result<()> {
-        let Some(disk) = &self.disk else {
-            return Ok(());
-        };
-        let mut disk = disk.lock().unwrap();
+    fn try_checkpoint(&self, disk: &mut Disk) -> io::Result<()> {
         let done = self.inner.lock().unwrap().done_through;
         if done != disk.checkpointed {
             write_watermark(&disk.dir, done)?;
@@ -547,19 +566,38 @@ fn write_watermark(dir: &Path, done: u64) -> io::Result<()> {
 }
 
 impl Disk {
-    /// Appends `records` (in order) and fdatasyncs them, all or nothing:
-    /// on an error the segment is cut back to what it held before (what
-    /// earlier syncs made durable), so the records can be written again.
-    fn write_and_sync(&mut self, records: &[Record]) -> io::Result<()> {
-        if self.file_bytes >= self.segment_bytes || self.abandon {
-            self.rotate(records[0].seq)?;
-        }
+    /// Appends `records` (in order) and fdatasyncs them, starting a new
+    /// segment whenever one fills. On an error the segment being written is
+    /// cut back to what it held before (what earlier syncs made durable);
+    /// the error comes with the last sequence number made durable anyway
+    /// (in segments completed before it).
+    fn write_and_sync(&mut self, records: &[Record]) -> Result<(), (io::Error, u64)> {
+        let mut durable = 0;
         let mut buf = Vec::new();
-        for r in records {
+        let mut first = 0;
+        for (i, r) in records.iter().enumerate() {
+            if self.file_bytes + buf.len() as u64 >= self.segment_bytes || self.abandon {
+                self.write_chunk(&buf, &records[first..i])
+                    .map_err(|e| (e, durable))?;
+                durable = records[..i].last().map_or(durable, |r| r.seq);
+                buf.clear();
+                first = i;
+                self.rotate(r.seq).map_err(|e| (e, durable))?;
+            }
             encode_record(r, &mut buf);
         }
+        self.write_chunk(&buf, &records[first..])
+            .map_err(|e| (e, durable))
+    }
+
+    /// Writes `buf` (the encoded `records`) to the current segment and
+    /// fdatasyncs it, all or nothing.
+    fn write_chunk(&mut self, buf: &[u8], records: &[Record]) -> io::Result<()> {
+        let Some(last) = records.last() else {
+            return Ok(());
+        };
         let before = self.file_bytes;
-        let written = (&self.file).write_all(&buf).and_then(|()| {
+        let written = (&self.file).write_all(buf).and_then(|()| {
             // If this fails, Linux may have dropped the pages it could not
             // write and will not say so again: cut them off too.
             self.file.sync_data()
@@ -574,7 +612,7 @@ impl Disk {
         }
         self.file_bytes += buf.len() as u64;
         if let Some(seg) = self.segments.back_mut() {
-            seg.last_seq = records[records.len() - 1].seq;
+            seg.last_seq = last.seq;
         }
         Ok(())
     }
@@ -853,6 +891,31 @@ mod tests {
             "{} kept",
             topics.len()
         );
+        fs::remove_dir_all(&dir).unwrap();
+    }
+
+    /// A sync that writes a whole backlog at once (after a slow disk, say)
+    /// splits it into segments and deletes the evicted ones first; after it
+    /// the disk holds the bound and about a segment.
+    #[test]
+    fn the_bound_holds_on_disk_when_one_sync_writes_a_backlog() {
+        const MAX: u64 = 100_000;
+        let dir = temp_dir("backlog");
+        let payload = Bytes::from(vec![b'x'; 300]);
+        let s = Spool::open(&dir, MAX).unwrap();
+        for round in 0..3 {
+            for i in 0..2_000 {
+                s.append_deferred(msg(round * 2_000 + i).0, payload.clone())
+                    .unwrap();
+            }
+            s.sync().unwrap();
+            let on_disk = disk_bytes(&dir);
+            let segment = MAX / 8;
+            assert!(
+                on_disk <= MAX + 2 * segment,
+                "round {round}: {on_disk} bytes on disk, bound {MAX} + a segment"
+            );
+        }
         fs::remove_dir_all(&dir).unwrap();
     }
 
