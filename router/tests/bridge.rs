@@ -414,6 +414,52 @@ fn post(sock: &UdpSocket, mid: u16, payload: &str) -> u8 {
     Message::decode(&answer).expect("a CoAP answer").code
 }
 
+/// Asserts the spool logged `outages` outages, one line each.
+fn assert_outages_logged(router: &Daemon, outages: usize) {
+    let lines = router
+        .seen
+        .iter()
+        .filter(|l| l.contains("refuses messages"))
+        .count();
+    assert_eq!(
+        lines,
+        outages,
+        "one line per outage:\n{}",
+        router.seen.join("\n")
+    );
+}
+
+/// Brings the upstream back (with its persistence, so the subscriber
+/// `keeper` registered before gets every message, however soon the bridge
+/// reconnects) and asserts it gets exactly the `acknowledged` payloads of
+/// the first device's POSTs to "x", in order: nothing lost, nothing refused.
+fn assert_upstream_gets_exactly(
+    setup: &Setup,
+    mosquitto: &mut Mosquitto,
+    router: &Daemon,
+    keeper: &str,
+    acknowledged: &[String],
+) {
+    mosquitto.restart(&setup.topo.gw);
+    let got = upstream_sub(
+        &setup.topo.gw,
+        keeper,
+        acknowledged.len(),
+        (RECONNECT + DEADLINE).as_secs() as u32,
+    );
+    let topic = format!("site-7/m2m/{}/x", DEV_V4[0]);
+    let expected: Vec<String> = acknowledged
+        .iter()
+        .map(|p| format!("{topic} {p}"))
+        .collect();
+    assert_eq!(got, expected, "the acknowledged messages, in order");
+    let sent = acknowledged.len() as u64;
+    router.wait_ctl(&["upstream", "ls"], DEADLINE, |v| {
+        let u = &v["upstreams"][0];
+        u["spooled_messages"] == 0 && u["acked"].as_u64() == Some(sent)
+    });
+}
+
 #[test]
 fn a_full_spool_disk_answers_5_03_logs_once_and_recovers_by_itself() {
     let disk = SmallDisk::mount("br-disk", 64 << 10);
@@ -475,41 +521,9 @@ fn a_full_spool_disk_answers_5_03_logs_once_and_recovers_by_itself() {
         acknowledged.push(payload);
     }
     router.expect_line("accepts messages again");
-    let refusals = router
-        .seen
-        .iter()
-        .filter(|l| l.contains("refuses messages"))
-        .count();
-    assert_eq!(
-        refusals,
-        1,
-        "one line per outage:\n{}",
-        router.seen.join("\n")
-    );
+    assert_outages_logged(&router, 1);
     assert_eq!(router.counter("coap", "unavailable"), refused);
-
-    // Nothing acknowledged was lost: the upstream gets all of it, in order,
-    // and nothing refused (a failed sync drops what it could not store).
-    // Restarted with its persistence, so the subscriber registered above
-    // gets every message, however soon the bridge reconnects.
-    mosquitto.restart(&setup.topo.gw);
-    let got = upstream_sub(
-        &setup.topo.gw,
-        "keeper",
-        acknowledged.len(),
-        (RECONNECT + DEADLINE).as_secs() as u32,
-    );
-    let topic = format!("site-7/m2m/{}/x", DEV_V4[0]);
-    let expected: Vec<String> = acknowledged
-        .iter()
-        .map(|p| format!("{topic} {p}"))
-        .collect();
-    assert_eq!(got, expected, "the acknowledged messages, in order");
-    let sent = acknowledged.len() as u64;
-    router.wait_ctl(&["upstream", "ls"], DEADLINE, |v| {
-        let u = &v["upstreams"][0];
-        u["spooled_messages"] == 0 && u["acked"].as_u64() == Some(sent)
-    });
+    assert_upstream_gets_exactly(&setup, &mut mosquitto, &router, "keeper", &acknowledged);
     router.stop();
 }
 
@@ -609,17 +623,7 @@ fn write_and_fsync_errors_answer_5_03_and_lose_nothing() {
         acknowledged.push(payload);
         router.expect_line("accepts messages again");
     }
-    let refusals = router
-        .seen
-        .iter()
-        .filter(|l| l.contains("refuses messages"))
-        .count();
-    assert_eq!(
-        refusals,
-        2,
-        "one line per outage:\n{}",
-        router.seen.join("\n")
-    );
+    assert_outages_logged(&router, 2);
     let upstream = router.ctl_json(&["upstream", "ls"])["upstreams"][0].clone();
     assert!(
         upstream["sync_failures"].as_u64().unwrap() >= 2,
@@ -627,27 +631,7 @@ fn write_and_fsync_errors_answer_5_03_and_lose_nothing() {
     );
     assert!(router.counter("coap", "unavailable") >= 2);
 
-    // The upstream gets what was acknowledged, in order, and nothing refused.
-    // Restarted with its persistence, so the subscriber registered above
-    // gets every message, however soon the bridge reconnects.
-    mosquitto.restart(&setup.topo.gw);
-    let got = upstream_sub(
-        &setup.topo.gw,
-        "keeper-eio",
-        acknowledged.len(),
-        (RECONNECT + DEADLINE).as_secs() as u32,
-    );
-    let topic = format!("site-7/m2m/{}/x", DEV_V4[0]);
-    let expected: Vec<String> = acknowledged
-        .iter()
-        .map(|p| format!("{topic} {p}"))
-        .collect();
-    assert_eq!(got, expected);
-    let sent = acknowledged.len() as u64;
-    router.wait_ctl(&["upstream", "ls"], DEADLINE, |v| {
-        let u = &v["upstreams"][0];
-        u["spooled_messages"] == 0 && u["acked"].as_u64() == Some(sent)
-    });
+    assert_upstream_gets_exactly(&setup, &mut mosquitto, &router, "keeper-eio", &acknowledged);
     router.stop();
 }
 
