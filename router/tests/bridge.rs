@@ -720,9 +720,12 @@ fn wait_drained(router: &Daemon, limit: Duration) {
     });
 }
 
-/// Checks that every acknowledged "peer:seq" of `acked` is among the
-/// upstream's messages `got` (at least once: more, or twice, is allowed).
-fn assert_all_delivered(acked: &[Vec<u32>], got: &[m2m_router_tests::mqtt::Received]) {
+/// Waits until the bridge has drained, then checks that every acknowledged
+/// "peer:seq" of `acked` reached the `upstream` subscriber (at least once:
+/// more, or twice, is allowed).
+fn assert_all_delivered(router: &Daemon, upstream: &mut MosquittoSub, acked: &[Vec<u32>]) {
+    wait_drained(router, RECONNECT + DEADLINE);
+    let got = upstream.fence();
     let delivered: HashSet<&str> = got.iter().map(|m| m.payload.as_str()).collect();
     for (peer, seqs) in acked.iter().enumerate() {
         let lost: Vec<u32> = seqs
@@ -754,9 +757,7 @@ fn a_kill_under_load_loses_nothing_acknowledged() {
     });
 
     let router = setup.router();
-    wait_drained(&router, RECONNECT + DEADLINE);
-    let got = upstream.fence();
-    assert_all_delivered(&acked, &got);
+    assert_all_delivered(&router, &mut upstream, &acked);
     router.stop();
 }
 
@@ -789,9 +790,7 @@ fn a_flapping_upstream_under_load_loses_nothing_acknowledged() {
     });
     let total: usize = acked.iter().map(Vec::len).sum();
     assert!(total > 100, "only {total} acknowledged in a minute");
-    wait_drained(&router, RECONNECT + DEADLINE);
-    let got = upstream.fence();
-    assert_all_delivered(&acked, &got);
+    assert_all_delivered(&router, &mut upstream, &acked);
     router.stop();
 }
 

@@ -656,10 +656,7 @@ fn encode_record(r: &Record, out: &mut Vec<u8>) {
 /// and why reading stopped before the end of the file, if it did.
 /// Sequence numbers only grow as records are written, so a repeat or a
 /// step back within a segment is damage, not data: replaying it would
-/// deliver a message twice. The exception: a segment may begin with
-/// records already in the earlier ones (numbered up to `after`), rewritten
-/// there after the segment holding them was abandoned (a failed sync);
-/// those are skipped.
+/// deliver a message twice.
 fn read_segment(path: &Path, after: u64) -> io::Result<(Vec<Record>, u64, Option<&'static str>)> {
     let mut data = Vec::new();
     File::open(path)?.read_to_end(&mut data)?;
@@ -667,7 +664,6 @@ fn read_segment(path: &Path, after: u64) -> io::Result<(Vec<Record>, u64, Option
     let mut at = 0usize;
     let mut stop = None;
     let mut previous = after;
-    let mut last_rewritten = 0;
     while at < data.len() {
         let Some(header) = data.get(at..at + 8) else {
             stop = Some("a record header ends early");
@@ -684,15 +680,9 @@ fn read_segment(path: &Path, after: u64) -> io::Result<(Vec<Record>, u64, Option
             break;
         }
         let seq = u64::from_be_bytes(body[0..8].try_into().unwrap());
-        let rewritten = previous == after && seq <= after && seq > last_rewritten;
-        if seq <= previous && !rewritten {
+        if seq <= previous {
             stop = Some("a record's sequence number does not increase");
             break;
-        }
-        if rewritten {
-            last_rewritten = seq;
-            at += 8 + len;
-            continue;
         }
         previous = seq;
         let tlen = usize::from(u16::from_be_bytes([body[8], body[9]]));
