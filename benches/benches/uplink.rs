@@ -78,7 +78,7 @@ fn benches(c: &mut Criterion) {
     let attached = rt
         .block_on(broker.attach(&Bytes::from_static(b"s"), true, false))
         .unwrap();
-    let mut queue = attached.queue;
+    let queue = &attached.session.queue;
     broker.subscribe(
         &attached.session,
         Bytes::from_static(b"#"),
@@ -105,7 +105,7 @@ fn benches(c: &mut Criterion) {
             dgram[2..4].copy_from_slice(&mid.to_be_bytes());
             uplink.handle(&dgram, false, src, Instant::now(), &mut reply);
             uplink.commit(std::slice::from_mut(&mut reply)).unwrap(); // a batch of one, as the worker would
-            black_box(queue.try_recv().unwrap());
+            black_box(queue.try_pop().unwrap());
         })
     });
 }
@@ -138,10 +138,10 @@ fn subscriptions(c: &mut Criterion) {
                 .subscribe(&attached.session, filter.clone(), options, None)
                 .unwrap();
         }
-        queues.push(attached.queue);
+        queues.push(attached.session);
     }
     let topic = Bytes::from_static(b"site/42/dev-4242/temp");
-    let matching_queue = &mut queues[42];
+    let matching_queue = &queues[42].queue;
     c.bench_function("publish among 10,000 subscriptions (filter index)", |b| {
         b.iter(|| {
             broker
@@ -157,7 +157,7 @@ fn subscriptions(c: &mut Criterion) {
                     None,
                 )
                 .unwrap();
-            black_box(matching_queue.try_recv().unwrap());
+            black_box(matching_queue.try_pop().unwrap());
         })
     });
     c.bench_function(

@@ -13,6 +13,7 @@ use std::str::FromStr;
 use serde::{Deserialize, Serialize};
 use thiserror::Error;
 
+use crate::mqtt::BrokerConfig;
 use crate::template::Template;
 
 #[derive(Debug, Error)]
@@ -116,6 +117,12 @@ pub struct MqttSection {
     pub max_retained_bytes: Option<usize>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub max_subscriptions: Option<usize>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub max_sessions: Option<usize>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub max_queued_bytes: Option<usize>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub max_subscription_bytes: Option<usize>,
 }
 
 #[derive(Clone, Debug, Default, Deserialize, Serialize)]
@@ -420,21 +427,8 @@ pub struct CoapTuning {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct MqttSettings {
     pub listen: SocketAddr,
-    /// When set, clients must present this user name and password.
-    pub username: Option<String>,
-    pub password: Option<String>,
-    pub max_packet_size: usize,
-    /// Messages queued per session (also while a persistent session is offline).
-    pub session_queue: usize,
-    /// Unacknowledged QoS 1 messages per connection.
-    pub max_inflight: usize,
-    /// Open client connections; more are refused (counted).
-    pub max_connections: usize,
-    /// Retained messages kept: topics, and topic plus payload bytes.
-    pub max_retained: usize,
-    pub max_retained_bytes: usize,
-    /// Filters one session may subscribe to.
-    pub max_subscriptions: usize,
+    /// Credentials and every bound of the embedded broker.
+    pub broker: BrokerConfig,
 }
 
 /// `[control]`: the control socket.
@@ -660,28 +654,64 @@ impl ConfigFile {
                 "set both mqtt.username and mqtt.password, or neither",
             ));
         }
-        let mqtt = MqttSettings {
-            listen: socket_addr(
-                "mqtt.listen",
-                self.mqtt.listen.as_deref().unwrap_or(DEFAULT_MQTT_LISTEN),
+        let defaults = BrokerConfig::default();
+        let m = self.mqtt;
+        let broker = BrokerConfig {
+            username: m.username,
+            password: m.password,
+            max_packet_size: positive(
+                "mqtt.max_packet_size",
+                m.max_packet_size,
+                defaults.max_packet_size,
             )?,
-            username: self.mqtt.username,
-            password: self.mqtt.password,
-            max_packet_size: positive("mqtt.max_packet_size", self.mqtt.max_packet_size, 1 << 20)?,
-            session_queue: positive("mqtt.session_queue", self.mqtt.session_queue, 10_000)?,
-            max_inflight: positive("mqtt.max_inflight", self.mqtt.max_inflight, 64)?,
-            max_connections: positive("mqtt.max_connections", self.mqtt.max_connections, 1000)?,
-            max_retained: positive("mqtt.max_retained", self.mqtt.max_retained, 100_000)?,
+            session_queue: positive(
+                "mqtt.session_queue",
+                m.session_queue,
+                defaults.session_queue,
+            )?,
+            max_inflight: positive("mqtt.max_inflight", m.max_inflight, defaults.max_inflight)?,
+            max_connections: positive(
+                "mqtt.max_connections",
+                m.max_connections,
+                defaults.max_connections,
+            )?,
+            max_retained: positive("mqtt.max_retained", m.max_retained, defaults.max_retained)?,
             max_retained_bytes: positive(
                 "mqtt.max_retained_bytes",
-                self.mqtt.max_retained_bytes,
-                64 << 20,
+                m.max_retained_bytes,
+                defaults.max_retained_bytes,
             )?,
             max_subscriptions: positive(
                 "mqtt.max_subscriptions",
-                self.mqtt.max_subscriptions,
-                10_000,
+                m.max_subscriptions,
+                defaults.max_subscriptions,
             )?,
+            max_sessions: positive("mqtt.max_sessions", m.max_sessions, defaults.max_sessions)?,
+            max_queued_bytes: positive(
+                "mqtt.max_queued_bytes",
+                m.max_queued_bytes,
+                defaults.max_queued_bytes,
+            )?,
+            max_subscription_bytes: positive(
+                "mqtt.max_subscription_bytes",
+                m.max_subscription_bytes,
+                defaults.max_subscription_bytes,
+            )?,
+        };
+        // Every connection holds a session, and the downlink one more: with
+        // fewer, a new client could find no offline session to make room.
+        if broker.max_sessions <= broker.max_connections {
+            return Err(invalid(
+                "mqtt.max_sessions",
+                "must be more than mqtt.max_connections (every connection holds a session)",
+            ));
+        }
+        let mqtt = MqttSettings {
+            listen: socket_addr(
+                "mqtt.listen",
+                m.listen.as_deref().unwrap_or(DEFAULT_MQTT_LISTEN),
+            )?,
+            broker,
         };
         let metrics_listen = socket_addr(
             "metrics.listen",
@@ -1048,6 +1078,14 @@ mod tests {
         assert_eq!(
             field_of("[[peer]]\nname = \"a\"\nprefix = [\"::1\"]\ntopic = \"x/#\""),
             "peer[0].topic"
+        );
+        assert_eq!(
+            field_of("[mqtt]\nmax_connections = 500\nmax_sessions = 500"),
+            "mqtt.max_sessions"
+        );
+        assert_eq!(
+            field_of("[mqtt]\nmax_queued_bytes = 0"),
+            "mqtt.max_queued_bytes"
         );
         assert_eq!(
             field_of("[[route]]\nname = \"r\"\nmatch = \"a/*\"\ntopic = \"t\"\nqos = 2"),

@@ -18,7 +18,7 @@ use crate::fastpath::{Fastpath, PolicyTables};
 use crate::listener::{self, ListenerStats};
 use crate::mapping::{Mapper, SharedMapper};
 use crate::metrics;
-use crate::mqtt::{self, Broker, BrokerConfig};
+use crate::mqtt::{self, Broker};
 use crate::report;
 use crate::worker::Workers;
 
@@ -56,17 +56,7 @@ pub fn run(config: Config, raw: ConfigFile, config_path: Option<PathBuf>) -> any
     tracing::info!(path = %config.control.socket.display(), "control socket listening");
     listener::raise_descriptor_limit();
     let fastpath = start_fastpath(&config)?;
-    let broker = Broker::new(BrokerConfig {
-        session_queue: config.mqtt.session_queue,
-        max_inflight: config.mqtt.max_inflight,
-        max_packet_size: config.mqtt.max_packet_size,
-        username: config.mqtt.username.clone(),
-        password: config.mqtt.password.clone(),
-        max_connections: config.mqtt.max_connections,
-        max_subscriptions: config.mqtt.max_subscriptions,
-        max_retained: config.mqtt.max_retained,
-        max_retained_bytes: config.mqtt.max_retained_bytes,
-    });
+    let broker = Broker::new(config.mqtt.broker.clone());
     let listener = runtime
         .block_on(TcpListener::bind(config.mqtt.listen))
         .with_context(|| format!("MQTT listen address {}", config.mqtt.listen))?;

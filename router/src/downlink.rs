@@ -197,12 +197,12 @@ impl Downlink {
         };
         self.broker
             .subscribe(&attached.session, filter, options, None);
-        let mut commands = attached.queue;
+        let commands = &attached.session.queue;
         tracing::info!(prefix = %self.settings.command_prefix, "downlink commands enabled");
         loop {
             let next = self.outstanding.values().map(|e| e.next_at).min();
             tokio::select! {
-                Some(d) = commands.recv() => self.command(d),
+                d = commands.pop() => self.command(d),
                 Some((src, datagram)) = replies.recv() => self.reply(src, &datagram),
                 _ = tokio::time::sleep_until(next.unwrap_or_else(|| Instant::now() + Duration::from_secs(3600))), if next.is_some() => self.timeouts(),
             }
@@ -495,6 +495,9 @@ impl Downlink {
                 None => self.refuse(&command, "the peer is no longer reachable by policy"),
             }
         }
+        // Nothing waits for this peer: its (empty) queue goes too, so the
+        // map holds only peers with commands waiting.
+        self.waiting.remove(peer);
     }
 
     /// Answers a command that will not be sent.

@@ -236,21 +236,9 @@ pub fn render(c: &Control) -> String {
         family(&mut out, &metric, "gauge", "Connections open now.");
         let _ = writeln!(out, "{metric} {}", listener.open());
     }
-    let (retained, retained_bytes) = c.running.broker.retained_usage();
-    for (metric, help, value) in [
-        ("m2m_mqtt_retained", "Retained messages kept.", retained),
-        (
-            "m2m_mqtt_retained_bytes",
-            "Topic and payload bytes of the retained messages.",
-            retained_bytes,
-        ),
-        (
-            "m2m_mqtt_subscriptions",
-            "Subscriptions held by all sessions.",
-            c.running.broker.subscription_count(),
-        ),
-    ] {
-        family(&mut out, metric, "gauge", help);
+    for (name, help, value) in c.running.broker.gauges() {
+        let metric = format!("m2m_mqtt_{name}");
+        family(&mut out, &metric, "gauge", help);
         let _ = writeln!(out, "{metric} {value}");
     }
     let bridges = &c.running.bridges;

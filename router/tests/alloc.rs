@@ -59,7 +59,7 @@ fn only_the_message_bytes_are_allocated() {
     let attached = rt
         .block_on(broker.attach(&Bytes::from_static(b"sub"), true, false))
         .unwrap();
-    let mut queue = attached.queue;
+    let queue = &attached.session.queue;
     broker.subscribe(
         &attached.session,
         Bytes::from_static(b"plant/#"),
@@ -87,7 +87,7 @@ fn only_the_message_bytes_are_allocated() {
             uplink.commit(std::slice::from_mut(reply)).unwrap(); // a batch of one, as the worker would
             assert_eq!(reply[1], 0x44, "2.04");
             // The subscriber takes the delivery (a connection task would).
-            assert_eq!(&queue.try_recv().unwrap().message.payload[..], b"21.5");
+            assert_eq!(&queue.try_pop().unwrap().message.payload[..], b"21.5");
         }
     };
     // Warm up: per-peer state, the reply and topic buffers, queue blocks.

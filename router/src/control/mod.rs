@@ -451,10 +451,9 @@ impl Control {
                 .into_iter()
                 .map(|(name, _, value)| (name, value)),
         );
-        let (retained, retained_bytes) = broker.retained_usage();
-        mqtt.insert("retained".into(), json!(retained));
-        mqtt.insert("retained_bytes".into(), json!(retained_bytes));
-        mqtt.insert("subscriptions".into(), json!(broker.subscription_count()));
+        for (name, _, value) in broker.gauges() {
+            mqtt.insert(name.into(), json!(value));
+        }
         mqtt.insert(
             "sessions".into(),
             broker

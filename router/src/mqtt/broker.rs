@@ -11,14 +11,15 @@
 //! any session does; a publisher is acknowledged only once the sinks have
 //! committed it, which the caller waits for on a thread that may block.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 
 use bytes::Bytes;
-use tokio::sync::{mpsc, Notify};
+use tokio::sync::Notify;
 
 use super::codec::{Properties, SubscriptionOptions};
+use super::queue::{Full, Queue, QueueBudget};
 use super::sink::{Sink, Sinks, Ticket};
 use super::store::TopicStore;
 use super::topic;
@@ -50,7 +51,7 @@ pub struct Delivery {
     pub dup: bool,
 }
 
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub struct BrokerConfig {
     /// Messages queued per session before drops (also while offline).
     pub session_queue: usize,
@@ -66,6 +67,14 @@ pub struct BrokerConfig {
     pub max_retained_bytes: usize,
     /// Filters one session may subscribe to; more are refused (counted).
     pub max_subscriptions: usize,
+    /// Sessions kept, connected or not; past it the offline session that
+    /// has waited longest is removed (counted). At least `max_connections`.
+    pub max_sessions: usize,
+    /// Bytes all session queues together may hold (see `queue`).
+    pub max_queued_bytes: usize,
+    /// Memory of all sessions' subscriptions: the filter index and each
+    /// session's list (see `Sessions::subscription_memory`).
+    pub max_subscription_bytes: usize,
 }
 
 impl Default for BrokerConfig {
@@ -80,6 +89,9 @@ impl Default for BrokerConfig {
             max_retained: 100_000,
             max_retained_bytes: 64 << 20,
             max_subscriptions: 10_000,
+            max_sessions: 100_000,
+            max_queued_bytes: 256 << 20,
+            max_subscription_bytes: 256 << 20,
         }
     }
 }
@@ -105,15 +117,21 @@ pub struct BrokerStats {
     pub retained_refused: AtomicU64,
     /// Last values (for CoAP GET) not kept: their store was full.
     pub last_values_refused: AtomicU64,
-    /// Subscriptions refused: the session had max_subscriptions.
+    /// Subscriptions refused: the session had max_subscriptions, or all
+    /// sessions together max_subscription_bytes.
     pub subscriptions_refused: AtomicU64,
+    /// Of the dropped messages, those refused because all queues together
+    /// held max_queued_bytes.
+    pub dropped_over_budget: AtomicU64,
+    /// Offline sessions removed to make room under max_sessions.
+    pub sessions_evicted: AtomicU64,
 }
 
 impl BrokerStats {
     /// Every counter: the name the control socket and the report use, the
     /// help text of its Prometheus family (`m2m_mqtt_<name>_total`), and
     /// its value. One list, so the three renderings cannot drift apart.
-    pub fn counters(&self) -> [(&'static str, &'static str, u64); 11] {
+    pub fn counters(&self) -> [(&'static str, &'static str, u64); 13] {
         let f = |a: &AtomicU64| a.load(Ordering::Relaxed);
         [
             (
@@ -164,8 +182,18 @@ impl BrokerStats {
             ),
             (
                 "subscriptions_refused",
-                "Subscriptions refused: the session had max_subscriptions filters.",
+                "Subscriptions refused: the session had max_subscriptions filters, or all sessions max_subscription_bytes.",
                 f(&self.subscriptions_refused),
+            ),
+            (
+                "dropped_over_budget",
+                "Of the dropped messages, those refused because all session queues together held max_queued_bytes.",
+                f(&self.dropped_over_budget),
+            ),
+            (
+                "sessions_evicted",
+                "Offline sessions removed to make room under max_sessions.",
+                f(&self.sessions_evicted),
             ),
         ]
     }
@@ -173,11 +201,9 @@ impl BrokerStats {
 
 pub struct Session {
     pub client_id: Bytes,
-    tx: mpsc::Sender<Delivery>,
-    /// The queue's receiving end while no connection holds it.
-    parked: Mutex<Option<mpsc::Receiver<Delivery>>>,
-    /// QoS 1 deliveries unacknowledged when the last connection ended.
-    unacked: Mutex<Vec<Delivery>>,
+    /// What waits for the connection (or the next one, while offline),
+    /// QoS 1 messages it never acknowledged first.
+    pub queue: Queue,
     /// Messages dropped for this session (queue full).
     pub dropped: AtomicU64,
     /// Wakes the connection holding the session when another takes it over.
@@ -196,6 +222,9 @@ struct Entry {
     session: Arc<Session>,
     /// Its filters, to find them in the tree when it goes.
     filters: HashSet<Bytes>,
+    /// While no connection holds it: when it was let go (its key in
+    /// `Sessions::parked`).
+    parked_at: Option<u64>,
 }
 
 /// Sessions and their subscriptions, indexed by filter so that a publish
@@ -204,14 +233,50 @@ struct Entry {
 struct Sessions {
     by_client: HashMap<Bytes, Entry>,
     /// Filter -> client id -> subscription.
-    subscriptions: TopicTree<HashMap<Bytes, Subscriber>>,
+    subscriptions: TopicTree<Subscribers>,
+    /// Filter bytes plus [`SUBSCRIPTION_COST`] of every subscription; the
+    /// tree's levels are counted by the tree.
+    subscription_bytes: usize,
+    /// Offline sessions, the longest offline first: who goes when
+    /// `max_sessions` is reached.
+    parked: BTreeMap<u64, Bytes>,
+    next_park: u64,
+}
+
+type Subscribers = HashMap<Bytes, Subscriber>;
+
+/// What one subscription holds beside its filter's bytes and the tree's
+/// levels, at most: its slot in the filter's subscriber map and in its
+/// session's filter set (each at least 4 slots plus control bytes).
+const SUBSCRIPTION_COST: usize = 4 * (std::mem::size_of::<(Bytes, Subscriber)>() + 1)
+    + 16
+    + 4 * (std::mem::size_of::<Bytes>() + 1)
+    + 16;
+
+fn subscription_cost(filter: &[u8]) -> usize {
+    filter.len() + SUBSCRIPTION_COST
 }
 
 impl Sessions {
+    /// An upper bound of the memory subscriptions hold: what
+    /// `max_subscription_bytes` bounds.
+    fn subscription_memory(&self) -> usize {
+        self.subscriptions.memory() + self.subscription_bytes
+    }
+
+    /// Whether subscribing to `filter` (a new subscription) stays within `max`.
+    fn subscription_fits(&self, filter: &[u8], max: usize) -> bool {
+        let worst = TopicTree::<Subscribers>::cost_of(filter) + subscription_cost(filter);
+        self.subscription_memory() + worst <= max
+    }
+
     fn remove(&mut self, client_id: &[u8]) {
         let Some(entry) = self.by_client.remove(client_id) else {
             return;
         };
+        if let Some(at) = entry.parked_at {
+            self.parked.remove(&at);
+        }
         for filter in &entry.filters {
             self.unsubscribe(filter, client_id);
         }
@@ -221,16 +286,32 @@ impl Sessions {
         let Some(subscribers) = self.subscriptions.get_mut(filter) else {
             return;
         };
-        subscribers.remove(client_id);
+        if subscribers.remove(client_id).is_some() {
+            self.subscription_bytes -= subscription_cost(filter);
+        }
         if subscribers.is_empty() {
             self.subscriptions.remove(filter);
         }
+    }
+
+    /// Removes the session offline longest; false if every one is held.
+    fn evict_oldest_parked(&mut self) -> bool {
+        let Some((_, client_id)) = self.parked.pop_first() else {
+            return false;
+        };
+        if let Some(entry) = self.by_client.get_mut(&client_id) {
+            entry.parked_at = None; // already out of `parked`
+        }
+        self.remove(&client_id);
+        true
     }
 }
 
 pub struct Broker {
     pub config: BrokerConfig,
     sessions: RwLock<Sessions>,
+    /// Shared by every session's queue.
+    queue_budget: Arc<QueueBudget>,
     retained: Mutex<TopicStore>,
     /// The newest message of every topic, retained or not, for CoAP GET.
     /// Sharded by topic so the workers seldom meet on one lock.
@@ -259,14 +340,13 @@ fn shard_of(topic: &[u8]) -> usize {
 pub struct Attached {
     pub session: Arc<Session>,
     pub session_present: bool,
-    pub queue: mpsc::Receiver<Delivery>,
-    pub unacked: Vec<Delivery>,
 }
 
 impl Broker {
     pub fn new(config: BrokerConfig) -> Arc<Broker> {
         let retained = TopicStore::new(config.max_retained, config.max_retained_bytes).indexed();
         Arc::new(Broker {
+            queue_budget: QueueBudget::new(config.max_queued_bytes),
             config,
             sessions: RwLock::new(Sessions::default()),
             retained: Mutex::new(retained),
@@ -393,15 +473,32 @@ impl Broker {
     }
 
     fn enqueue(&self, session: &Session, delivery: Delivery) {
-        match session.tx.try_send(delivery) {
+        match session.queue.push(delivery) {
             Ok(()) => {
                 self.stats.enqueued.fetch_add(1, Ordering::Relaxed);
             }
-            Err(_) => {
+            Err(full) => {
                 session.dropped.fetch_add(1, Ordering::Relaxed);
                 self.stats.dropped.fetch_add(1, Ordering::Relaxed);
+                if full == Full::Budget {
+                    self.stats
+                        .dropped_over_budget
+                        .fetch_add(1, Ordering::Relaxed);
+                }
             }
         }
+    }
+
+    /// Bytes all session queues hold, as charged against max_queued_bytes.
+    pub fn queued_bytes(&self) -> usize {
+        self.queue_budget.used()
+    }
+
+    /// Sessions kept, and their subscriptions' memory as charged against
+    /// max_subscription_bytes.
+    pub fn session_usage(&self) -> (usize, usize) {
+        let sessions = self.sessions.read().unwrap();
+        (sessions.by_client.len(), sessions.subscription_memory())
     }
 
     /// The newest message published on `topic`, retained or not.
@@ -448,73 +545,76 @@ impl Broker {
         clean_start: bool,
         persistent: bool,
     ) -> Option<Attached> {
-        let mut sessions = self.sessions.write().unwrap();
-        if let Some(entry) = sessions.by_client.get(client_id) {
-            let parked = entry.session.parked.lock().unwrap().take();
-            let Some(queue) = parked else {
+        let mut guard = self.sessions.write().unwrap();
+        let sessions = &mut *guard;
+        if let Some(entry) = sessions.by_client.get_mut(client_id) {
+            let Some(at) = entry.parked_at else {
                 // Held by a live connection: ask it to go.
                 entry.session.takeover.notify_one();
                 return None;
             };
             if !clean_start {
+                sessions.parked.remove(&at);
+                entry.parked_at = None;
                 entry
                     .session
                     .persistent
                     .store(persistent, Ordering::Relaxed);
-                let unacked = std::mem::take(&mut *entry.session.unacked.lock().unwrap());
                 return Some(Attached {
                     session: entry.session.clone(),
                     session_present: true,
-                    queue,
-                    unacked,
                 });
             }
             sessions.remove(client_id);
         }
-        let (tx, queue) = mpsc::channel(self.config.session_queue.max(1));
+        if sessions.by_client.len() >= self.config.max_sessions {
+            if !sessions.evict_oldest_parked() {
+                return None;
+            }
+            self.stats.sessions_evicted.fetch_add(1, Ordering::Relaxed);
+        }
+        // Its own copy: a slice would keep the whole CONNECT packet alive.
+        let client_id = Bytes::copy_from_slice(client_id);
         let session = Arc::new(Session {
             client_id: client_id.clone(),
-            tx,
-            parked: Mutex::new(None),
-            unacked: Mutex::new(Vec::new()),
+            queue: Queue::new(self.config.session_queue, self.queue_budget.clone()),
             dropped: AtomicU64::new(0),
             takeover: Notify::new(),
             persistent: AtomicBool::new(persistent),
         });
         sessions.by_client.insert(
-            client_id.clone(),
+            client_id,
             Entry {
                 session: session.clone(),
                 filters: HashSet::new(),
+                parked_at: None,
             },
         );
         Some(Attached {
             session,
             session_present: false,
-            queue,
-            unacked: Vec::new(),
         })
     }
 
-    /// The connection is gone: a persistent session keeps its queue and
-    /// unacknowledged messages for the next connection; any other is removed.
-    pub fn detach(
-        &self,
-        session: &Arc<Session>,
-        queue: mpsc::Receiver<Delivery>,
-        unacked: Vec<Delivery>,
-    ) {
-        let mut sessions = self.sessions.write().unwrap();
-        let current = sessions
+    /// The connection is gone: a persistent session keeps its queue, with
+    /// the QoS 1 messages left `unacked` put back first, for the next
+    /// connection; any other is removed.
+    pub fn detach(&self, session: &Arc<Session>, unacked: Vec<Delivery>) {
+        let mut guard = self.sessions.write().unwrap();
+        let sessions = &mut *guard;
+        let Some(entry) = sessions
             .by_client
-            .get(&session.client_id)
-            .is_some_and(|e| Arc::ptr_eq(&e.session, session));
-        if !current {
+            .get_mut(&session.client_id)
+            .filter(|e| Arc::ptr_eq(&e.session, session) && e.parked_at.is_none())
+        else {
             return;
-        }
+        };
         if session.persistent.load(Ordering::Relaxed) {
-            *session.unacked.lock().unwrap() = unacked;
-            *session.parked.lock().unwrap() = Some(queue);
+            session.queue.put_back(unacked);
+            let at = sessions.next_park;
+            sessions.next_park += 1;
+            entry.parked_at = Some(at);
+            sessions.parked.insert(at, session.client_id.clone());
         } else {
             sessions.remove(&session.client_id);
         }
@@ -531,18 +631,26 @@ impl Broker {
         id: Option<u32>,
     ) -> Option<Vec<Message>> {
         let mut sessions = self.sessions.write().unwrap();
+        let fits = sessions.subscription_fits(&filter, self.config.max_subscription_bytes);
         let Sessions {
             by_client,
             subscriptions,
+            subscription_bytes,
+            ..
         } = &mut *sessions;
         let entry = by_client.get_mut(&session.client_id)?;
         let existed = entry.filters.contains(&filter);
-        if !existed && entry.filters.len() >= self.config.max_subscriptions {
-            self.stats
-                .subscriptions_refused
-                .fetch_add(1, Ordering::Relaxed);
-            return None;
+        if !existed {
+            if !fits || entry.filters.len() >= self.config.max_subscriptions {
+                self.stats
+                    .subscriptions_refused
+                    .fetch_add(1, Ordering::Relaxed);
+                return None;
+            }
+            *subscription_bytes += subscription_cost(&filter);
         }
+        // Its own copy: a slice would keep the whole SUBSCRIBE packet alive.
+        let filter = Bytes::copy_from_slice(&filter);
         entry.filters.insert(filter.clone());
         subscriptions.entry(&filter, HashMap::new).insert(
             session.client_id.clone(),
@@ -583,6 +691,43 @@ impl Broker {
         sessions.by_client.values().map(|e| e.filters.len()).sum()
     }
 
+    /// What the bounded tables hold now: the name the control socket uses,
+    /// the help text of its Prometheus gauge (`m2m_mqtt_<name>`), and its
+    /// value. One list for both renderings.
+    pub fn gauges(&self) -> [(&'static str, &'static str, usize); 6] {
+        let (retained, retained_bytes) = self.retained_usage();
+        let subscriptions = self.subscription_count();
+        let (sessions, subscription_memory) = self.session_usage();
+        [
+            ("retained", "Retained messages kept.", retained),
+            (
+                "retained_bytes",
+                "Memory of the retained messages, as bounded by max_retained_bytes.",
+                retained_bytes,
+            ),
+            (
+                "sessions_kept",
+                "Sessions kept, connected or not (max_sessions).",
+                sessions,
+            ),
+            (
+                "subscriptions",
+                "Subscriptions held by all sessions.",
+                subscriptions,
+            ),
+            (
+                "subscription_bytes",
+                "Memory of all subscriptions, as bounded by max_subscription_bytes.",
+                subscription_memory,
+            ),
+            (
+                "queued_bytes",
+                "Bytes all session queues hold, as bounded by max_queued_bytes.",
+                self.queued_bytes(),
+            ),
+        ]
+    }
+
     /// (client id, queued, dropped) per session, for reports.
     pub fn session_stats(&self) -> Vec<(String, usize, u64)> {
         let sessions = self.sessions.read().unwrap();
@@ -591,10 +736,9 @@ impl Broker {
             .values()
             .map(|e| {
                 let s = &e.session;
-                let queued = s.tx.max_capacity() - s.tx.capacity();
                 (
                     String::from_utf8_lossy(&s.client_id).into_owned(),
-                    queued,
+                    s.queue.len(),
                     s.dropped.load(Ordering::Relaxed),
                 )
             })

@@ -129,20 +129,8 @@ pub async fn serve(mut stream: TcpStream, broker: Arc<Broker>) {
         out,
         staged: None,
     };
-    let Attached {
-        session,
-        queue,
-        unacked,
-        ..
-    } = attached;
-    let mut queue = queue;
-    for mut d in unacked {
-        d.dup = true;
-        conn.send(d);
-    }
-    let end = conn
-        .run(&mut stream, &mut inbuf, &session, &mut queue)
-        .await;
+    let Attached { session, .. } = attached;
+    let end = conn.run(&mut stream, &mut inbuf, &session).await;
     // The last DISCONNECT is written only if the socket takes it now: a
     // client that does not read must not hold this task and its session.
     if let End::Error(e) = &end {
@@ -180,7 +168,7 @@ pub async fn serve(mut stream: TcpStream, broker: Arc<Broker>) {
         }
     }
     let unacked = conn.inflight.into_iter().map(|(_, d)| d).collect();
-    broker.detach(&session, queue, unacked);
+    broker.detach(&session, unacked);
 }
 
 async fn read_connect(
@@ -243,7 +231,6 @@ impl Connection {
         stream: &mut TcpStream,
         inbuf: &mut BytesMut,
         session: &Arc<super::broker::Session>,
-        queue: &mut tokio::sync::mpsc::Receiver<Delivery>,
     ) -> End {
         // Section 3.1.2.10 (both versions): 1.5 keep-alive periods of silence.
         let grace = self.keep_alive + self.keep_alive / 2;
@@ -289,13 +276,13 @@ impl Connection {
                     }
                     deadline = Instant::now() + grace;
                 }
-                Some(delivery) = queue.recv(), if can_send => {
+                delivery = session.queue.pop(), if can_send => {
                     self.send(delivery);
                     // Drain what is already queued into the same write.
                     while self.inflight.len() < self.receive_max && self.out.len() < OUT_HIGH_WATER {
-                        match queue.try_recv() {
-                            Ok(d) => self.send(d),
-                            Err(_) => break,
+                        match session.queue.try_pop() {
+                            Some(d) => self.send(d),
+                            None => break,
                         }
                     }
                 }

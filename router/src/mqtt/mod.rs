@@ -4,6 +4,7 @@
 pub mod broker;
 pub mod codec;
 mod connection;
+mod queue;
 pub mod sink;
 mod store;
 pub mod topic;

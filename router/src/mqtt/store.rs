@@ -17,14 +17,16 @@ pub struct TopicStore {
     messages: HashMap<Bytes, Message>,
     /// The topics by level, when subscriptions look them up by filter.
     index: Option<TopicTree<Bytes>>,
-    /// Topic and payload bytes of everything kept.
+    /// [`size`] of everything kept (the index counts its own).
     bytes: usize,
     max_messages: usize,
     max_bytes: usize,
 }
 
+/// What a kept message holds: its topic and payload, and its slot in the
+/// map (counted twice: a map is up to half empty after it grows).
 fn size(m: &Message) -> usize {
-    m.topic.len() + m.payload.len()
+    m.topic.len() + m.payload.len() + 2 * (std::mem::size_of::<(Bytes, Message)>() + 1)
 }
 
 impl TopicStore {
@@ -47,8 +49,12 @@ impl TopicStore {
     /// Keeps `message` as its topic's; false if it does not fit.
     pub fn put(&mut self, message: &Message) -> bool {
         let old = self.remove(&message.topic);
-        let fits =
-            self.messages.len() < self.max_messages && self.bytes + size(message) <= self.max_bytes;
+        let index_growth = self
+            .index
+            .as_ref()
+            .map_or(0, |_| TopicTree::<Bytes>::cost_of(&message.topic));
+        let fits = self.messages.len() < self.max_messages
+            && self.bytes() + size(message) + index_growth <= self.max_bytes;
         if fits {
             self.bytes += size(message);
             self.messages.insert(message.topic.clone(), message.clone());
@@ -95,8 +101,9 @@ impl TopicStore {
         self.messages.len()
     }
 
+    /// An upper bound of the memory held: what `max_bytes` bounds.
     pub fn bytes(&self) -> usize {
-        self.bytes
+        self.bytes + self.index.as_ref().map_or(0, TopicTree::memory)
     }
 }
 
@@ -104,10 +111,10 @@ impl TopicStore {
 mod tests {
     use super::*;
 
-    fn message(topic: &'static str, payload: &'static str) -> Message {
+    fn message(topic: &'static str, payload: &str) -> Message {
         Message {
             topic: Bytes::from_static(topic.as_bytes()),
-            payload: Bytes::from_static(payload.as_bytes()),
+            payload: Bytes::copy_from_slice(payload.as_bytes()),
             qos: 0,
             retain: true,
             content_type: None,
@@ -117,8 +124,8 @@ mod tests {
 
     #[test]
     fn the_index_finds_what_a_scan_finds() {
-        let mut plain = TopicStore::new(100, 1000);
-        let mut indexed = TopicStore::new(100, 1000).indexed();
+        let mut plain = TopicStore::new(100, 100_000);
+        let mut indexed = TopicStore::new(100, 100_000).indexed();
         for t in ["a", "a/b", "a/b/c", "$SYS/x", "b/b", "/"] {
             for store in [&mut plain, &mut indexed] {
                 assert!(store.put(&message(t, "1")));
@@ -142,17 +149,19 @@ mod tests {
 
     #[test]
     fn count_and_bytes_are_bounded_and_a_refused_update_leaves_no_stale_value() {
-        let mut store = TopicStore::new(2, 20);
+        // Each message is charged its slot in the map besides its bytes.
+        let slot = size(&message("", ""));
+        let mut store = TopicStore::new(2, 2 * slot + 20);
         assert!(store.put(&message("a", "123456789")));
         assert!(store.put(&message("b", "1")));
         assert!(!store.put(&message("c", "1")), "a third topic");
-        assert_eq!((store.len(), store.bytes()), (2, 12));
+        assert_eq!((store.len(), store.bytes()), (2, 2 * slot + 12));
         // Replacing within the bound works; beyond it, the old value goes.
         assert!(store.put(&message("a", "12345")));
-        assert_eq!(store.bytes(), 8);
-        assert!(!store.put(&message("a", "0123456789012345678")));
+        assert_eq!(store.bytes(), 2 * slot + 8);
+        assert!(!store.put(&message("a", &"x".repeat(slot + 19))));
         assert!(store.get(b"a").is_none(), "no stale value left");
-        assert_eq!((store.len(), store.bytes()), (1, 2));
+        assert_eq!((store.len(), store.bytes()), (1, slot + 2));
         assert!(store.remove(b"b").is_some());
         assert_eq!((store.len(), store.bytes()), (0, 0));
     }

@@ -9,6 +9,9 @@ use std::collections::HashMap;
 
 pub struct TopicTree<V> {
     root: Node<V>,
+    /// Levels below the root, and their names' bytes: what `memory` counts.
+    nodes: usize,
+    name_bytes: usize,
 }
 
 struct Node<V> {
@@ -39,11 +42,29 @@ impl<V> Default for TopicTree<V> {
     fn default() -> Self {
         TopicTree {
             root: Node::default(),
+            nodes: 0,
+            name_bytes: 0,
         }
     }
 }
 
 impl<V> TopicTree<V> {
+    /// What one level costs at most, beside its name: its slot in its
+    /// parent's map, which (hashbrown) holds at least 4 slots plus control
+    /// bytes even for a single child, and is never more than half empty
+    /// otherwise.
+    pub const NODE_COST: usize = 4 * (std::mem::size_of::<(Box<[u8]>, Node<V>)>() + 1) + 16;
+
+    /// An upper bound of the heap the tree holds, values' own heap aside.
+    pub fn memory(&self) -> usize {
+        self.nodes * Self::NODE_COST + self.name_bytes
+    }
+
+    /// What adding `key` could add to [`TopicTree::memory`] at most.
+    pub fn cost_of(key: &[u8]) -> usize {
+        levels(key).count() * Self::NODE_COST + key.len()
+    }
+
     pub fn get_mut(&mut self, key: &[u8]) -> Option<&mut V> {
         let mut node = &mut self.root;
         for level in levels(key) {
@@ -56,6 +77,10 @@ impl<V> TopicTree<V> {
     pub fn entry(&mut self, key: &[u8], make: impl FnOnce() -> V) -> &mut V {
         let mut node = &mut self.root;
         for level in levels(key) {
+            if !node.children.contains_key(level) {
+                self.nodes += 1;
+                self.name_bytes += level.len();
+            }
             node = node.children.entry(level.into()).or_default();
         }
         node.value.get_or_insert_with(make)
@@ -64,7 +89,11 @@ impl<V> TopicTree<V> {
     /// Removes `key`'s value and the levels nothing else needs.
     pub fn remove(&mut self, key: &[u8]) -> Option<V> {
         let path: Vec<&[u8]> = levels(key).collect();
-        remove_at(&mut self.root, &path)
+        let mut pruned = (0, 0);
+        let removed = remove_at(&mut self.root, &path, &mut pruned);
+        self.nodes -= pruned.0;
+        self.name_bytes -= pruned.1;
+        removed
     }
 
     /// Calls `found` with the value of every filter that matches `topic`
@@ -87,14 +116,17 @@ impl<V> TopicTree<V> {
     }
 }
 
-fn remove_at<V>(node: &mut Node<V>, path: &[&[u8]]) -> Option<V> {
+/// `pruned`: levels removed, and their names' bytes.
+fn remove_at<V>(node: &mut Node<V>, path: &[&[u8]], pruned: &mut (usize, usize)) -> Option<V> {
     let Some((first, rest)) = path.split_first() else {
         return node.value.take();
     };
     let child = node.children.get_mut(*first)?;
-    let removed = remove_at(child, rest)?;
+    let removed = remove_at(child, rest, pruned)?;
     if child.value.is_none() && child.children.is_empty() {
         node.children.remove(*first);
+        pruned.0 += 1;
+        pruned.1 += first.len();
     }
     Some(removed)
 }
@@ -250,7 +282,9 @@ mod tests {
         assert_eq!(tree.remove(b"a/b/c"), None);
         assert!(tree.root.children[&b"a"[..]].children.is_empty());
         assert_eq!(tree.get_mut(b"a"), Some(&mut 2));
+        assert_eq!((tree.nodes, tree.name_bytes), (1, 1), "only `a` is left");
         assert_eq!(tree.remove(b"a"), Some(2));
         assert!(tree.root.children.is_empty());
+        assert_eq!(tree.memory(), 0);
     }
 }

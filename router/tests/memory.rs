@@ -1,0 +1,240 @@
+//! Memory under inputs that grow tables: every table input can grow has a
+//! bound, and with the tables driven past their bounds the heap stays
+//! within the figure README.md states. Measured with a global allocator
+//! that keeps the live heap bytes (exact, unlike RSS, and the same on any
+//! host).
+
+use std::alloc::{GlobalAlloc, Layout, System};
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Instant;
+
+use bytes::Bytes;
+use m2m_router::coap::uplink::{Uplink, UplinkConfig, UplinkStats};
+use m2m_router::config::Config;
+use m2m_router::mapping::{Mapper, SharedMapper};
+use m2m_router::mqtt::codec::SubscriptionOptions;
+use m2m_router::mqtt::{Broker, BrokerConfig, Message};
+use m2m_router_tests::packet::coap_post;
+
+struct LiveBytes;
+
+static LIVE: AtomicUsize = AtomicUsize::new(0);
+static PEAK: AtomicUsize = AtomicUsize::new(0);
+
+// SAFETY: forwards to the system allocator; only counts.
+unsafe impl GlobalAlloc for LiveBytes {
+    unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
+        let live = LIVE.fetch_add(layout.size(), Ordering::Relaxed) + layout.size();
+        PEAK.fetch_max(live, Ordering::Relaxed);
+        unsafe { System.alloc(layout) }
+    }
+    unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
+        LIVE.fetch_sub(layout.size(), Ordering::Relaxed);
+        unsafe { System.dealloc(ptr, layout) }
+    }
+    unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
+        let live = LIVE.fetch_add(new_size, Ordering::Relaxed) + new_size;
+        PEAK.fetch_max(live, Ordering::Relaxed);
+        LIVE.fetch_sub(layout.size(), Ordering::Relaxed);
+        unsafe { System.realloc(ptr, layout, new_size) }
+    }
+}
+
+#[global_allocator]
+static GLOBAL: LiveBytes = LiveBytes;
+
+const MIB: usize = 1 << 20;
+
+fn live() -> usize {
+    LIVE.load(Ordering::Relaxed)
+}
+
+/// The counts are process-wide: one measurement at a time.
+static ONE_AT_A_TIME: Mutex<()> = Mutex::new(());
+
+/// Starts a measurement: (the guard that keeps others out, live bytes now);
+/// the peak restarts from here.
+fn measure() -> (MutexGuard<'static, ()>, usize) {
+    let guard = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
+    PEAK.store(live(), Ordering::Relaxed);
+    (guard, live())
+}
+
+/// Issue 11, build item 4: a million distinct CoAP sources, each sending
+/// one request through the whole uplink (duplicate detection, the mapper,
+/// the broker's last values), with the default bounds: duplicate detection
+/// keeps its 1,000,000 entries and evicts the oldest beyond, the last values
+/// stop at their 256 MiB, and the heap stays within the README's figure.
+#[test]
+fn a_million_coap_sources_stay_within_the_stated_memory() {
+    let (_one, before) = measure();
+    let broker = Broker::new(BrokerConfig::default());
+    let stats = Arc::new(UplinkStats::default());
+    let mut uplink = Uplink::new(
+        UplinkConfig::default(),
+        SharedMapper::new(Mapper::from_config(&Config::parse("").unwrap())),
+        broker.clone(),
+        stats.clone(),
+    );
+    let mut reply = Vec::with_capacity(64);
+    let datagram = coap_post(7, b"21.5");
+    let now = Instant::now();
+    // Past the duplicate-detection bound (1,000,000) and the last values'
+    // (1,048,576 topics; their bytes run out first).
+    let sources: u32 = 1_100_000;
+    for i in 0..sources {
+        let src = SocketAddr::new(IpAddr::V4(Ipv4Addr::from(0x0a00_0000 + i)), 5683);
+        assert!(uplink.handle(&datagram, false, src, now, &mut reply));
+        uplink.commit(std::slice::from_mut(&mut reply)).unwrap();
+        assert_eq!(reply[1], 0x44, "2.04 for source {i}");
+    }
+    let used = live() - before;
+    let peak = PEAK.load(Ordering::Relaxed) - before;
+    let counter = |name: &str| {
+        let counters = broker.stats.counters();
+        counters.iter().find(|c| c.0 == name).unwrap().2
+    };
+    eprintln!(
+        "{sources} sources: {} MiB live, peak {} MiB; last values refused {}, dedup evictions {}",
+        used / MIB,
+        peak / MIB,
+        counter("last_values_refused"),
+        stats.dedup_evictions.load(Ordering::Relaxed),
+    );
+    assert_eq!(counter("published"), u64::from(sources));
+    assert!(
+        counter("last_values_refused") > 0,
+        "the last values' bound was never reached"
+    );
+    assert_eq!(
+        stats.dedup_evictions.load(Ordering::Relaxed),
+        u64::from(sources) - 1_000_000,
+        "duplicate detection keeps exactly dedup_total entries"
+    );
+    // README.md, "Bounds": duplicate detection 1,000,000 entries at about
+    // 300 bytes each, last values 256 MiB; the peak includes a table's
+    // growth (its old and new arrays, briefly both).
+    assert!(
+        peak <= 650 * MIB,
+        "{} MiB at the peak for a million sources (README states at most 650)",
+        peak / MIB
+    );
+}
+
+fn options() -> SubscriptionOptions {
+    SubscriptionOptions {
+        qos: 1,
+        no_local: false,
+        retain_as_published: false,
+        retain_handling: 0,
+    }
+}
+
+/// Issue 11, build item 4: 150,000 MQTT client ids with persistent
+/// sessions, each subscribed twice, then messages to all of them and deep
+/// filters until every bound refuses: sessions stop at max_sessions (the
+/// longest offline evicted, counted), the queues at max_queued_bytes, the
+/// subscription index at max_subscription_bytes, and the heap stays within
+/// what those bounds add up to.
+#[test]
+fn a_hundred_thousand_persistent_sessions_stay_within_their_bounds() {
+    let (_one, before) = measure();
+    let config = BrokerConfig::default();
+    let broker = Broker::new(config.clone());
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let counter = |name: &str| {
+        let counters = broker.stats.counters();
+        counters.iter().find(|c| c.0 == name).unwrap().2
+    };
+    let ids = 150_000;
+    for i in 0..ids {
+        let id = Bytes::from(format!("meter-{i:08}"));
+        let a = rt.block_on(broker.attach(&id, false, true)).unwrap();
+        for filter in [format!("fleet/{i}/cmd"), "fleet/all".to_owned()] {
+            broker
+                .subscribe(&a.session, Bytes::from(filter), options(), None)
+                .expect("room for two filters per session");
+        }
+        broker.detach(&a.session, Vec::new());
+    }
+    let (sessions, subscription_memory) = broker.session_usage();
+    let per_session = (live() - before) / sessions;
+    eprintln!("{sessions} sessions: {per_session} bytes each, subscriptions charged {subscription_memory}");
+    assert_eq!(sessions, config.max_sessions);
+    assert_eq!(counter("sessions_evicted"), ids as u64 - sessions as u64);
+    // The oldest went: the first 50,000 find no session.
+    let first = rt
+        .block_on(broker.attach(&Bytes::from_static(b"meter-00000000"), false, true))
+        .unwrap();
+    assert!(
+        !first.session_present,
+        "the longest offline session was evicted"
+    );
+    broker.detach(&first.session, Vec::new());
+    let last = rt
+        .block_on(broker.attach(&Bytes::from(format!("meter-{:08}", ids - 1)), false, true))
+        .unwrap();
+    assert!(last.session_present, "the newest session was kept");
+    broker.detach(&last.session, Vec::new());
+
+    // 1 KiB messages to every session until the queues' budget refuses.
+    for _ in 0..4 {
+        let message = Message {
+            topic: Bytes::from_static(b"fleet/all"),
+            payload: Bytes::from(vec![b'x'; 1024]),
+            qos: 1,
+            retain: false,
+            content_type: None,
+            properties: None,
+        };
+        broker.publish_deferred(message, None).unwrap();
+    }
+    assert!(
+        counter("dropped_over_budget") > 0,
+        "the queues' budget never refused"
+    );
+    assert!(broker.queued_bytes() <= config.max_queued_bytes);
+
+    // Deep filters of their own until the subscription index is full.
+    let refused_before = counter("subscriptions_refused");
+    'filling: for i in 0.. {
+        let id = Bytes::from(format!("meter-{:08}", ids - 1 - i % 1000));
+        let a = rt.block_on(broker.attach(&id, false, true)).unwrap();
+        for j in 0..100 {
+            let filter = Bytes::from(format!("site/{i}/{j}/a/b/c/d/e/f/g"));
+            if broker
+                .subscribe(&a.session, filter, options(), None)
+                .is_none()
+            {
+                broker.detach(&a.session, Vec::new());
+                break 'filling;
+            }
+        }
+        broker.detach(&a.session, Vec::new());
+    }
+    assert_eq!(counter("subscriptions_refused"), refused_before + 1);
+    let (_, subscription_memory) = broker.session_usage();
+    assert!(subscription_memory <= config.max_subscription_bytes);
+
+    // README.md, "Bounds": sessions at 512 bytes each (438 measured) besides their
+    // subscriptions, plus the queues' and the subscriptions' budgets.
+    let used = PEAK.load(Ordering::Relaxed) - before;
+    let stated =
+        config.max_sessions * 512 + config.max_queued_bytes + config.max_subscription_bytes;
+    eprintln!(
+        "all bounds reached: {} MiB at the peak, stated {} MiB",
+        used / MIB,
+        stated / MIB
+    );
+    assert!(
+        used <= stated,
+        "{} MiB at the peak, more than the {} MiB stated",
+        used / MIB,
+        stated / MIB
+    );
+}
