@@ -28,6 +28,21 @@ pub const VERDICTS: &str = "VERDICTS";
 /// Per-CPU array indexed by peer id -> [`PeerCounters`].
 pub const PEER_STATS: &str = "PEER_STATS";
 
+/// Every map above: what a persisted fast path pins and adopts.
+pub const ALL: [&str; 11] = [
+    ACTIVE_TABLES,
+    PEERS_V4[0],
+    PEERS_V4[1],
+    PEERS_V6[0],
+    PEERS_V6[1],
+    DEFAULT_POLICY,
+    COAP_PORTS,
+    PEER_RATE,
+    UNKNOWN_RATE,
+    VERDICTS,
+    PEER_STATS,
+];
+
 /// Peer ids run from 1 to `MAX_PEERS - 1`; id 0 stands for unknown sources.
 pub const MAX_PEERS: u32 = 131_072;
 pub const UNKNOWN_PEER_ID: u32 = 0;

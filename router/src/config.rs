@@ -92,6 +92,10 @@ pub struct FastpathSection {
     pub interfaces: Vec<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub mode: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub persist: Option<bool>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub pin_dir: Option<PathBuf>,
 }
 
 #[derive(Clone, Debug, Default, Deserialize, Serialize)]
@@ -472,6 +476,10 @@ pub struct Config {
     pub mqtt: MqttSettings,
     pub interfaces: Vec<String>,
     pub xdp_mode: XdpMode,
+    /// Leave the XDP program, its links and maps pinned under `pin_dir` on
+    /// exit, and adopt them on the next start.
+    pub persist: bool,
+    pub pin_dir: PathBuf,
     pub control: ControlSettings,
     pub metrics_listen: SocketAddr,
     pub metrics_peer_series: usize,
@@ -483,6 +491,9 @@ pub struct Config {
 }
 
 pub const DEFAULT_COAP_LISTEN: [&str; 2] = ["0.0.0.0:5683", "[::]:5683"];
+/// Where persisted XDP state goes (`[fastpath] persist`): systemd mounts
+/// the bpf file system at /sys/fs/bpf.
+pub const DEFAULT_PIN_DIR: &str = "/sys/fs/bpf/m2m-router";
 pub const DEFAULT_MQTT_LISTEN: &str = "127.0.0.1:1883";
 pub const DEFAULT_CONTROL_SOCKET: &str = "/run/m2m-router/control.sock";
 pub const DEFAULT_METRICS_LISTEN: &str = "127.0.0.1:9683";
@@ -636,6 +647,17 @@ impl ConfigFile {
             "fastpath.mode",
             self.fastpath.mode.as_deref().unwrap_or("auto"),
         )?;
+        let pin_dir = self
+            .fastpath
+            .pin_dir
+            .clone()
+            .unwrap_or_else(|| PathBuf::from(DEFAULT_PIN_DIR));
+        if !pin_dir.is_absolute() {
+            return Err(invalid(
+                "fastpath.pin_dir",
+                "must be an absolute path (on a bpf file system)",
+            ));
+        }
         let coap = CoapTuning {
             max_payload: positive("coap.max_payload", self.coap.max_payload, 4096)?,
             workers: self.coap.workers.unwrap_or(0),
@@ -805,6 +827,8 @@ impl ConfigFile {
             mqtt,
             interfaces: self.fastpath.interfaces,
             xdp_mode,
+            persist: self.fastpath.persist.unwrap_or(false),
+            pin_dir,
             control,
             metrics_listen,
             metrics_peer_series: self.metrics.peer_series.unwrap_or(100),

@@ -14,7 +14,7 @@ use crate::coap::uplink::{Uplink, UplinkConfig, UplinkStats};
 use crate::config::{Config, ConfigFile, XdpMode};
 use crate::control::{self, Control};
 use crate::downlink::{Downlink, DownlinkHandle, DownlinkStats, LastSeen};
-use crate::fastpath::{Fastpath, PolicyTables};
+use crate::fastpath::{Fastpath, PinDir, PolicyTables};
 use crate::listener::{self, ListenerStats};
 use crate::mapping::{Mapper, SharedMapper};
 use crate::metrics;
@@ -173,11 +173,18 @@ pub fn run(config: Config, raw: ConfigFile, config_path: Option<PathBuf>) -> any
         print!("{}", report::render(&control.running)?);
         if let Some(fastpath) = &control.running.fastpath {
             for (iface, _) in fastpath.attached() {
-                tracing::info!(iface = %iface, "XDP detached");
+                match fastpath.persisted() {
+                    Some(pins) => tracing::info!(
+                        iface = %iface,
+                        pins = %pins.display(),
+                        "XDP left in place (persist): the next run adopts it; `m2m-router detach` removes it"
+                    ),
+                    None => tracing::info!(iface = %iface, "XDP detached"),
+                }
             }
         }
     }
-    // Dropping the Fastpath detaches every link.
+    // Dropping the Fastpath detaches every link it did not pin.
     drop(control);
     drop(runtime);
     tracing::info!("m2m-router stopped");
@@ -198,11 +205,31 @@ fn start_fastpath(config: &Config) -> anyhow::Result<Option<Fastpath>> {
         tracing::warn!("XDP fast path off (--xdp-mode off): CoAP traffic is not filtered or counted in the kernel");
         return Ok(None);
     }
-    let tables = PolicyTables::from_config(config).map_err(|e| anyhow::anyhow!(e))?;
-    let peers = tables.peer_names.len() - 1;
-    let mut fastpath = Fastpath::load(tables)?;
+    let mut fastpath = if config.persist {
+        let (fastpath, adopted) = Fastpath::load_persisted(config, &config.pin_dir)?;
+        let pins = fastpath
+            .persisted()
+            .unwrap_or(&config.pin_dir)
+            .display()
+            .to_string();
+        if adopted {
+            tracing::info!(pins = %pins, "XDP maps adopted (policy, rate state and counters kept); new program loaded");
+        } else {
+            tracing::info!(pins = %pins, "XDP program loaded, its maps pinned (persist)");
+        }
+        fastpath
+    } else {
+        // A run with persist left pins here: this one does not keep them.
+        if let Ok(pins) = PinDir::for_this_netns(&config.pin_dir) {
+            for (iface, _) in pins.detach(None).unwrap_or_default() {
+                tracing::info!(iface = %iface, "removed the XDP program an earlier run persisted (persist is off)");
+            }
+        }
+        let tables = PolicyTables::from_config(config).map_err(|e| anyhow::anyhow!(e))?;
+        Fastpath::load(tables)?
+    };
     tracing::info!(
-        peers,
+        peers = fastpath.tables().peer_names.len() - 1,
         coap_ports = ?config.coap_ports(),
         "XDP program loaded and policy installed"
     );
@@ -213,8 +240,22 @@ fn start_fastpath(config: &Config) -> anyhow::Result<Option<Fastpath>> {
         &config.interfaces[..]
     };
     for iface in interfaces {
-        let mode = fastpath.attach(iface, config.xdp_mode)?;
-        tracing::info!(iface = %iface, mode = %mode, "XDP attached");
+        match fastpath.attach(iface, config.xdp_mode)? {
+            (mode, true) => {
+                tracing::info!(iface = %iface, mode = %mode, "XDP adopted: the new program replaced the old one in its link")
+            }
+            (mode, false) => tracing::info!(iface = %iface, mode = %mode, "XDP attached"),
+        }
+    }
+    if config.persist {
+        // Interfaces an earlier run attached that the config no longer names.
+        let pins = PinDir::for_this_netns(&config.pin_dir)?;
+        for (iface, _) in pins.interfaces() {
+            if !interfaces.contains(&iface) {
+                pins.detach(Some(&iface))?;
+                tracing::info!(iface = %iface, "XDP detached: the config no longer names this interface");
+            }
+        }
     }
     Ok(Some(fastpath))
 }

@@ -4,10 +4,10 @@ use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use clap::{Args, Parser, Subcommand};
-use m2m_router::config::{Config, ConfigFile, XdpMode, DEFAULT_CONTROL_SOCKET};
+use m2m_router::config::{Config, ConfigFile, XdpMode, DEFAULT_CONTROL_SOCKET, DEFAULT_PIN_DIR};
 use m2m_router::control::client::{self, Outcome};
 use m2m_router::daemon;
-use m2m_router::fastpath::FastpathError;
+use m2m_router::fastpath::{FastpathError, PinDir};
 use serde_json::{json, Value};
 
 /// Routes CoAP from M2M devices to MQTT topics, with an XDP fast path.
@@ -35,6 +35,19 @@ enum Command {
     },
     /// Validate a config file and say what it configures.
     CheckConfig { file: PathBuf },
+    /// Remove the XDP program a run with `[fastpath] persist` left attached
+    /// in this network namespace (and its maps, once no interface is left).
+    Detach {
+        /// Only this interface (default: every one).
+        #[arg(long, value_name = "IF")]
+        iface: Option<String>,
+        /// The config whose `[fastpath] pin_dir` to use.
+        #[arg(long)]
+        config: Option<PathBuf>,
+        /// The pin directory (overrides the config's).
+        #[arg(long, value_name = "DIR")]
+        pin_dir: Option<PathBuf>,
+    },
 }
 
 #[derive(Args)]
@@ -182,6 +195,11 @@ fn main() -> ExitCode {
             }
         }
         Command::CheckConfig { file } => check_config(&file),
+        Command::Detach {
+            iface,
+            config,
+            pin_dir,
+        } => detach(iface.as_deref(), config.as_deref(), pin_dir),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -298,6 +316,34 @@ fn ctl_request(command: CtlCommand) -> anyhow::Result<(&'static str, Value)> {
         },
         CtlCommand::Config(ConfigCommand::Reload) => ("config.reload", Value::Null),
     })
+}
+
+fn detach(
+    iface: Option<&str>,
+    config: Option<&Path>,
+    pin_dir: Option<PathBuf>,
+) -> anyhow::Result<()> {
+    let root = match (pin_dir, config) {
+        (Some(dir), _) => dir,
+        (None, Some(file)) => Config::load(file)?.pin_dir,
+        (None, None) => PathBuf::from(DEFAULT_PIN_DIR),
+    };
+    let pins = PinDir::for_this_netns(&root)?;
+    let detached = pins.detach(iface)?;
+    if detached.is_empty() {
+        let which = iface.map_or("any interface".to_owned(), |i| i.to_owned());
+        anyhow::bail!(
+            "nothing persisted for {which} in {} (this network namespace)",
+            pins.path().display()
+        );
+    }
+    for (iface, mode) in detached {
+        println!("detached XDP from {iface} ({mode})");
+    }
+    if !pins.path().exists() {
+        println!("removed {} (maps and counters)", pins.path().display());
+    }
+    Ok(())
 }
 
 fn check_config(file: &Path) -> anyhow::Result<()> {

@@ -1,5 +1,6 @@
 //! Test kit for m2m-router's integration tests and benchmarks.
 //!
+//! - [`bpffs`]: a bpf file system of the test's own, for pinned XDP state;
 //! - [`netns`]: network namespaces joined by a veth pair, removed on drop,
 //!   and a way to run code inside one;
 //! - [`frames`]: the differential corpus of Ethernet frames;
@@ -10,6 +11,7 @@
 //! - [`verdict`]: the XDP program's verdict for a frame beside the reference's;
 //! - [`require_root`]: privileged tests fail loudly, never skip.
 
+pub mod bpffs;
 pub mod daemon;
 pub mod disk;
 pub mod faultfs;

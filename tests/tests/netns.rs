@@ -69,7 +69,7 @@ impl Gateway {
             XdpMode::Native => AttachedMode::Native,
             _ => AttachedMode::Generic,
         };
-        assert_eq!(got, want, "attach mode");
+        assert_eq!(got, (want, false), "attach mode, installed (not adopted)");
         let coap_v4 = topo.gateway_socket(SocketAddr::new(GW_V4.into(), 5683));
         let coap_v6 = topo.gateway_socket(SocketAddr::new(GW_V6.into(), 5683));
         Gateway {

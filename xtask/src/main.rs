@@ -34,7 +34,8 @@ const BUILD_PACKAGES: &[&str] = &[
 /// Extra packages the tests use: `ip` for network namespaces, `ping`,
 /// `coap-client` as a real device, `mosquitto_sub` as a real subscriber and
 /// `mosquitto` as a real upstream broker,
-/// bpftool to inspect attachments, promtool (package prometheus) to check
+/// bpftool to inspect attachments, nft to count what reaches a gateway's IP
+/// stack, promtool (package prometheus) to check
 /// the metrics exposition, openssl to make test certificates.
 const TEST_PACKAGES: &[&str] = &[
     "iproute2",
@@ -46,6 +47,7 @@ const TEST_PACKAGES: &[&str] = &[
     "prometheus",
     "openssl",
     "e2fsprogs", // mkfs.ext4 for the spool-on-a-loop-device test
+    "nftables",  // nft counts what reaches the gateway's IP stack (restart test)
 ];
 const BPF_LINKER_VERSION: &str = "0.13.0";
 /// Seconds each fuzz target runs in `cargo xtask test`.

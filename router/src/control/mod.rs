@@ -486,7 +486,11 @@ fn restart_only_changes(current: &Config, new: &Config) -> Vec<&'static str> {
     if new.coap_listen != current.coap_listen || new.coap != current.coap {
         restart.push("coap");
     }
-    if new.interfaces != current.interfaces || new.xdp_mode != current.xdp_mode {
+    if new.interfaces != current.interfaces
+        || new.xdp_mode != current.xdp_mode
+        || new.persist != current.persist
+        || new.pin_dir != current.pin_dir
+    {
         restart.push("fastpath");
     }
     if new.mqtt != current.mqtt {
@@ -522,6 +526,8 @@ fn keep_restart_only_settings(current: &Config, new: Config) -> Config {
         mqtt: current.mqtt.clone(),
         interfaces: current.interfaces.clone(),
         xdp_mode: current.xdp_mode,
+        persist: current.persist,
+        pin_dir: current.pin_dir.clone(),
         control: current.control.clone(),
         metrics_listen: current.metrics_listen,
         metrics_peer_series: new.metrics_peer_series,

@@ -1,25 +1,31 @@
 //! The XDP fast path, seen from the daemon: load the program, fill its maps
 //! from the config, attach it, read its counters.
 
+mod pins;
 mod tables;
 
+pub use pins::PinDir;
 pub use tables::PolicyTables;
 
 use std::collections::{BTreeMap, HashMap};
 use std::io;
 use std::net::IpAddr;
 
+use std::path::{Path, PathBuf};
+
 use aya::maps::lpm_trie::{Key, LpmTrie};
-use aya::maps::{Array, MapError, PerCpuArray, PerCpuValues};
+use aya::maps::{Array, MapData, MapError, PerCpuArray, PerCpuValues};
+use aya::programs::links::{FdLink, PinnedLink};
+use aya::programs::xdp::{XdpLink, XdpLinkId};
 use aya::programs::{
     ProgramError, TestRun, TestRunOptions, TestRunResult, Xdp, XdpMode as AyaXdpMode,
 };
-use aya::{Ebpf, EbpfError};
-use router_common::maps::{self as names, Counter, PeerCounters, PeerPolicy};
+use aya::{Ebpf, EbpfError, EbpfLoader};
+use router_common::maps::{self as names, Counter, PeerCounters, PeerPolicy, MAX_PEERS};
 use router_common::reason::Reason;
 use thiserror::Error;
 
-use crate::config::{Prefix, XdpMode};
+use crate::config::{Config, Prefix, XdpMode};
 
 /// The XDP object built by `router/build.rs`, embedded in the binary.
 static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(env!("M2M_ROUTER_EBPF_OBJ"));
@@ -63,6 +69,8 @@ pub enum FastpathError {
     },
     #[error("invalid fast-path policy: {0}")]
     Policy(String),
+    #[error("persisted fast path in {}: {problem}", dir.display())]
+    Pins { dir: PathBuf, problem: String },
 }
 
 /// Walks an error's sources for an OS error code.
@@ -119,44 +127,200 @@ impl std::fmt::Display for AttachedMode {
 }
 
 /// The loaded XDP program and its maps. Dropping it detaches the program
-/// from every interface (aya detaches the links it owns on drop).
+/// from every interface (aya detaches the links it owns on drop), unless
+/// it is persisted: then its links and maps stay pinned (see `pins`).
 pub struct Fastpath {
     ebpf: Ebpf,
     tables: PolicyTables,
     /// Which copy of the policy tables the program reads.
     active: usize,
     attached: Vec<(String, AttachedMode)>,
+    persisted: Option<Persisted>,
+}
+
+struct Persisted {
+    pins: PinDir,
+    /// `pins::name_hash` of each peer id's name.
+    names: Array<MapData, u64>,
+}
+
+/// Loads the object, its maps pinned in `pins` (adopting those already
+/// there) when given, and the program into the kernel (verifier included).
+fn load_object(pins: Option<&PinDir>) -> Result<Ebpf, FastpathError> {
+    let mut loader = EbpfLoader::new();
+    let paths: Vec<(&str, PathBuf)> = pins
+        .map(|p| names::ALL.iter().map(|&n| (n, p.map_path(n))).collect())
+        .unwrap_or_default();
+    for (name, path) in &paths {
+        loader.map_pin_path(name, path.as_path());
+    }
+    let mut ebpf = loader
+        .load(EBPF_OBJECT)
+        .map_err(|source| FastpathError::Load {
+            source: source.into(),
+        })?;
+    program_mut(&mut ebpf)?
+        .load()
+        .map_err(|source| match source {
+            ProgramError::LoadError {
+                io_error,
+                verifier_log,
+            } => FastpathError::Verifier {
+                io_error,
+                verifier_log: verifier_log.to_string(),
+            },
+            source => FastpathError::Program {
+                source: source.into(),
+            },
+        })?;
+    Ok(ebpf)
 }
 
 impl Fastpath {
     /// Loads the program into the kernel (verifier included) and fills the
     /// maps. Nothing is attached yet.
     pub fn load(tables: PolicyTables) -> Result<Fastpath, FastpathError> {
-        let mut ebpf = Ebpf::load(EBPF_OBJECT).map_err(|source| FastpathError::Load {
-            source: source.into(),
+        let mut fastpath = Fastpath {
+            ebpf: load_object(None)?,
+            tables: PolicyTables::default(),
+            active: 0,
+            attached: Vec::new(),
+            persisted: None,
+        };
+        fastpath.install(tables)?;
+        Ok(fastpath)
+    }
+
+    /// Like [`Fastpath::load`], with the maps pinned under `root` for this
+    /// network namespace. If an earlier run left them there they are
+    /// adopted, counters and rate state included, and `config`'s policy
+    /// is written into them the way a live change is (the running program
+    /// never sees half of it); peers keep the ids they had. Returns whether
+    /// it adopted.
+    pub fn load_persisted(config: &Config, root: &Path) -> Result<(Fastpath, bool), FastpathError> {
+        let pins = PinDir::for_this_netns(root).map_err(|e| FastpathError::Pins {
+            dir: root.to_owned(),
+            problem: format!("finding this network namespace: {e}"),
         })?;
-        program_mut(&mut ebpf)?
-            .load()
-            .map_err(|source| match source {
-                ProgramError::LoadError {
-                    io_error,
-                    verifier_log,
-                } => FastpathError::Verifier {
-                    io_error,
-                    verifier_log: verifier_log.to_string(),
-                },
-                source => FastpathError::Program {
-                    source: source.into(),
-                },
-            })?;
+        pins.create()?;
+        for name in pins.drop_changed_maps(EBPF_OBJECT)? {
+            tracing::warn!(map = %name, "the new program's map {name} differs from the pinned one: it starts empty");
+        }
+        let adopted = pins.has_maps();
+        let ebpf = load_object(Some(&pins))?;
+        let names = pins.peer_names()?;
+        // What each id stood for, as far as the new config knows the names.
+        let previous = adopted.then(|| {
+            let by_hash: HashMap<u64, &str> = config
+                .peers
+                .iter()
+                .map(|p| (pins::name_hash(&p.name), p.name.as_str()))
+                .collect();
+            let mut previous = PolicyTables::default();
+            for id in 0..MAX_PEERS {
+                let hash = names.get(&id, 0).unwrap_or(0);
+                if let Some(name) = by_hash.get(&hash).filter(|_| hash != 0) {
+                    previous.peer_names.resize(id as usize + 1, String::new());
+                    previous.peer_names[id as usize] = (*name).to_owned();
+                }
+            }
+            previous
+        });
+        let tables =
+            PolicyTables::build(config, previous.as_ref()).map_err(FastpathError::Policy)?;
         let mut fastpath = Fastpath {
             ebpf,
             tables: PolicyTables::default(),
             active: 0,
             attached: Vec::new(),
+            persisted: Some(Persisted { pins, names }),
         };
-        fastpath.install(tables)?;
-        Ok(fastpath)
+        match &previous {
+            Some(previous) => fastpath.adopt(tables, previous)?,
+            None => fastpath.install(tables)?,
+        }
+        let before = previous.unwrap_or_default();
+        fastpath.save_names(&before)?;
+        Ok((fastpath, adopted))
+    }
+
+    /// Writes `tables` into adopted maps the running program reads: the
+    /// spare copy is rewritten whole, then made active, then the other.
+    fn adopt(
+        &mut self,
+        tables: PolicyTables,
+        previous: &PolicyTables,
+    ) -> Result<(), FastpathError> {
+        let mut ports: Array<_, u32> = self.map_mut(names::COAP_PORTS)?;
+        for port in 0..names::PORT_COUNT {
+            let want = u32::from(tables.coap_ports.contains(&(port as u16)));
+            ports
+                .set(port, want, 0)
+                .map_err(|source| map_error(names::COAP_PORTS, source))?;
+        }
+        let active: Array<_, u32> = self.map(names::ACTIVE_TABLES)?;
+        let active = active
+            .get(&0, 0)
+            .map_err(|source| map_error(names::ACTIVE_TABLES, source))?
+            .min(1) as usize;
+        let spare = 1 - active;
+        self.rewrite_copy(spare, &tables)?;
+        self.reset_reassigned_ids(previous, &tables)?;
+        let mut flag: Array<_, u32> = self.map_mut(names::ACTIVE_TABLES)?;
+        flag.set(0, spare as u32, 0)
+            .map_err(|source| map_error(names::ACTIVE_TABLES, source))?;
+        self.active = spare;
+        self.rewrite_copy(active, &tables)?;
+        self.tables = tables;
+        Ok(())
+    }
+
+    /// Empties copy `copy`'s tries, whatever an earlier run left there,
+    /// then writes `tables` into it.
+    fn rewrite_copy(&mut self, copy: usize, tables: &PolicyTables) -> Result<(), FastpathError> {
+        let name = names::PEERS_V4[copy];
+        let mut trie: LpmTrie<_, [u8; 4], PeerPolicy> = self.map_mut(name)?;
+        let keys: Vec<Key<[u8; 4]>> = trie.keys().filter_map(Result::ok).collect();
+        for key in keys {
+            trie.remove(&key)
+                .map_err(|source| map_error(name, source))?;
+        }
+        let name = names::PEERS_V6[copy];
+        let mut trie: LpmTrie<_, [u8; 16], PeerPolicy> = self.map_mut(name)?;
+        let keys: Vec<Key<[u8; 16]>> = trie.keys().filter_map(Result::ok).collect();
+        for key in keys {
+            trie.remove(&key)
+                .map_err(|source| map_error(name, source))?;
+        }
+        self.write_changes(copy, &PolicyTables::default(), tables)
+    }
+
+    /// Records which name each id has now, where it changed since `before`.
+    fn save_names(&mut self, before: &PolicyTables) -> Result<(), FastpathError> {
+        let Some(persisted) = &mut self.persisted else {
+            return Ok(());
+        };
+        let after = &self.tables.peer_names;
+        let len = after.len().max(before.peer_names.len());
+        for id in 1..len {
+            let name = |t: &[String]| t.get(id).map_or(0, |n| pins::name_hash(n));
+            let now = name(after);
+            if now != name(&before.peer_names) {
+                persisted
+                    .names
+                    .set(id as u32, now, 0)
+                    .map_err(|source| FastpathError::Map {
+                        map: "peer_name_hashes",
+                        source,
+                    })?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Whether the program and its maps outlive the daemon.
+    pub fn persisted(&self) -> Option<&Path> {
+        self.persisted.as_ref().map(|p| p.pins.path())
     }
 
     /// Writes the tables into both copies of the freshly created maps.
@@ -205,7 +369,7 @@ impl Fastpath {
             tracing::error!(error = %err, "updating the spare policy copy failed");
         }
         self.tables = new;
-        Ok(())
+        self.save_names(&current)
     }
 
     /// Makes copy `copy` of the tables go from `from` to `to`.
@@ -328,13 +492,35 @@ impl Fastpath {
         &self.tables
     }
 
-    /// Attaches to `iface`. `Auto` tries native first, then generic.
-    pub fn attach(&mut self, iface: &str, mode: XdpMode) -> Result<AttachedMode, FastpathError> {
-        let got = match mode {
+    /// Attaches to `iface`. `Auto` tries native first, then generic. When
+    /// persisted, a link an earlier run pinned for `iface` is adopted: the
+    /// new program replaces the old one in it atomically (bpf_link_update),
+    /// so no packet goes unfiltered; it keeps the mode it was attached in.
+    /// Returns the mode, and whether the link was adopted.
+    pub fn attach(
+        &mut self,
+        iface: &str,
+        mode: XdpMode,
+    ) -> Result<(AttachedMode, bool), FastpathError> {
+        if let Some((path, got)) = self.persisted.as_ref().and_then(|p| p.pins.link(iface)) {
+            match self.adopt_link(&path) {
+                Ok(()) => {
+                    self.attached.push((iface.to_owned(), got));
+                    return Ok((got, true));
+                }
+                Err(err) => {
+                    // The interface went away and came back, or the link
+                    // was detached some other way: start afresh.
+                    tracing::warn!(iface, error = %err, "the pinned XDP link is stale: attaching anew");
+                    let _ = std::fs::remove_file(&path);
+                }
+            }
+        }
+        let (got, link) = match mode {
             XdpMode::Native => self.attach_as(iface, AttachedMode::Native, mode)?,
             XdpMode::Skb => self.attach_as(iface, AttachedMode::Generic, mode)?,
             XdpMode::Auto => match self.attach_as(iface, AttachedMode::Native, mode) {
-                Ok(got) => got,
+                Ok(attached) => attached,
                 Err(FastpathError::Attach { source, .. }) => {
                     tracing::info!(
                         iface,
@@ -347,8 +533,42 @@ impl Fastpath {
             },
             XdpMode::Off => unreachable!("the daemon does not load XDP in mode off"),
         };
+        if let Some(persisted) = &self.persisted {
+            let path = persisted.pins.link_path(iface, got);
+            if let Some(dir) = path.parent() {
+                std::fs::create_dir_all(dir).map_err(|e| FastpathError::Pins {
+                    dir: persisted.pins.path().to_owned(),
+                    problem: format!("creating {}: {e}", dir.display()),
+                })?;
+            }
+            let program = program_mut(&mut self.ebpf)?;
+            let link = program.take_link(link).map_err(program_error)?;
+            let pin_error = |problem: String| FastpathError::Pins {
+                dir: persisted.pins.path().to_owned(),
+                problem,
+            };
+            let link = FdLink::try_from(link).map_err(|_| {
+                pin_error(format!(
+                    "{iface} was attached through netlink, which cannot be pinned \
+                     (persist needs BPF links for XDP, Linux 5.9+)"
+                ))
+            })?;
+            link.pin(&path)
+                .map_err(|e| pin_error(format!("pinning the link of {iface}: {}", chain(&e))))?;
+        }
         self.attached.push((iface.to_owned(), got));
-        Ok(got)
+        Ok((got, false))
+    }
+
+    /// Puts this program into the pinned link at `path`.
+    fn adopt_link(&mut self, path: &Path) -> Result<(), Box<dyn std::error::Error>> {
+        let link = FdLink::from(PinnedLink::from_pin(path)?);
+        let link = XdpLink::try_from(link)?;
+        let program = program_mut(&mut self.ebpf)?;
+        let id = program.attach_to_link(link)?;
+        // The pin holds the link; this process's handle to it may go.
+        drop(program.take_link(id)?);
+        Ok(())
     }
 
     fn attach_as(
@@ -356,14 +576,14 @@ impl Fastpath {
         iface: &str,
         want: AttachedMode,
         requested: XdpMode,
-    ) -> Result<AttachedMode, FastpathError> {
+    ) -> Result<(AttachedMode, XdpLinkId), FastpathError> {
         let (flags, mode_name) = match want {
             AttachedMode::Native => (AyaXdpMode::Driver, "native"),
             AttachedMode::Generic => (AyaXdpMode::Skb, "generic (skb)"),
         };
         let program = program_mut(&mut self.ebpf)?;
         match program.attach(iface, flags) {
-            Ok(_) => Ok(want),
+            Ok(link) => Ok((want, link)),
             Err(ProgramError::UnknownInterface { .. }) => Err(FastpathError::NoSuchInterface {
                 iface: iface.to_owned(),
             }),
@@ -470,6 +690,18 @@ impl Fastpath {
             .map_err(|source| map_error(names::PEER_STATS, source))?;
         Ok(per_cpu.to_vec())
     }
+}
+
+/// An error and its sources, one line (aya's pin errors keep the OS error
+/// in a source).
+fn chain(err: &(dyn std::error::Error + 'static)) -> String {
+    let mut text = err.to_string();
+    let mut cur = err.source();
+    while let Some(e) = cur {
+        text.push_str(&format!(": {e}"));
+        cur = e.source();
+    }
+    text
 }
 
 fn program_mut(ebpf: &mut Ebpf) -> Result<&mut Xdp, FastpathError> {
