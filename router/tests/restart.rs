@@ -100,17 +100,31 @@ fn ten_restarts_leave_no_packet_unfiltered() {
     let topo = Topology::new("restart");
     let bpffs = BpfFs::mount("restart");
     let pin_dir = bpffs.path().join("m2m-router");
-    let config = format!(
-        "[coap]\nlisten = [\"{GW_V4}:5683\"]\n\
-         [fastpath]\ninterfaces = [\"{GW_IF}\"]\npersist = true\npin_dir = \"{}\"\n\
-         [[peer]]\nname = \"meter\"\nprefix = [\"{}/32\"]\n\
-         [[peer]]\nname = \"intruder\"\nprefix = [\"{}/32\"]\ndeny = true\n",
-        pin_dir.display(),
-        DEV_V4[0],
-        DEV_V4[1],
-    );
+    // Halfway, a peer is added in front of the others: the adopted maps
+    // get the new policy, and the peers already there keep their ids (and
+    // so their counters).
+    let config = |newcomer: bool| {
+        format!(
+            "[coap]\nlisten = [\"{GW_V4}:5683\"]\n\
+             [fastpath]\ninterfaces = [\"{GW_IF}\"]\npersist = true\npin_dir = \"{}\"\n\
+             {}\
+             [[peer]]\nname = \"meter\"\nprefix = [\"{}/32\"]\n\
+             [[peer]]\nname = \"intruder\"\nprefix = [\"{}/32\"]\ndeny = true\n",
+            pin_dir.display(),
+            if newcomer {
+                format!(
+                    "[[peer]]\nname = \"newcomer\"\nprefix = [\"{}/32\"]\n",
+                    DEV_V4[2]
+                )
+            } else {
+                String::new()
+            },
+            DEV_V4[0],
+            DEV_V4[1],
+        )
+    };
     let config_file = std::env::temp_dir().join(format!("m2m-restart-{}.toml", std::process::id()));
-    std::fs::write(&config_file, config).unwrap();
+    std::fs::write(&config_file, config(false)).unwrap();
     let args = ["--config", config_file.to_str().unwrap()];
     count_leaks(&topo.gw);
 
@@ -135,7 +149,11 @@ fn ten_restarts_leave_no_packet_unfiltered() {
     };
 
     let mut seen = (0, 0);
+    let mut intruder_dropped = 0;
     for restart in 1..=RESTARTS {
+        if restart == RESTARTS / 2 {
+            std::fs::write(&config_file, config(true)).unwrap();
+        }
         daemon.stop();
         // Traffic arrives while no daemon runs at all.
         let at_stop = sent.load(Ordering::Relaxed);
@@ -169,7 +187,22 @@ fn ten_restarts_leave_no_packet_unfiltered() {
             "restart {restart}: the verdict counters went from {seen:?} to {counts:?}"
         );
         seen = counts;
+        let dropped = daemon.ctl_json(&["stats", "--peer", "intruder"])["peers"]["intruder"]
+            ["dropped_packets"]
+            .as_u64()
+            .expect("the intruder's counters");
+        assert!(
+            dropped >= intruder_dropped,
+            "restart {restart}: the intruder's drops went from {intruder_dropped} to {dropped}"
+        );
+        intruder_dropped = dropped;
     }
+    assert!(intruder_dropped > 0);
+    let peers = daemon.ctl_json(&["peer", "ls"]);
+    assert!(
+        peers.to_string().contains("newcomer"),
+        "the new policy was adopted: {peers}"
+    );
     stop.store(true, Ordering::Relaxed);
     sender.join().unwrap();
     let sent = sent.load(Ordering::Relaxed);

@@ -278,21 +278,19 @@ impl Fastpath {
     /// Empties copy `copy`'s tries, whatever an earlier run left there,
     /// then writes `tables` into it.
     fn rewrite_copy(&mut self, copy: usize, tables: &PolicyTables) -> Result<(), FastpathError> {
-        let name = names::PEERS_V4[copy];
-        let mut trie: LpmTrie<_, [u8; 4], PeerPolicy> = self.map_mut(name)?;
-        let keys: Vec<Key<[u8; 4]>> = trie.keys().filter_map(Result::ok).collect();
-        for key in keys {
-            trie.remove(&key)
-                .map_err(|source| map_error(name, source))?;
-        }
-        let name = names::PEERS_V6[copy];
-        let mut trie: LpmTrie<_, [u8; 16], PeerPolicy> = self.map_mut(name)?;
-        let keys: Vec<Key<[u8; 16]>> = trie.keys().filter_map(Result::ok).collect();
-        for key in keys {
-            trie.remove(&key)
-                .map_err(|source| map_error(name, source))?;
-        }
+        self.clear_trie::<[u8; 4]>(names::PEERS_V4[copy])?;
+        self.clear_trie::<[u8; 16]>(names::PEERS_V6[copy])?;
         self.write_changes(copy, &PolicyTables::default(), tables)
+    }
+
+    fn clear_trie<K: aya::Pod>(&mut self, name: &'static str) -> Result<(), FastpathError> {
+        let mut trie: LpmTrie<_, K, PeerPolicy> = self.map_mut(name)?;
+        let keys: Vec<Key<K>> = trie.keys().filter_map(Result::ok).collect();
+        for key in keys {
+            trie.remove(&key)
+                .map_err(|source| map_error(name, source))?;
+        }
+        Ok(())
     }
 
     /// Records which name each id has now, where it changed since `before`.
