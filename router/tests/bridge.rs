@@ -399,17 +399,22 @@ fn a_full_spool_evicts_the_oldest_and_the_router_keeps_serving() {
     router.stop();
 }
 
-/// The code of the answer to one CON POST "x" from `sock`, payload `payload`.
-fn post(sock: &UdpSocket, mid: u16, payload: &str) -> u8 {
-    let dst = SocketAddr::new(GW_V4.into(), 5683);
-    let msg = coap(
+/// A CON POST to Uri-Path "x" (token: the Message ID).
+fn post_x(mid: u16, payload: &str) -> Vec<u8> {
+    coap(
         0,
         code::POST,
         mid,
         &mid.to_be_bytes(),
         &[0xb1, b'x'],
         payload.as_bytes(),
-    );
+    )
+}
+
+/// The code of the answer to one CON POST "x" from `sock`, payload `payload`.
+fn post(sock: &UdpSocket, mid: u16, payload: &str) -> u8 {
+    let dst = SocketAddr::new(GW_V4.into(), 5683);
+    let msg = post_x(mid, payload);
     let (answer, _) = confirm(sock, dst, &msg, mid);
     Message::decode(&answer).expect("a CoAP answer").code
 }
@@ -659,14 +664,7 @@ fn load(
         std::thread::sleep(pause);
         let mid = seq as u16;
         let payload = format!("{peer}:{seq}");
-        let msg = coap(
-            0,
-            code::POST,
-            mid,
-            &mid.to_be_bytes(),
-            &[0xb1, b'x'],
-            payload.as_bytes(),
-        );
+        let msg = post_x(mid, &payload);
         loop {
             let _ = sock.send_to(&msg, dst);
             match sock.recv(&mut buf) {
