@@ -69,17 +69,15 @@ impl Daemon {
 
     /// `m2m-router ctl --json ARGS` against this daemon.
     pub fn ctl_json(&self, args: &[&str]) -> serde_json::Value {
-        let out = std::process::Command::new(&self.bin)
-            .args(["ctl", "--socket", &self.socket, "--json"])
-            .args(args)
-            .output()
-            .expect("m2m-router ctl");
-        assert!(
-            out.status.success(),
-            "ctl {args:?}: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        serde_json::from_slice(&out.stdout).expect("ctl --json prints JSON")
+        self.ctl().json(args)
+    }
+
+    /// A handle on the control socket that other threads may use.
+    pub fn ctl(&self) -> Ctl {
+        Ctl {
+            bin: self.bin.clone(),
+            socket: self.socket.clone(),
+        }
     }
 
     /// Polls `ctl --json ARGS` until `done` holds (failing after `limit`);
@@ -166,6 +164,34 @@ impl Daemon {
             "exit {status}; output:\n{}",
             self.seen.join("\n")
         );
+    }
+}
+
+/// `m2m-router ctl` against one daemon's control socket.
+#[derive(Clone, Debug)]
+pub struct Ctl {
+    bin: String,
+    socket: String,
+}
+
+impl Ctl {
+    /// `ctl --json ARGS`; the request must succeed.
+    pub fn json(&self, args: &[&str]) -> serde_json::Value {
+        self.try_json(args)
+            .unwrap_or_else(|err| panic!("ctl {args:?}: {err}"))
+    }
+
+    /// `ctl --json ARGS`, or what it printed on failure.
+    pub fn try_json(&self, args: &[&str]) -> Result<serde_json::Value, String> {
+        let out = std::process::Command::new(&self.bin)
+            .args(["ctl", "--socket", &self.socket, "--json"])
+            .args(args)
+            .output()
+            .expect("m2m-router ctl");
+        if !out.status.success() {
+            return Err(String::from_utf8_lossy(&out.stderr).into_owned());
+        }
+        Ok(serde_json::from_slice(&out.stdout).expect("ctl --json prints JSON"))
     }
 }
 

@@ -88,6 +88,7 @@ fn dispatch(args: &[OsString]) -> Result<()> {
         "test" => test(rest),
         "bench-peers" => bench_peers(),
         "bench" => bench(rest.iter().any(|a| a == "--quick")),
+        "soak" => soak(rest),
         "fuzz" => {
             let mut seconds = 60;
             let mut targets = Vec::new();
@@ -108,7 +109,7 @@ fn dispatch(args: &[OsString]) -> Result<()> {
         }
         "help" | "--help" | "-h" => {
             println!(
-                "usage: cargo xtask <bootstrap | build | run -- ARGS | test [-- CARGO TEST ARGS] | bench-peers | bench [--quick] | fuzz [--seconds N] [TARGET...]>"
+                "usage: cargo xtask <bootstrap | build | run -- ARGS | test [-- CARGO TEST ARGS] | bench-peers | bench [--quick] | soak [-- SOAK ARGS] | fuzz [--seconds N] [TARGET...]>"
             );
             Ok(())
         }
@@ -193,6 +194,31 @@ fn bench(quick: bool) -> Result<()> {
     bench::write(&path, &generated)?;
     step(&format!("wrote {}", path.display()));
     Ok(())
+}
+
+/// The soak benchmark (benches/src/soak): half an hour at half capacity
+/// with churn; writes docs/soak.csv and docs/soak.png and prints a summary
+/// for BENCHMARKS.md. `rest` goes to the soak binary (`--minutes`, ...).
+fn soak(rest: &[OsString]) -> Result<()> {
+    if !is_root() {
+        bail!("the soak loads XDP programs and creates network namespaces: run as root");
+    }
+    ensure_packages(BUILD_PACKAGES)?;
+    ensure_packages(TEST_PACKAGES)?;
+    // The plot's labels are drawn with DejaVu Sans.
+    ensure_packages(&["fonts-dejavu-core"])?;
+    ensure_bpf_linker()?;
+    step("building everything (release)");
+    cargo(&[
+        "build",
+        "--release",
+        "--workspace",
+        "--exclude",
+        "router-ebpf",
+    ])?;
+    let soak = workspace().join("target/release/soak");
+    step(&format!("running {} {}", soak.display(), join(rest)));
+    run(Command::new(soak).args(rest).current_dir(workspace()))
 }
 
 fn build() -> Result<()> {
