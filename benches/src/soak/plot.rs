@@ -1,6 +1,7 @@
 //! The soak's curves as one PNG: four panels over the run's minutes
 //! (memory, descriptors and threads, latency, delivered rates), with the
-//! upstream restarts marked as vertical lines in each.
+//! upstream restarts marked as red vertical lines in each (at the end of
+//! the sampling interval the restart fell in).
 
 use std::error::Error;
 use std::path::Path;
@@ -108,11 +109,11 @@ fn panel(
         .margin(12)
         .x_label_area_size(36)
         .y_label_area_size(70);
-    let grey = RGBColor(170, 170, 170);
+    let red = RGBColor(214, 39, 40);
     let restart_line = |chart_top: f64, bottom: f64| {
         restarts
             .iter()
-            .map(move |&m| PathElement::new(vec![(m, bottom), (m, chart_top)], grey))
+            .map(move |&m| PathElement::new(vec![(m, bottom), (m, chart_top)], red))
     };
     macro_rules! finish {
         ($chart:expr, $bottom:expr) => {{
@@ -122,7 +123,10 @@ fn panel(
                 .x_desc("minutes")
                 .light_line_style(WHITE)
                 .draw()?;
-            chart.draw_series(restart_line(top, $bottom))?;
+            chart
+                .draw_series(restart_line(top, $bottom))?
+                .label("upstream restarted")
+                .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], red));
             // The first curve widest, so one that a later one covers shows.
             for (i, &(name, colour, value)) in curves.iter().enumerate() {
                 let style = colour.stroke_width(if i == 0 { 5 } else { 2 });
