@@ -1,6 +1,7 @@
 //! A datagram from a device, through everything the uplink does with it:
-//! CoAP decoding, the request's options, duplicate detection, mapping,
-//! publishing to the embedded broker, and the reply. No input may panic,
+//! CoAP decoding, the request's options, duplicate detection, Block1
+//! reassembly and Block2 answers, mapping, publishing to the embedded
+//! broker, and the reply. No input may panic,
 //! and a reply is always a CoAP message that decodes.
 
 #![no_main]
@@ -32,6 +33,9 @@ fn harness() -> &'static Harness {
         let uplink = Uplink::new(
             UplinkConfig {
                 max_payload: 512,
+                // Small, so that fuzzed Block1 bodies reach the bounds.
+                max_body: 4096,
+                max_assembly_bytes: 16384,
                 dedup_per_peer: 16,
                 dedup_total: 1024,
             },

@@ -10,11 +10,11 @@ use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Instant;
 
 use libfuzzer_sys::fuzz_target;
+use m2m_router::coap::downlink::DownlinkStats;
 use m2m_router::coap::uplink::UplinkStats;
 use m2m_router::config::ConfigFile;
 use m2m_router::control::{server, Control};
 use m2m_router::daemon::Running;
-use m2m_router::downlink::DownlinkStats;
 use m2m_router::mapping::{Mapper, SharedMapper};
 use m2m_router::mqtt::{Broker, BrokerConfig};
 

@@ -79,6 +79,10 @@ pub struct CoapSection {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub max_payload: Option<usize>,
     #[serde(skip_serializing_if = "Option::is_none")]
+    pub max_body: Option<usize>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub max_assembly_bytes: Option<usize>,
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub workers: Option<usize>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub dedup_per_peer: Option<usize>,
@@ -418,8 +422,12 @@ pub struct Upstream {
 /// `[coap]` tuning beyond the listen addresses.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct CoapTuning {
-    /// Largest request payload; more is answered 4.13.
+    /// Largest payload of one datagram; more is answered 4.13.
     pub max_payload: usize,
+    /// Largest request body sent in blocks (RFC 7959 Block1).
+    pub max_body: usize,
+    /// All unfinished block-wise bodies together.
+    pub max_assembly_bytes: usize,
     /// Worker threads (sockets) per listen address; 0 means one per CPU.
     pub workers: usize,
     /// Duplicate-detection entries kept per peer endpoint and in total.
@@ -660,6 +668,12 @@ impl ConfigFile {
         }
         let coap = CoapTuning {
             max_payload: positive("coap.max_payload", self.coap.max_payload, 4096)?,
+            max_body: positive("coap.max_body", self.coap.max_body, 1 << 20)?,
+            max_assembly_bytes: positive(
+                "coap.max_assembly_bytes",
+                self.coap.max_assembly_bytes,
+                64 << 20,
+            )?,
             workers: self.coap.workers.unwrap_or(0),
             dedup_per_peer: positive("coap.dedup_per_peer", self.coap.dedup_per_peer, 256)?,
             dedup_total: positive("coap.dedup_total", self.coap.dedup_total, 1_000_000)?,
@@ -668,6 +682,12 @@ impl ConfigFile {
             return Err(invalid(
                 "coap.max_payload",
                 "a UDP datagram holds at most 65,000 bytes of payload",
+            ));
+        }
+        if coap.max_body > coap.max_assembly_bytes {
+            return Err(invalid(
+                "coap.max_body",
+                "larger than coap.max_assembly_bytes, so no such body could be assembled",
             ));
         }
         if self.mqtt.username.is_some() != self.mqtt.password.is_some() {

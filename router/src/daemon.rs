@@ -10,10 +10,10 @@ use tokio::net::TcpListener;
 use tokio::signal::unix::{signal, SignalKind};
 
 use crate::bridge::{self, Bridge};
+use crate::coap::downlink::{Downlink, DownlinkHandle, DownlinkStats, LastSeen};
 use crate::coap::uplink::{Uplink, UplinkConfig, UplinkStats};
 use crate::config::{Config, ConfigFile, XdpMode};
 use crate::control::{self, Control};
-use crate::downlink::{Downlink, DownlinkHandle, DownlinkStats, LastSeen};
 use crate::fastpath::{Fastpath, PinDir, PolicyTables};
 use crate::listener::{self, ListenerStats};
 use crate::mapping::{Mapper, SharedMapper};
@@ -76,12 +76,14 @@ pub fn run(config: Config, raw: ConfigFile, config_path: Option<PathBuf>) -> any
         0 => std::thread::available_parallelism().map_or(1, |n| n.get()),
         n => n,
     };
+    // The bounds are for all workers together; each has its own share.
+    let workers = (per_address * config.coap_listen.len()).max(1);
     let uplink_config = UplinkConfig {
         max_payload: config.coap.max_payload,
+        max_body: config.coap.max_body,
+        max_assembly_bytes: config.coap.max_assembly_bytes / workers,
         dedup_per_peer: config.coap.dedup_per_peer,
-        // The bound is for all workers together (each has its own cache).
-        dedup_total: (config.coap.dedup_total / (per_address * config.coap_listen.len()).max(1))
-            .max(1),
+        dedup_total: (config.coap.dedup_total / workers).max(1),
     };
     let last_seen = Arc::new(LastSeen::default());
     let (replies_tx, replies_rx) = tokio::sync::mpsc::channel(4096);

@@ -7,7 +7,6 @@ pub mod coap;
 pub mod config;
 pub mod control;
 pub mod daemon;
-pub mod downlink;
 pub mod fastpath;
 pub mod listener;
 pub mod mapping;

@@ -253,6 +253,11 @@ impl Mapper {
         }
     }
 
+    /// Configured peers.
+    pub fn peer_count(&self) -> usize {
+        self.infos.len()
+    }
+
     pub fn peer_by_name(&self, name: &str) -> Option<&PeerInfo> {
         self.by_name.get(name).map(|&i| &self.infos[i as usize])
     }

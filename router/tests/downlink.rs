@@ -32,7 +32,7 @@ fn setup_with(tag: &str, downlink: &str) -> Setup {
     let config = TempPath::with_contents(
         &format!("downlink-{tag}"),
         "toml",
-        &format!(
+        format!(
             r#"
             [defaults]
             rate = "unlimited"
@@ -288,7 +288,7 @@ fn commands_to_denied_or_unknown_peers_are_refused_and_not_sent() {
     let peers = TempPath::with_contents(
         "downlink-unban",
         "toml",
-        &format!(
+        format!(
             "[[peer]]\nname = \"banned\"\nprefix = [\"{}/32\"]\nendpoint = \"{}:5683\"\n",
             DEV_V4[1], DEV_V4[1]
         ),

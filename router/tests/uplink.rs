@@ -68,11 +68,16 @@ impl Gateway {
 
     /// coap-client in the device namespace; returns its PDU trace (-v 6).
     fn coap_client(&self, args: &[&str]) -> String {
+        self.coap_client_for(3, args)
+    }
+
+    /// [`Gateway::coap_client`], giving up after `seconds` (`-B`).
+    fn coap_client_for(&self, seconds: u32, args: &[&str]) -> String {
         let out = self
             .topo
             .dev
             .command("coap-client-notls")
-            .args(["-B", "3", "-v", "6"])
+            .args(["-B", &seconds.to_string(), "-v", "6"])
             .args(args)
             .output()
             .expect("coap-client-notls (Debian package libcoap3-bin)");
@@ -201,6 +206,99 @@ fn coap_client_messages_reach_mosquitto_sub_exactly_once() {
     assert_eq!(got.len(), 1, "{got:?}");
     assert_eq!(got[0].topic, "m2m/10.77.2.1/sensors/temp");
     gw.daemon.stop();
+}
+
+/// RFC 7959 with a stock client: libcoap sends a 100 KiB file in 64-byte
+/// Block1 blocks (the "coap-client -b 64 -m post -f"), the body is
+/// published once, byte for byte, and libcoap reads it back in Block2
+/// blocks from GET.
+#[test]
+fn a_body_in_64_byte_blocks_arrives_whole_and_reads_back_in_blocks() {
+    let gw = Gateway::start("blocks", &config(""));
+    let body: Vec<u8> = (0..100 * 1024u32)
+        .map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8)
+        .collect();
+    let file = TempPath::with_contents("block1", "bin", &body);
+    // mosquitto_sub prints the first message's payload raw (-N: no
+    // newline) and exits; -W bounds its wait.
+    let subscriptions = |d: &Daemon| d.counter("mqtt", "subscriptions");
+    let before = subscriptions(&gw.daemon);
+    let sub = gw
+        .topo
+        .gw
+        .command("mosquitto_sub")
+        .args([
+            "-h",
+            "127.0.0.1",
+            "-t",
+            "m2m/meter/log",
+            "-C",
+            "1",
+            "-N",
+            "-W",
+            "120",
+        ])
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .expect("mosquitto_sub (Debian package mosquitto-clients)");
+    assert!(
+        wait_for(DEADLINE, || subscriptions(&gw.daemon) > before),
+        "mosquitto_sub did not subscribe"
+    );
+    let a4 = DEV_V4[0].to_string();
+    let uri = format!("coap://{GW_V4}/log");
+    let trace = gw.coap_client_for(
+        120,
+        &[
+            "-a",
+            &a4,
+            "-m",
+            "post",
+            "-b",
+            "64",
+            "-f",
+            file.as_str(),
+            &uri,
+        ],
+    );
+    // libcoap traces the first request and the final answer only: the
+    // 2.31s in between show in the block counter below.
+    assert!(
+        trace.contains("c:2.04") && trace.contains("Block1:1599/_/64"),
+        "no final 2.04 for block 1599:\n{}",
+        tail(&trace)
+    );
+    let out = sub.wait_with_output().unwrap();
+    assert!(out.status.success(), "mosquitto_sub got nothing");
+    assert!(
+        out.stdout == body,
+        "the body differs: {} bytes arrived",
+        out.stdout.len()
+    );
+    assert_eq!(gw.daemon.counter("coap", "blocks"), 1600);
+    assert_eq!(gw.daemon.counter("coap", "bodies"), 1);
+    assert_eq!(gw.daemon.counter("coap", "published"), 1);
+    // Read back: the value is larger than a block, so it comes in Block2
+    // blocks, which libcoap reassembles.
+    let back = TempPath::with_contents("block2", "bin", "");
+    let trace = gw.coap_client_for(120, &["-a", &a4, "-m", "get", "-o", back.as_str(), &uri]);
+    let read = std::fs::read(&*back).unwrap();
+    assert!(
+        read == body,
+        "GET read {} bytes:\n{}",
+        read.len(),
+        tail(&trace)
+    );
+    gw.daemon.stop();
+}
+
+/// The end of a long trace.
+fn tail(trace: &str) -> &str {
+    let mut start = trace.len().saturating_sub(3000);
+    while !trace.is_char_boundary(start) {
+        start += 1;
+    }
+    &trace[start..]
 }
 
 #[test]
@@ -418,10 +516,12 @@ fn bad_requests_get_the_rfc_answer_and_the_router_keeps_serving() {
         answer(&coap(0, code::GET, 5, &[], &[0xd1, 0x16, b'x'], b"")).1,
         code::PROXYING_NOT_SUPPORTED
     );
-    // Oversized payload (limit 512): 4.13 with Size1 = 512 (section 5.9.2.9).
+    // Oversized payload (limit 512): 4.13 (section 5.9.2.9) with a Block1
+    // of the block size that fits (512: SZX 5) and Size1, the largest body
+    // it may send in such blocks (1 MiB; RFC 7959 section 2.9.3).
     let (t, c, _, opts) = answer(&coap(0, code::POST, 6, &[], &[0xb1, b'x'], &[b'z'; 600]));
     assert_eq!((t, c), (message::ACK, code::REQUEST_ENTITY_TOO_LARGE));
-    assert_eq!(opts, vec![(60, vec![2, 0])]);
+    assert_eq!(opts, vec![(27, vec![5]), (60, vec![0x10, 0, 0])]);
     // A Uri-Path with '#' cannot become a topic: 4.00.
     assert_eq!(
         answer(&coap(0, code::POST, 7, &[], &[0xb1, b'#'], b"x")).1,

@@ -62,6 +62,18 @@ fn coap_seeds() {
         coap(3, 0, 11, &[], &[], b""),
         vec![0x40, 0, 0, 12],
         vec![0x40, 0x02, 0, 13, 0xf1],
+        // Block1 (option 27): block 0 with more to come, then the last;
+        // a Block2 (option 23) GET of block 1.
+        coap(
+            0,
+            0x02,
+            14,
+            &[],
+            &[0xb1, b'x', 0xd1, 0x03, 0x08],
+            &[b'b'; 16],
+        ),
+        coap(0, 0x02, 15, &[], &[0xb1, b'x', 0xd1, 0x03, 0x10], b"end"),
+        coap(0, 0x01, 16, &[], &[0xb1, b'x', 0xc1, 0x10], b""),
     ];
     for (i, m) in messages.iter().enumerate() {
         let mut seed = vec![i as u8 % 3];

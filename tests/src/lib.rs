@@ -66,7 +66,7 @@ pub struct TempPath(pub std::path::PathBuf);
 
 impl TempPath {
     /// A [`unique_temp_path`] ending `.<ext>`, written with `contents`.
-    pub fn with_contents(tag: &str, ext: &str, contents: &str) -> TempPath {
+    pub fn with_contents(tag: &str, ext: &str, contents: impl AsRef<[u8]>) -> TempPath {
         let path = unique_temp_path(tag, &format!(".{ext}"));
         std::fs::write(&path, contents).expect("write a temporary file");
         TempPath(path)

@@ -181,14 +181,7 @@ fn bench(quick: bool) -> Result<()> {
     bench_peers()?;
     // perf profiles the router at its capacity (bench.rs).
     ensure_packages(&["linux-perf"])?;
-    step("building everything (release)");
-    cargo(&[
-        "build",
-        "--release",
-        "--workspace",
-        "--exclude",
-        "router-ebpf",
-    ])?;
+    build_release()?;
     let generated = bench::run(&workspace().join("target/release"), quick)?;
     let path = workspace().join("BENCHMARKS.md");
     bench::write(&path, &generated)?;
@@ -208,6 +201,14 @@ fn soak(rest: &[OsString]) -> Result<()> {
     // The plot's labels are drawn with DejaVu Sans.
     ensure_packages(&["fonts-dejavu-core"])?;
     ensure_bpf_linker()?;
+    build_release()?;
+    let soak = workspace().join("target/release/soak");
+    step(&format!("running {} {}", soak.display(), join(rest)));
+    run(Command::new(soak).args(rest).current_dir(workspace()))
+}
+
+/// The router and the benchmark binaries, optimised.
+fn build_release() -> Result<()> {
     step("building everything (release)");
     cargo(&[
         "build",
@@ -215,10 +216,7 @@ fn soak(rest: &[OsString]) -> Result<()> {
         "--workspace",
         "--exclude",
         "router-ebpf",
-    ])?;
-    let soak = workspace().join("target/release/soak");
-    step(&format!("running {} {}", soak.display(), join(rest)));
-    run(Command::new(soak).args(rest).current_dir(workspace()))
+    ])
 }
 
 fn build() -> Result<()> {

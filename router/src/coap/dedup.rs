@@ -10,18 +10,65 @@
 
 use std::collections::{HashMap, VecDeque};
 use std::net::SocketAddr;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
-/// RFC 7252 section 4.8.2 with the default transmission parameters.
-pub const EXCHANGE_LIFETIME: Duration = Duration::from_secs(247);
+use super::message;
+use super::params::EXCHANGE_LIFETIME;
 
-/// What was answered to a message.
+/// What was answered to a message, enough to send it again.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Answer {
-    /// Response code; 0 for "nothing was sent" (a NON request).
+    /// Response code; 0 for "nothing was sent" (a NON request), or an
+    /// empty ACK.
     pub code: u8,
-    pub token_len: u8,
-    pub token: [u8; 8],
+    token_len: u8,
+    token: [u8; 8],
+    /// The one uint option the response carried (a Block1 echo, or Size1
+    /// with 4.13): its number (0 for none; both fit a byte) and value.
+    /// Packed so that an entry stays 16 bytes: there may be a million.
+    option_number: u8,
+    option_value: u32,
+}
+
+impl Answer {
+    /// `token` is at most 8 bytes (RFC 7252 section 3).
+    pub fn new(code: u8, token: &[u8], option: Option<(u16, u32)>) -> Answer {
+        let mut t = [0u8; 8];
+        t[..token.len()].copy_from_slice(token);
+        let (number, value) = option.unwrap_or((0, 0));
+        let option_number = u8::try_from(number).expect("Block1 and Size1 fit a byte");
+        Answer {
+            code,
+            token_len: token.len() as u8,
+            token: t,
+            option_number,
+            option_value: value,
+        }
+    }
+
+    /// The response as a message of type `mtype` (an ACK piggybacking it
+    /// on message `mid`, or a NON of our own `mid`).
+    pub fn encode(&self, out: &mut Vec<u8>, mtype: u8, mid: u16) {
+        let mut buf = [0u8; 4];
+        let option = [(
+            u16::from(self.option_number),
+            message::uint_bytes(self.option_value, &mut buf),
+        )];
+        let options = if self.option_number == 0 {
+            &[][..]
+        } else {
+            &option[..]
+        };
+        message::encode(
+            out,
+            mtype,
+            self.code,
+            mid,
+            &self.token[..usize::from(self.token_len)],
+            options,
+            &[],
+        );
+    }
 }
 
 struct Exchange {
@@ -184,30 +231,23 @@ impl DedupCache {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::time::Duration;
 
     const A: Answer = Answer {
         code: 0x44,
         token_len: 1,
         token: [9, 0, 0, 0, 0, 0, 0, 0],
+        option_number: 0,
+        option_value: 0,
     };
 
     fn peer(port: u16) -> SocketAddr {
         SocketAddr::from(([10, 0, 0, 1], port))
     }
 
-    /// RFC 7252 section 4.8.2, from the default transmission parameters of
-    /// section 4.8: MAX_TRANSMIT_SPAN = ACK_TIMEOUT x (2^MAX_RETRANSMIT - 1)
-    /// x ACK_RANDOM_FACTOR = 2 x 15 x 1.5 = 45 s; EXCHANGE_LIFETIME =
-    /// MAX_TRANSMIT_SPAN + 2 x MAX_LATENCY (100 s) + PROCESSING_DELAY
-    /// (ACK_TIMEOUT, 2 s) = 247 s.
     #[test]
-    fn remembers_for_rfc_7252_exchange_lifetime_only() {
-        let (ack_timeout, max_retransmit, ack_random_factor) = (2.0, 4, 1.5);
-        let max_transmit_span =
-            ack_timeout * f64::from((1u32 << max_retransmit) - 1) * ack_random_factor;
-        let rfc_lifetime = max_transmit_span + 2.0 * 100.0 + ack_timeout;
-        assert_eq!(rfc_lifetime, 247.0);
-        let lifetime = Duration::from_secs_f64(rfc_lifetime);
+    fn remembers_for_the_exchange_lifetime_only() {
+        let lifetime = EXCHANGE_LIFETIME;
         let mut c = DedupCache::new(8, 100);
         let t0 = Instant::now();
         c.insert(peer(1), 7, A, t0);
@@ -226,6 +266,20 @@ mod tests {
         c.sweep(t0 + lifetime);
         assert!(c.is_empty());
         assert_eq!(c.evictions, 0);
+    }
+
+    #[test]
+    fn an_answer_is_sixteen_bytes_and_rebuilds_its_response() {
+        assert_eq!(std::mem::size_of::<Answer>(), 16);
+        let answer = Answer::new(0x5f, &[1, 2], Some((27, 0x18)));
+        let mut out = Vec::new();
+        answer.encode(&mut out, message::ACK, 77);
+        let m = message::Message::decode(&out).unwrap();
+        assert_eq!(
+            (m.mtype, m.code, m.mid, m.token),
+            (message::ACK, 0x5f, 77, &[1, 2][..])
+        );
+        assert_eq!(m.options().collect::<Vec<_>>(), vec![(27, &[0x18][..])]);
     }
 
     #[test]

@@ -6,12 +6,11 @@
 //! - The request goes to the peer's configured `endpoint`, else to the
 //!   source of its latest uplink datagram (so NAT rebinding follows), from
 //!   the CoAP listen socket itself (port 5683 stays the device's peer port).
-//! - Retransmission per section 4.2: first timeout random in
-//!   [ACK_TIMEOUT, ACK_TIMEOUT x ACK_RANDOM_FACTOR], doubled each time,
-//!   MAX_RETRANSMIT retransmissions, then a timeout response.
-//! - Piggybacked responses and empty ACK + separate response (section
-//!   5.2.2; a CON separate response is acknowledged, and again if repeated,
-//!   but published once) are both handled.
+//! - The message layer's client (`coap::client`) sends it as a CON,
+//!   retransmits it (section 4.2) and matches the answer: piggybacked, or
+//!   an empty ACK and a separate response (section 5.2.2). No answer after
+//!   MAX_RETRANSMIT retransmissions, or no separate response within
+//!   `response_timeout` of the empty ACK, is a timeout response.
 //! - One outstanding request per peer (NSTART = 1, section 4.7); more wait
 //!   in a short queue.
 //! - The fast-path policy applies: a denied or unknown peer is refused with
@@ -29,16 +28,17 @@ use std::collections::{HashMap, VecDeque};
 use std::net::{SocketAddr, UdpSocket};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, RwLock};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use tokio::sync::mpsc;
-use tokio::time::Instant;
 
-use crate::coap::message::{self, code, option, Message, ACK, CON, NON, RST};
-use crate::coap::request::{content_format, content_type};
+use super::client::{Client, GaveUp, Reply};
+use super::message::{self, code, option, Message};
+use super::params::TransmissionParams;
+use super::request::{content_format, content_type};
 use crate::config::DownlinkSettings;
-use crate::mapping::SharedMapper;
+use crate::mapping::{Mapper, SharedMapper};
 use crate::mqtt::broker::{Broker, Delivery};
 use crate::mqtt::codec::{Properties, SubscriptionOptions};
 use crate::mqtt::Message as MqttMessage;
@@ -88,17 +88,32 @@ fn count(counter: &AtomicU64) {
     counter.fetch_add(1, Ordering::Relaxed);
 }
 
-/// The latest uplink source of each named peer.
+/// The latest uplink source of each configured peer.
 #[derive(Default)]
 pub struct LastSeen(RwLock<HashMap<String, SocketAddr>>);
 
 impl LastSeen {
-    /// Cheap when nothing changed: a read lock and a compare.
-    pub fn note(&self, peer: &str, addr: SocketAddr) {
+    /// Cheap when nothing changed: a read lock and a compare. Peers that
+    /// `mapper` no longer has are forgotten once the map holds more entries
+    /// than there are peers (so peers added and removed at run time do not
+    /// pile up).
+    pub fn note(&self, peer: &str, addr: SocketAddr, mapper: &Mapper) {
         if self.0.read().unwrap().get(peer) == Some(&addr) {
             return;
         }
-        self.0.write().unwrap().insert(peer.to_owned(), addr);
+        let mut seen = self.0.write().unwrap();
+        seen.insert(peer.to_owned(), addr);
+        if seen.len() > mapper.peer_count() {
+            seen.retain(|name, _| mapper.peer_by_name(name).is_some());
+        }
+    }
+
+    pub fn len(&self) -> usize {
+        self.0.read().unwrap().len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
     }
 
     pub fn get(&self, peer: &str) -> Option<SocketAddr> {
@@ -126,19 +141,6 @@ struct Command {
     expires_at: Instant,
 }
 
-struct Exchange {
-    command: Command,
-    endpoint: SocketAddr,
-    mid: u16,
-    token: [u8; 4],
-    datagram: Vec<u8>,
-    retransmissions: u32,
-    timeout: Duration,
-    next_at: Instant,
-    /// Set by an empty ACK: now only the separate response is awaited.
-    acked: bool,
-}
-
 pub struct Downlink {
     settings: DownlinkSettings,
     stats: Arc<DownlinkStats>,
@@ -146,12 +148,12 @@ pub struct Downlink {
     mappers: Arc<SharedMapper>,
     last_seen: Arc<LastSeen>,
     sockets: Vec<UdpSocket>,
-    outstanding: HashMap<String, Exchange>,
+    /// One outstanding request per peer (NSTART = 1), keyed by peer name.
+    client: Client<String>,
+    /// The command of each peer's outstanding request.
+    in_flight: HashMap<String, Command>,
     waiting: HashMap<String, VecDeque<Command>>,
-    /// Recently answered separate CON responses, to re-ACK duplicates.
-    answered: VecDeque<(SocketAddr, u16)>,
-    next_mid: u16,
-    next_token: u32,
+    last_sweep: Instant,
 }
 
 impl Downlink {
@@ -163,22 +165,22 @@ impl Downlink {
         sockets: Vec<UdpSocket>,
         stats: Arc<DownlinkStats>,
     ) -> Downlink {
-        let seed = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .unwrap_or_default()
-            .subsec_nanos();
+        let params = TransmissionParams {
+            ack_timeout: settings.ack_timeout,
+            ack_random_factor: settings.ack_random_factor,
+            max_retransmit: settings.max_retransmit,
+        };
         Downlink {
+            client: Client::new(params, settings.response_timeout),
             settings,
             stats,
             broker,
             mappers,
             last_seen,
             sockets,
-            outstanding: HashMap::new(),
+            in_flight: HashMap::new(),
             waiting: HashMap::new(),
-            answered: VecDeque::new(),
-            next_mid: seed as u16,
-            next_token: seed,
+            last_sweep: Instant::now(),
         }
     }
 
@@ -200,11 +202,14 @@ impl Downlink {
         let commands = &attached.session.queue;
         tracing::info!(prefix = %self.settings.command_prefix, "downlink commands enabled");
         loop {
-            let next = self.outstanding.values().map(|e| e.next_at).min();
+            let next = self.client.next_deadline();
+            let wake = tokio::time::Instant::from_std(
+                next.unwrap_or_else(|| Instant::now() + Duration::from_secs(3600)),
+            );
             tokio::select! {
                 d = commands.pop() => self.command(d),
                 Some((src, datagram)) = replies.recv() => self.reply(src, &datagram),
-                _ = tokio::time::sleep_until(next.unwrap_or_else(|| Instant::now() + Duration::from_secs(3600))), if next.is_some() => self.timeouts(),
+                _ = tokio::time::sleep_until(wake), if next.is_some() => self.timeouts(),
             }
         }
     }
@@ -289,7 +294,7 @@ impl Downlink {
                 "the peer has sent no uplink yet and has no endpoint configured",
             );
         };
-        if self.outstanding.contains_key(peer) {
+        if self.client.is_busy(&command.peer) {
             let queue = self.waiting.entry(peer.to_owned()).or_default();
             if queue.len() >= QUEUE_PER_PEER {
                 return self.refuse(&command, "too many commands waiting for this peer");
@@ -302,12 +307,6 @@ impl Downlink {
     }
 
     fn start(&mut self, command: Command, endpoint: SocketAddr) {
-        self.next_mid = self.next_mid.wrapping_add(1);
-        self.next_token = self
-            .next_token
-            .wrapping_mul(1_103_515_245)
-            .wrapping_add(12_345);
-        let (mid, token) = (self.next_mid, self.next_token.to_be_bytes());
         let mut opts: Vec<(u16, &[u8])> = command
             .path
             .iter()
@@ -320,82 +319,40 @@ impl Downlink {
                 message::uint_bytes(u32::from(f), &mut cf),
             ));
         }
-        let mut datagram = Vec::new();
-        message::encode(
-            &mut datagram,
-            CON,
+        let datagram = self.client.request(
+            command.peer.clone(),
+            endpoint,
             command.method,
-            mid,
-            &token,
             &opts,
             &command.payload,
+            Instant::now(),
         );
-        // Section 4.2: the first timeout is random in [T, T x factor].
-        let spread =
-            f64::from(self.next_token % 1000) / 1000.0 * (self.settings.ack_random_factor - 1.0);
-        let timeout = self.settings.ack_timeout.mul_f64(1.0 + spread);
-        let exchange = Exchange {
-            endpoint,
-            mid,
-            token,
-            datagram,
-            retransmissions: 0,
-            timeout,
-            next_at: Instant::now() + timeout,
-            acked: false,
-            command,
-        };
-        self.send(endpoint, &exchange.datagram);
+        send(&self.sockets, endpoint, datagram);
         count(&self.stats.sent);
-        self.outstanding
-            .insert(exchange.command.peer.clone(), exchange);
-    }
-
-    fn send(&self, to: SocketAddr, datagram: &[u8]) {
-        let socket = self
-            .sockets
-            .iter()
-            .find(|s| s.local_addr().is_ok_and(|a| a.is_ipv4() == to.is_ipv4()));
-        match socket {
-            Some(s) => {
-                if let Err(err) = s.send_to(datagram, to) {
-                    tracing::warn!(%to, %err, "downlink send failed");
-                }
-            }
-            None => tracing::warn!(%to, "downlink: no CoAP socket of this address family"),
-        }
+        self.in_flight.insert(command.peer.clone(), command);
     }
 
     fn timeouts(&mut self) {
-        let now = Instant::now();
-        let due: Vec<String> = self
-            .outstanding
-            .iter()
-            .filter(|(_, e)| e.next_at <= now)
-            .map(|(p, _)| p.clone())
-            .collect();
-        for peer in due {
-            let e = self.outstanding.get_mut(&peer).unwrap();
-            if !e.acked && e.retransmissions < self.settings.max_retransmit {
-                e.retransmissions += 1;
-                e.timeout *= 2;
-                e.next_at = now + e.timeout;
-                let (to, datagram) = (e.endpoint, e.datagram.clone());
-                self.send(to, &datagram);
-                count(&self.stats.retransmissions);
-                continue;
-            }
-            let e = self.outstanding.remove(&peer).unwrap();
+        let (sockets, stats) = (&self.sockets, &self.stats);
+        let gave_up = self.client.expire(Instant::now(), |to, datagram| {
+            send(sockets, to, datagram);
+            count(&stats.retransmissions);
+        });
+        for GaveUp {
+            key: peer,
+            acknowledged,
+            transmissions,
+        } in gave_up
+        {
             count(&self.stats.timeouts);
-            let why = if e.acked {
+            let why = if acknowledged {
                 "timeout: the peer acknowledged but sent no response".to_owned()
             } else {
-                format!(
-                    "timeout: no answer after {} transmissions",
-                    e.retransmissions + 1
-                )
+                format!("timeout: no answer after {transmissions} transmissions")
             };
-            self.fail(&e.command, &why);
+            if let Some(command) = self.in_flight.remove(&peer) {
+                self.fail(&command, &why);
+            }
             self.next_of(&peer);
         }
     }
@@ -404,66 +361,40 @@ impl Downlink {
         let Ok(msg) = Message::decode(datagram) else {
             return;
         };
-        // A repeated separate response we answered already: ACK it again.
-        if msg.mtype == CON && self.answered.contains(&(src, msg.mid)) {
-            self.empty(ACK, src, msg.mid);
-            return;
+        let now = Instant::now();
+        if now.duration_since(self.last_sweep) > Duration::from_secs(1) {
+            self.client.sweep(now);
+            self.last_sweep = now;
         }
-        let found = self.outstanding.iter().find(|(_, e)| {
-            e.endpoint == src
-                && match msg.mtype {
-                    ACK | RST => e.mid == msg.mid,
-                    _ => msg.token == e.token,
-                }
-        });
-        let Some(peer) = found.map(|(p, _)| p.clone()) else {
-            if msg.mtype == CON {
-                self.empty(RST, src, msg.mid); // section 4.2: nothing to match
-            }
-            return;
+        let mut out = Vec::new();
+        let reply = self.client.receive(src, &msg, now, &mut out);
+        if !out.is_empty() {
+            send(&self.sockets, src, &out);
+        }
+        let (peer, answer) = match reply {
+            Reply::Acknowledged(_) | Reply::Nothing => return,
+            Reply::Reset(peer) => (peer, None),
+            Reply::Response(peer, response) => (peer, Some(response)),
         };
-        match (msg.mtype, msg.code) {
-            (ACK, code::EMPTY) => {
-                let e = self.outstanding.get_mut(&peer).unwrap();
-                e.acked = true;
-                e.next_at = Instant::now() + self.settings.response_timeout;
-            }
-            (RST, _) => {
-                count(&self.stats.answered);
-                let e = self.outstanding.remove(&peer).unwrap();
-                self.fail(&e.command, "the peer reset the request (RST)");
-                self.next_of(&peer);
-            }
-            (ACK | CON | NON, c) if c >> 5 >= 2 => {
-                if msg.mtype == CON {
-                    self.empty(ACK, src, msg.mid);
-                    self.answered.push_back((src, msg.mid));
-                    if self.answered.len() > 256 {
-                        self.answered.pop_front();
-                    }
+        count(&self.stats.answered);
+        if let Some(command) = self.in_flight.remove(&peer) {
+            match answer {
+                None => self.fail(&command, "the peer reset the request (RST)"),
+                Some(response) => {
+                    let format = response
+                        .options()
+                        .find(|(n, _)| *n == option::CONTENT_FORMAT)
+                        .and_then(|(_, v)| message::uint_option(v));
+                    self.respond(
+                        &command,
+                        &coap_code(response.code),
+                        Bytes::copy_from_slice(response.payload),
+                        format.and_then(|f| content_type(f as u16)),
+                    );
                 }
-                count(&self.stats.answered);
-                let e = self.outstanding.remove(&peer).unwrap();
-                let format = msg
-                    .options()
-                    .find(|(n, _)| *n == option::CONTENT_FORMAT)
-                    .and_then(|(_, v)| message::uint_option(v));
-                self.respond(
-                    &e.command,
-                    &coap_code(c),
-                    Bytes::copy_from_slice(msg.payload),
-                    format.and_then(|f| content_type(f as u16)),
-                );
-                self.next_of(&peer);
             }
-            _ => {}
         }
-    }
-
-    fn empty(&self, mtype: u8, to: SocketAddr, mid: u16) {
-        let mut out = Vec::with_capacity(4);
-        message::encode(&mut out, mtype, code::EMPTY, mid, &[], &[], &[]);
-        self.send(to, &out);
+        self.next_of(&peer);
     }
 
     fn next_of(&mut self, peer: &str) {
@@ -550,4 +481,50 @@ impl Downlink {
 /// "2.05" for 0x45.
 fn coap_code(c: u8) -> String {
     format!("{}.{:02}", c >> 5, c & 0x1f)
+}
+
+/// Sends from the CoAP socket of `to`'s address family.
+fn send(sockets: &[UdpSocket], to: SocketAddr, datagram: &[u8]) {
+    let socket = sockets
+        .iter()
+        .find(|s| s.local_addr().is_ok_and(|a| a.is_ipv4() == to.is_ipv4()));
+    match socket {
+        Some(s) => {
+            if let Err(err) = s.send_to(datagram, to) {
+                tracing::warn!(%to, %err, "downlink send failed");
+            }
+        }
+        None => tracing::warn!(%to, "downlink: no CoAP socket of this address family"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::Config;
+
+    fn mapper(names: &[&str]) -> Mapper {
+        let text: String = names
+            .iter()
+            .enumerate()
+            .map(|(i, n)| format!("[[peer]]\nname = \"{n}\"\nprefix = [\"10.0.0.{i}/32\"]\n"))
+            .collect();
+        Mapper::from_config(&Config::parse(&text).unwrap())
+    }
+
+    /// Peers added and removed at run time (the soak adds and removes one
+    /// every second) must not pile up in the last-seen map.
+    #[test]
+    fn last_seen_forgets_removed_peers() {
+        let seen = LastSeen::default();
+        let addr: SocketAddr = "10.0.0.1:5683".parse().unwrap();
+        let before = mapper(&["a", "b"]);
+        seen.note("a", addr, &before);
+        seen.note("b", addr, &before);
+        let after = mapper(&["b", "c"]);
+        seen.note("c", addr, &after);
+        assert_eq!(seen.len(), 2);
+        assert_eq!(seen.get("a"), None);
+        assert_eq!(seen.get("b"), Some(addr));
+    }
 }

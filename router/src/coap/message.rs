@@ -17,10 +17,12 @@ pub mod code {
     pub const DELETE: u8 = 0x04;
     pub const CHANGED: u8 = 0x44; // 2.04
     pub const CONTENT: u8 = 0x45; // 2.05
+    pub const CONTINUE: u8 = 0x5f; // 2.31 (RFC 7959)
     pub const BAD_REQUEST: u8 = 0x80; // 4.00
     pub const BAD_OPTION: u8 = 0x82; // 4.02
     pub const NOT_FOUND: u8 = 0x84; // 4.04
     pub const METHOD_NOT_ALLOWED: u8 = 0x85; // 4.05
+    pub const REQUEST_ENTITY_INCOMPLETE: u8 = 0x88; // 4.08 (RFC 7959)
     pub const REQUEST_ENTITY_TOO_LARGE: u8 = 0x8d; // 4.13
     pub const INTERNAL_SERVER_ERROR: u8 = 0xa0; // 5.00
     pub const SERVICE_UNAVAILABLE: u8 = 0xa3; // 5.03
@@ -41,6 +43,10 @@ pub mod option {
     pub const MAX_AGE: u16 = 14;
     pub const URI_QUERY: u16 = 15;
     pub const ACCEPT: u16 = 17;
+    /// RFC 7959 section 2.1.
+    pub const BLOCK2: u16 = 23;
+    pub const BLOCK1: u16 = 27;
+    pub const SIZE2: u16 = 28;
     pub const LOCATION_QUERY: u16 = 20;
     pub const PROXY_URI: u16 = 35;
     pub const PROXY_SCHEME: u16 = 39;
@@ -162,9 +168,10 @@ pub fn peek_header(buf: &[u8]) -> Option<(u8, u16)> {
     Some(((buf[0] >> 4) & 0x03, u16::from_be_bytes([buf[2], buf[3]])))
 }
 
-/// Whether an encoded message is an ACK carrying response `code`.
-pub fn is_ack_with(buf: &[u8], response: u8) -> bool {
-    peek_header(buf).is_some_and(|(mtype, _)| mtype == ACK) && buf[1] == response
+/// Whether an encoded message is a response `code`, piggybacked in an ACK
+/// or sent as a NON.
+pub fn is_response_with(buf: &[u8], response: u8) -> bool {
+    peek_header(buf).is_some_and(|(mtype, _)| mtype == ACK || mtype == NON) && buf[1] == response
 }
 
 /// Rewrites the code of an encoded message (header byte 1, section 3).

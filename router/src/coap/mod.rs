@@ -1,7 +1,23 @@
-//! CoAP over UDP (RFC 7252): the message format, request options, duplicate
-//! detection, and the uplink server behaviour.
+//! CoAP over UDP (RFC 7252).
+//!
+//! The message layer, shared by everything that speaks CoAP:
+//! - `message`: the wire format;
+//! - `params`: transmission parameters and the retransmission schedule;
+//! - `ids`: Message IDs and tokens for what the gateway originates;
+//! - `dedup`: duplicate detection;
+//! - `client`: CON requests the gateway sends, matched with their answers.
+//!
+//! On top of it:
+//! - `request`: a request's options;
+//! - `uplink`: the server side, what a worker does with each datagram;
+//! - `downlink`: MQTT commands to devices, through the client.
 
+pub mod block;
+pub mod client;
 pub mod dedup;
+pub mod downlink;
+pub mod ids;
 pub mod message;
+pub mod params;
 pub mod request;
 pub mod uplink;

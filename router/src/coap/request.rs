@@ -1,5 +1,6 @@
 //! A CoAP request's options, as the uplink needs them (RFC 7252 section 5.10).
 
+use super::block::Block;
 use super::message::{option, uint_option, Message};
 
 /// Uri-Path segments kept per request; more is answered 4.00.
@@ -23,6 +24,15 @@ pub struct Request<'a> {
     pub method: u8,
     pub path: Path<'a>,
     pub content_format: Option<u16>,
+    /// The block of the request body this request carries (RFC 7959).
+    pub block1: Option<Block>,
+    /// The block of the response asked for.
+    pub block2: Option<Block>,
+    /// The size of the whole request body, when announced.
+    pub size1: Option<u32>,
+    /// Size2 in a request asks for the size of the whole response (RFC
+    /// 7959 section 4).
+    pub wants_size2: bool,
 }
 
 /// Why a request cannot be served, with the response code it gets.
@@ -73,7 +83,8 @@ fn length_range(number: u16) -> Option<std::ops::RangeInclusive<usize>> {
         option::LOCATION_PATH | option::URI_PATH | option::URI_QUERY | option::LOCATION_QUERY => {
             0..=255
         }
-        option::MAX_AGE | option::SIZE1 => 0..=4,
+        option::MAX_AGE | option::SIZE1 | option::SIZE2 => 0..=4,
+        option::BLOCK1 | option::BLOCK2 => 0..=3,
         option::PROXY_URI => 1..=1034,
         _ => return None,
     })
@@ -89,6 +100,7 @@ pub fn parse<'a>(msg: &Message<'a>) -> Result<Request<'a>, RequestError> {
         len: 0,
     };
     let mut content_format = None;
+    let (mut block1, mut block2, mut size1, mut wants_size2) = (None, None, None, false);
     let mut previous = None;
     for (number, value) in msg.options() {
         // Options arrive sorted by number (section 3.1): a repeat follows
@@ -115,6 +127,19 @@ pub fn parse<'a>(msg: &Message<'a>) -> Result<Request<'a>, RequestError> {
             option::CONTENT_FORMAT => {
                 content_format = uint_option(value).and_then(|v| u16::try_from(v).ok());
             }
+            option::BLOCK1 | option::BLOCK2 => {
+                // SZX 7 is reserved: 4.00 (RFC 7959 section 2.2).
+                let block = Block::parse(value).ok_or(RequestError::BadRequest(
+                    "block size exponent 7 is reserved",
+                ))?;
+                if number == option::BLOCK1 {
+                    block1 = Some(block);
+                } else {
+                    block2 = Some(block);
+                }
+            }
+            option::SIZE1 => size1 = uint_option(value),
+            option::SIZE2 => wants_size2 = true,
             option::PROXY_URI | option::PROXY_SCHEME => {
                 return Err(RequestError::ProxyingNotSupported)
             }
@@ -129,8 +154,7 @@ pub fn parse<'a>(msg: &Message<'a>) -> Result<Request<'a>, RequestError> {
             | option::URI_QUERY
             | option::ACCEPT
             | option::LOCATION_PATH
-            | option::LOCATION_QUERY
-            | option::SIZE1 => {}
+            | option::LOCATION_QUERY => {}
             n if option::is_critical(n) => return Err(RequestError::BadOption(n)),
             _ => {}
         }
@@ -139,6 +163,10 @@ pub fn parse<'a>(msg: &Message<'a>) -> Result<Request<'a>, RequestError> {
         method: msg.code,
         path,
         content_format,
+        block1,
+        block2,
+        size1,
+        wants_size2,
     })
 }
 

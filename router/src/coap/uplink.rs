@@ -1,7 +1,10 @@
 //! The CoAP server side of the uplink (RFC 7252): what a worker does with
 //! each datagram. POST/PUT publish and are answered 2.04 once published;
 //! GET reads the last value published on the topic; retransmissions are
-//! answered again and never published twice.
+//! answered again and never published twice. Bodies larger than one
+//! datagram arrive in blocks (RFC 7959 Block1) and are published whole
+//! when the last arrives; a GET answer larger than a block is served in
+//! blocks (Block2) with an ETag, so a client notices a change between them.
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -10,10 +13,13 @@ use std::time::Instant;
 
 use bytes::{Bytes, BytesMut};
 
+use super::block::{Assemblies, Block, BodyKey, Step};
+use super::client::empty;
 use super::dedup::{Answer, DedupCache};
+use super::downlink::DownlinkHandle;
+use super::ids::{Ids, MidSpace};
 use super::message::{self, code, option, peek_header, Message, ACK, CON, NON, RST};
 use super::request::{self, content_type, RequestError};
-use crate::downlink::DownlinkHandle;
 use crate::mapping::{self, Mapper, SharedMapper};
 use crate::mqtt::{Broker, Message as MqttMessage, Ticket};
 
@@ -34,6 +40,15 @@ pub struct UplinkStats {
     pub dedup_evictions: AtomicU64,
     /// Answered 5.03: a bridge's spool could not store the message.
     pub unavailable: AtomicU64,
+    /// Block1 blocks received, and bodies published from them.
+    pub blocks: AtomicU64,
+    pub bodies: AtomicU64,
+    /// Blocks that did not continue their body (answered 4.08).
+    pub blocks_out_of_order: AtomicU64,
+    /// Unfinished bodies dropped to stay within max_assembly_bytes, and
+    /// forgotten after EXCHANGE_LIFETIME without a block.
+    pub assemblies_evicted: AtomicU64,
+    pub assemblies_expired: AtomicU64,
 }
 
 impl UplinkStats {
@@ -50,14 +65,23 @@ impl UplinkStats {
             ("ignored", f(&self.ignored)),
             ("dedup_evictions", f(&self.dedup_evictions)),
             ("unavailable", f(&self.unavailable)),
+            ("blocks", f(&self.blocks)),
+            ("bodies", f(&self.bodies)),
+            ("blocks_out_of_order", f(&self.blocks_out_of_order)),
+            ("assemblies_evicted", f(&self.assemblies_evicted)),
+            ("assemblies_expired", f(&self.assemblies_expired)),
         ]
     }
 }
 
 #[derive(Clone, Debug)]
 pub struct UplinkConfig {
-    /// Largest payload accepted; more is answered 4.13 with Size1.
+    /// Largest payload of one datagram; more is answered 4.13 with Size1.
     pub max_payload: usize,
+    /// Largest body assembled from Block1 blocks.
+    pub max_body: usize,
+    /// All unfinished bodies of this worker together.
+    pub max_assembly_bytes: usize,
     pub dedup_per_peer: usize,
     pub dedup_total: usize,
 }
@@ -66,11 +90,17 @@ impl Default for UplinkConfig {
     fn default() -> Self {
         UplinkConfig {
             max_payload: 4096,
+            max_body: 1 << 20,
+            max_assembly_bytes: 64 << 20,
             dedup_per_peer: 256,
             dedup_total: 1_000_000,
         }
     }
 }
+
+/// The block size of GET answers served in blocks, unless the client asks
+/// for smaller: 1024 bytes (SZX 6), the largest RFC 7959 allows over UDP.
+const BLOCK2_SZX: u8 = 6;
 
 /// One worker's uplink state.
 pub struct Uplink {
@@ -81,8 +111,9 @@ pub struct Uplink {
     broker: Arc<Broker>,
     stats: Arc<UplinkStats>,
     dedup: DedupCache,
-    /// This worker's evictions already added to the shared counter.
-    evictions_reported: u64,
+    assemblies: Assemblies,
+    /// This worker's counts already added to the shared counters.
+    reported: Reported,
     /// Exchanges remembered since the last commit: if the commit fails,
     /// they are forgotten so a retransmission is processed again rather
     /// than answered from the cache (it was never acknowledged).
@@ -92,7 +123,7 @@ pub struct Uplink {
     staged: Option<Ticket>,
     topic: String,
     /// Message IDs for NON responses (section 4.4: ours to choose).
-    next_mid: u16,
+    ids: Ids,
     downlink: Option<DownlinkHandle>,
 }
 
@@ -106,7 +137,8 @@ impl Uplink {
         let (mapper_generation, mapper) = mappers.load();
         Uplink {
             dedup: DedupCache::new(config.dedup_per_peer, config.dedup_total),
-            evictions_reported: 0,
+            assemblies: Assemblies::new(config.max_body, config.max_assembly_bytes),
+            reported: Reported::default(),
             uncommitted: Vec::new(),
             staged: None,
             config,
@@ -116,7 +148,7 @@ impl Uplink {
             broker,
             stats,
             topic: String::with_capacity(256),
-            next_mid: rand_mid(),
+            ids: Ids::new(MidSpace::Server),
             downlink: None,
         }
     }
@@ -165,7 +197,7 @@ impl Uplink {
             // is enough to tell a request it is too large.
             if let Ok(head) = Message::decode_head(dgram) {
                 if head.is_request() && matches!(head.mtype, CON | NON) {
-                    return self.too_large(&head, out);
+                    return self.too_large(&head, None, out);
                 }
             }
         }
@@ -185,7 +217,7 @@ impl Uplink {
             (CON | NON, _) if msg.is_request() => {
                 if let Some(d) = &self.downlink {
                     if let Some(peer) = self.mapper.peer(src.ip()) {
-                        d.last_seen.note(&peer.name, src);
+                        d.last_seen.note(&peer.name, src, &self.mapper);
                     }
                 }
                 self.request(&msg, src, now, out)
@@ -210,66 +242,99 @@ impl Uplink {
             if msg.mtype != CON || answer.code == 0 {
                 return false;
             }
-            message::encode(
-                out,
-                ACK,
-                answer.code,
-                msg.mid,
-                &answer.token[..usize::from(answer.token_len)],
-                &[],
-                &[],
-            );
+            answer.encode(out, ACK, msg.mid);
             return true;
         }
-        let (code, cacheable) = match request::parse(msg) {
+        let parsed = request::parse(msg);
+        let blockwise = parsed.as_ref().is_ok_and(|r| r.block1.is_some());
+        let (code, option) = match parsed {
             Err(RequestError::BadOption(_)) if msg.mtype == NON => {
                 // Section 5.4.1: a NON with an unknown critical option is rejected silently.
                 self.stats.rejected.fetch_add(1, Ordering::Relaxed);
                 return false;
             }
-            Err(e) => (e.code(), true),
+            Err(e) => (e.code(), None),
             Ok(req) => match req.method {
                 code::POST | code::PUT if msg.payload.len() > self.config.max_payload => {
-                    return self.too_large(msg, out);
+                    return self.too_large(msg, req.block1, out);
                 }
-                code::POST | code::PUT => (self.publish(msg, &req, src), true),
+                code::POST | code::PUT => match req.block1 {
+                    None => (self.publish(msg.payload, &req, src), None),
+                    Some(block) => self.block1(msg.payload, &req, block, src, now),
+                },
                 code::GET => return self.get(msg, &req, src, out),
-                _ => (code::METHOD_NOT_ALLOWED, true),
+                _ => (code::METHOD_NOT_ALLOWED, None),
             },
         };
         if code >> 5 != 2 {
             self.stats.rejected.fetch_add(1, Ordering::Relaxed);
         }
-        let mut token = [0u8; 8];
-        token[..msg.token.len()].copy_from_slice(msg.token);
         let reply = msg.mtype == CON;
-        if cacheable {
-            let answer = Answer {
-                code: if reply { code } else { 0 },
-                token_len: msg.token.len() as u8,
-                token,
-            };
-            self.dedup.insert(src, msg.mid, answer, now);
-            self.uncommitted.push((src, msg.mid));
-            // Every worker adds its own: the counter is the sum of all.
-            let new = self.dedup.evictions - self.evictions_reported;
-            if new > 0 {
-                self.stats.dedup_evictions.fetch_add(new, Ordering::Relaxed);
-                self.evictions_reported = self.dedup.evictions;
-            }
+        // A NON request is answered with nothing (code 0), now and when
+        // it is repeated.
+        let answer = Answer::new(if reply { code } else { 0 }, msg.token, option);
+        self.dedup.insert(src, msg.mid, answer, now);
+        self.uncommitted.push((src, msg.mid));
+        self.report();
+        if reply {
+            // Piggybacked response (section 5.2.1), sent only now that the
+            // message was accepted by the broker (DESIGN.md invariant 1).
+            answer.encode(out, ACK, msg.mid);
+            return true;
         }
-        if !reply {
-            // The uplink answers NON requests with nothing.
-            return false;
+        if blockwise {
+            // A block sent as NON still waits for its answer before the
+            // next (RFC 7959 section 2.5): a NON response.
+            Answer::new(code, msg.token, option).encode(out, NON, self.ids.mid());
+            return true;
         }
-        // Piggybacked response (section 5.2.1), sent only now that the
-        // message was accepted by the broker (DESIGN.md invariant 1).
-        message::encode(out, ACK, code, msg.mid, msg.token, &[], &[]);
-        true
+        false
     }
 
-    /// Publishes a POST/PUT payload; returns the response code.
-    fn publish(&mut self, msg: &Message, req: &request::Request, src: SocketAddr) -> u8 {
+    /// One block of a request body (RFC 7959 section 2.5): 2.31 Continue
+    /// until the last, which publishes the whole body. Returns the code
+    /// and the option the answer carries.
+    fn block1(
+        &mut self,
+        payload: &[u8],
+        req: &request::Request,
+        block: Block,
+        src: SocketAddr,
+        now: Instant,
+    ) -> (u8, Option<(u16, u32)>) {
+        self.stats.blocks.fetch_add(1, Ordering::Relaxed);
+        let key = BodyKey::new(src, req.method, req.path.segments());
+        // The answer echoes the block (section 2.3).
+        let echo = Some((option::BLOCK1, block.value()));
+        match self.assemblies.receive(key, block, req.size1, payload, now) {
+            Step::Continue => (code::CONTINUE, echo),
+            Step::Complete(body) => {
+                let code = self.publish(&body, req, src);
+                if code == code::CHANGED {
+                    self.stats.bodies.fetch_add(1, Ordering::Relaxed);
+                }
+                (code, echo)
+            }
+            Step::Incomplete => {
+                self.stats
+                    .blocks_out_of_order
+                    .fetch_add(1, Ordering::Relaxed);
+                (code::REQUEST_ENTITY_INCOMPLETE, None)
+            }
+            Step::TooLarge => {
+                self.stats.too_large.fetch_add(1, Ordering::Relaxed);
+                let largest = self.assemblies.max_body() as u32;
+                (
+                    code::REQUEST_ENTITY_TOO_LARGE,
+                    Some((option::SIZE1, largest)),
+                )
+            }
+            Step::BadSize => (code::BAD_REQUEST, None),
+        }
+    }
+
+    /// Publishes a POST/PUT body; returns the response code.
+    fn publish(&mut self, payload: &[u8], req: &request::Request, src: SocketAddr) -> u8 {
         let mreq = mapping::Request {
             src,
             method: req.method,
@@ -280,9 +345,9 @@ impl Uplink {
             Err(_) => return code::BAD_REQUEST,
         };
         // One allocation holds topic and payload; subscribers share it.
-        let mut buf = BytesMut::with_capacity(self.topic.len() + msg.payload.len());
+        let mut buf = BytesMut::with_capacity(self.topic.len() + payload.len());
         buf.extend_from_slice(self.topic.as_bytes());
-        buf.extend_from_slice(msg.payload);
+        buf.extend_from_slice(payload);
         let mut all = buf.freeze();
         let topic = all.split_to(self.topic.len());
         let published = self.broker.publish_deferred(
@@ -317,7 +382,8 @@ impl Uplink {
     }
 
     /// GET: the last value published on the topic a POST to this path
-    /// would publish to.
+    /// would publish to; in blocks when it is larger than one (RFC 7959
+    /// section 2.4) or the client asks for blocks.
     fn get(
         &mut self,
         msg: &Message,
@@ -336,47 +402,98 @@ impl Uplink {
         };
         let (mtype, mid) = match msg.mtype {
             CON => (ACK, msg.mid),
-            _ => (NON, self.fresh_mid()),
+            _ => (NON, self.ids.mid()),
         };
-        match found {
-            Some(m) => {
-                let mut cf = [0u8; 4];
-                let format = m.content_type.as_deref().and_then(request::content_format);
-                let opts: &[(u16, &[u8])] = match format {
-                    Some(f) => &[(
-                        option::CONTENT_FORMAT,
-                        message::uint_bytes(u32::from(f), &mut cf),
-                    )],
-                    None => &[],
+        let Some(m) = found else {
+            self.stats.rejected.fetch_add(1, Ordering::Relaxed);
+            message::encode(out, mtype, code::NOT_FOUND, mid, msg.token, &[], &[]);
+            return true;
+        };
+        let value = &m.payload[..];
+        let fits = value.len() <= 16 << BLOCK2_SZX;
+        let (body, block) = match req.block2 {
+            None if fits => (value, None),
+            asked => {
+                // The client's block size, or ours if it asked for none.
+                let szx = asked.map_or(BLOCK2_SZX, |b| b.szx.min(BLOCK2_SZX));
+                let num = asked.map_or(0, |b| b.num);
+                let Some((range, more)) = Block::slice(num, szx, value.len()) else {
+                    // A block beyond the end of the value.
+                    self.stats.rejected.fetch_add(1, Ordering::Relaxed);
+                    message::encode(out, mtype, code::BAD_OPTION, mid, msg.token, &[], &[]);
+                    return true;
                 };
-                message::encode(out, mtype, code::CONTENT, mid, msg.token, opts, &m.payload);
+                (&value[range], Some(Block { num, more, szx }))
             }
-            None => {
-                self.stats.rejected.fetch_add(1, Ordering::Relaxed);
-                message::encode(out, mtype, code::NOT_FOUND, mid, msg.token, &[], &[]);
+        };
+        let format = m.content_type.as_deref().and_then(request::content_format);
+        let (mut cf, mut b2, mut s2) = ([0u8; 4], [0u8; 4], [0u8; 4]);
+        // Blocks of one value share an ETag (RFC 7252 section 5.10.6), so a
+        // client notices when the value changed between two of them.
+        // (Hashed for each block: a value of N blocks costs N hashes of it,
+        // cheap beside the N exchanges at a CRC's gigabytes per second.)
+        let etag = block.map(|_| crc32fast::hash(value).to_be_bytes());
+        let mut opts: [(u16, &[u8]); 4] = [(0, &[]); 4];
+        let mut n = 0;
+        if let Some(etag) = &etag {
+            opts[n] = (option::ETAG, etag);
+            n += 1;
+        }
+        if let Some(f) = format {
+            opts[n] = (
+                option::CONTENT_FORMAT,
+                message::uint_bytes(u32::from(f), &mut cf),
+            );
+            n += 1;
+        }
+        if let Some(block) = block {
+            opts[n] = (option::BLOCK2, message::uint_bytes(block.value(), &mut b2));
+            n += 1;
+            // The whole size, when asked for (section 4) and with the first block.
+            if req.wants_size2 || block.num == 0 {
+                opts[n] = (
+                    option::SIZE2,
+                    message::uint_bytes(value.len() as u32, &mut s2),
+                );
+                n += 1;
             }
         }
+        message::encode(out, mtype, code::CONTENT, mid, msg.token, &opts[..n], body);
         true
     }
 
-    /// Too large to accept: not published, not remembered (a retry with the
-    /// same MID gets the same answer anyway).
-    fn too_large(&mut self, msg: &Message, out: &mut Vec<u8>) -> bool {
+    /// A datagram too large to accept: not published, not remembered (a
+    /// retry with the same MID gets the same answer anyway). 4.13 (RFC
+    /// 7252 section 5.9.2.9) with a Block1 option of the largest block
+    /// size that fits, at the offset of the refused block if it was one,
+    /// and Size1 the largest body accepted in such blocks (RFC 7959
+    /// section 2.9.3): a client can send it again in blocks.
+    fn too_large(&mut self, msg: &Message, block: Option<Block>, out: &mut Vec<u8>) -> bool {
         self.stats.too_large.fetch_add(1, Ordering::Relaxed);
         self.stats.rejected.fetch_add(1, Ordering::Relaxed);
         if msg.mtype != CON {
             return false;
         }
-        // Section 5.9.2.9: 4.13 with Size1 telling the largest we accept.
-        let mut size = [0u8; 4];
-        let size1 = message::uint_bytes(self.config.max_payload as u32, &mut size);
+        let szx = Block::szx_for(self.config.max_payload);
+        let hint = Block {
+            num: block.map_or(0, |b| (b.offset() >> (szx + 4)) as u32),
+            more: block.is_some_and(|b| b.more),
+            szx,
+        };
+        let (mut b1, mut s1) = ([0u8; 4], [0u8; 4]);
         message::encode(
             out,
             ACK,
             code::REQUEST_ENTITY_TOO_LARGE,
             msg.mid,
             msg.token,
-            &[(option::SIZE1, size1)],
+            &[
+                (option::BLOCK1, message::uint_bytes(hint.value(), &mut b1)),
+                (
+                    option::SIZE1,
+                    message::uint_bytes(self.config.max_body as u32, &mut s1),
+                ),
+            ],
             &[],
         );
         true
@@ -384,13 +501,8 @@ impl Uplink {
 
     fn reset(&mut self, mid: u16, out: &mut Vec<u8>) -> bool {
         self.stats.resets_sent.fetch_add(1, Ordering::Relaxed);
-        message::encode(out, RST, code::EMPTY, mid, &[], &[], &[]);
+        empty(out, RST, mid);
         true
-    }
-
-    fn fresh_mid(&mut self) -> u16 {
-        self.next_mid = self.next_mid.wrapping_add(1);
-        self.next_mid
     }
 
     /// Makes the messages of the batch handled so far durable (the
@@ -411,7 +523,7 @@ impl Uplink {
                 self.dedup.forget(src, *mid);
             }
             for reply in replies {
-                if message::is_ack_with(reply, code::CHANGED) {
+                if message::is_response_with(reply, code::CHANGED) {
                     message::set_code(reply, code::SERVICE_UNAVAILABLE);
                     self.stats.unavailable.fetch_add(1, Ordering::Relaxed);
                 }
@@ -421,19 +533,50 @@ impl Uplink {
         committed
     }
 
-    /// Drops expired duplicate-detection state; call about once a second.
+    /// Drops expired duplicate-detection state and stale assemblies; call
+    /// about once a second.
     pub fn sweep(&mut self, now: Instant) {
         self.dedup.sweep(now);
+        self.assemblies.sweep(now);
+        self.report();
+    }
+
+    /// Adds this worker's new evictions to the shared counters (each worker
+    /// adds its own: the counter is the sum of all).
+    fn report(&mut self) {
+        let stats = &self.stats;
+        let r = &mut self.reported;
+        add_new(
+            &stats.dedup_evictions,
+            self.dedup.evictions,
+            &mut r.dedup_evictions,
+        );
+        add_new(
+            &stats.assemblies_evicted,
+            self.assemblies.evicted,
+            &mut r.assemblies_evicted,
+        );
+        add_new(
+            &stats.assemblies_expired,
+            self.assemblies.expired,
+            &mut r.assemblies_expired,
+        );
     }
 }
 
-/// A start for our Message IDs that differs between runs (section 4.4
-/// recommends randomising it).
-fn rand_mid() -> u16 {
-    let t = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap_or_default();
-    (t.subsec_nanos() ^ std::process::id()) as u16
+/// A worker's counts already added to the shared counters.
+#[derive(Default)]
+struct Reported {
+    dedup_evictions: u64,
+    assemblies_evicted: u64,
+    assemblies_expired: u64,
+}
+
+fn add_new(shared: &AtomicU64, count: u64, reported: &mut u64) {
+    if count > *reported {
+        shared.fetch_add(count - *reported, Ordering::Relaxed);
+        *reported = count;
+    }
 }
 
 #[cfg(test)]
@@ -442,6 +585,184 @@ mod tests {
     use crate::config::Config;
     use crate::mapping::Mapper;
     use crate::mqtt::broker::BrokerConfig;
+
+    fn uplink(config: UplinkConfig) -> (Uplink, Arc<UplinkStats>) {
+        let stats = Arc::new(UplinkStats::default());
+        let mappers = SharedMapper::new(Mapper::from_config(&Config::default()));
+        let broker = Broker::new(BrokerConfig::default());
+        (Uplink::new(config, mappers, broker, stats.clone()), stats)
+    }
+
+    const DEVICE: SocketAddr = SocketAddr::new(
+        std::net::IpAddr::V4(std::net::Ipv4Addr::new(10, 9, 0, 1)),
+        40000,
+    );
+
+    /// Sends a CON request for Uri-Path "log" with one uint option (if
+    /// any) and returns the decoded reply's code, options and payload.
+    fn exchange(
+        u: &mut Uplink,
+        mid: u16,
+        method: u8,
+        options: &[(u16, u32)],
+        payload: &[u8],
+    ) -> (u8, Vec<(u16, u32)>, Vec<u8>) {
+        let mut bufs = vec![[0u8; 4]; options.len()];
+        let mut opts: Vec<(u16, &[u8])> = vec![(option::URI_PATH, b"log")];
+        for ((number, value), buf) in options.iter().zip(bufs.iter_mut()) {
+            opts.push((*number, message::uint_bytes(*value, buf)));
+        }
+        opts.sort_by_key(|o| o.0);
+        let mut datagram = Vec::new();
+        message::encode(
+            &mut datagram,
+            CON,
+            method,
+            mid,
+            &[mid as u8],
+            &opts,
+            payload,
+        );
+        let mut out = Vec::new();
+        assert!(u.handle(&datagram, false, DEVICE, Instant::now(), &mut out));
+        u.commit(std::slice::from_mut(&mut out)).unwrap();
+        let reply = Message::decode(&out).unwrap();
+        assert_eq!(
+            (reply.mtype, reply.mid, reply.token),
+            (ACK, mid, &[mid as u8][..])
+        );
+        let options = reply
+            .options()
+            .map(|(n, v)| (n, message::uint_option(v).unwrap_or(u32::MAX)))
+            .collect();
+        (reply.code, options, reply.payload.to_vec())
+    }
+
+    fn block(num: u32, more: bool, szx: u8) -> u32 {
+        Block { num, more, szx }.value()
+    }
+
+    #[test]
+    fn a_body_sent_in_blocks_is_published_whole_and_read_back_in_blocks() {
+        let (mut u, stats) = uplink(UplinkConfig::default());
+        let body: Vec<u8> = (0..5000u32).map(|i| (i * 7 % 251) as u8).collect();
+        for (i, chunk) in body.chunks(1024).enumerate() {
+            let more = (i + 1) * 1024 < body.len();
+            let b1 = block(i as u32, more, 6);
+            let reply = exchange(
+                &mut u,
+                100 + i as u16,
+                code::POST,
+                &[(option::BLOCK1, b1)],
+                chunk,
+            );
+            let expected = if more { code::CONTINUE } else { code::CHANGED };
+            assert_eq!(reply.0, expected, "block {i}");
+            assert_eq!(reply.1, vec![(option::BLOCK1, b1)], "the block is echoed");
+            if i == 2 {
+                // A retransmission is answered again, not appended again.
+                let again = exchange(&mut u, 102, code::POST, &[(option::BLOCK1, b1)], chunk);
+                assert_eq!(again, reply);
+                assert_eq!(stats.duplicates.load(Ordering::Relaxed), 1);
+            }
+        }
+        assert_eq!(stats.blocks.load(Ordering::Relaxed), 5);
+        assert_eq!(stats.bodies.load(Ordering::Relaxed), 1);
+        assert_eq!(
+            stats.published.load(Ordering::Relaxed),
+            1,
+            "published once, whole"
+        );
+        assert!(u.assemblies.is_empty());
+
+        // Read back: 1024-byte blocks with the ETag, Size2 on the first.
+        let (code, opts, first) = exchange(&mut u, 200, code::GET, &[], &[]);
+        assert_eq!(code, code::CONTENT);
+        let etag = opts
+            .iter()
+            .find(|o| o.0 == option::ETAG)
+            .expect("an ETag")
+            .1;
+        assert!(opts.contains(&(option::BLOCK2, block(0, true, 6))));
+        assert!(opts.contains(&(option::SIZE2, 5000)));
+        let mut read = first;
+        for num in 1..5 {
+            let (code, opts, part) = exchange(
+                &mut u,
+                200 + num as u16,
+                code::GET,
+                &[(option::BLOCK2, block(num, false, 6))],
+                &[],
+            );
+            assert_eq!(code, code::CONTENT);
+            assert!(opts.contains(&(option::BLOCK2, block(num, num < 4, 6))));
+            assert!(opts.contains(&(option::ETAG, etag)), "the same ETag");
+            read.extend(part);
+        }
+        assert_eq!(read, body);
+        // A smaller block size on request; beyond the end is a bad option.
+        let (_, _, part) = exchange(
+            &mut u,
+            300,
+            code::GET,
+            &[(option::BLOCK2, block(3, false, 4))],
+            &[],
+        );
+        assert_eq!(part, body[768..1024]);
+        let (code, _, _) = exchange(
+            &mut u,
+            301,
+            code::GET,
+            &[(option::BLOCK2, block(5, false, 6))],
+            &[],
+        );
+        assert_eq!(code, code::BAD_OPTION);
+    }
+
+    #[test]
+    fn block_errors_out_of_order_too_large_and_short() {
+        let config = UplinkConfig {
+            max_body: 2048,
+            ..UplinkConfig::default()
+        };
+        let (mut u, stats) = uplink(config);
+        let kib = [1u8; 1024];
+        let b1 = |num, more| (option::BLOCK1, block(num, more, 6));
+        let (code, _, _) = exchange(&mut u, 1, code::POST, &[b1(1, true)], &kib);
+        assert_eq!(code, code::REQUEST_ENTITY_INCOMPLETE, "block 0 never came");
+        let (code, _, _) = exchange(&mut u, 2, code::POST, &[b1(0, true)], &kib);
+        assert_eq!(code, code::CONTINUE);
+        let (code, _, _) = exchange(&mut u, 3, code::POST, &[b1(2, true)], &kib);
+        assert_eq!(code, code::REQUEST_ENTITY_INCOMPLETE, "block 1 is missing");
+        assert_eq!(stats.blocks_out_of_order.load(Ordering::Relaxed), 2);
+        let (code, _, _) = exchange(&mut u, 4, code::POST, &[b1(1, true)], &kib[..100]);
+        assert_eq!(code, code::BAD_REQUEST, "only the last block may be short");
+        let (code, _, _) = exchange(&mut u, 5, code::POST, &[b1(1, true)], &kib);
+        assert_eq!(code, code::CONTINUE);
+        let (code, opts, _) = exchange(&mut u, 6, code::POST, &[b1(2, false)], &kib[..1]);
+        assert_eq!(code, code::REQUEST_ENTITY_TOO_LARGE);
+        assert_eq!(
+            opts,
+            vec![(option::SIZE1, 2048)],
+            "Size1 tells the largest body"
+        );
+        let (code, _, _) = exchange(
+            &mut u,
+            7,
+            code::POST,
+            &[b1(0, true), (option::SIZE1, 4096)],
+            &kib,
+        );
+        assert_eq!(code, code::REQUEST_ENTITY_TOO_LARGE, "announced too large");
+        assert_eq!(
+            stats.published.load(Ordering::Relaxed),
+            0,
+            "nothing in part"
+        );
+        // SZX 7 is reserved (RFC 7959 section 2.2).
+        let (code, _, _) = exchange(&mut u, 8, code::POST, &[(option::BLOCK1, 7)], &kib);
+        assert_eq!(code, code::BAD_REQUEST);
+    }
 
     /// Issue 11, finding 10: each worker stored its own count into the
     /// shared counter, so with two workers it showed about half.

@@ -1,0 +1,434 @@
+//! The client half of the message layer: requests the gateway sends as
+//! confirmable messages, their retransmission, and what comes back matched
+//! to them (RFC 7252 sections 4.2, 4.5, 5.2 and 5.3.2). It does no I/O: the
+//! caller sends the datagrams it returns and hands it the replies.
+//!
+//! - An ACK or RST matches an exchange by endpoint and Message ID; a
+//!   piggybacked response in the ACK must carry the request's token too.
+//! - A separate response (CON or NON) matches by endpoint and token. A CON
+//!   one is acknowledged, and acknowledged again if it is retransmitted, but
+//!   handed to the caller once (duplicate detection, section 4.5).
+//! - A CON response that matches nothing is rejected with RST (section
+//!   4.2); anything else that matches nothing is ignored.
+//!
+//! Exchanges are keyed by the caller (`K`: e.g. the peer a command goes
+//! to), so the caller decides how many may be outstanding per peer
+//! (NSTART, section 4.7).
+
+use std::collections::HashMap;
+use std::hash::Hash;
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+
+use super::dedup::{Answer, DedupCache};
+use super::ids::{Ids, MidSpace, Token};
+use super::message::{self, code, Message, ACK, CON, NON, RST};
+use super::params::{OnTimeout, Retransmission, TransmissionParams};
+
+/// Separate CON responses remembered per endpoint, and in all.
+const TAKEN_PER_PEER: usize = 16;
+const TAKEN_TOTAL: usize = 4096;
+
+pub struct Client<K> {
+    params: TransmissionParams,
+    /// How long a separate response may take after the empty ACK.
+    response_timeout: Duration,
+    ids: Ids,
+    exchanges: HashMap<K, Exchange>,
+    by_mid: HashMap<(SocketAddr, u16), K>,
+    by_token: HashMap<(SocketAddr, Token), K>,
+    /// Separate CON responses already handed over.
+    taken: DedupCache,
+}
+
+struct Exchange {
+    endpoint: SocketAddr,
+    mid: u16,
+    token: Token,
+    datagram: Vec<u8>,
+    retransmission: Retransmission,
+    /// Set by an empty ACK: no more retransmissions, only the separate
+    /// response is awaited (until `next_at`).
+    acknowledged: bool,
+    next_at: Instant,
+}
+
+/// What a reply meant.
+#[derive(Debug)]
+pub enum Reply<'a, K> {
+    /// An empty ACK: the response follows separately (section 5.2.2).
+    Acknowledged(K),
+    /// A Reset (section 4.2): the exchange is over.
+    Reset(K),
+    /// The response, piggybacked or separate: the exchange is over.
+    Response(K, Message<'a>),
+    /// Nothing for the caller: a stray, a repeated empty ACK, or a
+    /// retransmitted separate response already handed over.
+    Nothing,
+}
+
+/// An exchange that ended without an answer.
+#[derive(Debug, PartialEq, Eq)]
+pub struct GaveUp<K> {
+    pub key: K,
+    /// Whether an empty ACK came (and then no separate response).
+    pub acknowledged: bool,
+    pub transmissions: u32,
+}
+
+impl<K: Clone + Eq + Hash> Client<K> {
+    pub fn new(params: TransmissionParams, response_timeout: Duration) -> Client<K> {
+        Client {
+            params,
+            response_timeout,
+            ids: Ids::new(MidSpace::Client),
+            exchanges: HashMap::new(),
+            by_mid: HashMap::new(),
+            by_token: HashMap::new(),
+            taken: DedupCache::new(TAKEN_PER_PEER, TAKEN_TOTAL),
+        }
+    }
+
+    pub fn is_busy(&self, key: &K) -> bool {
+        self.exchanges.contains_key(key)
+    }
+
+    /// Starts the exchange `key` (ending any earlier one of that key): a
+    /// CON request to `endpoint`. Returns the datagram to send.
+    pub fn request(
+        &mut self,
+        key: K,
+        endpoint: SocketAddr,
+        method: u8,
+        options: &[(u16, &[u8])],
+        payload: &[u8],
+        now: Instant,
+    ) -> &[u8] {
+        self.remove(&key);
+        let mut mid = self.ids.mid();
+        while self.by_mid.contains_key(&(endpoint, mid)) {
+            mid = self.ids.mid();
+        }
+        let mut token = self.ids.token();
+        while self.by_token.contains_key(&(endpoint, token)) {
+            token = self.ids.token();
+        }
+        let mut datagram = Vec::new();
+        message::encode(&mut datagram, CON, method, mid, &token, options, payload);
+        let retransmission = Retransmission::start(&self.params, now, self.ids.fraction());
+        self.by_mid.insert((endpoint, mid), key.clone());
+        self.by_token.insert((endpoint, token), key.clone());
+        let exchange = self.exchanges.entry(key).insert_entry(Exchange {
+            endpoint,
+            mid,
+            token,
+            datagram,
+            next_at: retransmission.next_at,
+            retransmission,
+            acknowledged: false,
+        });
+        &exchange.into_mut().datagram
+    }
+
+    /// When [`Client::expire`] next has something to do.
+    pub fn next_deadline(&self) -> Option<Instant> {
+        self.exchanges.values().map(|e| e.next_at).min()
+    }
+
+    /// Retransmits what is due through `send`, and ends the exchanges whose
+    /// time is up.
+    pub fn expire(
+        &mut self,
+        now: Instant,
+        mut send: impl FnMut(SocketAddr, &[u8]),
+    ) -> Vec<GaveUp<K>> {
+        let due: Vec<K> = self
+            .exchanges
+            .iter()
+            .filter(|(_, e)| e.next_at <= now)
+            .map(|(k, _)| k.clone())
+            .collect();
+        let mut gave_up = Vec::new();
+        for key in due {
+            let Some(e) = self.exchanges.get_mut(&key) else {
+                continue;
+            };
+            if !e.acknowledged
+                && e.retransmission.on_timeout(&self.params, now) == OnTimeout::SendAgain
+            {
+                e.next_at = e.retransmission.next_at;
+                send(e.endpoint, &e.datagram);
+                continue;
+            }
+            if let Some(e) = self.remove(&key) {
+                gave_up.push(GaveUp {
+                    key,
+                    acknowledged: e.acknowledged,
+                    transmissions: e.retransmission.transmissions(),
+                });
+            }
+        }
+        gave_up
+    }
+
+    /// Matches a message from `src`. An empty ACK or RST to send back, if
+    /// any, is left in `out` (cleared first).
+    pub fn receive<'a>(
+        &mut self,
+        src: SocketAddr,
+        msg: &Message<'a>,
+        now: Instant,
+        out: &mut Vec<u8>,
+    ) -> Reply<'a, K> {
+        out.clear();
+        match msg.mtype {
+            ACK | RST => {
+                let Some(key) = self.by_mid.get(&(src, msg.mid)).cloned() else {
+                    return Reply::Nothing;
+                };
+                let e = self.exchanges.get_mut(&key).expect("indexed exchange");
+                if msg.mtype == RST {
+                    self.remove(&key);
+                    return Reply::Reset(key);
+                }
+                if msg.code == code::EMPTY {
+                    if e.acknowledged {
+                        return Reply::Nothing;
+                    }
+                    e.acknowledged = true;
+                    e.next_at = now + self.response_timeout;
+                    return Reply::Acknowledged(key);
+                }
+                // An ACK carries nothing but a response (section 4.2), which
+                // matches by token too (section 5.3.2).
+                if !is_response(msg.code) || msg.token != e.token {
+                    return Reply::Nothing;
+                }
+                self.remove(&key);
+                Reply::Response(key, *msg)
+            }
+            CON | NON if is_response(msg.code) => {
+                if msg.mtype == CON && self.taken.lookup(&src, msg.mid, now).is_some() {
+                    empty(out, ACK, msg.mid);
+                    return Reply::Nothing;
+                }
+                let found = Token::try_from(msg.token)
+                    .ok()
+                    .and_then(|t| self.by_token.get(&(src, t)).cloned());
+                let Some(key) = found else {
+                    if msg.mtype == CON {
+                        empty(out, RST, msg.mid);
+                    }
+                    return Reply::Nothing;
+                };
+                if msg.mtype == CON {
+                    empty(out, ACK, msg.mid);
+                    let answer = Answer::new(code::EMPTY, &[], None);
+                    self.taken.insert(src, msg.mid, answer, now);
+                }
+                self.remove(&key);
+                Reply::Response(key, *msg)
+            }
+            // Neither a response nor a request (reserved classes): a CON
+            // is rejected (section 4.2).
+            CON => {
+                empty(out, RST, msg.mid);
+                Reply::Nothing
+            }
+            _ => Reply::Nothing,
+        }
+    }
+
+    fn remove(&mut self, key: &K) -> Option<Exchange> {
+        let e = self.exchanges.remove(key)?;
+        self.by_mid.remove(&(e.endpoint, e.mid));
+        self.by_token.remove(&(e.endpoint, e.token));
+        Some(e)
+    }
+
+    /// Drops expired duplicate-detection state; call now and then.
+    pub fn sweep(&mut self, now: Instant) {
+        self.taken.sweep(now);
+    }
+}
+
+/// Classes 2, 4 and 5 are responses (section 5.9; 3, 6, 7 are reserved).
+fn is_response(code: u8) -> bool {
+    matches!(code >> 5, 2 | 4 | 5)
+}
+
+/// An empty ACK or RST (section 4.1: code 0.00, no token, no payload).
+pub fn empty(out: &mut Vec<u8>, mtype: u8, mid: u16) {
+    message::encode(out, mtype, code::EMPTY, mid, &[], &[], &[]);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::coap::message::option;
+
+    const DEVICE: SocketAddr = SocketAddr::new(
+        std::net::IpAddr::V4(std::net::Ipv4Addr::new(10, 0, 0, 7)),
+        5683,
+    );
+
+    fn client() -> Client<&'static str> {
+        Client::new(TransmissionParams::default(), Duration::from_secs(30))
+    }
+
+    /// Sends a POST to /valve; returns its Message ID and token.
+    fn post(c: &mut Client<&'static str>, key: &'static str, now: Instant) -> (u16, Vec<u8>) {
+        let sent = c
+            .request(
+                key,
+                DEVICE,
+                code::POST,
+                &[(option::URI_PATH, b"valve")],
+                b"open",
+                now,
+            )
+            .to_vec();
+        let m = Message::decode(&sent).unwrap();
+        assert_eq!(
+            (m.mtype, m.code, m.payload),
+            (CON, code::POST, &b"open"[..])
+        );
+        (m.mid, m.token.to_vec())
+    }
+
+    fn reply(mtype: u8, code: u8, mid: u16, token: &[u8]) -> Vec<u8> {
+        let mut out = Vec::new();
+        message::encode(&mut out, mtype, code, mid, token, &[], b"done");
+        out
+    }
+
+    #[test]
+    fn a_piggybacked_response_ends_the_exchange_once() {
+        let mut c = client();
+        let now = Instant::now();
+        let (mid, token) = post(&mut c, "a", now);
+        let mut out = Vec::new();
+        let wrong_token = reply(ACK, code::CHANGED, mid, &[0, 0, 0, 0, 0]);
+        let got = c.receive(
+            DEVICE,
+            &Message::decode(&wrong_token).unwrap(),
+            now,
+            &mut out,
+        );
+        assert!(
+            matches!(got, Reply::Nothing),
+            "section 5.3.2: the token must match"
+        );
+        let other = SocketAddr::from(([10, 0, 0, 8], 5683));
+        let ack = reply(ACK, code::CHANGED, mid, &token);
+        let got = c.receive(other, &Message::decode(&ack).unwrap(), now, &mut out);
+        assert!(matches!(got, Reply::Nothing), "another endpoint");
+        match c.receive(DEVICE, &Message::decode(&ack).unwrap(), now, &mut out) {
+            Reply::Response("a", m) => {
+                assert_eq!((m.code, m.payload), (code::CHANGED, &b"done"[..]))
+            }
+            other => panic!("{other:?}"),
+        }
+        assert!(out.is_empty(), "an ACK is not answered");
+        assert!(!c.is_busy(&"a"));
+        let again = c.receive(DEVICE, &Message::decode(&ack).unwrap(), now, &mut out);
+        assert!(matches!(again, Reply::Nothing));
+    }
+
+    #[test]
+    fn a_separate_con_response_is_acknowledged_every_time_and_taken_once() {
+        let mut c = client();
+        let now = Instant::now();
+        let (mid, token) = post(&mut c, "a", now);
+        let mut out = Vec::new();
+        let empty_ack = reply(ACK, code::EMPTY, mid, &[]);
+        let empty_ack = &empty_ack[..4]; // code 0.00 has no payload
+        assert!(matches!(
+            c.receive(DEVICE, &Message::decode(empty_ack).unwrap(), now, &mut out),
+            Reply::Acknowledged("a")
+        ));
+        // After the empty ACK nothing is retransmitted; the response has
+        // until the response timeout.
+        let mut resent = 0;
+        assert!(c
+            .expire(now + Duration::from_secs(29), |_, _| resent += 1)
+            .is_empty());
+        assert_eq!(resent, 0);
+        let separate = reply(CON, code::CONTENT, 0x7777, &token);
+        for round in 0..3 {
+            let got = c.receive(DEVICE, &Message::decode(&separate).unwrap(), now, &mut out);
+            assert_eq!(Message::decode(&out).unwrap().mtype, ACK, "round {round}");
+            assert_eq!(Message::decode(&out).unwrap().mid, 0x7777);
+            assert_eq!(matches!(got, Reply::Response("a", _)), round == 0);
+        }
+    }
+
+    #[test]
+    fn unmatched_con_responses_are_reset_and_a_reset_ends_the_exchange() {
+        let mut c = client();
+        let now = Instant::now();
+        let (mid, _) = post(&mut c, "a", now);
+        let mut out = Vec::new();
+        let stray = reply(CON, code::CONTENT, 9, &[1, 2, 3, 4]);
+        assert!(matches!(
+            c.receive(DEVICE, &Message::decode(&stray).unwrap(), now, &mut out),
+            Reply::Nothing
+        ));
+        assert_eq!(Message::decode(&out).unwrap().mtype, RST);
+        let stray_non = reply(NON, code::CONTENT, 10, &[1, 2, 3, 4]);
+        c.receive(DEVICE, &Message::decode(&stray_non).unwrap(), now, &mut out);
+        assert!(out.is_empty(), "a NON that matches nothing is ignored");
+        let rst = [0x70, 0, (mid >> 8) as u8, mid as u8];
+        assert!(matches!(
+            c.receive(DEVICE, &Message::decode(&rst).unwrap(), now, &mut out),
+            Reply::Reset("a")
+        ));
+        assert!(!c.is_busy(&"a"));
+    }
+
+    #[test]
+    fn retransmits_the_same_datagram_then_gives_up() {
+        let mut c = client();
+        let t0 = Instant::now();
+        let first = c.request("a", DEVICE, code::GET, &[], &[], t0).to_vec();
+        post(&mut c, "b", t0 + Duration::from_secs(100));
+        let mut sent = Vec::new();
+        let mut gave_up = Vec::new();
+        let mut now = t0;
+        while let Some(at) = c
+            .next_deadline()
+            .filter(|at| *at < t0 + Duration::from_secs(99))
+        {
+            now = at;
+            gave_up.extend(c.expire(now, |to, d| sent.push((to, d.to_vec()))));
+        }
+        assert_eq!(sent.len(), 4, "MAX_RETRANSMIT retransmissions");
+        assert!(sent.iter().all(|(to, d)| *to == DEVICE && *d == first));
+        assert_eq!(
+            gave_up,
+            vec![GaveUp {
+                key: "a",
+                acknowledged: false,
+                transmissions: 5
+            }]
+        );
+        // 2..3 s x (1 + 2 + 4 + 8 + 16) from the first transmission.
+        let span = now - t0;
+        assert!(
+            span >= Duration::from_secs(62) && span <= Duration::from_secs(93),
+            "{span:?}"
+        );
+        assert!(c.is_busy(&"b") && !c.is_busy(&"a"));
+    }
+
+    #[test]
+    fn message_ids_and_tokens_differ_between_exchanges() {
+        let mut c = client();
+        let now = Instant::now();
+        let (m1, t1) = post(&mut c, "a", now);
+        let (m2, t2) = post(&mut c, "b", now);
+        assert_ne!(m1, m2);
+        assert_ne!(t1, t2);
+        assert_eq!(t1.len(), 4, "32 random bits (section 5.3.1)");
+    }
+}
