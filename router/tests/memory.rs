@@ -16,7 +16,7 @@ use m2m_router::config::Config;
 use m2m_router::mapping::{Mapper, SharedMapper};
 use m2m_router::mqtt::codec::SubscriptionOptions;
 use m2m_router::mqtt::{Broker, BrokerConfig, Message};
-use m2m_router_tests::packet::coap_post;
+use m2m_router_tests::packet::{coap, coap_post};
 
 struct LiveBytes;
 
@@ -121,6 +121,67 @@ fn a_million_coap_sources_stay_within_the_stated_memory() {
         "{} MiB at the peak for a million sources (README states at most 650)",
         peak / MIB
     );
+}
+
+/// Issue 12: 10,000 endpoints each leave an unfinished Block1 body (its
+/// first 1 KiB block). The bodies together stay within
+/// max_assembly_bytes (4 MiB here: room for 4,096 of them), the oldest
+/// evicted and counted, and the rest forgotten after EXCHANGE_LIFETIME.
+#[test]
+fn ten_thousand_unfinished_block_bodies_stay_within_max_assembly_bytes() {
+    let (_one, before) = measure();
+    let stats = Arc::new(UplinkStats::default());
+    let max_assembly_bytes = 4 * MIB;
+    let mut uplink = Uplink::new(
+        UplinkConfig {
+            max_assembly_bytes,
+            ..UplinkConfig::default()
+        },
+        SharedMapper::new(Mapper::from_config(&Config::parse("").unwrap())),
+        Broker::new(BrokerConfig::default()),
+        stats.clone(),
+    );
+    // CON POST to "x", Block1 block 0 of 1024 bytes with more to come
+    // (option 27: delta 16 = 13 + 3, value NUM 0, M 1, SZX 6).
+    let block0 = coap(
+        0,
+        0x02,
+        1,
+        &[],
+        &[0xb1, b'x', 0xd1, 0x03, 0x0e],
+        &[b'b'; 1024],
+    );
+    let mut reply = Vec::with_capacity(64);
+    let now = Instant::now();
+    let sources: u32 = 10_000;
+    for i in 0..sources {
+        let src = SocketAddr::new(IpAddr::V4(Ipv4Addr::from(0x0a00_0000 + i)), 5683);
+        assert!(uplink.handle(&block0, false, src, now, &mut reply));
+        uplink.commit(std::slice::from_mut(&mut reply)).unwrap();
+        assert_eq!(reply[1], 0x5f, "2.31 Continue for source {i}");
+    }
+    let peak = PEAK.load(Ordering::Relaxed) - before;
+    let kept = (max_assembly_bytes / 1024) as u64;
+    eprintln!(
+        "{sources} unfinished bodies: peak {} KiB, evicted {}",
+        peak / 1024,
+        stats.assemblies_evicted.load(Ordering::Relaxed)
+    );
+    assert_eq!(stats.blocks.load(Ordering::Relaxed), u64::from(sources));
+    assert_eq!(
+        stats.assemblies_evicted.load(Ordering::Relaxed),
+        u64::from(sources) - kept,
+        "the bodies that did not fit were evicted, oldest first"
+    );
+    // The bodies, plus duplicate detection and the bookkeeping of 10,000
+    // endpoints (well under 500 bytes each).
+    assert!(
+        peak <= max_assembly_bytes + sources as usize * 500,
+        "{} KiB at the peak",
+        peak / 1024
+    );
+    uplink.sweep(now + m2m_router::coap::params::EXCHANGE_LIFETIME);
+    assert_eq!(stats.assemblies_expired.load(Ordering::Relaxed), kept);
 }
 
 fn options() -> SubscriptionOptions {
