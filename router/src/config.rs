@@ -81,6 +81,8 @@ pub struct CoapSection {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub max_body: Option<usize>,
     #[serde(skip_serializing_if = "Option::is_none")]
+    pub pubsub_prefix: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub max_assembly_bytes: Option<usize>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub workers: Option<usize>,
@@ -171,6 +173,12 @@ pub struct DefaultsSection {
     /// Where downlink commands go; default: the peer's last uplink source.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub endpoint: Option<String>,
+    /// MQTT topic filters unknown peers may publish to, and read, through
+    /// `[coap] pubsub_prefix`.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub publish: Vec<String>,
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub subscribe: Vec<String>,
 }
 
 #[derive(Clone, Debug, Default, Deserialize, Serialize)]
@@ -190,6 +198,12 @@ pub struct PeerSection {
     /// Where downlink commands go; default: the peer's last uplink source.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub endpoint: Option<String>,
+    /// MQTT topic filters the peer may publish to, and read, through
+    /// `[coap] pubsub_prefix` (`{peer}` stands for its name).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub publish: Vec<String>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub subscribe: Vec<String>,
 }
 
 #[derive(Clone, Debug, Default, Deserialize, Serialize)]
@@ -366,6 +380,10 @@ pub struct Defaults {
     pub topic: Template,
     pub rate: Rate,
     pub burst: u32,
+    /// What unknown peers may publish to and read through the pubsub
+    /// prefix (MQTT topic filters; `{peer}` stands for their address).
+    pub publish: Vec<String>,
+    pub subscribe: Vec<String>,
 }
 
 #[derive(Clone, Debug)]
@@ -377,6 +395,10 @@ pub struct Peer {
     pub rate: Option<Rate>,
     pub burst: Option<u32>,
     pub endpoint: Option<SocketAddr>,
+    /// What the peer may publish to and read through the pubsub prefix
+    /// (MQTT topic filters; `{peer}` stands for its name).
+    pub publish: Vec<String>,
+    pub subscribe: Vec<String>,
 }
 
 #[derive(Clone, Debug)]
@@ -428,6 +450,9 @@ pub struct CoapTuning {
     pub max_body: usize,
     /// All unfinished block-wise bodies together.
     pub max_assembly_bytes: usize,
+    /// A Uri-Path starting with this segment names an MQTT topic directly
+    /// (`ps/a/b` is `a/b`); empty: no direct access.
+    pub pubsub_prefix: String,
     /// Worker threads (sockets) per listen address; 0 means one per CPU.
     pub workers: usize,
     /// Duplicate-detection entries kept per peer endpoint and in total.
@@ -570,6 +595,20 @@ fn positive(field: &str, value: Option<usize>, default: usize) -> Result<usize, 
 /// that a rendered topic's length is decided by what the device sent.
 const MAX_TEMPLATE_BYTES: usize = 1024;
 
+/// MQTT topic filters in which `{peer}` may stand for a peer.
+fn topic_filters(field: &str, filters: Vec<String>) -> Result<Vec<String>, ConfigError> {
+    for (j, f) in filters.iter().enumerate() {
+        let probe = f.replace("{peer}", "p");
+        if probe.contains(['{', '}']) || !crate::mqtt::topic::valid_filter(probe.as_bytes()) {
+            return Err(invalid(
+                format!("{field}[{j}]"),
+                format!("{f:?} is not an MQTT topic filter ({{peer}} may stand for the peer)"),
+            ));
+        }
+    }
+    Ok(filters)
+}
+
 fn template(field: &str, value: &str) -> Result<Template, ConfigError> {
     if value.len() > MAX_TEMPLATE_BYTES {
         return Err(invalid(
@@ -669,6 +708,16 @@ impl ConfigFile {
         let coap = CoapTuning {
             max_payload: positive("coap.max_payload", self.coap.max_payload, 4096)?,
             max_body: positive("coap.max_body", self.coap.max_body, 1 << 20)?,
+            pubsub_prefix: match self.coap.pubsub_prefix {
+                None => "ps".to_owned(),
+                Some(p) if p.contains(['/', '+', '#', '\0']) => return Err(invalid(
+                    "coap.pubsub_prefix",
+                    format!(
+                        "{p:?}: one Uri-Path segment, without '/', '+', '#' or NUL (empty: none)"
+                    ),
+                )),
+                Some(p) => p,
+            },
             max_assembly_bytes: positive(
                 "coap.max_assembly_bytes",
                 self.coap.max_assembly_bytes,
@@ -800,6 +849,8 @@ impl ConfigFile {
                 self.defaults.rate.as_deref().unwrap_or(DEFAULT_RATE),
             )?,
             burst: self.defaults.burst.unwrap_or(DEFAULT_BURST),
+            publish: topic_filters("defaults.publish", self.defaults.publish)?,
+            subscribe: topic_filters("defaults.subscribe", self.defaults.subscribe)?,
         };
         if defaults.burst == 0 {
             return Err(invalid("defaults.burst", "must be at least 1"));
@@ -902,6 +953,8 @@ fn validate_peers(sections: Vec<PeerSection>) -> Result<Vec<Peer>, ConfigError> 
                 .as_deref()
                 .map(|r| parse_field(&at("rate"), r))
                 .transpose()?,
+            publish: topic_filters(&at("publish"), p.publish)?,
+            subscribe: topic_filters(&at("subscribe"), p.subscribe)?,
             name: p.name,
             prefixes,
             deny: p.deny,

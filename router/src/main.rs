@@ -113,6 +113,12 @@ enum PeerCommand {
         burst: Option<u32>,
         #[arg(long, value_name = "TEMPLATE")]
         topic: Option<String>,
+        /// A topic filter the peer may publish to through the pubsub prefix.
+        #[arg(long = "publish", value_name = "FILTER")]
+        publish: Vec<String>,
+        /// A topic filter the peer may read and observe through it.
+        #[arg(long = "subscribe", value_name = "FILTER")]
+        subscribe: Vec<String>,
     },
     /// Remove a peer.
     Rm { name: String },
@@ -259,8 +265,16 @@ fn ctl_request(command: CtlCommand) -> anyhow::Result<(&'static str, Value)> {
             rate,
             burst,
             topic,
+            publish,
+            subscribe,
         }) => {
             let mut args = json!({ "name": name, "prefix": prefixes, "deny": deny });
+            if !publish.is_empty() {
+                args["publish"] = json!(publish);
+            }
+            if !subscribe.is_empty() {
+                args["subscribe"] = json!(subscribe);
+            }
             if let Some(rate) = rate {
                 args["rate"] = json!(rate);
             }

@@ -11,6 +11,7 @@ use std::sync::{Arc, RwLock};
 
 use crate::coap::request::method_name;
 use crate::config::{Config, Prefix};
+use crate::mqtt::topic;
 use crate::template::{Part, Template};
 
 /// A peer as the data plane knows it.
@@ -21,6 +22,19 @@ pub struct PeerInfo {
     pub deny: bool,
     /// Where downlink commands go, when configured.
     pub endpoint: Option<SocketAddr>,
+    /// Topic filters it may publish to and read through the pubsub prefix,
+    /// `{peer}` replaced by its name.
+    pub publish: Vec<String>,
+    pub subscribe: Vec<String>,
+}
+
+/// What a request under the pubsub prefix does with its topic.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Access {
+    /// POST, PUT.
+    Publish,
+    /// GET, and Observe.
+    Subscribe,
 }
 
 /// Longest-prefix match over peer prefixes: one hash map per prefix length,
@@ -178,6 +192,11 @@ pub struct Mapper {
     by_name: HashMap<String, u32>,
     routes: Vec<Route>,
     default_topic: Template,
+    /// `[defaults] publish` / `subscribe`, `{peer}` still in them (an
+    /// unknown peer is its address, known per request).
+    default_publish: Vec<String>,
+    default_subscribe: Vec<String>,
+    pubsub_prefix: String,
     /// The longest topic a request may map to.
     max_topic: usize,
 }
@@ -202,6 +221,8 @@ impl Mapper {
                 topic: p.topic.clone(),
                 deny: p.deny,
                 endpoint: p.endpoint,
+                publish: with_peer(&p.publish, &p.name),
+                subscribe: with_peer(&p.subscribe, &p.name),
             });
         }
         let routes = config
@@ -243,6 +264,9 @@ impl Mapper {
             by_name,
             routes,
             default_topic: config.defaults.topic.clone(),
+            default_publish: config.defaults.publish.clone(),
+            default_subscribe: config.defaults.subscribe.clone(),
+            pubsub_prefix: config.coap.pubsub_prefix.clone(),
             max_topic: MAX_TOPIC_BYTES
                 - config
                     .upstreams
@@ -251,6 +275,59 @@ impl Mapper {
                     .max()
                     .unwrap_or(0),
         }
+    }
+
+    /// The topic a Uri-Path under the pubsub prefix names (`ps/a/b` names
+    /// `a/b`), written into `out` (cleared first); None for any other path.
+    pub fn direct_topic(&self, path: &[&str], out: &mut String) -> Option<Result<(), MapError>> {
+        let (first, levels) = path.split_first()?;
+        if self.pubsub_prefix.is_empty() || *first != self.pubsub_prefix {
+            return None;
+        }
+        out.clear();
+        for (i, level) in levels.iter().enumerate() {
+            if i > 0 {
+                out.push('/');
+            }
+            if let Err(e) = push_segment(out, level) {
+                return Some(Err(e));
+            }
+        }
+        Some(if out.is_empty() {
+            Err(MapError::EmptyTopic)
+        } else if out.len() > self.max_topic {
+            Err(MapError::TopicTooLong)
+        } else {
+            Ok(())
+        })
+    }
+
+    /// Whether the peer at `ip` may publish to (or read) `topic` through
+    /// the pubsub prefix: its `publish` (`subscribe`) filters, or the
+    /// defaults' for an unknown peer.
+    pub fn allows(&self, ip: IpAddr, topic_name: &str, access: Access) -> bool {
+        let topic_name = topic_name.as_bytes();
+        if let Some(peer) = self.peer(ip) {
+            let filters = match access {
+                Access::Publish => &peer.publish,
+                Access::Subscribe => &peer.subscribe,
+            };
+            return filters
+                .iter()
+                .any(|f| topic::matches(f.as_bytes(), topic_name));
+        }
+        let filters = match access {
+            Access::Publish => &self.default_publish,
+            Access::Subscribe => &self.default_subscribe,
+        };
+        if filters.is_empty() {
+            return false;
+        }
+        let mut address = String::new();
+        write_ip(&mut address, ip);
+        filters
+            .iter()
+            .any(|f| topic::matches(f.replace("{peer}", &address).as_bytes(), topic_name))
     }
 
     /// Configured peers.
@@ -370,6 +447,11 @@ fn write_ip(out: &mut String, ip: IpAddr) {
 /// One Uri-Path segment as one topic level. A segment may hold any byte
 /// (RFC 7252 section 6.4 percent-decodes `%2F` into it), but a `/` would
 /// make it two levels: `/a%2Fb` and `/a/b` would share a topic.
+/// `filters` with `{peer}` replaced by `name`.
+fn with_peer(filters: &[String], name: &str) -> Vec<String> {
+    filters.iter().map(|f| f.replace("{peer}", name)).collect()
+}
+
 fn push_segment(out: &mut String, seg: &str) -> Result<(), MapError> {
     if seg.contains(['/', '+', '#', '\0']) {
         return Err(MapError::InvalidCharacter);
@@ -499,6 +581,95 @@ mod tests {
         assert_eq!(idx.lookup("10.1.134.159".parse().unwrap()), Some(99_999));
         assert_eq!(idx.lookup("10.200.0.1".parse().unwrap()), Some(999_999));
         assert_eq!(idx.lookup("11.0.0.1".parse().unwrap()), None);
+    }
+}
+
+#[cfg(test)]
+mod pubsub {
+    use super::*;
+
+    fn mapper() -> Mapper {
+        let config = r#"
+            [defaults]
+            publish = ["open/{peer}/#"]
+            subscribe = ["open/#"]
+            [[peer]]
+            name = "meter"
+            prefix = ["10.1.0.1/32"]
+            publish = ["plant/{peer}/#"]
+            subscribe = ["plant/+/state", "alarms/#"]
+            [[peer]]
+            name = "mute"
+            prefix = ["10.1.0.2/32"]
+        "#;
+        Mapper::from_config(&Config::parse(config).unwrap())
+    }
+
+    fn allows(m: &Mapper, ip: &str, topic: &str, access: Access) -> bool {
+        m.allows(ip.parse().unwrap(), topic, access)
+    }
+
+    #[test]
+    fn a_peer_uses_its_own_filters_with_its_name_and_unknown_peers_the_defaults() {
+        let m = mapper();
+        let (p, s) = (Access::Publish, Access::Subscribe);
+        assert!(allows(&m, "10.1.0.1", "plant/meter/valve", p));
+        assert!(
+            !allows(&m, "10.1.0.1", "plant/other/valve", p),
+            "{{peer}} is its own name"
+        );
+        assert!(!allows(&m, "10.1.0.1", "plant/meter/valve", s));
+        assert!(allows(&m, "10.1.0.1", "plant/line1/state", s));
+        assert!(allows(&m, "10.1.0.1", "alarms/a/b", s));
+        assert!(
+            !allows(&m, "10.1.0.2", "plant/mute/x", p),
+            "no filters: nothing"
+        );
+        assert!(
+            !allows(&m, "10.1.0.2", "open/x", s),
+            "the defaults are for unknown peers"
+        );
+        assert!(
+            allows(&m, "10.9.9.9", "open/10.9.9.9/temp", p),
+            "{{peer}}: its address"
+        );
+        assert!(!allows(&m, "10.9.9.9", "open/10.9.9.8/temp", p));
+        assert!(allows(&m, "10.9.9.9", "open/anything", s));
+    }
+
+    #[test]
+    fn the_prefix_names_a_topic() {
+        let m = mapper();
+        let mut out = String::new();
+        assert!(m.direct_topic(&["sensors", "temp"], &mut out).is_none());
+        assert_eq!(
+            m.direct_topic(&["ps", "plant", "line1", "valve"], &mut out),
+            Some(Ok(()))
+        );
+        assert_eq!(out, "plant/line1/valve");
+        assert_eq!(
+            m.direct_topic(&["ps"], &mut out),
+            Some(Err(MapError::EmptyTopic))
+        );
+        assert_eq!(
+            m.direct_topic(&["ps", "a", "#"], &mut out),
+            Some(Err(MapError::InvalidCharacter))
+        );
+        let none = Config::parse("[coap]\npubsub_prefix = \"\"\n").unwrap();
+        assert!(Mapper::from_config(&none)
+            .direct_topic(&["ps", "a"], &mut out)
+            .is_none());
+    }
+
+    #[test]
+    fn filters_are_checked_when_the_config_is() {
+        for bad in [
+            "[[peer]]\nname = \"a\"\nprefix = [\"10.0.0.1/32\"]\npublish = [\"a/#/b\"]\n",
+            "[defaults]\nsubscribe = [\"{name}/x\"]\n",
+            "[coap]\npubsub_prefix = \"a/b\"\n",
+        ] {
+            assert!(Config::parse(bad).is_err(), "{bad}");
+        }
     }
 }
 

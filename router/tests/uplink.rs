@@ -292,6 +292,71 @@ fn a_body_in_64_byte_blocks_arrives_whole_and_reads_back_in_blocks() {
     gw.daemon.stop();
 }
 
+/// `[coap] pubsub_prefix` ("ps"): a Uri-Path under it names an MQTT topic,
+/// which the peer may publish to and read only as its `publish` and
+/// `subscribe` filters (`{peer}` its name) allow; unknown peers as the
+/// `[defaults]` ones do (none unless configured). Refusals are 4.03.
+#[test]
+fn the_pubsub_prefix_names_topics_within_each_peers_allow_lists() {
+    let gw = Gateway::start(
+        "pubsub",
+        &config(
+            r#"publish = ["plant/{peer}/#"]
+        subscribe = ["plant/+/state"]"#,
+        ),
+    );
+    let mut sub = MosquittoSub::start(&gw.topo.gw, &["plant/#", "m2m/#"], &[]);
+    let (a4, unknown) = (DEV_V4[0].to_string(), DEV_V4[2].to_string());
+    let uri = |path: &str| format!("coap://{GW_V4}/{path}");
+    let post = |from: &str, path: &str| {
+        gw.coap_client(&["-a", from, "-m", "post", "-e", "open", &uri(path)])
+    };
+    let trace = post(&a4, "ps/plant/meter/valve");
+    assert!(trace.contains("c:2.04"), "{trace}");
+    let trace = post(&a4, "ps/plant/other/valve");
+    assert!(trace.contains("c:4.03"), "another peer's topic: {trace}");
+    let trace = post(&unknown, "ps/plant/meter/valve");
+    assert!(
+        trace.contains("c:4.03"),
+        "unknown peers may not by default: {trace}"
+    );
+    let got = sub.fence();
+    let topics: Vec<&str> = got.iter().map(|r| r.topic.as_str()).collect();
+    assert_eq!(topics, vec!["plant/meter/valve"], "only the allowed one");
+    assert_eq!(got[0].payload, "open");
+    // GET reads a topic's retained message (here published over MQTT).
+    let status = gw
+        .topo
+        .gw
+        .command("mosquitto_pub")
+        .args([
+            "-h",
+            "127.0.0.1",
+            "-q",
+            "1",
+            "-r",
+            "-t",
+            "plant/line1/state",
+            "-m",
+            "running",
+        ])
+        .status()
+        .expect("mosquitto_pub");
+    assert!(status.success());
+    let trace = gw.coap_client(&["-a", &a4, "-m", "get", &uri("ps/plant/line1/state")]);
+    assert!(
+        trace.contains("c:2.05") && trace.contains("running"),
+        "{trace}"
+    );
+    let trace = gw.coap_client(&["-a", &a4, "-m", "get", &uri("ps/plant/meter/valve")]);
+    assert!(
+        trace.contains("c:4.03"),
+        "not in its subscribe filters: {trace}"
+    );
+    assert_eq!(gw.daemon.counter("coap", "forbidden"), 3);
+    gw.daemon.stop();
+}
+
 /// The end of a long trace.
 fn tail(trace: &str) -> &str {
     let mut start = trace.len().saturating_sub(3000);

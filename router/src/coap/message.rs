@@ -20,6 +20,7 @@ pub mod code {
     pub const CONTINUE: u8 = 0x5f; // 2.31 (RFC 7959)
     pub const BAD_REQUEST: u8 = 0x80; // 4.00
     pub const BAD_OPTION: u8 = 0x82; // 4.02
+    pub const FORBIDDEN: u8 = 0x83; // 4.03
     pub const NOT_FOUND: u8 = 0x84; // 4.04
     pub const METHOD_NOT_ALLOWED: u8 = 0x85; // 4.05
     pub const REQUEST_ENTITY_INCOMPLETE: u8 = 0x88; // 4.08 (RFC 7959)

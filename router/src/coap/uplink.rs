@@ -20,7 +20,7 @@ use super::downlink::DownlinkHandle;
 use super::ids::{Ids, MidSpace};
 use super::message::{self, code, option, peek_header, Message, ACK, CON, NON, RST};
 use super::request::{self, content_type, RequestError};
-use crate::mapping::{self, Mapper, SharedMapper};
+use crate::mapping::{self, Access, Delivery, Mapper, SharedMapper};
 use crate::mqtt::{Broker, Message as MqttMessage, Ticket};
 
 /// Uplink counters, shared by all workers.
@@ -49,6 +49,9 @@ pub struct UplinkStats {
     /// forgotten after EXCHANGE_LIFETIME without a block.
     pub assemblies_evicted: AtomicU64,
     pub assemblies_expired: AtomicU64,
+    /// Requests under the pubsub prefix for a topic the peer may not use
+    /// (answered 4.03).
+    pub forbidden: AtomicU64,
 }
 
 impl UplinkStats {
@@ -70,6 +73,7 @@ impl UplinkStats {
             ("blocks_out_of_order", f(&self.blocks_out_of_order)),
             ("assemblies_evicted", f(&self.assemblies_evicted)),
             ("assemblies_expired", f(&self.assemblies_expired)),
+            ("forbidden", f(&self.forbidden)),
         ]
     }
 }
@@ -333,16 +337,45 @@ impl Uplink {
         }
     }
 
+    /// Writes the topic `req` publishes to or reads into `self.topic`: a
+    /// path under the pubsub prefix names it (if the peer may use it: else
+    /// 4.03), any other path is mapped, a GET to the topic a POST there
+    /// would publish to. Err: the response code.
+    fn topic_for(
+        &mut self,
+        req: &request::Request,
+        src: SocketAddr,
+        access: Access,
+    ) -> Result<Delivery, u8> {
+        let path = req.path.segments();
+        match self.mapper.direct_topic(path, &mut self.topic) {
+            Some(Ok(())) if self.mapper.allows(src.ip(), &self.topic, access) => Ok(Delivery {
+                qos: 0,
+                retain: false,
+            }),
+            Some(Ok(())) => {
+                self.stats.forbidden.fetch_add(1, Ordering::Relaxed);
+                Err(code::FORBIDDEN)
+            }
+            Some(Err(_)) => Err(code::BAD_REQUEST),
+            None => {
+                let method = match access {
+                    Access::Publish => req.method,
+                    Access::Subscribe => code::POST,
+                };
+                let mreq = mapping::Request { src, method, path };
+                self.mapper
+                    .map(&mreq, &mut self.topic)
+                    .map_err(|_| code::BAD_REQUEST)
+            }
+        }
+    }
+
     /// Publishes a POST/PUT body; returns the response code.
     fn publish(&mut self, payload: &[u8], req: &request::Request, src: SocketAddr) -> u8 {
-        let mreq = mapping::Request {
-            src,
-            method: req.method,
-            path: req.path.segments(),
-        };
-        let delivery = match self.mapper.map(&mreq, &mut self.topic) {
+        let delivery = match self.topic_for(req, src, Access::Publish) {
             Ok(d) => d,
-            Err(_) => return code::BAD_REQUEST,
+            Err(code) => return code,
         };
         // One allocation holds topic and payload; subscribers share it.
         let mut buf = BytesMut::with_capacity(self.topic.len() + payload.len());
@@ -382,8 +415,9 @@ impl Uplink {
     }
 
     /// GET: the last value published on the topic a POST to this path
-    /// would publish to; in blocks when it is larger than one (RFC 7959
-    /// section 2.4) or the client asks for blocks.
+    /// would publish to (or, under the pubsub prefix, on the topic it
+    /// names, else its retained message); in blocks when it is larger than
+    /// one (RFC 7959 section 2.4) or the client asks for blocks.
     fn get(
         &mut self,
         msg: &Message,
@@ -391,23 +425,29 @@ impl Uplink {
         src: SocketAddr,
         out: &mut Vec<u8>,
     ) -> bool {
-        let mreq = mapping::Request {
-            src,
-            method: code::POST,
-            path: req.path.segments(),
-        };
-        let found = match self.mapper.map(&mreq, &mut self.topic) {
-            Ok(_) => self.broker.last_value(self.topic.as_bytes()),
-            Err(_) => None,
+        let found = match self.topic_for(req, src, Access::Subscribe) {
+            Ok(_) => {
+                let topic = self.topic.as_bytes();
+                Ok(self
+                    .broker
+                    .last_value(topic)
+                    .or_else(|| self.broker.retained(topic)))
+            }
+            Err(code::FORBIDDEN) => Err(code::FORBIDDEN),
+            Err(_) => Ok(None),
         };
         let (mtype, mid) = match msg.mtype {
             CON => (ACK, msg.mid),
             _ => (NON, self.ids.mid()),
         };
-        let Some(m) = found else {
-            self.stats.rejected.fetch_add(1, Ordering::Relaxed);
-            message::encode(out, mtype, code::NOT_FOUND, mid, msg.token, &[], &[]);
-            return true;
+        let m = match found {
+            Ok(Some(m)) => m,
+            other => {
+                let code = other.err().unwrap_or(code::NOT_FOUND);
+                self.stats.rejected.fetch_add(1, Ordering::Relaxed);
+                message::encode(out, mtype, code, mid, msg.token, &[], &[]);
+                return true;
+            }
         };
         let value = &m.payload[..];
         let fits = value.len() <= 16 << BLOCK2_SZX;
