@@ -69,6 +69,8 @@ pub struct DownlinkSection {
     pub response_timeout_ms: Option<u64>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub command_ttl_s: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub block_size: Option<usize>,
 }
 
 #[derive(Clone, Debug, Default, Deserialize, Serialize)]
@@ -500,6 +502,9 @@ pub struct DownlinkSettings {
     /// A command that waited longer than this is answered `expired`, never
     /// sent: an actuator must not act on a stale order.
     pub command_ttl: std::time::Duration,
+    /// A command payload larger than this goes to the device in Block1
+    /// blocks of this size (RFC 7959): 16 to 1024, a power of two.
+    pub block_size: usize,
 }
 
 #[derive(Clone, Debug)]
@@ -710,12 +715,14 @@ impl ConfigFile {
             max_body: positive("coap.max_body", self.coap.max_body, 1 << 20)?,
             pubsub_prefix: match self.coap.pubsub_prefix {
                 None => "ps".to_owned(),
-                Some(p) if p.contains(['/', '+', '#', '\0']) => return Err(invalid(
-                    "coap.pubsub_prefix",
-                    format!(
+                Some(p) if p.contains(['/', '+', '#', '\0']) => {
+                    return Err(invalid(
+                        "coap.pubsub_prefix",
+                        format!(
                         "{p:?}: one Uri-Path segment, without '/', '+', '#' or NUL (empty: none)"
                     ),
-                )),
+                    ))
+                }
                 Some(p) => p,
             },
             max_assembly_bytes: positive(
@@ -871,27 +878,37 @@ impl ConfigFile {
                 }
                 Ok(v)
             };
-        let downlink = DownlinkSettings {
-            command_prefix: prefix("downlink.command_prefix", d.command_prefix, "m2m-cmd")?,
-            response_prefix: prefix("downlink.response_prefix", d.response_prefix, "m2m-resp")?,
-            ack_timeout: std::time::Duration::from_millis(positive(
-                "downlink.ack_timeout_ms",
-                d.ack_timeout_ms.map(|v| v as usize),
-                2000,
-            )? as u64),
-            ack_random_factor: 1.5,
-            max_retransmit: d.max_retransmit.unwrap_or(4),
-            response_timeout: std::time::Duration::from_millis(positive(
-                "downlink.response_timeout_ms",
-                d.response_timeout_ms.map(|v| v as usize),
-                30_000,
-            )? as u64),
-            command_ttl: std::time::Duration::from_secs(positive(
-                "downlink.command_ttl_s",
-                d.command_ttl_s.map(|v| v as usize),
-                60,
-            )? as u64),
-        };
+        let downlink =
+            DownlinkSettings {
+                command_prefix: prefix("downlink.command_prefix", d.command_prefix, "m2m-cmd")?,
+                response_prefix: prefix("downlink.response_prefix", d.response_prefix, "m2m-resp")?,
+                ack_timeout: std::time::Duration::from_millis(positive(
+                    "downlink.ack_timeout_ms",
+                    d.ack_timeout_ms.map(|v| v as usize),
+                    2000,
+                )? as u64),
+                ack_random_factor: 1.5,
+                max_retransmit: d.max_retransmit.unwrap_or(4),
+                response_timeout: std::time::Duration::from_millis(positive(
+                    "downlink.response_timeout_ms",
+                    d.response_timeout_ms.map(|v| v as usize),
+                    30_000,
+                )? as u64),
+                command_ttl: std::time::Duration::from_secs(positive(
+                    "downlink.command_ttl_s",
+                    d.command_ttl_s.map(|v| v as usize),
+                    60,
+                )? as u64),
+                block_size: match d.block_size.unwrap_or(1024) {
+                    n @ (16 | 32 | 64 | 128 | 256 | 512 | 1024) => n,
+                    n => return Err(invalid(
+                        "downlink.block_size",
+                        format!(
+                            "{n}: a block is 16, 32, 64, 128, 256, 512 or 1024 bytes (RFC 7959)"
+                        ),
+                    )),
+                },
+            };
         Ok(Config {
             coap_listen,
             coap,

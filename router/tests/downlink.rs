@@ -468,3 +468,84 @@ fn an_unsolicited_response_gets_rst() {
     assert_eq!((r.mtype, r.code, r.mid), (RST, code::EMPTY, 0x4242));
     s.daemon.stop();
 }
+
+/// RFC 7959 against a stock device: libcoap's coap-server (`-d`: resources
+/// created by PUT) at a configured endpoint. A 5,000-byte command payload
+/// goes in 256-byte Block1 blocks and creates the resource; a GET of it is
+/// answered in Block2 blocks, fetched and published whole.
+#[test]
+fn a_large_command_goes_in_blocks_and_a_large_answer_is_fetched_whole() {
+    let server_addr = DEV_V4[2];
+    // The text lands in [downlink]; the [[peer]] after it is a table of its own.
+    let s = setup_with(
+        "dl-blocks",
+        &format!(
+            "block_size = 256\n[[peer]]\nname = \"server\"\nprefix = [\"{server_addr}/32\"]\nendpoint = \"{server_addr}:5683\"\n"
+        ),
+    );
+    let mut server = s
+        .topo
+        .dev
+        .command("coap-server-notls")
+        .args(["-A", &server_addr.to_string(), "-d", "10"])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("coap-server-notls (Debian package libcoap3-bin)");
+    let listening = || {
+        let out = s
+            .topo
+            .dev
+            .command("ss")
+            .args(["-Huln", "src", &format!("{server_addr}:5683")])
+            .output()
+            .expect("ss");
+        !out.stdout.is_empty()
+    };
+    assert!(wait_for(DEADLINE, listening), "coap-server did not start");
+    let sub = subscriber(&s, "m2m-resp/#");
+    let body: String = (0..5000)
+        .map(|i| char::from(b'a' + (i % 26) as u8))
+        .collect();
+    command(
+        &s,
+        "m2m-cmd/server/store",
+        &body,
+        &["user-property method PUT"],
+    );
+    let got = sub.take(1);
+    assert_eq!(got.len(), 1, "no answer to the PUT");
+    assert!(
+        got[0].content_type.contains("coap-code:2.01"),
+        "the resource was not created: {:?}",
+        got[0]
+    );
+    command(
+        &s,
+        "m2m-cmd/server/store",
+        "",
+        &["user-property method GET"],
+    );
+    let got = sub.take(1);
+    assert_eq!(got.len(), 1, "no answer to the GET");
+    assert!(
+        got[0].content_type.contains("coap-code:2.05"),
+        "{:?}",
+        got[0].content_type
+    );
+    assert!(
+        got[0].payload == body,
+        "{} bytes came back: {:?}",
+        got[0].payload.len(),
+        &got[0].payload[..got[0].payload.len().min(80)]
+    );
+    assert_eq!(s.daemon.counter("downlink", "answered"), 2);
+    // 20 Block1 blocks of 256 bytes (19 after the first), then the GET's
+    // Block2 blocks after its first (libcoap sends at most 1,024 bytes in
+    // one: at least 4 more).
+    let blocks = s.daemon.counter("downlink", "blocks");
+    assert!(blocks >= 19 + 4, "{blocks} further block requests");
+    let _ = server.kill();
+    let _ = server.wait();
+    s.daemon.stop();
+}

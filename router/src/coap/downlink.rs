@@ -11,6 +11,11 @@
 //!   an empty ACK and a separate response (section 5.2.2). No answer after
 //!   MAX_RETRANSMIT retransmissions, or no separate response within
 //!   `response_timeout` of the empty ACK, is a timeout response.
+//! - A payload larger than `[downlink] block_size` goes in Block1 blocks
+//!   (RFC 7959 section 2.5), each sent when the device answered the one
+//!   before with 2.31 Continue (in the smaller size it may ask for); a
+//!   response in Block2 blocks is fetched block by block, checked against
+//!   its ETag, and published whole (at most 1 MiB).
 //! - One outstanding request per peer (NSTART = 1, section 4.7); more wait
 //!   in a short queue.
 //! - The fast-path policy applies: a denied or unknown peer is refused with
@@ -33,6 +38,7 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use tokio::sync::mpsc;
 
+use super::block::Block;
 use super::client::{Client, GaveUp, Reply};
 use super::message::{self, code, option, Message};
 use super::params::TransmissionParams;
@@ -45,6 +51,8 @@ use crate::mqtt::Message as MqttMessage;
 
 /// Commands waiting per peer behind the outstanding one.
 const QUEUE_PER_PEER: usize = 16;
+/// The largest response fetched in Block2 blocks.
+const MAX_RESPONSE_BODY: usize = 1 << 20;
 
 /// Downlink counters: what happened to each command taken from the broker.
 #[derive(Debug, Default)]
@@ -53,6 +61,9 @@ pub struct DownlinkStats {
     pub commands: AtomicU64,
     /// First transmissions of a request to a device.
     pub sent: AtomicU64,
+    /// Further requests of block-wise transfers: the next Block1 block of
+    /// a payload, or the next Block2 block of a response (RFC 7959).
+    pub blocks: AtomicU64,
     pub retransmissions: AtomicU64,
     /// Requests a device answered (a response or RST).
     pub answered: AtomicU64,
@@ -74,6 +85,7 @@ impl DownlinkStats {
         vec![
             ("commands", f(&self.commands)),
             ("sent", f(&self.sent)),
+            ("blocks", f(&self.blocks)),
             ("retransmissions", f(&self.retransmissions)),
             ("answered", f(&self.answered)),
             ("refused", f(&self.refused)),
@@ -141,6 +153,17 @@ struct Command {
     expires_at: Instant,
 }
 
+/// A command on its way, and its block-wise transfer if it is one.
+struct InFlight {
+    command: Command,
+    endpoint: SocketAddr,
+    /// The Block1 block of the payload last sent.
+    block1: Option<Block>,
+    /// The response so far when it comes in Block2 blocks, and its ETag.
+    body: Vec<u8>,
+    etag: Option<Vec<u8>>,
+}
+
 pub struct Downlink {
     settings: DownlinkSettings,
     stats: Arc<DownlinkStats>,
@@ -151,7 +174,7 @@ pub struct Downlink {
     /// One outstanding request per peer (NSTART = 1), keyed by peer name.
     client: Client<String>,
     /// The command of each peer's outstanding request.
-    in_flight: HashMap<String, Command>,
+    in_flight: HashMap<String, InFlight>,
     waiting: HashMap<String, VecDeque<Command>>,
     last_sweep: Instant,
 }
@@ -307,29 +330,136 @@ impl Downlink {
     }
 
     fn start(&mut self, command: Command, endpoint: SocketAddr) {
-        let mut opts: Vec<(u16, &[u8])> = command
+        let size = self.settings.block_size;
+        let block1 = (command.payload.len() > size).then(|| Block {
+            num: 0,
+            more: true,
+            szx: Block::szx_for(size),
+        });
+        let flight = InFlight {
+            command,
+            endpoint,
+            block1,
+            body: Vec::new(),
+            etag: None,
+        };
+        self.request(&flight, None);
+        count(&self.stats.sent);
+        self.in_flight.insert(flight.command.peer.clone(), flight);
+    }
+
+    /// Sends the command's request: whole, or its current Block1 block, or
+    /// (asking for block `block2` of the response) without a payload.
+    fn request(&mut self, flight: &InFlight, block2: Option<Block>) {
+        let c = &flight.command;
+        let mut opts: Vec<(u16, &[u8])> = c
             .path
             .iter()
             .map(|s| (option::URI_PATH, s.as_bytes()))
             .collect();
-        let mut cf = [0u8; 4];
-        if let Some(f) = command.content_format {
-            opts.push((
-                option::CONTENT_FORMAT,
-                message::uint_bytes(u32::from(f), &mut cf),
-            ));
+        let (mut cf, mut b1, mut b2, mut s1) = ([0u8; 4], [0u8; 4], [0u8; 4], [0u8; 4]);
+        let mut payload = &c.payload[..];
+        if let Some(b) = block2 {
+            payload = &[];
+            opts.push((option::BLOCK2, message::uint_bytes(b.value(), &mut b2)));
+        } else {
+            if let Some(f) = c.content_format {
+                opts.push((
+                    option::CONTENT_FORMAT,
+                    message::uint_bytes(u32::from(f), &mut cf),
+                ));
+            }
+            if let Some(b) = flight.block1 {
+                let end = (b.offset() + b.size()).min(payload.len());
+                payload = &payload[b.offset()..end];
+                opts.push((option::BLOCK1, message::uint_bytes(b.value(), &mut b1)));
+                if b.num == 0 {
+                    // The whole size, so the device can refuse it at once
+                    // (RFC 7959 section 4).
+                    let total = c.payload.len() as u32;
+                    opts.push((option::SIZE1, message::uint_bytes(total, &mut s1)));
+                }
+            }
         }
+        // Options in ascending order (RFC 7252 section 3.1).
+        opts.sort_by_key(|o| o.0);
         let datagram = self.client.request(
-            command.peer.clone(),
-            endpoint,
-            command.method,
+            c.peer.clone(),
+            flight.endpoint,
+            c.method,
             &opts,
-            &command.payload,
+            payload,
             Instant::now(),
         );
-        send(&self.sockets, endpoint, datagram);
-        count(&self.stats.sent);
-        self.in_flight.insert(command.peer.clone(), command);
+        send(&self.sockets, flight.endpoint, datagram);
+    }
+
+    /// A response to one block: asks for the next one if the transfer goes
+    /// on (Ok(true)); Ok(false) when the command is answered.
+    fn proceed(&mut self, flight: &mut InFlight, response: &Message) -> Result<bool, String> {
+        let block_option = |number| {
+            response
+                .options()
+                .find(|(n, _)| *n == number)
+                .and_then(|(_, v)| Block::parse(v))
+        };
+        // RFC 7959 section 2.5: 2.31 Continue asks for the next block of
+        // the payload, in the size the device prefers if it is smaller.
+        if let Some(sent) = flight.block1 {
+            if response.code == code::CONTINUE {
+                if !sent.more {
+                    return Err("the device answered 2.31 Continue to the last block".into());
+                }
+                let szx = block_option(option::BLOCK1).map_or(sent.szx, |b| b.szx.min(sent.szx));
+                let offset = sent.offset() + sent.size();
+                let size = 16usize << szx;
+                flight.block1 = Some(Block {
+                    num: (offset / size) as u32,
+                    more: offset + size < flight.command.payload.len(),
+                    szx,
+                });
+                self.request(flight, None);
+                count(&self.stats.blocks);
+                return Ok(true);
+            }
+        }
+        // Section 2.4: a response in Block2 blocks is fetched whole.
+        let Some(b2) = block_option(option::BLOCK2) else {
+            return Ok(false);
+        };
+        if b2.offset() != flight.body.len() {
+            return Err(format!(
+                "the device sent response block {} where block {} was due",
+                b2.num,
+                flight.body.len() / b2.size()
+            ));
+        }
+        let etag = response
+            .options()
+            .find(|(n, _)| *n == option::ETAG)
+            .map(|(_, v)| v.to_vec());
+        if flight.body.is_empty() {
+            flight.etag = etag;
+        } else if flight.etag != etag {
+            return Err("the response changed while it was fetched in blocks (ETag)".into());
+        }
+        flight.body.extend_from_slice(response.payload);
+        if flight.body.len() > MAX_RESPONSE_BODY {
+            return Err(format!(
+                "the response is larger than {MAX_RESPONSE_BODY} bytes"
+            ));
+        }
+        if !b2.more {
+            return Ok(false);
+        }
+        let next = Block {
+            num: b2.num + 1,
+            more: false,
+            szx: b2.szx,
+        };
+        self.request(flight, Some(next));
+        count(&self.stats.blocks);
+        Ok(true)
     }
 
     fn timeouts(&mut self) {
@@ -350,8 +480,8 @@ impl Downlink {
             } else {
                 format!("timeout: no answer after {transmissions} transmissions")
             };
-            if let Some(command) = self.in_flight.remove(&peer) {
-                self.fail(&command, &why);
+            if let Some(flight) = self.in_flight.remove(&peer) {
+                self.fail(&flight.command, &why);
             }
             self.next_of(&peer);
         }
@@ -376,22 +506,41 @@ impl Downlink {
             Reply::Reset(peer) => (peer, None),
             Reply::Response(peer, response) => (peer, Some(response)),
         };
-        count(&self.stats.answered);
-        if let Some(command) = self.in_flight.remove(&peer) {
-            match answer {
-                None => self.fail(&command, "the peer reset the request (RST)"),
-                Some(response) => {
-                    let format = response
-                        .options()
-                        .find(|(n, _)| *n == option::CONTENT_FORMAT)
-                        .and_then(|(_, v)| message::uint_option(v));
-                    self.respond(
-                        &command,
-                        &coap_code(response.code),
-                        Bytes::copy_from_slice(response.payload),
-                        format.and_then(|f| content_type(f as u16)),
-                    );
-                }
+        let Some(mut flight) = self.in_flight.remove(&peer) else {
+            return self.next_of(&peer);
+        };
+        let Some(response) = answer else {
+            count(&self.stats.answered);
+            self.fail(&flight.command, "the peer reset the request (RST)");
+            return self.next_of(&peer);
+        };
+        match self.proceed(&mut flight, &response) {
+            // The next block is on its way.
+            Ok(true) => {
+                self.in_flight.insert(peer, flight);
+                return;
+            }
+            Ok(false) => {
+                count(&self.stats.answered);
+                let format = response
+                    .options()
+                    .find(|(n, _)| *n == option::CONTENT_FORMAT)
+                    .and_then(|(_, v)| message::uint_option(v));
+                let payload = if flight.body.is_empty() {
+                    Bytes::copy_from_slice(response.payload)
+                } else {
+                    Bytes::from(std::mem::take(&mut flight.body))
+                };
+                self.respond(
+                    &flight.command,
+                    &coap_code(response.code),
+                    payload,
+                    format.and_then(|f| content_type(f as u16)),
+                );
+            }
+            Err(why) => {
+                count(&self.stats.answered);
+                self.fail(&flight.command, &why);
             }
         }
         self.next_of(&peer);
