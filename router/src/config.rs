@@ -878,37 +878,38 @@ impl ConfigFile {
                 }
                 Ok(v)
             };
-        let downlink =
-            DownlinkSettings {
-                command_prefix: prefix("downlink.command_prefix", d.command_prefix, "m2m-cmd")?,
-                response_prefix: prefix("downlink.response_prefix", d.response_prefix, "m2m-resp")?,
-                ack_timeout: std::time::Duration::from_millis(positive(
-                    "downlink.ack_timeout_ms",
-                    d.ack_timeout_ms.map(|v| v as usize),
-                    2000,
-                )? as u64),
-                ack_random_factor: 1.5,
-                max_retransmit: d.max_retransmit.unwrap_or(4),
-                response_timeout: std::time::Duration::from_millis(positive(
-                    "downlink.response_timeout_ms",
-                    d.response_timeout_ms.map(|v| v as usize),
-                    30_000,
-                )? as u64),
-                command_ttl: std::time::Duration::from_secs(positive(
-                    "downlink.command_ttl_s",
-                    d.command_ttl_s.map(|v| v as usize),
-                    60,
-                )? as u64),
-                block_size: match d.block_size.unwrap_or(1024) {
-                    n @ (16 | 32 | 64 | 128 | 256 | 512 | 1024) => n,
-                    n => return Err(invalid(
+        let downlink = DownlinkSettings {
+            command_prefix: prefix("downlink.command_prefix", d.command_prefix, "m2m-cmd")?,
+            response_prefix: prefix("downlink.response_prefix", d.response_prefix, "m2m-resp")?,
+            ack_timeout: std::time::Duration::from_millis(positive(
+                "downlink.ack_timeout_ms",
+                d.ack_timeout_ms.map(|v| v as usize),
+                2000,
+            )? as u64),
+            ack_random_factor: 1.5,
+            max_retransmit: d.max_retransmit.unwrap_or(4),
+            response_timeout: std::time::Duration::from_millis(positive(
+                "downlink.response_timeout_ms",
+                d.response_timeout_ms.map(|v| v as usize),
+                30_000,
+            )? as u64),
+            command_ttl: std::time::Duration::from_secs(positive(
+                "downlink.command_ttl_s",
+                d.command_ttl_s.map(|v| v as usize),
+                60,
+            )? as u64),
+            block_size: match d.block_size.unwrap_or(1024) {
+                n @ (16 | 32 | 64 | 128 | 256 | 512 | 1024) => n,
+                n => {
+                    return Err(invalid(
                         "downlink.block_size",
                         format!(
                             "{n}: a block is 16, 32, 64, 128, 256, 512 or 1024 bytes (RFC 7959)"
                         ),
-                    )),
-                },
-            };
+                    ))
+                }
+            },
+        };
         Ok(Config {
             coap_listen,
             coap,

@@ -87,7 +87,11 @@ pub fn run(config: Config, raw: ConfigFile, config_path: Option<PathBuf>) -> any
     };
     let last_seen = Arc::new(LastSeen::default());
     let (replies_tx, replies_rx) = tokio::sync::mpsc::channel(4096);
+    // Observe registrations wait here for the endpoint task; when it is
+    // full, a registration is declined (the response has no Observe).
+    let (observe_tx, observe_rx) = tokio::sync::mpsc::channel(4096);
     let downlink_handle = DownlinkHandle {
+        observe: observe_tx,
         last_seen: last_seen.clone(),
         replies: replies_tx,
     };
@@ -123,7 +127,7 @@ pub fn run(config: Config, raw: ConfigFile, config_path: Option<PathBuf>) -> any
             .context("cloning the CoAP sockets for the downlink")?,
         downlink_stats.clone(),
     );
-    runtime.spawn(downlink.run(replies_rx));
+    runtime.spawn(downlink.run(replies_rx, observe_rx));
     for (upstream, bridge) in &bridges {
         runtime.spawn(bridge::run(
             upstream.clone(),

@@ -11,6 +11,10 @@
 //! - A CON response that matches nothing is rejected with RST (section
 //!   4.2); anything else that matches nothing is ignored.
 //!
+//! - A confirmable message that is not a request (an Observe notification,
+//!   RFC 7641 section 4.5) is retransmitted the same way and ends with its
+//!   ACK or RST.
+//!
 //! Exchanges are keyed by the caller (`K`: e.g. the peer a command goes
 //! to), so the caller decides how many may be outstanding per peer
 //! (NSTART, section 4.7).
@@ -44,7 +48,9 @@ pub struct Client<K> {
 struct Exchange {
     endpoint: SocketAddr,
     mid: u16,
-    token: Token,
+    /// A request's token (its response matches by it); None for a CON
+    /// message that is itself a response (a notification).
+    token: Option<Token>,
     datagram: Vec<u8>,
     retransmission: Retransmission,
     /// Set by an empty ACK: no more retransmissions, only the separate
@@ -56,7 +62,8 @@ struct Exchange {
 /// What a reply meant.
 #[derive(Debug)]
 pub enum Reply<'a, K> {
-    /// An empty ACK: the response follows separately (section 5.2.2).
+    /// An empty ACK: the response follows separately (section 5.2.2); for
+    /// a notification, the exchange is over.
     Acknowledged(K),
     /// A Reset (section 4.2): the exchange is over.
     Reset(K),
@@ -105,19 +112,59 @@ impl<K: Clone + Eq + Hash> Client<K> {
         now: Instant,
     ) -> &[u8] {
         self.remove(&key);
-        let mut mid = self.ids.mid();
-        while self.by_mid.contains_key(&(endpoint, mid)) {
-            mid = self.ids.mid();
-        }
+        let mid = self.mid(endpoint);
         let mut token = self.ids.token();
         while self.by_token.contains_key(&(endpoint, token)) {
             token = self.ids.token();
         }
         let mut datagram = Vec::new();
         message::encode(&mut datagram, CON, method, mid, &token, options, payload);
+        self.by_token.insert((endpoint, token), key.clone());
+        self.start(key, endpoint, mid, Some(token), datagram, now)
+    }
+
+    /// Starts the exchange `key` (ending any earlier one of that key): a
+    /// CON response `code` with the client's `token` (an Observe
+    /// notification), ended by its ACK or RST. Returns the datagram.
+    #[allow(clippy::too_many_arguments)]
+    pub fn confirm(
+        &mut self,
+        key: K,
+        endpoint: SocketAddr,
+        code: u8,
+        token: &[u8],
+        options: &[(u16, &[u8])],
+        payload: &[u8],
+        now: Instant,
+    ) -> &[u8] {
+        self.remove(&key);
+        let mid = self.mid(endpoint);
+        let mut datagram = Vec::new();
+        message::encode(&mut datagram, CON, code, mid, token, options, payload);
+        self.start(key, endpoint, mid, None, datagram, now)
+    }
+
+    /// A Message ID for a message to `endpoint` that no exchange uses (a
+    /// NON the caller sends on its own).
+    pub fn mid(&mut self, endpoint: SocketAddr) -> u16 {
+        let mut mid = self.ids.mid();
+        while self.by_mid.contains_key(&(endpoint, mid)) {
+            mid = self.ids.mid();
+        }
+        mid
+    }
+
+    fn start(
+        &mut self,
+        key: K,
+        endpoint: SocketAddr,
+        mid: u16,
+        token: Option<Token>,
+        datagram: Vec<u8>,
+        now: Instant,
+    ) -> &[u8] {
         let retransmission = Retransmission::start(&self.params, now, self.ids.fraction());
         self.by_mid.insert((endpoint, mid), key.clone());
-        self.by_token.insert((endpoint, token), key.clone());
         let exchange = self.exchanges.entry(key).insert_entry(Exchange {
             endpoint,
             mid,
@@ -128,6 +175,11 @@ impl<K: Clone + Eq + Hash> Client<K> {
             acknowledged: false,
         });
         &exchange.into_mut().datagram
+    }
+
+    /// Ends the exchange `key` without an answer (the caller gave up on it).
+    pub fn cancel(&mut self, key: &K) {
+        self.remove(key);
     }
 
     /// When [`Client::expire`] next has something to do.
@@ -192,6 +244,11 @@ impl<K: Clone + Eq + Hash> Client<K> {
                     return Reply::Reset(key);
                 }
                 if msg.code == code::EMPTY {
+                    if e.token.is_none() {
+                        // A notification: acknowledged is done.
+                        self.remove(&key);
+                        return Reply::Acknowledged(key);
+                    }
                     if e.acknowledged {
                         return Reply::Nothing;
                     }
@@ -201,7 +258,7 @@ impl<K: Clone + Eq + Hash> Client<K> {
                 }
                 // An ACK carries nothing but a response (section 4.2), which
                 // matches by token too (section 5.3.2).
-                if !is_response(msg.code) || msg.token != e.token {
+                if !is_response(msg.code) || e.token.is_none_or(|t| msg.token != t) {
                     return Reply::Nothing;
                 }
                 self.remove(&key);
@@ -242,7 +299,9 @@ impl<K: Clone + Eq + Hash> Client<K> {
     fn remove(&mut self, key: &K) -> Option<Exchange> {
         let e = self.exchanges.remove(key)?;
         self.by_mid.remove(&(e.endpoint, e.mid));
-        self.by_token.remove(&(e.endpoint, e.token));
+        if let Some(token) = e.token {
+            self.by_token.remove(&(e.endpoint, token));
+        }
         Some(e)
     }
 
@@ -419,6 +478,40 @@ mod tests {
             "{span:?}"
         );
         assert!(c.is_busy(&"b") && !c.is_busy(&"a"));
+    }
+
+    #[test]
+    fn a_notification_ends_with_its_ack_or_rst_and_is_retransmitted_until_then() {
+        let mut c = client();
+        let t0 = Instant::now();
+        let token = [7u8; 8];
+        let sent = c
+            .confirm(
+                "n",
+                DEVICE,
+                code::CONTENT,
+                &token,
+                &[(6, &[1][..])],
+                b"21.5",
+                t0,
+            )
+            .to_vec();
+        let m = Message::decode(&sent).unwrap();
+        assert_eq!((m.mtype, m.code, m.token), (CON, code::CONTENT, &token[..]));
+        let mut resent = Vec::new();
+        let at = c.next_deadline().unwrap();
+        c.expire(at, |_, d| resent.push(d.to_vec()));
+        assert_eq!(resent, vec![sent.clone()], "the same datagram again");
+        let mut out = Vec::new();
+        let ack = [0x60, 0, (m.mid >> 8) as u8, m.mid as u8];
+        let got = c.receive(DEVICE, &Message::decode(&ack).unwrap(), at, &mut out);
+        assert!(matches!(got, Reply::Acknowledged("n")));
+        assert!(!c.is_busy(&"n"), "acknowledged is done");
+        // A NON's Message ID avoids those in use.
+        let busy = Message::decode(c.confirm("m", DEVICE, code::CONTENT, &token, &[], b"", at))
+            .unwrap()
+            .mid;
+        assert!((0..1000).all(|_| c.mid(DEVICE) != busy));
     }
 
     #[test]

@@ -41,11 +41,12 @@ use tokio::sync::mpsc;
 use super::block::Block;
 use super::client::{Client, GaveUp, Reply};
 use super::message::{self, code, option, Message};
+use super::observe::{Full, ObserveEvent, Observers, RelationId};
 use super::params::TransmissionParams;
 use super::request::{content_format, content_type};
 use crate::config::DownlinkSettings;
 use crate::mapping::{Mapper, SharedMapper};
-use crate::mqtt::broker::{Broker, Delivery};
+use crate::mqtt::broker::{Broker, Delivery, Session};
 use crate::mqtt::codec::{Properties, SubscriptionOptions};
 use crate::mqtt::Message as MqttMessage;
 
@@ -53,6 +54,23 @@ use crate::mqtt::Message as MqttMessage;
 const QUEUE_PER_PEER: usize = 16;
 /// The largest response fetched in Block2 blocks.
 const MAX_RESPONSE_BODY: usize = 1 << 20;
+/// Observe relations kept; registrations past it are declined (counted).
+pub const MAX_OBSERVERS: usize = 100_000;
+/// A notification larger than this carries its first Block2 block; the
+/// observer fetches the rest with GET (RFC 7959 section 3.4).
+const NOTIFICATION_BLOCK: usize = 1024;
+/// Max-Age of notifications: a topic's state holds until the next one
+/// (RFC 7641 section 4.3.1), and the daily CON checks the observer.
+const NOTIFICATION_MAX_AGE: u32 = 24 * 3600;
+
+/// The exchanges of the gateway's CoAP client side, in one message layer.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+enum Key {
+    /// The outstanding request of a command to this peer.
+    Command(String),
+    /// The CON notification of an Observe relation.
+    Notification(RelationId),
+}
 
 /// Downlink counters: what happened to each command taken from the broker.
 #[derive(Debug, Default)]
@@ -76,6 +94,19 @@ pub struct DownlinkStats {
     pub timeouts: AtomicU64,
     /// Commands waiting behind a peer's outstanding request (a gauge).
     pub waiting: AtomicU64,
+    /// Observe (RFC 7641): relations registered, registrations declined
+    /// (MAX_OBSERVERS, or the broker's subscription bounds), notifications
+    /// sent, relations ended by the observer (deregistration, RST) or by a
+    /// CON notification never acknowledged, and the relations now (a gauge).
+    pub observe_registrations: AtomicU64,
+    pub observe_refused: AtomicU64,
+    pub notifications: AtomicU64,
+    pub observe_ended: AtomicU64,
+    pub observe_timeouts: AtomicU64,
+    /// States never sent because a newer one replaced them while a CON
+    /// notification was in flight (RFC 7641 section 4.5.2).
+    pub notifications_skipped: AtomicU64,
+    pub observers: AtomicU64,
 }
 
 impl DownlinkStats {
@@ -92,6 +123,13 @@ impl DownlinkStats {
             ("expired", f(&self.expired)),
             ("timeouts", f(&self.timeouts)),
             ("waiting", f(&self.waiting)),
+            ("observe_registrations", f(&self.observe_registrations)),
+            ("observe_refused", f(&self.observe_refused)),
+            ("notifications", f(&self.notifications)),
+            ("observe_ended", f(&self.observe_ended)),
+            ("observe_timeouts", f(&self.observe_timeouts)),
+            ("notifications_skipped", f(&self.notifications_skipped)),
+            ("observers", f(&self.observers)),
         ]
     }
 }
@@ -139,6 +177,8 @@ pub struct DownlinkHandle {
     pub last_seen: Arc<LastSeen>,
     /// ACKs, RSTs and responses the workers received.
     pub replies: mpsc::Sender<(SocketAddr, Bytes)>,
+    /// Observe registrations and deregistrations.
+    pub observe: mpsc::Sender<ObserveEvent>,
 }
 
 struct Command {
@@ -171,12 +211,16 @@ pub struct Downlink {
     mappers: Arc<SharedMapper>,
     last_seen: Arc<LastSeen>,
     sockets: Vec<UdpSocket>,
-    /// One outstanding request per peer (NSTART = 1), keyed by peer name.
-    client: Client<String>,
+    /// Commands' requests (one outstanding per peer, NSTART = 1) and CON
+    /// notifications.
+    client: Client<Key>,
     /// The command of each peer's outstanding request.
     in_flight: HashMap<String, InFlight>,
     waiting: HashMap<String, VecDeque<Command>>,
     last_sweep: Instant,
+    observers: Observers,
+    /// The broker session the observed topics are subscribed in.
+    observed: Option<Arc<Session>>,
 }
 
 impl Downlink {
@@ -204,15 +248,28 @@ impl Downlink {
             in_flight: HashMap::new(),
             waiting: HashMap::new(),
             last_sweep: Instant::now(),
+            observers: Observers::new(MAX_OBSERVERS),
+            observed: None,
         }
     }
 
-    pub async fn run(mut self, mut replies: mpsc::Receiver<(SocketAddr, Bytes)>) {
+    pub async fn run(
+        mut self,
+        mut replies: mpsc::Receiver<(SocketAddr, Bytes)>,
+        mut observe: mpsc::Receiver<ObserveEvent>,
+    ) {
         let client_id = Bytes::from_static(b"$m2m-router/downlink");
         let Some(attached) = self.broker.attach(&client_id, true, false).await else {
             tracing::error!("downlink: could not attach to the broker");
             return;
         };
+        let observed_id = Bytes::from_static(b"$m2m-router/observe");
+        let Some(observed) = self.broker.attach(&observed_id, true, false).await else {
+            tracing::error!("observe: could not attach to the broker");
+            return;
+        };
+        let observed = observed.session;
+        self.observed = Some(observed.clone());
         let filter = Bytes::from(format!("{}/#", self.settings.command_prefix));
         let options = SubscriptionOptions {
             qos: 1,
@@ -232,6 +289,12 @@ impl Downlink {
             tokio::select! {
                 d = commands.pop() => self.command(d),
                 Some((src, datagram)) = replies.recv() => self.reply(src, &datagram),
+                Some(event) = observe.recv() => self.observe_event(event),
+                d = observed.queue.pop() => {
+                    for id in self.observers.on(&d.message.topic) {
+                        self.notify(id, d.message.clone(), d.qos);
+                    }
+                }
                 _ = tokio::time::sleep_until(wake), if next.is_some() => self.timeouts(),
             }
         }
@@ -317,7 +380,7 @@ impl Downlink {
                 "the peer has sent no uplink yet and has no endpoint configured",
             );
         };
-        if self.client.is_busy(&command.peer) {
+        if self.client.is_busy(&Key::Command(command.peer.clone())) {
             let queue = self.waiting.entry(peer.to_owned()).or_default();
             if queue.len() >= QUEUE_PER_PEER {
                 return self.refuse(&command, "too many commands waiting for this peer");
@@ -384,7 +447,7 @@ impl Downlink {
         // Options in ascending order (RFC 7252 section 3.1).
         opts.sort_by_key(|o| o.0);
         let datagram = self.client.request(
-            c.peer.clone(),
+            Key::Command(c.peer.clone()),
             flight.endpoint,
             c.method,
             &opts,
@@ -469,11 +532,21 @@ impl Downlink {
             count(&stats.retransmissions);
         });
         for GaveUp {
-            key: peer,
+            key,
             acknowledged,
             transmissions,
         } in gave_up
         {
+            let peer = match key {
+                Key::Command(peer) => peer,
+                Key::Notification(id) => {
+                    // RFC 7641 section 4.5: an observer that does not
+                    // acknowledge a CON notification is gone.
+                    count(&self.stats.observe_timeouts);
+                    self.end_relation(id);
+                    continue;
+                }
+            };
             count(&self.stats.timeouts);
             let why = if acknowledged {
                 "timeout: the peer acknowledged but sent no response".to_owned()
@@ -502,9 +575,25 @@ impl Downlink {
             send(&self.sockets, src, &out);
         }
         let (peer, answer) = match reply {
-            Reply::Acknowledged(_) | Reply::Nothing => return,
-            Reply::Reset(peer) => (peer, None),
-            Reply::Response(peer, response) => (peer, Some(response)),
+            Reply::Acknowledged(Key::Notification(id)) => return self.acknowledged(id),
+            Reply::Reset(Key::Notification(id)) => {
+                count(&self.stats.observe_ended);
+                return self.end_relation(id);
+            }
+            Reply::Nothing if msg.mtype == message::RST => {
+                // An RST to a NON notification ends its relation (RFC 7641
+                // section 3.6).
+                if let Some(id) = self.observers.by_non_mid(src, msg.mid) {
+                    count(&self.stats.observe_ended);
+                    self.end_relation(id);
+                }
+                return;
+            }
+            Reply::Acknowledged(_) | Reply::Nothing | Reply::Response(Key::Notification(_), _) => {
+                return
+            }
+            Reply::Reset(Key::Command(peer)) => (peer, None),
+            Reply::Response(Key::Command(peer), response) => (peer, Some(response)),
         };
         let Some(mut flight) = self.in_flight.remove(&peer) else {
             return self.next_of(&peer);
@@ -544,6 +633,180 @@ impl Downlink {
             }
         }
         self.next_of(&peer);
+    }
+
+    /// An Observe registration or deregistration a worker passed on.
+    fn observe_event(&mut self, event: ObserveEvent) {
+        let broker = self.broker.clone();
+        let Some(session) = self.observed.clone() else {
+            return;
+        };
+        match event {
+            ObserveEvent::Register {
+                endpoint,
+                token,
+                topic,
+                sent,
+            } => {
+                let now = Instant::now();
+                let (id, first, left) =
+                    match self
+                        .observers
+                        .register(endpoint, &token, topic.clone(), now)
+                    {
+                        Ok(registered) => registered,
+                        Err(Full) => {
+                            count(&self.stats.observe_refused);
+                            return;
+                        }
+                    };
+                if let Some(left) = left {
+                    broker.unsubscribe(&session, &left);
+                }
+                if first {
+                    let options = SubscriptionOptions {
+                        qos: 1,
+                        no_local: false,
+                        retain_as_published: false,
+                        retain_handling: 2,
+                    };
+                    if broker
+                        .subscribe(&session, topic.clone(), options, None)
+                        .is_none()
+                    {
+                        count(&self.stats.observe_refused);
+                        self.observers.remove(id);
+                        return;
+                    }
+                }
+                count(&self.stats.observe_registrations);
+                self.stats
+                    .observers
+                    .store(self.observers.len() as u64, Ordering::Relaxed);
+                // A state published after the worker answered and before
+                // the subscription took effect is notified now.
+                let current = broker
+                    .last_value(&topic)
+                    .or_else(|| broker.retained(&topic));
+                if let Some(m) = current {
+                    if Some(crc32fast::hash(&m.payload)) != sent {
+                        self.notify(id, m, 0);
+                    }
+                }
+            }
+            ObserveEvent::Deregister { endpoint, token } => {
+                if let Some(id) = self.observers.find(endpoint, &token) {
+                    count(&self.stats.observe_ended);
+                    self.end_relation(id);
+                }
+            }
+        }
+    }
+
+    /// Sends relation `id` the state `m` (published at `qos`): CON for QoS
+    /// 1 and up and once a day, NON otherwise; while a CON is in flight the
+    /// newest state waits in its place.
+    fn notify(&mut self, id: RelationId, m: crate::mqtt::Message, qos: u8) {
+        let now = Instant::now();
+        let Some(r) = self.observers.get_mut(id) else {
+            return;
+        };
+        if r.in_flight {
+            let qos = r.pending.as_ref().map_or(qos, |(_, q)| qos.max(*q));
+            if r.pending.replace((m, qos)).is_some() {
+                count(&self.stats.notifications_skipped);
+            }
+            return;
+        }
+        let (seq, confirmable) = r.next(qos, now);
+        let value = &m.payload[..];
+        let (mut obs, mut cf, mut age, mut b2, mut s2) =
+            ([0u8; 4], [0u8; 4], [0u8; 4], [0u8; 4], [0u8; 4]);
+        let etag;
+        let mut opts: Vec<(u16, &[u8])> = Vec::with_capacity(6);
+        let mut payload = value;
+        let large = value.len() > NOTIFICATION_BLOCK;
+        if large {
+            etag = crc32fast::hash(value).to_be_bytes();
+            opts.push((option::ETAG, &etag));
+        }
+        opts.push((option::OBSERVE, message::uint_bytes(seq, &mut obs)));
+        if let Some(f) = m.content_type.as_deref().and_then(content_format) {
+            opts.push((
+                option::CONTENT_FORMAT,
+                message::uint_bytes(u32::from(f), &mut cf),
+            ));
+        }
+        opts.push((
+            option::MAX_AGE,
+            message::uint_bytes(NOTIFICATION_MAX_AGE, &mut age),
+        ));
+        if large {
+            let first = Block {
+                num: 0,
+                more: true,
+                szx: Block::szx_for(NOTIFICATION_BLOCK),
+            };
+            payload = &value[..first.size()];
+            opts.push((option::BLOCK2, message::uint_bytes(first.value(), &mut b2)));
+            opts.push((
+                option::SIZE2,
+                message::uint_bytes(value.len() as u32, &mut s2),
+            ));
+        }
+        let endpoint = r.endpoint;
+        if confirmable {
+            r.in_flight = true;
+            let datagram = self.client.confirm(
+                Key::Notification(id),
+                endpoint,
+                code::CONTENT,
+                &r.token,
+                &opts,
+                payload,
+                now,
+            );
+            send(&self.sockets, endpoint, datagram);
+        } else {
+            let mid = self.client.mid(endpoint);
+            r.last_non_mid = Some(mid);
+            let mut datagram = Vec::with_capacity(64 + payload.len());
+            message::encode(
+                &mut datagram,
+                message::NON,
+                code::CONTENT,
+                mid,
+                &r.token,
+                &opts,
+                payload,
+            );
+            send(&self.sockets, endpoint, &datagram);
+        }
+        count(&self.stats.notifications);
+    }
+
+    /// A CON notification was acknowledged: the state that waited, if any,
+    /// goes now.
+    fn acknowledged(&mut self, id: RelationId) {
+        let Some(r) = self.observers.get_mut(id) else {
+            return;
+        };
+        r.in_flight = false;
+        if let Some((m, qos)) = r.pending.take() {
+            self.notify(id, m, qos);
+        }
+    }
+
+    fn end_relation(&mut self, id: RelationId) {
+        self.client.cancel(&Key::Notification(id));
+        if let Some(topic) = self.observers.remove(id) {
+            if let Some(session) = &self.observed {
+                self.broker.unsubscribe(session, &topic);
+            }
+        }
+        self.stats
+            .observers
+            .store(self.observers.len() as u64, Ordering::Relaxed);
     }
 
     fn next_of(&mut self, peer: &str) {

@@ -18,6 +18,7 @@ pub mod dedup;
 pub mod downlink;
 pub mod ids;
 pub mod message;
+pub mod observe;
 pub mod params;
 pub mod request;
 pub mod uplink;

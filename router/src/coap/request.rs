@@ -33,6 +33,8 @@ pub struct Request<'a> {
     /// Size2 in a request asks for the size of the whole response (RFC
     /// 7959 section 4).
     pub wants_size2: bool,
+    /// Observe in a GET: 0 registers, 1 deregisters (RFC 7641 section 2).
+    pub observe: Option<u32>,
 }
 
 /// Why a request cannot be served, with the response code it gets.
@@ -101,6 +103,7 @@ pub fn parse<'a>(msg: &Message<'a>) -> Result<Request<'a>, RequestError> {
     };
     let mut content_format = None;
     let (mut block1, mut block2, mut size1, mut wants_size2) = (None, None, None, false);
+    let mut observe = None;
     let mut previous = None;
     for (number, value) in msg.options() {
         // Options arrive sorted by number (section 3.1): a repeat follows
@@ -140,6 +143,7 @@ pub fn parse<'a>(msg: &Message<'a>) -> Result<Request<'a>, RequestError> {
             }
             option::SIZE1 => size1 = uint_option(value),
             option::SIZE2 => wants_size2 = true,
+            option::OBSERVE => observe = uint_option(value),
             option::PROXY_URI | option::PROXY_SCHEME => {
                 return Err(RequestError::ProxyingNotSupported)
             }
@@ -148,7 +152,6 @@ pub fn parse<'a>(msg: &Message<'a>) -> Result<Request<'a>, RequestError> {
             | option::URI_HOST
             | option::ETAG
             | option::IF_NONE_MATCH
-            | option::OBSERVE
             | option::URI_PORT
             | option::MAX_AGE
             | option::URI_QUERY
@@ -167,6 +170,7 @@ pub fn parse<'a>(msg: &Message<'a>) -> Result<Request<'a>, RequestError> {
         block2,
         size1,
         wants_size2,
+        observe,
     })
 }
 

@@ -19,6 +19,7 @@ use super::dedup::{Answer, DedupCache};
 use super::downlink::DownlinkHandle;
 use super::ids::{Ids, MidSpace};
 use super::message::{self, code, option, peek_header, Message, ACK, CON, NON, RST};
+use super::observe::ObserveEvent;
 use super::request::{self, content_type, RequestError};
 use crate::mapping::{self, Access, Delivery, Mapper, SharedMapper};
 use crate::mqtt::{Broker, Message as MqttMessage, Ticket};
@@ -425,23 +426,28 @@ impl Uplink {
         src: SocketAddr,
         out: &mut Vec<u8>,
     ) -> bool {
-        let found = match self.topic_for(req, src, Access::Subscribe) {
+        let (found, observing) = match self.topic_for(req, src, Access::Subscribe) {
             Ok(_) => {
                 let topic = self.topic.as_bytes();
-                Ok(self
+                let m = self
                     .broker
                     .last_value(topic)
-                    .or_else(|| self.broker.retained(topic)))
+                    .or_else(|| self.broker.retained(topic));
+                let observing = self.observe(req.observe, msg.token, src, m.as_ref());
+                (Ok(m), observing)
             }
-            Err(code::FORBIDDEN) => Err(code::FORBIDDEN),
-            Err(_) => Ok(None),
+            Err(code::FORBIDDEN) => (Err(code::FORBIDDEN), false),
+            Err(_) => (Ok(None), false),
         };
         let (mtype, mid) = match msg.mtype {
             CON => (ACK, msg.mid),
             _ => (NON, self.ids.mid()),
         };
         let m = match found {
-            Ok(Some(m)) => m,
+            Ok(Some(m)) => Some(m),
+            // An observer registers on a topic nothing was published on
+            // yet: it gets an empty state now and the first one later.
+            Ok(None) if observing => None,
             other => {
                 let code = other.err().unwrap_or(code::NOT_FOUND);
                 self.stats.rejected.fetch_add(1, Ordering::Relaxed);
@@ -449,7 +455,7 @@ impl Uplink {
                 return true;
             }
         };
-        let value = &m.payload[..];
+        let value = m.as_ref().map_or(&[][..], |m| &m.payload[..]);
         let fits = value.len() <= 16 << BLOCK2_SZX;
         let (body, block) = match req.block2 {
             None if fits => (value, None),
@@ -466,17 +472,26 @@ impl Uplink {
                 (&value[range], Some(Block { num, more, szx }))
             }
         };
-        let format = m.content_type.as_deref().and_then(request::content_format);
+        let format = m
+            .as_ref()
+            .and_then(|m| m.content_type.as_deref())
+            .and_then(request::content_format);
         let (mut cf, mut b2, mut s2) = ([0u8; 4], [0u8; 4], [0u8; 4]);
         // Blocks of one value share an ETag (RFC 7252 section 5.10.6), so a
         // client notices when the value changed between two of them.
         // (Hashed for each block: a value of N blocks costs N hashes of it,
         // cheap beside the N exchanges at a CRC's gigabytes per second.)
         let etag = block.map(|_| crc32fast::hash(value).to_be_bytes());
-        let mut opts: [(u16, &[u8]); 4] = [(0, &[]); 4];
+        let mut opts: [(u16, &[u8]); 5] = [(0, &[]); 5];
         let mut n = 0;
         if let Some(etag) = &etag {
             opts[n] = (option::ETAG, etag);
+            n += 1;
+        }
+        if observing {
+            // The registration's answer (RFC 7641 section 4.1): sequence
+            // number 0, the notifications count on from there.
+            opts[n] = (option::OBSERVE, &[]);
             n += 1;
         }
         if let Some(f) = format {
@@ -500,6 +515,38 @@ impl Uplink {
         }
         message::encode(out, mtype, code::CONTENT, mid, msg.token, &opts[..n], body);
         true
+    }
+
+    /// Passes an Observe registration (0) or deregistration (1) of the topic
+    /// in `self.topic` to the endpoint task (RFC 7641 section 2); whether
+    /// the answer registers the observer. `sent`: the state it carries.
+    fn observe(
+        &mut self,
+        observe: Option<u32>,
+        token: &[u8],
+        src: SocketAddr,
+        sent: Option<&MqttMessage>,
+    ) -> bool {
+        let Some(d) = &self.downlink else {
+            return false;
+        };
+        let event = match observe {
+            Some(0) => ObserveEvent::Register {
+                endpoint: src,
+                token: token.to_vec(),
+                topic: Bytes::copy_from_slice(self.topic.as_bytes()),
+                sent: sent.map(|m| crc32fast::hash(&m.payload)),
+            },
+            Some(1) => ObserveEvent::Deregister {
+                endpoint: src,
+                token: token.to_vec(),
+            },
+            _ => return false,
+        };
+        let register = matches!(event, ObserveEvent::Register { .. });
+        // With the task's queue full the registration is declined: the
+        // answer carries no Observe option (section 4.1).
+        d.observe.try_send(event).is_ok() && register
     }
 
     /// A datagram too large to accept: not published, not remembered (a
