@@ -11,6 +11,7 @@ use tokio::signal::unix::{signal, SignalKind};
 
 use crate::bridge::{self, Bridge};
 use crate::coap::downlink::{Downlink, DownlinkHandle, DownlinkStats, LastSeen};
+use crate::coap::observe::Sequence;
 use crate::coap::uplink::{Uplink, UplinkConfig, UplinkStats};
 use crate::config::{Config, ConfigFile, XdpMode};
 use crate::control::{self, Control};
@@ -90,8 +91,10 @@ pub fn run(config: Config, raw: ConfigFile, config_path: Option<PathBuf>) -> any
     // Observe registrations wait here for the endpoint task; when it is
     // full, a registration is declined (the response has no Observe).
     let (observe_tx, observe_rx) = tokio::sync::mpsc::channel(4096);
+    let sequence = Arc::new(Sequence::default());
     let downlink_handle = DownlinkHandle {
         observe: observe_tx,
+        sequence: sequence.clone(),
         last_seen: last_seen.clone(),
         replies: replies_tx,
     };
@@ -126,6 +129,7 @@ pub fn run(config: Config, raw: ConfigFile, config_path: Option<PathBuf>) -> any
             .senders()
             .context("cloning the CoAP sockets for the downlink")?,
         downlink_stats.clone(),
+        sequence,
     );
     runtime.spawn(downlink.run(replies_rx, observe_rx));
     for (upstream, bridge) in &bridges {

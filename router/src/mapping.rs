@@ -444,14 +444,14 @@ fn write_ip(out: &mut String, ip: IpAddr) {
     let _ = write!(out, "{ip}");
 }
 
-/// One Uri-Path segment as one topic level. A segment may hold any byte
-/// (RFC 7252 section 6.4 percent-decodes `%2F` into it), but a `/` would
-/// make it two levels: `/a%2Fb` and `/a/b` would share a topic.
 /// `filters` with `{peer}` replaced by `name`.
 fn with_peer(filters: &[String], name: &str) -> Vec<String> {
     filters.iter().map(|f| f.replace("{peer}", name)).collect()
 }
 
+/// One Uri-Path segment as one topic level. A segment may hold any byte
+/// (RFC 7252 section 6.4 percent-decodes `%2F` into it), but a `/` would
+/// make it two levels: `/a%2Fb` and `/a/b` would share a topic.
 fn push_segment(out: &mut String, seg: &str) -> Result<(), MapError> {
     if seg.contains(['/', '+', '#', '\0']) {
         return Err(MapError::InvalidCharacter);

@@ -15,6 +15,9 @@ use m2m_router_tests::{require_root, TempPath};
 
 const BIN: &str = env!("CARGO_BIN_EXE_m2m-router");
 const TOKEN: &[u8] = &[0x0b, 0x5e];
+/// The token of the relation on [`SENTINEL_TOPIC`].
+const SENTINEL: &[u8] = &[0x5e, 0x71];
+const SENTINEL_TOPIC: &str = "sentinel";
 
 struct Gateway {
     topo: Topology,
@@ -98,6 +101,10 @@ fn gateway_addr() -> SocketAddr {
 
 /// GET `ps/<topic>` with Observe `observe` (0 registers, 1 deregisters).
 fn observe(dev: &UdpSocket, mid: u16, topic: &str, observe: u32) -> Vec<u8> {
+    observe_with(dev, mid, TOKEN, topic, observe)
+}
+
+fn observe_with(dev: &UdpSocket, mid: u16, token: &[u8], topic: &str, observe: u32) -> Vec<u8> {
     let mut opts: Vec<(u16, Vec<u8>)> = vec![(
         option::OBSERVE,
         if observe == 0 {
@@ -112,14 +119,24 @@ fn observe(dev: &UdpSocket, mid: u16, topic: &str, observe: u32) -> Vec<u8> {
     }
     let opts: Vec<(u16, &[u8])> = opts.iter().map(|(n, v)| (*n, &v[..])).collect();
     let mut get = Vec::new();
-    message::encode(&mut get, CON, code::GET, mid, TOKEN, &opts, &[]);
+    message::encode(&mut get, CON, code::GET, mid, token, &opts, &[]);
     dev.send_to(&get, gateway_addr()).unwrap();
     next_datagram(dev)
 }
 
 /// A notification: type, Message ID, Observe sequence number, payload.
 fn notification(dev: &UdpSocket) -> (u8, u16, u32, Vec<u8>) {
-    let datagram = next_datagram(dev);
+    notification_but(dev, None)
+}
+
+/// [`notification`], passing over retransmissions of Message ID `skip`.
+fn notification_but(dev: &UdpSocket, skip: Option<u16>) -> (u8, u16, u32, Vec<u8>) {
+    let datagram = loop {
+        let d = next_datagram(dev);
+        if Some(Message::decode(&d).unwrap().mid) != skip {
+            break d;
+        }
+    };
     let m = Message::decode(&datagram).unwrap();
     assert_eq!((m.code, m.token), (code::CONTENT, TOKEN), "{m:?}");
     let seq = m
@@ -136,18 +153,30 @@ fn ack(dev: &UdpSocket, mtype: u8, mid: u16) {
         .unwrap();
 }
 
-/// Nothing more comes: a CON ping's RST is the next datagram (one
-/// endpoint's datagrams are handled in order, README invariant 2, and the
-/// notifications that would come were published before the ping).
-fn nothing_more(dev: &UdpSocket, ping_mid: u16) {
-    ack(dev, CON, ping_mid); // an empty CON is a ping
+/// Registers the device's sentinel relation (for [`nothing_more`]).
+fn sentinel(gw: &Gateway, dev: &UdpSocket, observers: u64) {
+    observe_with(dev, 700, SENTINEL, SENTINEL_TOPIC, 0);
+    gw.wait_counter("observers", observers);
+}
+
+/// Nothing more comes for the relation under test: after whatever was
+/// published before (`mqtt` waits for each PUBACK), a message on the
+/// sentinel topic; the endpoint task takes the broker's deliveries in order,
+/// so the sentinel's notification is the next datagram.
+fn nothing_more(mqtt: &mut RawClient, dev: &UdpSocket) {
+    mqtt.publish_qos1(SENTINEL_TOPIC, b"fence", 600);
+    // Earlier PUBACKs come first (the broker answers in order).
+    while mqtt.read_puback() != 600 {}
     let next = next_datagram(dev);
     let m = Message::decode(&next).unwrap();
     assert_eq!(
-        (m.mtype, m.mid),
-        (RST, ping_mid),
+        (m.token, m.payload),
+        (SENTINEL, &b"fence"[..]),
         "something else came: {m:?}"
     );
+    if m.mtype == CON {
+        ack(dev, ACK, m.mid);
+    }
 }
 
 #[test]
@@ -161,6 +190,7 @@ fn an_observer_gets_every_state_in_order_until_it_resets_one() {
     assert_eq!((m.mtype, m.code, m.payload), (ACK, code::CONTENT, &b""[..]));
     assert!(m.options().any(|(n, _)| n == option::OBSERVE), "{m:?}");
     gw.wait_counter("observers", 1);
+    sentinel(&gw, &dev, 2);
     let mut mqtt = gw.mqtt();
     // QoS 0 states: NON notifications, all of them, in order.
     let mut last_seq = 0;
@@ -180,16 +210,29 @@ fn an_observer_gets_every_state_in_order_until_it_resets_one() {
     assert_eq!((mtype, payload.as_slice()), (CON, &b"6"[..]));
     assert!(seq > last_seq);
     ack(&dev, ACK, mid);
+    // Registering again with the same token is the same relation: its
+    // numbers go on.
+    let again = observe(&dev, 3, "plant/temp", 0);
+    let again = Message::decode(&again).unwrap();
+    let again_seq = again
+        .options()
+        .find(|(n, _)| *n == option::OBSERVE)
+        .and_then(|(_, v)| message::uint_option(v))
+        .unwrap();
+    assert!(again_seq > seq, "{again_seq} after {seq}");
+    assert_eq!(again.payload, b"6");
+    assert_eq!(gw.counter("observers"), 2);
     // The next one is reset: the relation ends (RFC 7641 section 3.6).
     mqtt.publish_qos1("plant/temp", b"7", 2);
     let (mtype, mid, _, _) = notification(&dev);
     assert_eq!(mtype, CON);
     ack(&dev, RST, mid);
-    gw.wait_counter("observers", 0);
-    mqtt.publish("plant/temp", b"8");
-    nothing_more(&dev, 900);
+    gw.wait_counter("observers", 1);
+    mqtt.publish_qos1("plant/temp", b"8", 3);
+    nothing_more(&mut mqtt, &dev);
     assert_eq!(gw.counter("observe_ended"), 1);
-    assert_eq!(gw.counter("notifications"), 7);
+    // 7 states and the fence.
+    assert_eq!(gw.counter("notifications"), 8);
     gw.daemon.stop();
 }
 
@@ -204,6 +247,7 @@ fn a_slow_observer_gets_the_latest_state_and_deregistration_ends_the_relation() 
     let m = observe(&dev, 1, "line/state", 0);
     assert_eq!(Message::decode(&m).unwrap().payload, b"idle");
     gw.wait_counter("observers", 1);
+    sentinel(&gw, &dev, 2);
     mqtt.publish_qos1("line/state", b"a", 1);
     let (mtype, mid, _, payload) = notification(&dev);
     assert_eq!((mtype, payload.as_slice()), (CON, &b"a"[..]));
@@ -214,7 +258,8 @@ fn a_slow_observer_gets_the_latest_state_and_deregistration_ends_the_relation() 
     }
     gw.wait_counter("notifications_skipped", 2);
     ack(&dev, ACK, mid);
-    let (mtype, mid, _, payload) = notification(&dev);
+    // (Retransmissions of "a" sent before the ACK arrived are passed over.)
+    let (mtype, mid, _, payload) = notification_but(&dev, Some(mid));
     assert_eq!(
         (mtype, payload.as_slice()),
         (CON, &b"d"[..]),
@@ -226,9 +271,9 @@ fn a_slow_observer_gets_the_latest_state_and_deregistration_ends_the_relation() 
     let m = Message::decode(&reply).unwrap();
     assert_eq!((m.code, m.payload), (code::CONTENT, &b"d"[..]));
     assert!(!m.options().any(|(n, _)| n == option::OBSERVE));
-    gw.wait_counter("observers", 0);
+    gw.wait_counter("observers", 1);
     mqtt.publish("line/state", b"e");
-    nothing_more(&dev, 901);
+    nothing_more(&mut mqtt, &dev);
     gw.daemon.stop();
 }
 
@@ -261,6 +306,7 @@ fn ten_thousand_messages_from_device_a_reach_observing_device_b_in_order() {
     let b = gw.device(1);
     observe(&b, 1, "m2m/a-to-b", 0);
     gw.wait_counter("observers", 1);
+    sentinel(&gw, &b, 2);
     let a = gw.device(0);
     let n = 10_000u32;
     for i in 0..n {
@@ -295,7 +341,7 @@ fn ten_thousand_messages_from_device_a_reach_observing_device_b_in_order() {
         assert!(seq > last_seq || (last_seq > 0xff_0000 && seq < 0x1_0000));
         last_seq = seq;
     }
-    nothing_more(&b, 902);
+    nothing_more(&mut gw.mqtt(), &b);
     gw.daemon.stop();
 }
 

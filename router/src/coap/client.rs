@@ -27,7 +27,7 @@ use std::time::{Duration, Instant};
 use super::dedup::{Answer, DedupCache};
 use super::ids::{Ids, MidSpace, Token};
 use super::message::{self, code, Message, ACK, CON, NON, RST};
-use super::params::{OnTimeout, Retransmission, TransmissionParams};
+use super::params::{OnTimeout, Retransmission, TransmissionParams, EXCHANGE_LIFETIME};
 
 /// Separate CON responses remembered per endpoint, and in all.
 const TAKEN_PER_PEER: usize = 16;
@@ -43,6 +43,12 @@ pub struct Client<K> {
     by_token: HashMap<(SocketAddr, Token), K>,
     /// Separate CON responses already handed over.
     taken: DedupCache,
+    /// The latest Message ID sent to each endpoint, and when. Each endpoint
+    /// counts on its own: one counter for all, stepping once per message
+    /// to anyone, would bring an ID back to a device within
+    /// EXCHANGE_LIFETIME once thousands observe one topic (RFC 7252
+    /// section 4.4).
+    mids: HashMap<SocketAddr, (u16, Instant)>,
 }
 
 struct Exchange {
@@ -93,6 +99,7 @@ impl<K: Clone + Eq + Hash> Client<K> {
             by_mid: HashMap::new(),
             by_token: HashMap::new(),
             taken: DedupCache::new(TAKEN_PER_PEER, TAKEN_TOTAL),
+            mids: HashMap::new(),
         }
     }
 
@@ -112,7 +119,7 @@ impl<K: Clone + Eq + Hash> Client<K> {
         now: Instant,
     ) -> &[u8] {
         self.remove(&key);
-        let mid = self.mid(endpoint);
+        let mid = self.mid(endpoint, now);
         let mut token = self.ids.token();
         while self.by_token.contains_key(&(endpoint, token)) {
             token = self.ids.token();
@@ -138,20 +145,29 @@ impl<K: Clone + Eq + Hash> Client<K> {
         now: Instant,
     ) -> &[u8] {
         self.remove(&key);
-        let mid = self.mid(endpoint);
+        let mid = self.mid(endpoint, now);
         let mut datagram = Vec::new();
         message::encode(&mut datagram, CON, code, mid, token, options, payload);
         self.start(key, endpoint, mid, None, datagram, now)
     }
 
-    /// A Message ID for a message to `endpoint` that no exchange uses (a
-    /// NON the caller sends on its own).
-    pub fn mid(&mut self, endpoint: SocketAddr) -> u16 {
-        let mut mid = self.ids.mid();
-        while self.by_mid.contains_key(&(endpoint, mid)) {
-            mid = self.ids.mid();
+    /// A Message ID for a message to `endpoint` (a NON the caller sends on
+    /// its own, or an exchange's): the endpoint's next one that no exchange
+    /// uses. Its counter starts at random in the client's half of the space.
+    pub fn mid(&mut self, endpoint: SocketAddr, now: Instant) -> u16 {
+        let start = self.ids.mid();
+        let (last, used) = self.mids.entry(endpoint).or_insert((start, now));
+        *used = now;
+        for _ in 0..0x8000 {
+            *last = (last.wrapping_add(1) & 0x7fff) | 0x8000;
+            if !self.by_mid.contains_key(&(endpoint, *last)) {
+                break;
+            }
         }
-        mid
+        // Every ID of the half in use by exchanges to this endpoint cannot
+        // happen: exchanges per endpoint are far fewer (one command, one
+        // notification per relation, relations capped per address).
+        *last
     }
 
     fn start(
@@ -308,6 +324,8 @@ impl<K: Clone + Eq + Hash> Client<K> {
     /// Drops expired duplicate-detection state; call now and then.
     pub fn sweep(&mut self, now: Instant) {
         self.taken.sweep(now);
+        self.mids
+            .retain(|_, (_, used)| now.duration_since(*used) < EXCHANGE_LIFETIME);
     }
 }
 
@@ -511,7 +529,14 @@ mod tests {
         let busy = Message::decode(c.confirm("m", DEVICE, code::CONTENT, &token, &[], b"", at))
             .unwrap()
             .mid;
-        assert!((0..1000).all(|_| c.mid(DEVICE) != busy));
+        // The whole half of the space comes round without it.
+        assert!((0..0x8000).all(|_| c.mid(DEVICE, at) != busy));
+        // Each endpoint counts on its own.
+        let other = SocketAddr::from(([10, 0, 0, 9], 5683));
+        let (a, b) = (c.mid(DEVICE, at), c.mid(other, at));
+        c.mid(other, at);
+        assert_eq!(c.mid(DEVICE, at), (a.wrapping_add(1) & 0x7fff) | 0x8000);
+        assert!(b >= 0x8000);
     }
 
     #[test]

@@ -41,7 +41,7 @@ use tokio::sync::mpsc;
 use super::block::Block;
 use super::client::{Client, GaveUp, Reply};
 use super::message::{self, code, option, Message};
-use super::observe::{Full, ObserveEvent, Observers, RelationId};
+use super::observe::{self, Full, ObserveEvent, Observers, RelationId, Sequence};
 use super::params::TransmissionParams;
 use super::request::{content_format, content_type};
 use crate::config::DownlinkSettings;
@@ -59,9 +59,6 @@ pub const MAX_OBSERVERS: usize = 100_000;
 /// A notification larger than this carries its first Block2 block; the
 /// observer fetches the rest with GET (RFC 7959 section 3.4).
 const NOTIFICATION_BLOCK: usize = 1024;
-/// Max-Age of notifications: a topic's state holds until the next one
-/// (RFC 7641 section 4.3.1), and the daily CON checks the observer.
-const NOTIFICATION_MAX_AGE: u32 = 24 * 3600;
 
 /// The exchanges of the gateway's CoAP client side, in one message layer.
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
@@ -179,6 +176,7 @@ pub struct DownlinkHandle {
     pub replies: mpsc::Sender<(SocketAddr, Bytes)>,
     /// Observe registrations and deregistrations.
     pub observe: mpsc::Sender<ObserveEvent>,
+    pub sequence: Arc<Sequence>,
 }
 
 struct Command {
@@ -221,6 +219,8 @@ pub struct Downlink {
     observers: Observers,
     /// The broker session the observed topics are subscribed in.
     observed: Option<Arc<Session>>,
+    /// Observe sequence numbers, shared with the workers.
+    sequence: Arc<Sequence>,
 }
 
 impl Downlink {
@@ -231,6 +231,7 @@ impl Downlink {
         last_seen: Arc<LastSeen>,
         sockets: Vec<UdpSocket>,
         stats: Arc<DownlinkStats>,
+        sequence: Arc<Sequence>,
     ) -> Downlink {
         let params = TransmissionParams {
             ack_timeout: settings.ack_timeout,
@@ -250,6 +251,7 @@ impl Downlink {
             last_sweep: Instant::now(),
             observers: Observers::new(MAX_OBSERVERS),
             observed: None,
+            sequence,
         }
     }
 
@@ -469,7 +471,19 @@ impl Downlink {
         // RFC 7959 section 2.5: 2.31 Continue asks for the next block of
         // the payload, in the size the device prefers if it is smaller.
         if let Some(sent) = flight.block1 {
-            if response.code == code::CONTINUE {
+            // A success to a block that is not the last goes on too if it
+            // echoes the block with more to come (a device that processes
+            // blocks as they come, section 2.5).
+            let echoed_more = block_option(option::BLOCK1).is_some_and(|b| b.more);
+            let success = response.code >> 5 == 2;
+            if sent.more && success && response.code != code::CONTINUE && !echoed_more {
+                return Err(format!(
+                    "the device ended the transfer with {} after block {} of the payload",
+                    coap_code(response.code),
+                    sent.num
+                ));
+            }
+            if response.code == code::CONTINUE || (sent.more && success) {
                 if !sent.more {
                     return Err("the device answered 2.31 Continue to the last block".into());
                 }
@@ -488,6 +502,12 @@ impl Downlink {
         }
         // Section 2.4: a response in Block2 blocks is fetched whole.
         let Some(b2) = block_option(option::BLOCK2) else {
+            if !flight.body.is_empty() {
+                return Err(format!(
+                    "the device broke off its block-wise response with {}",
+                    coap_code(response.code)
+                ));
+            }
             return Ok(false);
         };
         if b2.offset() != flight.body.len() {
@@ -525,7 +545,16 @@ impl Downlink {
         Ok(true)
     }
 
+    /// Drops the client's expired state, at most once a second.
+    fn sweep(&mut self, now: Instant) {
+        if now.duration_since(self.last_sweep) > Duration::from_secs(1) {
+            self.client.sweep(now);
+            self.last_sweep = now;
+        }
+    }
+
     fn timeouts(&mut self) {
+        self.sweep(Instant::now());
         let (sockets, stats) = (&self.sockets, &self.stats);
         let gave_up = self.client.expire(Instant::now(), |to, datagram| {
             send(sockets, to, datagram);
@@ -565,10 +594,7 @@ impl Downlink {
             return;
         };
         let now = Instant::now();
-        if now.duration_since(self.last_sweep) > Duration::from_secs(1) {
-            self.client.sweep(now);
-            self.last_sweep = now;
-        }
+        self.sweep(now);
         let mut out = Vec::new();
         let reply = self.client.receive(src, &msg, now, &mut out);
         if !out.is_empty() {
@@ -649,21 +675,21 @@ impl Downlink {
                 sent,
             } => {
                 let now = Instant::now();
-                let (id, first, left) =
-                    match self
-                        .observers
-                        .register(endpoint, &token, topic.clone(), now)
-                    {
-                        Ok(registered) => registered,
-                        Err(Full) => {
-                            count(&self.stats.observe_refused);
-                            return;
-                        }
-                    };
-                if let Some(left) = left {
+                let registered = match self
+                    .observers
+                    .register(endpoint, &token, topic.clone(), now)
+                {
+                    Ok(registered) => registered,
+                    Err(Full) => return self.decline(endpoint, &token),
+                };
+                let id = registered.id;
+                if let Some(replaced) = registered.replaced {
+                    self.client.cancel(&Key::Notification(replaced));
+                }
+                if let Some(left) = registered.unsubscribe {
                     broker.unsubscribe(&session, &left);
                 }
-                if first {
+                if registered.subscribe {
                     let options = SubscriptionOptions {
                         qos: 1,
                         no_local: false,
@@ -674,9 +700,8 @@ impl Downlink {
                         .subscribe(&session, topic.clone(), options, None)
                         .is_none()
                     {
-                        count(&self.stats.observe_refused);
                         self.observers.remove(id);
-                        return;
+                        return self.decline(endpoint, &token);
                     }
                 }
                 count(&self.stats.observe_registrations);
@@ -703,6 +728,26 @@ impl Downlink {
         }
     }
 
+    /// A registration the worker answered but that cannot be kept (too many
+    /// relations, or the broker's subscription bounds): a 5.03 response
+    /// with its token ends the observation at the device (RFC 7641 section
+    /// 3.2: a notification that is not 2.xx ends it).
+    fn decline(&mut self, endpoint: SocketAddr, token: &[u8]) {
+        count(&self.stats.observe_refused);
+        let mid = self.client.mid(endpoint, Instant::now());
+        let mut datagram = Vec::with_capacity(16);
+        message::encode(
+            &mut datagram,
+            message::NON,
+            code::SERVICE_UNAVAILABLE,
+            mid,
+            token,
+            &[],
+            &[],
+        );
+        send(&self.sockets, endpoint, &datagram);
+    }
+
     /// Sends relation `id` the state `m` (published at `qos`): CON for QoS
     /// 1 and up and once a day, NON otherwise; while a CON is in flight the
     /// newest state waits in its place.
@@ -718,7 +763,8 @@ impl Downlink {
             }
             return;
         }
-        let (seq, confirmable) = r.next(qos, now);
+        let confirmable = r.next(qos, now);
+        let seq = self.sequence.next();
         let value = &m.payload[..];
         let (mut obs, mut cf, mut age, mut b2, mut s2) =
             ([0u8; 4], [0u8; 4], [0u8; 4], [0u8; 4], [0u8; 4]);
@@ -739,7 +785,7 @@ impl Downlink {
         }
         opts.push((
             option::MAX_AGE,
-            message::uint_bytes(NOTIFICATION_MAX_AGE, &mut age),
+            message::uint_bytes(observe::MAX_AGE, &mut age),
         ));
         if large {
             let first = Block {
@@ -768,8 +814,7 @@ impl Downlink {
             );
             send(&self.sockets, endpoint, datagram);
         } else {
-            let mid = self.client.mid(endpoint);
-            r.last_non_mid = Some(mid);
+            let mid = self.client.mid(endpoint, now);
             let mut datagram = Vec::with_capacity(64 + payload.len());
             message::encode(
                 &mut datagram,
@@ -781,6 +826,7 @@ impl Downlink {
                 payload,
             );
             send(&self.sockets, endpoint, &datagram);
+            self.observers.sent_non(id, mid);
         }
         count(&self.stats.notifications);
     }

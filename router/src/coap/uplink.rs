@@ -19,7 +19,7 @@ use super::dedup::{Answer, DedupCache};
 use super::downlink::DownlinkHandle;
 use super::ids::{Ids, MidSpace};
 use super::message::{self, code, option, peek_header, Message, ACK, CON, NON, RST};
-use super::observe::ObserveEvent;
+use super::observe::{self, ObserveEvent};
 use super::request::{self, content_type, RequestError};
 use crate::mapping::{self, Access, Delivery, Mapper, SharedMapper};
 use crate::mqtt::{Broker, Message as MqttMessage, Ticket};
@@ -433,11 +433,18 @@ impl Uplink {
                     .broker
                     .last_value(topic)
                     .or_else(|| self.broker.retained(topic));
-                let observing = self.observe(req.observe, msg.token, src, m.as_ref());
+                // Only a 2.05 of a first block registers (RFC 7641
+                // section 4.1; RFC 7959 section 3.4), and it always is one.
+                let first_block = req.block2.is_none_or(|b| b.num == 0);
+                let observing = if first_block {
+                    self.observe(req.observe, msg.token, src, m.as_ref())
+                } else {
+                    None
+                };
                 (Ok(m), observing)
             }
-            Err(code::FORBIDDEN) => (Err(code::FORBIDDEN), false),
-            Err(_) => (Ok(None), false),
+            Err(code::FORBIDDEN) => (Err(code::FORBIDDEN), None),
+            Err(_) => (Ok(None), None),
         };
         let (mtype, mid) = match msg.mtype {
             CON => (ACK, msg.mid),
@@ -447,7 +454,7 @@ impl Uplink {
             Ok(Some(m)) => Some(m),
             // An observer registers on a topic nothing was published on
             // yet: it gets an empty state now and the first one later.
-            Ok(None) if observing => None,
+            Ok(None) if observing.is_some() => None,
             other => {
                 let code = other.err().unwrap_or(code::NOT_FOUND);
                 self.stats.rejected.fetch_add(1, Ordering::Relaxed);
@@ -476,22 +483,23 @@ impl Uplink {
             .as_ref()
             .and_then(|m| m.content_type.as_deref())
             .and_then(request::content_format);
-        let (mut cf, mut b2, mut s2) = ([0u8; 4], [0u8; 4], [0u8; 4]);
+        let (mut obs, mut cf, mut age) = ([0u8; 4], [0u8; 4], [0u8; 4]);
+        let (mut b2, mut s2) = ([0u8; 4], [0u8; 4]);
         // Blocks of one value share an ETag (RFC 7252 section 5.10.6), so a
         // client notices when the value changed between two of them.
         // (Hashed for each block: a value of N blocks costs N hashes of it,
         // cheap beside the N exchanges at a CRC's gigabytes per second.)
         let etag = block.map(|_| crc32fast::hash(value).to_be_bytes());
-        let mut opts: [(u16, &[u8]); 5] = [(0, &[]); 5];
+        let mut opts: [(u16, &[u8]); 6] = [(0, &[]); 6];
         let mut n = 0;
         if let Some(etag) = &etag {
             opts[n] = (option::ETAG, etag);
             n += 1;
         }
-        if observing {
-            // The registration's answer (RFC 7641 section 4.1): sequence
-            // number 0, the notifications count on from there.
-            opts[n] = (option::OBSERVE, &[]);
+        if let Some(seq) = observing {
+            // The registration's answer (RFC 7641 section 4.1), numbered
+            // from the counter the notifications share.
+            opts[n] = (option::OBSERVE, message::uint_bytes(seq, &mut obs));
             n += 1;
         }
         if let Some(f) = format {
@@ -499,6 +507,11 @@ impl Uplink {
                 option::CONTENT_FORMAT,
                 message::uint_bytes(u32::from(f), &mut cf),
             );
+            n += 1;
+        }
+        if observing.is_some() {
+            let max_age = message::uint_bytes(observe::MAX_AGE, &mut age);
+            opts[n] = (option::MAX_AGE, max_age);
             n += 1;
         }
         if let Some(block) = block {
@@ -518,18 +531,17 @@ impl Uplink {
     }
 
     /// Passes an Observe registration (0) or deregistration (1) of the topic
-    /// in `self.topic` to the endpoint task (RFC 7641 section 2); whether
-    /// the answer registers the observer. `sent`: the state it carries.
+    /// in `self.topic` to the endpoint task (RFC 7641 section 2); the
+    /// answer's sequence number if it registers the observer. `sent`: the
+    /// state it carries.
     fn observe(
         &mut self,
         observe: Option<u32>,
         token: &[u8],
         src: SocketAddr,
         sent: Option<&MqttMessage>,
-    ) -> bool {
-        let Some(d) = &self.downlink else {
-            return false;
-        };
+    ) -> Option<u32> {
+        let d = self.downlink.as_ref()?;
         let event = match observe {
             Some(0) => ObserveEvent::Register {
                 endpoint: src,
@@ -541,12 +553,13 @@ impl Uplink {
                 endpoint: src,
                 token: token.to_vec(),
             },
-            _ => return false,
+            _ => return None,
         };
         let register = matches!(event, ObserveEvent::Register { .. });
         // With the task's queue full the registration is declined: the
         // answer carries no Observe option (section 4.1).
-        d.observe.try_send(event).is_ok() && register
+        let passed = d.observe.try_send(event).is_ok();
+        (passed && register).then(|| d.sequence.next())
     }
 
     /// A datagram too large to accept: not published, not remembered (a
