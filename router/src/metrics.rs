@@ -9,6 +9,8 @@ use std::time::Duration;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 
+use crate::coap::downlink::DownlinkStats;
+use crate::coap::uplink::UplinkStats;
 use crate::control::Control;
 use crate::listener::{AcceptFailures, ListenerStats};
 
@@ -185,37 +187,45 @@ pub fn render(c: &Control) -> String {
         }
     }
 
-    for (name, value) in c.running.uplink.snapshot() {
-        let metric = format!("m2m_coap_{name}_total");
-        let help = match name {
-            "duplicates" => {
-                "Retransmitted CoAP messages answered from the duplicate cache (dedup hits)."
-            }
-            "dedup_evictions" => {
-                "Duplicate-cache entries evicted before their exchange lifetime ended."
-            }
-            _ => "CoAP uplink counter.",
-        };
-        family(&mut out, &metric, "counter", help);
-        let _ = writeln!(out, "{metric} {value}");
-    }
-
-    for (name, value) in c.running.downlink.snapshot() {
-        let (metric, kind, help) = if name == "waiting" {
-            (
-                "m2m_downlink_waiting".to_owned(),
-                "gauge",
-                "Commands waiting behind a peer's outstanding request.",
-            )
-        } else {
-            (
-                format!("m2m_downlink_{name}_total"),
-                "counter",
-                "CoAP downlink (command) counter.",
-            )
-        };
-        family(&mut out, &metric, kind, help);
-        let _ = writeln!(out, "{metric} {value}");
+    let uplink_help = |name: &str| match name {
+        "duplicates" => {
+            "Retransmitted CoAP messages answered from the duplicate cache (dedup hits)."
+        }
+        "dedup_evictions" => {
+            "Duplicate-cache entries evicted before their exchange lifetime ended."
+        }
+        "assemblies" => "Block1 bodies being assembled.",
+        "assembly_bytes" => "Memory of the Block1 bodies being assembled (max_assembly_bytes).",
+        _ => "CoAP uplink counter.",
+    };
+    let downlink_help = |name: &str| match name {
+        "waiting" => "Commands waiting behind a peer's outstanding request.",
+        "observers" => "Observe relations of devices observing topics.",
+        _ => "CoAP downlink (commands and Observe notifications) counter.",
+    };
+    for (section, snapshot, gauges, help) in [
+        (
+            "coap",
+            c.running.uplink.snapshot(),
+            UplinkStats::GAUGES,
+            &uplink_help as &dyn Fn(&str) -> &'static str,
+        ),
+        (
+            "downlink",
+            c.running.downlink.snapshot(),
+            DownlinkStats::GAUGES,
+            &downlink_help,
+        ),
+    ] {
+        for (name, value) in snapshot {
+            let (metric, kind) = if gauges.contains(&name) {
+                (format!("m2m_{section}_{name}"), "gauge")
+            } else {
+                (format!("m2m_{section}_{name}_total"), "counter")
+            };
+            family(&mut out, &metric, kind, help(name));
+            let _ = writeln!(out, "{metric} {value}");
+        }
     }
 
     for (name, help, value) in c.running.broker.stats.counters() {

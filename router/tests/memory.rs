@@ -180,8 +180,15 @@ fn ten_thousand_unfinished_block_bodies_stay_within_max_assembly_bytes() {
         "{} KiB at the peak",
         peak / 1024
     );
+    assert_eq!(stats.assemblies.load(Ordering::Relaxed), kept, "the gauge");
+    assert_eq!(
+        stats.assembly_bytes.load(Ordering::Relaxed) as usize,
+        max_assembly_bytes
+    );
     uplink.sweep(now + m2m_router::coap::params::EXCHANGE_LIFETIME);
     assert_eq!(stats.assemblies_expired.load(Ordering::Relaxed), kept);
+    assert_eq!(stats.assemblies.load(Ordering::Relaxed), 0);
+    assert_eq!(stats.assembly_bytes.load(Ordering::Relaxed), 0);
 }
 
 fn options() -> SubscriptionOptions {

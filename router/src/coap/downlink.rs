@@ -103,11 +103,17 @@ pub struct DownlinkStats {
     /// States never sent because a newer one replaced them while a CON
     /// notification was in flight (RFC 7641 section 4.5.2).
     pub notifications_skipped: AtomicU64,
+    /// Messages for observed topics the broker dropped because the
+    /// endpoint task's session queue was full (its observers missed them).
+    pub notifications_dropped: AtomicU64,
     pub observers: AtomicU64,
 }
 
 impl DownlinkStats {
-    /// Every counter by name; `waiting` is a gauge, the rest only grow.
+    /// The snapshot's names that are gauges; the rest only grow.
+    pub const GAUGES: &'static [&'static str] = &["waiting", "observers"];
+
+    /// Every counter by name; [`Self::GAUGES`] are gauges, the rest only grow.
     pub fn snapshot(&self) -> Vec<(&'static str, u64)> {
         let f = |a: &AtomicU64| a.load(Ordering::Relaxed);
         vec![
@@ -126,6 +132,7 @@ impl DownlinkStats {
             ("observe_ended", f(&self.observe_ended)),
             ("observe_timeouts", f(&self.observe_timeouts)),
             ("notifications_skipped", f(&self.notifications_skipped)),
+            ("notifications_dropped", f(&self.notifications_dropped)),
             ("observers", f(&self.observers)),
         ]
     }
@@ -296,6 +303,8 @@ impl Downlink {
                     for id in self.observers.on(&d.message.topic) {
                         self.notify(id, d.message.clone(), d.qos);
                     }
+                    let dropped = observed.dropped.load(Ordering::Relaxed);
+                    self.stats.notifications_dropped.store(dropped, Ordering::Relaxed);
                 }
                 _ = tokio::time::sleep_until(wake), if next.is_some() => self.timeouts(),
             }

@@ -53,9 +53,15 @@ pub struct UplinkStats {
     /// Requests under the pubsub prefix for a topic the peer may not use
     /// (answered 4.03).
     pub forbidden: AtomicU64,
+    /// Block1 bodies being assembled by all workers, and their memory.
+    pub assemblies: AtomicU64,
+    pub assembly_bytes: AtomicU64,
 }
 
 impl UplinkStats {
+    /// The snapshot's names that are gauges; the rest only grow.
+    pub const GAUGES: &'static [&'static str] = &["assemblies", "assembly_bytes"];
+
     pub fn snapshot(&self) -> Vec<(&'static str, u64)> {
         let f = |a: &AtomicU64| a.load(Ordering::Relaxed);
         vec![
@@ -75,6 +81,8 @@ impl UplinkStats {
             ("assemblies_evicted", f(&self.assemblies_evicted)),
             ("assemblies_expired", f(&self.assemblies_expired)),
             ("forbidden", f(&self.forbidden)),
+            ("assemblies", f(&self.assemblies)),
+            ("assembly_bytes", f(&self.assembly_bytes)),
         ]
     }
 }
@@ -661,7 +669,21 @@ impl Uplink {
             self.assemblies.expired,
             &mut r.assemblies_expired,
         );
+        // The gauges: this worker's change since it last reported.
+        let (held, bytes) = (self.assemblies.len(), self.assemblies.bytes());
+        set_share(&stats.assemblies, held as u64, &mut r.assemblies);
+        set_share(&stats.assembly_bytes, bytes as u64, &mut r.assembly_bytes);
     }
+}
+
+/// Moves a gauge summed over the workers by this worker's change.
+fn set_share(shared: &AtomicU64, now: u64, reported: &mut u64) {
+    if now > *reported {
+        shared.fetch_add(now - *reported, Ordering::Relaxed);
+    } else {
+        shared.fetch_sub(*reported - now, Ordering::Relaxed);
+    }
+    *reported = now;
 }
 
 /// A worker's counts already added to the shared counters.
@@ -670,6 +692,8 @@ struct Reported {
     dedup_evictions: u64,
     assemblies_evicted: u64,
     assemblies_expired: u64,
+    assemblies: u64,
+    assembly_bytes: u64,
 }
 
 fn add_new(shared: &AtomicU64, count: u64, reported: &mut u64) {
