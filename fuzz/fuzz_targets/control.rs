@@ -11,6 +11,7 @@ use std::time::Instant;
 
 use libfuzzer_sys::fuzz_target;
 use m2m_router::coap::downlink::DownlinkStats;
+use m2m_router::coap::observe::Observers;
 use m2m_router::coap::uplink::UplinkStats;
 use m2m_router::config::ConfigFile;
 use m2m_router::control::{server, Control};
@@ -36,6 +37,7 @@ fn control() -> &'static Mutex<Control> {
                 fastpath: None,
                 uplink: Arc::new(UplinkStats::default()),
                 downlink: Arc::new(DownlinkStats::default()),
+                observers: Arc::new(std::sync::Mutex::new(Observers::new(16))),
                 broker: Broker::new(BrokerConfig::default()),
                 bridges: Vec::new(),
                 control_socket: Default::default(),

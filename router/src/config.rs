@@ -71,6 +71,8 @@ pub struct DownlinkSection {
     pub command_ttl_s: Option<u64>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub block_size: Option<usize>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub queue_per_peer: Option<usize>,
 }
 
 #[derive(Clone, Debug, Default, Deserialize, Serialize)]
@@ -505,6 +507,9 @@ pub struct DownlinkSettings {
     /// A command payload larger than this goes to the device in Block1
     /// blocks of this size (RFC 7959): 16 to 1024, a power of two.
     pub block_size: usize,
+    /// Commands waiting per peer (behind its outstanding request, or for a
+    /// sleeping device to be heard from); more are refused.
+    pub queue_per_peer: usize,
 }
 
 #[derive(Clone, Debug)]
@@ -898,6 +903,7 @@ impl ConfigFile {
                 d.command_ttl_s.map(|v| v as usize),
                 60,
             )? as u64),
+            queue_per_peer: positive("downlink.queue_per_peer", d.queue_per_peer, 16)?,
             block_size: match d.block_size.unwrap_or(1024) {
                 n @ (16 | 32 | 64 | 128 | 256 | 512 | 1024) => n,
                 n => {

@@ -10,8 +10,8 @@ use tokio::net::TcpListener;
 use tokio::signal::unix::{signal, SignalKind};
 
 use crate::bridge::{self, Bridge};
-use crate::coap::downlink::{Downlink, DownlinkHandle, DownlinkStats, LastSeen};
-use crate::coap::observe::Sequence;
+use crate::coap::downlink::{Downlink, DownlinkHandle, DownlinkStats, LastSeen, MAX_OBSERVERS};
+use crate::coap::observe::{Observers, Sequence, SharedObservers};
 use crate::coap::uplink::{Uplink, UplinkConfig, UplinkStats};
 use crate::config::{Config, ConfigFile, XdpMode};
 use crate::control::{self, Control};
@@ -34,6 +34,8 @@ pub struct Running {
     pub fastpath: Option<Fastpath>,
     pub uplink: Arc<UplinkStats>,
     pub downlink: Arc<DownlinkStats>,
+    /// Devices observing topics (`ctl observe ls`).
+    pub observers: SharedObservers,
     pub broker: Arc<Broker>,
     /// Upstream bridges, one per `[[upstream]]`.
     pub bridges: Vec<Arc<Bridge>>,
@@ -92,7 +94,11 @@ pub fn run(config: Config, raw: ConfigFile, config_path: Option<PathBuf>) -> any
     // full, a registration is declined (the response has no Observe).
     let (observe_tx, observe_rx) = tokio::sync::mpsc::channel(4096);
     let sequence = Arc::new(Sequence::default());
+    let observers: SharedObservers = Arc::new(std::sync::Mutex::new(Observers::new(MAX_OBSERVERS)));
+    // Peers the downlink holds commands for, heard from again.
+    let (wakes_tx, wakes_rx) = tokio::sync::mpsc::channel(4096);
     let downlink_handle = DownlinkHandle {
+        wakes: wakes_tx,
         observe: observe_tx,
         sequence: sequence.clone(),
         last_seen: last_seen.clone(),
@@ -124,14 +130,14 @@ pub fn run(config: Config, raw: ConfigFile, config_path: Option<PathBuf>) -> any
         config.downlink.clone(),
         broker.clone(),
         mapper.clone(),
-        last_seen,
+        &downlink_handle,
         workers
             .senders()
             .context("cloning the CoAP sockets for the downlink")?,
         downlink_stats.clone(),
-        sequence,
+        observers.clone(),
     );
-    runtime.spawn(downlink.run(replies_rx, observe_rx));
+    runtime.spawn(downlink.run(replies_rx, observe_rx, wakes_rx));
     for (upstream, bridge) in &bridges {
         runtime.spawn(bridge::run(
             upstream.clone(),
@@ -154,6 +160,7 @@ pub fn run(config: Config, raw: ConfigFile, config_path: Option<PathBuf>) -> any
             fastpath,
             uplink: uplink_stats,
             downlink: downlink_stats,
+            observers,
             broker,
             bridges: bridges.into_iter().map(|(_, bridge)| bridge).collect(),
             control_socket: control_socket.clone(),

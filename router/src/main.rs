@@ -85,6 +85,8 @@ enum CtlCommand {
     Route(RouteCommand),
     #[command(subcommand)]
     Upstream(UpstreamCommand),
+    #[command(subcommand)]
+    Observe(ObserveCommand),
     /// Counters by verdict reason, per peer, MQTT and queues.
     Stats {
         #[arg(long)]
@@ -159,6 +161,13 @@ enum RouteCommand {
 #[derive(Subcommand)]
 enum UpstreamCommand {
     /// Upstream bridges: connection, spool, counters.
+    Ls,
+}
+
+#[derive(Subcommand)]
+enum ObserveCommand {
+    /// Devices observing topics (RFC 7641): endpoint, token, topic, age,
+    /// notifications sent.
     Ls,
 }
 
@@ -317,6 +326,7 @@ fn ctl_request(command: CtlCommand) -> anyhow::Result<(&'static str, Value)> {
         CtlCommand::Route(RouteCommand::Rm { name }) => ("route.rm", json!({ "name": name })),
         CtlCommand::Route(RouteCommand::Ls) => ("route.ls", Value::Null),
         CtlCommand::Upstream(UpstreamCommand::Ls) => ("upstream.ls", Value::Null),
+        CtlCommand::Observe(ObserveCommand::Ls) => ("observe.ls", Value::Null),
         CtlCommand::Stats { peer, watch } => {
             let mut args = json!({ "watch": watch });
             if let Some(peer) = peer {

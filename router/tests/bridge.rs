@@ -15,7 +15,7 @@ use m2m_router_tests::daemon::Daemon;
 use m2m_router_tests::disk::SmallDisk;
 use m2m_router_tests::faultfs::FaultFs;
 use m2m_router_tests::mqtt::{Mosquitto, MosquittoSub, RawClient};
-use m2m_router_tests::netns::{confirm, wait_for, Netns, Topology, DEADLINE, DEV_V4, GW_IF, GW_V4};
+use m2m_router_tests::netns::{confirm, wait_for, Netns, Topology, DEADLINE, DEV_V4, GW_V4};
 use m2m_router_tests::packet::coap;
 use m2m_router_tests::require_root;
 
@@ -76,18 +76,7 @@ impl Setup {
     }
 
     fn router(&self) -> Daemon {
-        Daemon::running(
-            &self.topo.gw,
-            BIN,
-            &[
-                "--iface",
-                GW_IF,
-                "--xdp-mode",
-                "native",
-                "--config",
-                self.config.to_str().unwrap(),
-            ],
-        )
+        Daemon::on_gateway(&self.topo.gw, BIN, self.config.to_str().unwrap())
     }
 }
 

@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 use m2m_router::coap::message::{self, code, Message, ACK, CON, RST};
 use m2m_router_tests::daemon::Daemon;
 use m2m_router_tests::mqtt::{MosquittoSub, Received};
-use m2m_router_tests::netns::{wait_for, Topology, DEADLINE, DEV_V4, GW_IF, GW_V4};
+use m2m_router_tests::netns::{wait_for, Topology, DEADLINE, DEV_V4, GW_V4};
 use m2m_router_tests::packet::coap_post;
 use m2m_router_tests::{require_root, TempPath};
 
@@ -52,18 +52,7 @@ fn setup_with(tag: &str, downlink: &str) -> Setup {
             DEV_V4[0], DEV_V4[1], DEV_V4[1]
         ),
     );
-    let daemon = Daemon::running(
-        &topo.gw,
-        BIN,
-        &[
-            "--iface",
-            GW_IF,
-            "--xdp-mode",
-            "native",
-            "--config",
-            config.as_str(),
-        ],
-    );
+    let daemon = Daemon::on_gateway(&topo.gw, BIN, config.as_str());
     Setup {
         topo,
         daemon,
@@ -547,5 +536,68 @@ fn a_large_command_goes_in_blocks_and_a_large_answer_is_fetched_whole() {
     assert!(blocks >= 19 + 4, "{blocks} further block requests");
     let _ = server.kill();
     let _ = server.wait();
+    s.daemon.stop();
+}
+
+/// Queue mode (sleepy devices): commands to a peer that has sent nothing
+/// yet are held, answered "queued", and sent in order as soon as the
+/// device is heard from; a command held past its time to live is answered
+/// "expired" without the device ever waking.
+#[test]
+fn commands_for_a_sleeping_device_wait_until_it_is_heard_from() {
+    let s = setup_with(
+        "dl-sleepy",
+        &format!(
+            "[[peer]]\nname = \"sleeper\"\nprefix = [\"{}/32\"]\n",
+            DEV_V4[3]
+        ),
+    );
+    let sub = subscriber(&s, "m2m-resp/#");
+    command(&s, "m2m-cmd/meter/valve", "open", &[]);
+    command(&s, "m2m-cmd/meter/valve", "close", &[]);
+    let got = sub.take(2);
+    assert_eq!(got.len(), 2, "{got:?}");
+    assert!(
+        got.iter()
+            .all(|r| r.content_type.contains("coap-code:queued")),
+        "{got:?}"
+    );
+    // The device wakes up and sends an uplink: its ACK and the first
+    // command come back, in either order.
+    let dev = s.topo.device_socket(IpAddr::V4(DEV_V4[0]));
+    dev.set_read_timeout(Some(DEADLINE)).unwrap();
+    dev.send_to(&coap_post(1, b"awake"), SocketAddr::new(GW_V4.into(), 5683))
+        .unwrap();
+    let mut commands = Vec::new();
+    while commands.is_empty() {
+        let (datagram, from) = recv(&dev);
+        let m = Message::decode(&datagram).unwrap();
+        if m.mtype == CON {
+            commands.push((datagram.clone(), from));
+        }
+    }
+    let (req, from) = commands.pop().unwrap();
+    assert_eq!(Message::decode(&req).unwrap().payload, b"open", "in order");
+    ack(&dev, &req, from);
+    let (req, from) = recv(&dev);
+    assert_eq!(Message::decode(&req).unwrap().payload, b"close");
+    ack(&dev, &req, from);
+    let answers = sub.take(2);
+    assert!(
+        answers
+            .iter()
+            .all(|r| r.content_type.contains("coap-code:2.04")),
+        "{answers:?}"
+    );
+    assert_eq!(s.daemon.counter("downlink", "wakes"), 1);
+    // A peer never heard from: held, then expired (MQTT 5 expiry 1 s).
+    command(&s, "m2m-cmd/sleeper/x", "1", &["message-expiry-interval 1"]);
+    let got = sub.take(2);
+    let codes: Vec<bool> = got
+        .iter()
+        .map(|r| r.content_type.contains("coap-code:queued"))
+        .collect();
+    assert_eq!(codes, vec![true, false], "{got:?}");
+    assert!(got[1].content_type.contains("coap-code:expired"), "{got:?}");
     s.daemon.stop();
 }

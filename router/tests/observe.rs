@@ -5,12 +5,13 @@
 //! a CON notification never acknowledged. Privileged.
 
 use std::net::{IpAddr, SocketAddr, UdpSocket};
-use std::os::fd::AsRawFd;
 
 use m2m_router::coap::message::{self, code, option, Message, ACK, CON, NON, RST};
 use m2m_router_tests::daemon::Daemon;
 use m2m_router_tests::mqtt::RawClient;
-use m2m_router_tests::netns::{next_datagram, Topology, DEADLINE, DEV_V4, GW_IF, GW_V4};
+use m2m_router_tests::netns::{
+    deep_receive_buffer, next_datagram, Topology, DEADLINE, DEV_V4, GW_V4,
+};
 use m2m_router_tests::{require_root, TempPath};
 
 const BIN: &str = env!("CARGO_BIN_EXE_m2m-router");
@@ -35,18 +36,7 @@ fn gateway(tag: &str) -> Gateway {
         "[defaults]\nrate = \"unlimited\"\npublish = [\"#\"]\nsubscribe = [\"#\"]\n\
          [downlink]\nack_timeout_ms = 200\n",
     );
-    let daemon = Daemon::running(
-        &topo.gw,
-        BIN,
-        &[
-            "--iface",
-            GW_IF,
-            "--xdp-mode",
-            "native",
-            "--config",
-            config.as_str(),
-        ],
-    );
+    let daemon = Daemon::on_gateway(&topo.gw, BIN, config.as_str());
     Gateway {
         topo,
         daemon,
@@ -59,18 +49,7 @@ impl Gateway {
     /// being read late).
     fn device(&self, who: usize) -> UdpSocket {
         let sock = self.topo.device_socket(IpAddr::V4(DEV_V4[who]));
-        let size: libc::c_int = 16 << 20;
-        // SAFETY: setsockopt on our own socket with a c_int option value.
-        let rc = unsafe {
-            libc::setsockopt(
-                sock.as_raw_fd(),
-                libc::SOL_SOCKET,
-                libc::SO_RCVBUFFORCE,
-                (&size as *const libc::c_int).cast(),
-                std::mem::size_of::<libc::c_int>() as libc::socklen_t,
-            )
-        };
-        assert_eq!(rc, 0, "SO_RCVBUFFORCE");
+        deep_receive_buffer(&sock);
         sock.set_read_timeout(Some(DEADLINE)).unwrap();
         sock
     }
@@ -191,6 +170,16 @@ fn an_observer_gets_every_state_in_order_until_it_resets_one() {
     assert!(m.options().any(|(n, _)| n == option::OBSERVE), "{m:?}");
     gw.wait_counter("observers", 1);
     sentinel(&gw, &dev, 2);
+    // `ctl observe ls` shows both relations, oldest first.
+    let listed = gw.daemon.ctl_json(&["observe", "ls"]);
+    let topics: Vec<&str> = listed["observers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r["topic"].as_str().unwrap())
+        .collect();
+    assert_eq!(topics, vec!["plant/temp", SENTINEL_TOPIC], "{listed}");
+    assert_eq!(listed["observers"][0]["token"], "0b5e");
     let mut mqtt = gw.mqtt();
     // QoS 0 states: NON notifications, all of them, in order.
     let mut last_seq = 0;

@@ -11,8 +11,8 @@ use m2m_router::coap::message::{self, code, Message};
 use m2m_router_tests::daemon::Daemon;
 use m2m_router_tests::mqtt::{MosquittoSub, RawClient};
 use m2m_router_tests::netns::{
-    await_answer, confirm, next_datagram, wait_for, Topology, DEADLINE, DEV_V4, DEV_V6, GW_IF,
-    GW_V4, GW_V6,
+    await_answer, confirm, next_datagram, wait_for, Topology, DEADLINE, DEV_V4, DEV_V6, GW_V4,
+    GW_V6,
 };
 use m2m_router_tests::packet::coap;
 use m2m_router_tests::{require_root, TempPath};
@@ -47,18 +47,7 @@ impl Gateway {
         require_root();
         let topo = Topology::new(tag);
         let config = TempPath::with_contents(&format!("uplink-{tag}"), "toml", config_text);
-        let daemon = Daemon::running(
-            &topo.gw,
-            BIN,
-            &[
-                "--iface",
-                GW_IF,
-                "--xdp-mode",
-                "native",
-                "--config",
-                config.as_str(),
-            ],
-        );
+        let daemon = Daemon::on_gateway(&topo.gw, BIN, config.as_str());
         Gateway {
             topo,
             daemon,

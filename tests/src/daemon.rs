@@ -60,6 +60,24 @@ impl Daemon {
         }
     }
 
+    /// `BIN run --iface <gateway veth> --xdp-mode native --config CONFIG`
+    /// in the gateway namespace `ns`, once it says it is running: how most
+    /// tests run the router.
+    pub fn on_gateway(ns: &Netns, bin: &str, config: &str) -> Daemon {
+        Daemon::running(
+            ns,
+            bin,
+            &[
+                "--iface",
+                crate::netns::GW_IF,
+                "--xdp-mode",
+                "native",
+                "--config",
+                config,
+            ],
+        )
+    }
+
     /// Starts and waits until the daemon says it is running.
     pub fn running(ns: &Netns, bin: &str, args: &[&str]) -> Daemon {
         let mut d = Daemon::start(ns, bin, args);

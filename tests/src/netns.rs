@@ -200,25 +200,12 @@ impl Topology {
     }
 
     /// A UDP socket in the gateway namespace on `addr` (read it with
-    /// [`receive`]). Its receive buffer is 16 MiB, set with SO_RCVBUFFORCE
-    /// (socket(7); root may exceed rmem_max): what a test sends is never
-    /// lost because the test read it late.
+    /// [`receive`]), with a [`deep_receive_buffer`].
     pub fn gateway_socket(&self, addr: SocketAddr) -> UdpSocket {
         let sock = self
             .gw
             .run(|| UdpSocket::bind(addr).expect("bind gateway socket"));
-        let size: libc::c_int = 16 << 20;
-        // SAFETY: setsockopt reads one c_int we own, on a socket we own.
-        let rc = unsafe {
-            libc::setsockopt(
-                sock.as_raw_fd(),
-                libc::SOL_SOCKET,
-                libc::SO_RCVBUFFORCE,
-                (&size as *const libc::c_int).cast(),
-                std::mem::size_of::<libc::c_int>() as libc::socklen_t,
-            )
-        };
-        assert_eq!(rc, 0, "SO_RCVBUFFORCE: {}", std::io::Error::last_os_error());
+        deep_receive_buffer(&sock);
         sock
     }
 
@@ -343,6 +330,24 @@ impl RawSender {
 pub const DEADLINE: Duration = Duration::from_secs(20);
 
 /// Polls `check` until it returns true or `timeout` passes.
+/// Gives `sock` a 16 MiB receive buffer, set with SO_RCVBUFFORCE
+/// (socket(7); root may exceed rmem_max): what a test is sent is never
+/// lost because the test read it late.
+pub fn deep_receive_buffer(sock: &UdpSocket) {
+    let size: libc::c_int = 16 << 20;
+    // SAFETY: setsockopt reads one c_int we own, on a socket we own.
+    let rc = unsafe {
+        libc::setsockopt(
+            sock.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_RCVBUFFORCE,
+            (&size as *const libc::c_int).cast(),
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    };
+    assert_eq!(rc, 0, "SO_RCVBUFFORCE: {}", std::io::Error::last_os_error());
+}
+
 pub fn wait_for(timeout: Duration, mut check: impl FnMut() -> bool) -> bool {
     let deadline = Instant::now() + timeout;
     loop {

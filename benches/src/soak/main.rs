@@ -40,7 +40,7 @@ use benches::subscriber::{self, percentile_us, Options, Window};
 use clap::Parser;
 use m2m_router_tests::daemon::{Ctl, Daemon};
 use m2m_router_tests::mqtt::Mosquitto;
-use m2m_router_tests::netns::{Netns, Topology, GW_IF, GW_V4, GW_V6};
+use m2m_router_tests::netns::{Netns, Topology, GW_V4, GW_V6};
 
 #[derive(Parser, Debug)]
 #[command(about = "m2m-router at half capacity for half an hour, with churn")]
@@ -162,18 +162,7 @@ fn main() {
         ),
     )
     .unwrap();
-    let daemon = Daemon::running(
-        &topo.gw,
-        &bin,
-        &[
-            "--iface",
-            GW_IF,
-            "--xdp-mode",
-            "native",
-            "--config",
-            config.to_str().unwrap(),
-        ],
-    );
+    let daemon = Daemon::on_gateway(&topo.gw, &bin, config.to_str().unwrap());
     let ctl = daemon.ctl();
     let pid = daemon.pid();
 

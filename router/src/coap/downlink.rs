@@ -17,7 +17,10 @@
 //!   response in Block2 blocks is fetched block by block, checked against
 //!   its ETag, and published whole (at most 1 MiB).
 //! - One outstanding request per peer (NSTART = 1, section 4.7); more wait
-//!   in a short queue.
+//!   in a short queue (`[downlink] queue_per_peer`).
+//! - Sleepy devices (queue mode): a command to a peer with no endpoint yet,
+//!   or whose last request timed out, is held (answered `coap-code`
+//!   "queued") and sent, in order, as soon as the device is heard from.
 //! - The fast-path policy applies: a denied or unknown peer is refused with
 //!   an error response, nothing is sent.
 //! - A command is sent only while it is fresh: one that waited longer than
@@ -41,7 +44,7 @@ use tokio::sync::mpsc;
 use super::block::Block;
 use super::client::{Client, GaveUp, Reply};
 use super::message::{self, code, option, Message};
-use super::observe::{self, Full, ObserveEvent, Observers, RelationId, Sequence};
+use super::observe::{self, Full, ObserveEvent, Observers, RelationId, Sequence, SharedObservers};
 use super::params::TransmissionParams;
 use super::request::{content_format, content_type};
 use crate::config::DownlinkSettings;
@@ -50,8 +53,6 @@ use crate::mqtt::broker::{Broker, Delivery, Session};
 use crate::mqtt::codec::{Properties, SubscriptionOptions};
 use crate::mqtt::Message as MqttMessage;
 
-/// Commands waiting per peer behind the outstanding one.
-const QUEUE_PER_PEER: usize = 16;
 /// The largest response fetched in Block2 blocks.
 const MAX_RESPONSE_BODY: usize = 1 << 20;
 /// Observe relations kept; registrations past it are declined (counted).
@@ -89,8 +90,14 @@ pub struct DownlinkStats {
     pub expired: AtomicU64,
     /// Requests no answer came for.
     pub timeouts: AtomicU64,
-    /// Commands waiting behind a peer's outstanding request (a gauge).
+    /// Commands waiting behind a peer's outstanding request, or for the
+    /// peer to be heard from (a gauge).
     pub waiting: AtomicU64,
+    /// Commands held for a peer with no endpoint or whose last request
+    /// timed out (answered "queued"), and the times such a peer was heard
+    /// from again.
+    pub queued: AtomicU64,
+    pub wakes: AtomicU64,
     /// Observe (RFC 7641): relations registered, registrations declined
     /// (MAX_OBSERVERS, or the broker's subscription bounds), notifications
     /// sent, relations ended by the observer (deregistration, RST) or by a
@@ -126,6 +133,8 @@ impl DownlinkStats {
             ("expired", f(&self.expired)),
             ("timeouts", f(&self.timeouts)),
             ("waiting", f(&self.waiting)),
+            ("queued", f(&self.queued)),
+            ("wakes", f(&self.wakes)),
             ("observe_registrations", f(&self.observe_registrations)),
             ("observe_refused", f(&self.observe_refused)),
             ("notifications", f(&self.notifications)),
@@ -142,24 +151,53 @@ fn count(counter: &AtomicU64) {
     counter.fetch_add(1, Ordering::Relaxed);
 }
 
-/// The latest uplink source of each configured peer.
+/// The latest uplink source of each configured peer, and whether the
+/// downlink holds commands until it is heard from.
 #[derive(Default)]
-pub struct LastSeen(RwLock<HashMap<String, SocketAddr>>);
+pub struct LastSeen(RwLock<HashMap<String, Seen>>);
+
+#[derive(Clone, Copy, Default, PartialEq)]
+struct Seen {
+    addr: Option<SocketAddr>,
+    asleep: bool,
+}
 
 impl LastSeen {
     /// Cheap when nothing changed: a read lock and a compare. Peers that
     /// `mapper` no longer has are forgotten once the map holds more entries
     /// than there are peers (so peers added and removed at run time do not
     /// pile up).
-    pub fn note(&self, peer: &str, addr: SocketAddr, mapper: &Mapper) {
-        if self.0.read().unwrap().get(peer) == Some(&addr) {
-            return;
+    ///
+    /// Returns true when the peer was asleep (the downlink holds commands
+    /// for it): the caller wakes the downlink.
+    pub fn note(&self, peer: &str, addr: SocketAddr, mapper: &Mapper) -> bool {
+        let awake = Seen {
+            addr: Some(addr),
+            asleep: false,
+        };
+        if self.0.read().unwrap().get(peer) == Some(&awake) {
+            return false;
         }
         let mut seen = self.0.write().unwrap();
-        seen.insert(peer.to_owned(), addr);
+        let was = seen.insert(peer.to_owned(), awake);
         if seen.len() > mapper.peer_count() {
             seen.retain(|name, _| mapper.peer_by_name(name).is_some());
         }
+        was.is_some_and(|w| w.asleep)
+    }
+
+    /// Holds commands for `peer` until it is heard from.
+    pub fn sleep(&self, peer: &str) {
+        self.0
+            .write()
+            .unwrap()
+            .entry(peer.to_owned())
+            .or_default()
+            .asleep = true;
+    }
+
+    pub fn is_asleep(&self, peer: &str) -> bool {
+        self.0.read().unwrap().get(peer).is_some_and(|s| s.asleep)
     }
 
     pub fn len(&self) -> usize {
@@ -171,7 +209,7 @@ impl LastSeen {
     }
 
     pub fn get(&self, peer: &str) -> Option<SocketAddr> {
-        self.0.read().unwrap().get(peer).copied()
+        self.0.read().unwrap().get(peer).and_then(|s| s.addr)
     }
 }
 
@@ -183,6 +221,8 @@ pub struct DownlinkHandle {
     pub replies: mpsc::Sender<(SocketAddr, Bytes)>,
     /// Observe registrations and deregistrations.
     pub observe: mpsc::Sender<ObserveEvent>,
+    /// Peers the downlink held commands for, heard from again.
+    pub wakes: mpsc::Sender<String>,
     pub sequence: Arc<Sequence>,
 }
 
@@ -223,7 +263,7 @@ pub struct Downlink {
     in_flight: HashMap<String, InFlight>,
     waiting: HashMap<String, VecDeque<Command>>,
     last_sweep: Instant,
-    observers: Observers,
+    observers: SharedObservers,
     /// The broker session the observed topics are subscribed in.
     observed: Option<Arc<Session>>,
     /// Observe sequence numbers, shared with the workers.
@@ -231,14 +271,16 @@ pub struct Downlink {
 }
 
 impl Downlink {
+    /// `shared`: what the workers share with it (the last-seen endpoints,
+    /// the Observe sequence).
     pub fn new(
         settings: DownlinkSettings,
         broker: Arc<Broker>,
         mappers: Arc<SharedMapper>,
-        last_seen: Arc<LastSeen>,
+        shared: &DownlinkHandle,
         sockets: Vec<UdpSocket>,
         stats: Arc<DownlinkStats>,
-        sequence: Arc<Sequence>,
+        observers: SharedObservers,
     ) -> Downlink {
         let params = TransmissionParams {
             ack_timeout: settings.ack_timeout,
@@ -251,14 +293,14 @@ impl Downlink {
             stats,
             broker,
             mappers,
-            last_seen,
+            last_seen: shared.last_seen.clone(),
             sockets,
             in_flight: HashMap::new(),
             waiting: HashMap::new(),
             last_sweep: Instant::now(),
-            observers: Observers::new(MAX_OBSERVERS),
+            observers,
             observed: None,
-            sequence,
+            sequence: shared.sequence.clone(),
         }
     }
 
@@ -266,6 +308,7 @@ impl Downlink {
         mut self,
         mut replies: mpsc::Receiver<(SocketAddr, Bytes)>,
         mut observe: mpsc::Receiver<ObserveEvent>,
+        mut wakes: mpsc::Receiver<String>,
     ) {
         let client_id = Bytes::from_static(b"$m2m-router/downlink");
         let Some(attached) = self.broker.attach(&client_id, true, false).await else {
@@ -290,6 +333,9 @@ impl Downlink {
             .subscribe(&attached.session, filter, options, None);
         let commands = &attached.session.queue;
         tracing::info!(prefix = %self.settings.command_prefix, "downlink commands enabled");
+        // Held commands expire even while nothing else happens.
+        let mut expiry = tokio::time::interval(Duration::from_secs(1));
+        expiry.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             let next = self.client.next_deadline();
             let wake = tokio::time::Instant::from_std(
@@ -299,10 +345,13 @@ impl Downlink {
                 d = commands.pop() => self.command(d),
                 Some((src, datagram)) = replies.recv() => self.reply(src, &datagram),
                 Some(event) = observe.recv() => self.observe_event(event),
+                Some(peer) = wakes.recv() => {
+                    count(&self.stats.wakes);
+                    self.next_of(&peer);
+                }
+                _ = expiry.tick() => self.expire_waiting(),
                 d = observed.queue.pop() => {
-                    for id in self.observers.on(&d.message.topic) {
-                        self.notify(id, d.message.clone(), d.qos);
-                    }
+                    self.dispatch(d);
                     let dropped = observed.dropped.load(Ordering::Relaxed);
                     self.stats.notifications_dropped.store(dropped, Ordering::Relaxed);
                 }
@@ -385,22 +434,86 @@ impl Downlink {
             }
             Some(info) => info.endpoint.or_else(|| self.last_seen.get(peer)),
         };
-        let Some(endpoint) = endpoint else {
-            return self.refuse(
-                &command,
-                "the peer has sent no uplink yet and has no endpoint configured",
-            );
-        };
-        if self.client.is_busy(&Key::Command(command.peer.clone())) {
-            let queue = self.waiting.entry(peer.to_owned()).or_default();
-            if queue.len() >= QUEUE_PER_PEER {
-                return self.refuse(&command, "too many commands waiting for this peer");
+        // Queue mode: no endpoint yet, or the last request timed out.
+        let asleep = endpoint.is_none() || self.last_seen.is_asleep(peer);
+        let busy = self.client.is_busy(&Key::Command(command.peer.clone()));
+        match endpoint {
+            Some(endpoint) if !asleep && !busy => self.start(command, endpoint),
+            _ => {
+                if self.waiting.get(peer).map_or(0, VecDeque::len) >= self.settings.queue_per_peer {
+                    return self.refuse(&command, "too many commands waiting for this peer");
+                }
+                if asleep {
+                    self.last_seen.sleep(peer);
+                    self.held(&command);
+                }
+                let peer = peer.to_owned();
+                self.waiting.entry(peer).or_default().push_back(command);
+                count(&self.stats.waiting);
             }
-            queue.push_back(command);
-            count(&self.stats.waiting);
-            return;
         }
-        self.start(command, endpoint);
+    }
+
+    /// Tells a command's response topic it is held until the device is
+    /// heard from.
+    fn held(&self, command: &Command) {
+        count(&self.stats.queued);
+        let body = serde_json::json!({
+            "queued": "the device is asleep or unreachable: the command goes when it is heard from",
+            "peer": command.peer,
+        });
+        self.respond(
+            command,
+            "queued",
+            Bytes::from(body.to_string()),
+            Some("application/json"),
+        );
+    }
+
+    /// Answers `expired` to every waiting command past its time to live.
+    fn expire_waiting(&mut self) {
+        let now = Instant::now();
+        let mut expired = Vec::new();
+        for queue in self.waiting.values_mut() {
+            let (stale, fresh): (VecDeque<Command>, VecDeque<Command>) =
+                queue.drain(..).partition(|c| now > c.expires_at);
+            *queue = fresh;
+            expired.extend(stale);
+        }
+        self.waiting.retain(|_, q| !q.is_empty());
+        for command in expired {
+            self.stats.waiting.fetch_sub(1, Ordering::Relaxed);
+            self.expire(&command);
+        }
+        // A wake lost to a full channel: a peer awake and idle with commands
+        // waiting gets them now.
+        let ready: Vec<String> = self
+            .waiting
+            .keys()
+            .filter(|p| {
+                !self.last_seen.is_asleep(p) && !self.client.is_busy(&Key::Command((*p).clone()))
+            })
+            .cloned()
+            .collect();
+        for peer in ready {
+            self.next_of(&peer);
+        }
+    }
+
+    fn expire(&self, command: &Command) {
+        count(&self.stats.expired);
+        self.respond(
+            command,
+            "expired",
+            Bytes::from(
+                serde_json::json!({
+                    "error": "expired: the command waited longer than its time to live and was not sent",
+                    "peer": command.peer,
+                })
+                .to_string(),
+            ),
+            Some("application/json"),
+        );
     }
 
     fn start(&mut self, command: Command, endpoint: SocketAddr) {
@@ -594,7 +707,14 @@ impl Downlink {
             if let Some(flight) = self.in_flight.remove(&peer) {
                 self.fail(&flight.command, &why);
             }
-            self.next_of(&peer);
+            // Queue mode: what waits for this peer is held until it is
+            // heard from.
+            self.last_seen.sleep(&peer);
+            if let Some(queue) = self.waiting.get(&peer) {
+                for command in queue {
+                    self.held(command);
+                }
+            }
         }
     }
 
@@ -618,7 +738,8 @@ impl Downlink {
             Reply::Nothing if msg.mtype == message::RST => {
                 // An RST to a NON notification ends its relation (RFC 7641
                 // section 3.6).
-                if let Some(id) = self.observers.by_non_mid(src, msg.mid) {
+                let found = self.relations().by_non_mid(src, msg.mid);
+                if let Some(id) = found {
                     count(&self.stats.observe_ended);
                     self.end_relation(id);
                 }
@@ -683,11 +804,17 @@ impl Downlink {
                 topic,
                 sent,
             } => {
+                // What was published before this registration goes to the
+                // relations that existed then: the new observer must not
+                // get a state older than its registration's answer.
+                while let Some(d) = session.queue.try_pop() {
+                    self.dispatch(d);
+                }
                 let now = Instant::now();
-                let registered = match self
-                    .observers
-                    .register(endpoint, &token, topic.clone(), now)
-                {
+                let result = self
+                    .relations()
+                    .register(endpoint, &token, topic.clone(), now);
+                let registered = match result {
                     Ok(registered) => registered,
                     Err(Full) => return self.decline(endpoint, &token),
                 };
@@ -709,14 +836,14 @@ impl Downlink {
                         .subscribe(&session, topic.clone(), options, None)
                         .is_none()
                     {
-                        self.observers.remove(id);
+                        self.relations().remove(id);
                         return self.decline(endpoint, &token);
                     }
                 }
                 count(&self.stats.observe_registrations);
                 self.stats
                     .observers
-                    .store(self.observers.len() as u64, Ordering::Relaxed);
+                    .store(self.relations().len() as u64, Ordering::Relaxed);
                 // A state published after the worker answered and before
                 // the subscription took effect is notified now.
                 let current = broker
@@ -729,11 +856,20 @@ impl Downlink {
                 }
             }
             ObserveEvent::Deregister { endpoint, token } => {
-                if let Some(id) = self.observers.find(endpoint, &token) {
+                let found = self.relations().find(endpoint, &token);
+                if let Some(id) = found {
                     count(&self.stats.observe_ended);
                     self.end_relation(id);
                 }
             }
+        }
+    }
+
+    /// A message published on an observed topic, to each of its observers.
+    fn dispatch(&mut self, d: Delivery) {
+        let observing = self.relations().on(&d.message.topic);
+        for id in observing {
+            self.notify(id, d.message.clone(), d.qos);
         }
     }
 
@@ -762,7 +898,8 @@ impl Downlink {
     /// newest state waits in its place.
     fn notify(&mut self, id: RelationId, m: crate::mqtt::Message, qos: u8) {
         let now = Instant::now();
-        let Some(r) = self.observers.get_mut(id) else {
+        let mut relations = self.observers.lock().unwrap();
+        let Some(r) = relations.get_mut(id) else {
             return;
         };
         if r.in_flight {
@@ -835,7 +972,7 @@ impl Downlink {
                 payload,
             );
             send(&self.sockets, endpoint, &datagram);
-            self.observers.sent_non(id, mid);
+            relations.sent_non(id, mid);
         }
         count(&self.stats.notifications);
     }
@@ -843,44 +980,46 @@ impl Downlink {
     /// A CON notification was acknowledged: the state that waited, if any,
     /// goes now.
     fn acknowledged(&mut self, id: RelationId) {
-        let Some(r) = self.observers.get_mut(id) else {
-            return;
+        let pending = {
+            let mut relations = self.relations();
+            let Some(r) = relations.get_mut(id) else {
+                return;
+            };
+            r.in_flight = false;
+            r.pending.take()
         };
-        r.in_flight = false;
-        if let Some((m, qos)) = r.pending.take() {
+        if let Some((m, qos)) = pending {
             self.notify(id, m, qos);
         }
     }
 
+    /// The relations, shared with the control socket (`observe ls`): locked
+    /// for one statement at a time, never across a call that locks again.
+    fn relations(&self) -> std::sync::MutexGuard<'_, Observers> {
+        self.observers.lock().unwrap()
+    }
+
     fn end_relation(&mut self, id: RelationId) {
         self.client.cancel(&Key::Notification(id));
-        if let Some(topic) = self.observers.remove(id) {
+        let left = self.relations().remove(id);
+        if let Some(topic) = left {
             if let Some(session) = &self.observed {
                 self.broker.unsubscribe(session, &topic);
             }
         }
         self.stats
             .observers
-            .store(self.observers.len() as u64, Ordering::Relaxed);
+            .store(self.relations().len() as u64, Ordering::Relaxed);
     }
 
     fn next_of(&mut self, peer: &str) {
+        if self.last_seen.is_asleep(peer) || self.client.is_busy(&Key::Command(peer.to_owned())) {
+            return; // held until it is heard from, or its request is answered
+        }
         while let Some(command) = self.waiting.get_mut(peer).and_then(VecDeque::pop_front) {
             self.stats.waiting.fetch_sub(1, Ordering::Relaxed);
             if Instant::now() > command.expires_at {
-                count(&self.stats.expired);
-                self.respond(
-                    &command,
-                    "expired",
-                    Bytes::from(
-                        serde_json::json!({
-                            "error": "expired: the command waited longer than its time to live and was not sent",
-                            "peer": command.peer,
-                        })
-                        .to_string(),
-                    ),
-                    Some("application/json"),
-                );
+                self.expire(&command);
                 continue;
             }
             let (_, mapper) = self.mappers.load();

@@ -30,6 +30,10 @@ pub const CON_AT_LEAST_EVERY: Duration = Duration::from_secs(24 * 3600);
 
 pub type RelationId = u64;
 
+/// The relations, owned by the endpoint task and read by the control
+/// socket (`observe ls`); both run on the daemon's one event-loop thread.
+pub type SharedObservers = std::sync::Arc<std::sync::Mutex<Observers>>;
+
 /// Relations one address may hold: without a cap, one source (or one
 /// spoofing a victim's address) could register thousands of tokens and
 /// turn each publish into as many datagrams (RFC 7641 section 7).
@@ -254,6 +258,26 @@ impl Observers {
 
     pub fn iter(&self) -> impl Iterator<Item = &Relation> {
         self.relations.values()
+    }
+
+    /// Every relation as `ctl observe ls` shows it, oldest first.
+    pub fn list(&self, now: Instant) -> Vec<serde_json::Value> {
+        let mut relations: Vec<(&RelationId, &Relation)> = self.relations.iter().collect();
+        relations.sort_by_key(|(id, _)| **id);
+        relations
+            .into_iter()
+            .map(|(_, r)| {
+                let token: String = r.token.iter().map(|b| format!("{b:02x}")).collect();
+                serde_json::json!({
+                    "endpoint": r.endpoint.to_string(),
+                    "token": token,
+                    "topic": String::from_utf8_lossy(&r.topic),
+                    "age_s": now.duration_since(r.since).as_secs(),
+                    "notifications": r.notifications,
+                    "awaiting_ack": r.in_flight,
+                })
+            })
+            .collect()
     }
 
     pub fn len(&self) -> usize {

@@ -230,7 +230,10 @@ impl Uplink {
             (CON | NON, _) if msg.is_request() => {
                 if let Some(d) = &self.downlink {
                     if let Some(peer) = self.mapper.peer(src.ip()) {
-                        d.last_seen.note(&peer.name, src, &self.mapper);
+                        if d.last_seen.note(&peer.name, src, &self.mapper) {
+                            // Commands wait for this peer: it is awake.
+                            let _ = d.wakes.try_send(peer.name.clone());
+                        }
                     }
                 }
                 self.request(&msg, src, now, out)

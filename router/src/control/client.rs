@@ -110,6 +110,27 @@ fn human(command: &str, v: &Value) -> String {
                 ));
             }
         }
+        "observe.ls" => {
+            out.push_str(&format!(
+                "{:<24} {:<18} {:>8} {:>13} {:<4} {}\n",
+                "ENDPOINT", "TOKEN", "AGE_S", "NOTIFICATIONS", "ACK?", "TOPIC"
+            ));
+            for r in v["observers"].as_array().into_iter().flatten() {
+                out.push_str(&format!(
+                    "{:<24} {:<18} {:>8} {:>13} {:<4} {}\n",
+                    r["endpoint"].as_str().unwrap_or(""),
+                    r["token"].as_str().unwrap_or(""),
+                    r["age_s"].as_u64().unwrap_or(0),
+                    r["notifications"].as_u64().unwrap_or(0),
+                    if r["awaiting_ack"].as_bool().unwrap_or(false) {
+                        "yes"
+                    } else {
+                        ""
+                    },
+                    r["topic"].as_str().unwrap_or("")
+                ));
+            }
+        }
         _ => flatten("", v, &mut out),
     }
     out

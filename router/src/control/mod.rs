@@ -165,6 +165,11 @@ impl Control {
                 let _: Empty = args(args_value, command)?;
                 Ok(json!({ "routes": self.raw.route.iter().map(|r| serde_json::to_value(r).unwrap()).collect::<Vec<_>>() }))
             }
+            "observe.ls" => {
+                let _: Empty = args(args_value, command)?;
+                let list = self.running.observers.lock().unwrap().list(std::time::Instant::now());
+                Ok(json!({ "observers": list }))
+            }
             "upstream.ls" => {
                 let _: Empty = args(args_value, command)?;
                 Ok(self.upstreams())
@@ -186,7 +191,7 @@ impl Control {
                 "unknown_command",
                 format!(
                     "unknown command {other:?}; known: status, peer.add, peer.rm, peer.ls, peer.import, \
-                     route.add, route.rm, route.ls, upstream.ls, stats, config.save, config.reload"
+                     route.add, route.rm, route.ls, upstream.ls, observe.ls, stats, config.save, config.reload"
                 ),
                 Some("command"),
             )),
