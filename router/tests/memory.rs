@@ -306,3 +306,118 @@ fn a_hundred_thousand_persistent_sessions_stay_within_their_bounds() {
         stated / MIB
     );
 }
+
+/// Issue 11, build item 6 (the soak's RSS creep): peers added and removed
+/// through the control plane, one in and one out each time as in the soak,
+/// keep no memory once the first rounds are past.
+#[test]
+fn peers_added_and_removed_keep_no_memory() {
+    use m2m_router::coap::downlink::DownlinkStats;
+    use m2m_router::coap::observe::Observers;
+    use m2m_router::config::ConfigFile;
+    use m2m_router::control::Control;
+    use m2m_router::daemon::Running;
+    let (_one, _) = measure();
+    let raw = ConfigFile::parse("", std::path::Path::new("churn.toml")).unwrap();
+    let config = raw.clone().validate().unwrap();
+    let mut control = Control {
+        mappers: SharedMapper::new(Mapper::from_config(&config)),
+        raw,
+        config,
+        config_path: None,
+        running: Running {
+            fastpath: None,
+            uplink: Arc::new(UplinkStats::default()),
+            downlink: Arc::new(DownlinkStats::default()),
+            observers: Arc::new(Mutex::new(Observers::new(16))),
+            broker: Broker::new(BrokerConfig::default()),
+            bridges: Vec::new(),
+            control_socket: Default::default(),
+            metrics_http: Default::default(),
+        },
+        started: Instant::now(),
+    };
+    let mut round = |n: u32| {
+        let add = serde_json::json!({
+            "name": format!("churn-{n}"),
+            "prefix": [format!("10.78.{}.{}/32", (n / 250) % 250, n % 250 + 1)],
+        });
+        control.execute("peer.add", &add);
+        if n >= 5 {
+            let rm = serde_json::json!({ "name": format!("churn-{}", n - 5) });
+            control.execute("peer.rm", &rm);
+        }
+    };
+    for n in 0..1_000 {
+        round(n);
+    }
+    let warm = live();
+    for n in 1_000..5_000 {
+        round(n);
+    }
+    let after = live();
+    eprintln!("after 1,000 rounds {warm} bytes live, after 5,000 {after}");
+    assert!(
+        after <= warm + 16 * 1024,
+        "4,000 more peer add/rm rounds kept {} bytes",
+        after.saturating_sub(warm)
+    );
+}
+
+/// Issue 11, build item 6 (the soak's RSS creep): MQTT clients visiting as
+/// in the soak (half clean, half persistent from a pool of 50 ids, each
+/// subscribed to one of 1,000 device topics while 15 messages a visit are
+/// published there) keep no memory once every topic has been visited.
+#[test]
+fn visiting_mqtt_clients_keep_no_memory() {
+    let (_one, _) = measure();
+    let broker = Broker::new(BrokerConfig::default());
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let visit = |k: u64| {
+        let persistent = k % 2 == 0;
+        let (id, device) = if persistent {
+            let n = (k / 2) % 50;
+            (format!("churn-{n}"), n * 7919 % 1000)
+        } else {
+            (format!("churn-clean-{k}"), k * 7919 % 1000)
+        };
+        let id = Bytes::from(id);
+        let a = rt
+            .block_on(broker.attach(&id, !persistent, persistent))
+            .unwrap();
+        let filter = Bytes::from(format!("load/10.78.3.{device}/#"));
+        broker
+            .subscribe(&a.session, filter, options(), None)
+            .unwrap();
+        for i in 0..15u8 {
+            let message = Message {
+                topic: Bytes::from(format!("load/10.78.3.{device}/x")),
+                payload: Bytes::from(vec![i; 32]),
+                qos: 1,
+                retain: false,
+                content_type: None,
+                properties: None,
+            };
+            rt.block_on(broker.publish(message, None)).unwrap();
+        }
+        while a.session.queue.try_pop().is_some() {}
+        broker.detach(&a.session, Vec::new());
+    };
+    for k in 0..4_000 {
+        visit(k);
+    }
+    let warm = live();
+    for k in 4_000..12_000 {
+        visit(k);
+    }
+    let after = live();
+    eprintln!("after 4,000 visits {warm} bytes live, after 12,000 {after}");
+    assert!(
+        after <= warm + 64 * 1024,
+        "8,000 more visits kept {} bytes",
+        after.saturating_sub(warm)
+    );
+}
