@@ -342,10 +342,12 @@ fn peers_added_and_removed_keep_no_memory() {
             "name": format!("churn-{n}"),
             "prefix": [format!("10.78.{}.{}/32", (n / 250) % 250, n % 250 + 1)],
         });
-        control.execute("peer.add", &add);
+        control
+            .execute("peer.add", &add)
+            .expect("a new peer is taken");
         if n >= 5 {
             let rm = serde_json::json!({ "name": format!("churn-{}", n - 5) });
-            control.execute("peer.rm", &rm);
+            control.execute("peer.rm", &rm).expect("the peer is there");
         }
     };
     for n in 0..1_000 {
@@ -377,7 +379,7 @@ fn visiting_mqtt_clients_keep_no_memory() {
         .build()
         .unwrap();
     let visit = |k: u64| {
-        let persistent = k % 2 == 0;
+        let persistent = k.is_multiple_of(2);
         let (id, device) = if persistent {
             let n = (k / 2) % 50;
             (format!("churn-{n}"), n * 7919 % 1000)
