@@ -423,3 +423,43 @@ fn visiting_mqtt_clients_keep_no_memory() {
         after.saturating_sub(warm)
     );
 }
+
+/// Issue 11, build item 6 (the soak's RSS creep): 1,000 devices sending as
+/// in the soak through the uplink keep no memory once duplicate detection
+/// and the last values are full.
+#[test]
+fn a_thousand_devices_sending_for_long_keep_no_memory() {
+    let (_one, _) = measure();
+    let broker = Broker::new(BrokerConfig::default());
+    let stats = Arc::new(UplinkStats::default());
+    let mut uplink = Uplink::new(
+        UplinkConfig::default(),
+        SharedMapper::new(Mapper::from_config(&Config::parse("").unwrap())),
+        broker,
+        stats,
+    );
+    let mut reply = Vec::with_capacity(64);
+    let now = Instant::now();
+    let mut send = |rounds: std::ops::Range<u32>| {
+        for round in rounds {
+            let datagram = coap_post(round as u16, b"21.5");
+            for device in 0..1_000u32 {
+                let ip = IpAddr::V4(Ipv4Addr::from(0x0a4e_0000 + device));
+                let src = SocketAddr::new(ip, 40_000);
+                assert!(uplink.handle(&datagram, false, src, now, &mut reply));
+                uplink.commit(std::slice::from_mut(&mut reply)).unwrap();
+            }
+        }
+    };
+    // Past 256 messages a device, its duplicate-detection log is full.
+    send(0..300);
+    let warm = live();
+    send(300..1_300);
+    let after = live();
+    eprintln!("after 300,000 messages {warm} bytes live, after 1,300,000 {after}");
+    assert!(
+        after <= warm + 16 * 1024,
+        "a million more messages kept {} bytes",
+        after.saturating_sub(warm)
+    );
+}
