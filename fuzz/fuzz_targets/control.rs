@@ -6,13 +6,10 @@
 #![no_main]
 
 use std::path::Path;
-use std::sync::{Arc, Mutex, OnceLock};
+use std::sync::{Mutex, OnceLock};
 use std::time::Instant;
 
 use libfuzzer_sys::fuzz_target;
-use m2m_router::coap::downlink::DownlinkStats;
-use m2m_router::coap::observe::Observers;
-use m2m_router::coap::uplink::UplinkStats;
 use m2m_router::config::ConfigFile;
 use m2m_router::control::{server, Control};
 use m2m_router::daemon::Running;
@@ -33,16 +30,7 @@ fn control() -> &'static Mutex<Control> {
             raw,
             config,
             config_path: None,
-            running: Running {
-                fastpath: None,
-                uplink: Arc::new(UplinkStats::default()),
-                downlink: Arc::new(DownlinkStats::default()),
-                observers: Arc::new(std::sync::Mutex::new(Observers::new(16))),
-                broker: Broker::new(BrokerConfig::default()),
-                bridges: Vec::new(),
-                control_socket: Default::default(),
-                metrics_http: Default::default(),
-            },
+            running: Running::detached(Broker::new(BrokerConfig::default())),
             started: Instant::now(),
         })
     })

@@ -44,6 +44,24 @@ pub struct Running {
     pub metrics_http: Arc<ListenerStats>,
 }
 
+impl Running {
+    /// What a control plane runs against without a daemon around it: no
+    /// fast path, fresh counters, `broker` alone (the control fuzz target,
+    /// tests).
+    pub fn detached(broker: Arc<Broker>) -> Running {
+        Running {
+            fastpath: None,
+            uplink: Arc::new(UplinkStats::default()),
+            downlink: Arc::new(DownlinkStats::default()),
+            observers: Arc::new(std::sync::Mutex::new(Observers::new(MAX_OBSERVERS))),
+            broker,
+            bridges: Vec::new(),
+            control_socket: Default::default(),
+            metrics_http: Default::default(),
+        }
+    }
+}
+
 pub fn run(config: Config, raw: ConfigFile, config_path: Option<PathBuf>) -> anyhow::Result<()> {
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()

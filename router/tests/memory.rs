@@ -312,8 +312,6 @@ fn a_hundred_thousand_persistent_sessions_stay_within_their_bounds() {
 /// keep no memory once the first rounds are past.
 #[test]
 fn peers_added_and_removed_keep_no_memory() {
-    use m2m_router::coap::downlink::DownlinkStats;
-    use m2m_router::coap::observe::Observers;
     use m2m_router::config::ConfigFile;
     use m2m_router::control::Control;
     use m2m_router::daemon::Running;
@@ -325,16 +323,7 @@ fn peers_added_and_removed_keep_no_memory() {
         raw,
         config,
         config_path: None,
-        running: Running {
-            fastpath: None,
-            uplink: Arc::new(UplinkStats::default()),
-            downlink: Arc::new(DownlinkStats::default()),
-            observers: Arc::new(Mutex::new(Observers::new(16))),
-            broker: Broker::new(BrokerConfig::default()),
-            bridges: Vec::new(),
-            control_socket: Default::default(),
-            metrics_http: Default::default(),
-        },
+        running: Running::detached(Broker::new(BrokerConfig::default())),
         started: Instant::now(),
     };
     let mut round = |n: u32| {

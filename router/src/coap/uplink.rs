@@ -680,10 +680,12 @@ impl Uplink {
 }
 
 /// Moves a gauge summed over the workers by this worker's change.
+/// (Nothing when it did not change: this runs per request, and a shared
+/// atomic written by every worker would bounce its cache line.)
 fn set_share(shared: &AtomicU64, now: u64, reported: &mut u64) {
     if now > *reported {
         shared.fetch_add(now - *reported, Ordering::Relaxed);
-    } else {
+    } else if now < *reported {
         shared.fetch_sub(*reported - now, Ordering::Relaxed);
     }
     *reported = now;
