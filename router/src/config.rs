@@ -208,6 +208,10 @@ pub struct PeerSection {
     pub publish: Vec<String>,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub subscribe: Vec<String>,
+    /// Paths on the device the gateway observes (RFC 7641), each
+    /// notification published where a POST of that path would go.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub observe: Vec<String>,
 }
 
 #[derive(Clone, Debug, Default, Deserialize, Serialize)]
@@ -403,6 +407,8 @@ pub struct Peer {
     /// (MQTT topic filters; `{peer}` stands for its name).
     pub publish: Vec<String>,
     pub subscribe: Vec<String>,
+    /// Uri-Paths the gateway observes on the device, segments joined by '/'.
+    pub observe: Vec<String>,
 }
 
 #[derive(Clone, Debug)]
@@ -617,6 +623,33 @@ fn topic_filters(field: &str, filters: Vec<String>) -> Result<Vec<String>, Confi
         }
     }
     Ok(filters)
+}
+
+/// Uri-Paths to observe: at most `watch::MAX_PER_PEER`, none empty, each
+/// segment a Uri-Path option (at most 255 bytes, RFC 7252 section 5.10),
+/// no query. Leading and trailing slashes are dropped.
+fn observe_paths(field: &str, paths: Vec<String>) -> Result<Vec<String>, ConfigError> {
+    use crate::coap::watch::MAX_PER_PEER;
+    if paths.len() > MAX_PER_PEER {
+        return Err(invalid(field, format!("at most {MAX_PER_PEER} paths")));
+    }
+    let mut out: Vec<String> = Vec::with_capacity(paths.len());
+    for (j, p) in paths.iter().enumerate() {
+        let path = p.trim_matches('/');
+        let bad = path.is_empty()
+            || path.contains(['?', '#'])
+            || path.split('/').any(|s| s.is_empty() || s.len() > 255);
+        if bad {
+            return Err(invalid(
+                format!("{field}[{j}]"),
+                format!("{p:?} is not a path like \"sensors/temp\" (no empty segments, no query)"),
+            ));
+        }
+        if !out.iter().any(|o| o == path) {
+            out.push(path.to_owned());
+        }
+    }
+    Ok(out)
 }
 
 fn template(field: &str, value: &str) -> Result<Template, ConfigError> {
@@ -979,6 +1012,7 @@ fn validate_peers(sections: Vec<PeerSection>) -> Result<Vec<Peer>, ConfigError> 
                 .transpose()?,
             publish: topic_filters(&at("publish"), p.publish)?,
             subscribe: topic_filters(&at("subscribe"), p.subscribe)?,
+            observe: observe_paths(&at("observe"), p.observe)?,
             name: p.name,
             prefixes,
             deny: p.deny,
@@ -1169,6 +1203,28 @@ mod tests {
         assert_eq!(c.peers[0].rate, Some(Rate(Some(200))));
         assert_eq!(c.routes[0].qos, 1);
         assert_eq!(c.upstreams[0].durability, Durability::Disk);
+        assert_eq!(c.peers[0].observe, ["sensors/temp"]);
+    }
+
+    #[test]
+    fn observe_paths_are_uri_paths() {
+        let peer = |observe: &str| {
+            format!("[[peer]]\nname = \"a\"\nprefix = [\"10.0.0.0/8\"]\nobserve = {observe}")
+        };
+        let c = Config::parse(&peer(r#"["/sensors/temp/", "sensors/temp", "x"]"#)).unwrap();
+        assert_eq!(
+            c.peers[0].observe,
+            ["sensors/temp", "x"],
+            "trimmed, once each"
+        );
+        for bad in [r#"[""]"#, r#"["a//b"]"#, r#"["a?b=1"]"#] {
+            assert_eq!(field_of(&peer(bad)), "peer[0].observe[0]", "{bad}");
+        }
+        let long = format!("[\"{}\"]", "x".repeat(256));
+        assert_eq!(field_of(&peer(&long)), "peer[0].observe[0]");
+        let many: Vec<String> = (0..33).map(|i| format!("\"p{i}\"")).collect();
+        let many = format!("[{}]", many.join(","));
+        assert_eq!(field_of(&peer(&many)), "peer[0].observe");
     }
 
     #[test]

@@ -10,8 +10,8 @@ use tokio::net::TcpListener;
 use tokio::signal::unix::{signal, SignalKind};
 
 use crate::bridge::{self, Bridge};
-use crate::coap::downlink::{Downlink, DownlinkHandle, DownlinkStats, LastSeen, MAX_OBSERVERS};
-use crate::coap::observe::{Observers, Sequence, SharedObservers};
+use crate::coap::downlink::{Downlink, DownlinkHandle, DownlinkStats, LastSeen, Relations};
+use crate::coap::observe::Sequence;
 use crate::coap::uplink::{Uplink, UplinkConfig, UplinkStats};
 use crate::config::{Config, ConfigFile, XdpMode};
 use crate::control::{self, Control};
@@ -34,8 +34,9 @@ pub struct Running {
     pub fastpath: Option<Fastpath>,
     pub uplink: Arc<UplinkStats>,
     pub downlink: Arc<DownlinkStats>,
-    /// Devices observing topics (`ctl observe ls`).
-    pub observers: SharedObservers,
+    /// Devices observing topics and the gateway observing devices (`ctl
+    /// observe ls`).
+    pub relations: Relations,
     pub broker: Arc<Broker>,
     /// Upstream bridges, one per `[[upstream]]`.
     pub bridges: Vec<Arc<Bridge>>,
@@ -53,7 +54,7 @@ impl Running {
             fastpath: None,
             uplink: Arc::new(UplinkStats::default()),
             downlink: Arc::new(DownlinkStats::default()),
-            observers: Arc::new(std::sync::Mutex::new(Observers::new(MAX_OBSERVERS))),
+            relations: Relations::default(),
             broker,
             bridges: Vec::new(),
             control_socket: Default::default(),
@@ -112,11 +113,11 @@ pub fn run(config: Config, raw: ConfigFile, config_path: Option<PathBuf>) -> any
     // full, a registration is declined (the response has no Observe).
     let (observe_tx, observe_rx) = tokio::sync::mpsc::channel(4096);
     let sequence = Arc::new(Sequence::default());
-    let observers: SharedObservers = Arc::new(std::sync::Mutex::new(Observers::new(MAX_OBSERVERS)));
-    // Peers the downlink holds commands for, heard from again.
-    let (wakes_tx, wakes_rx) = tokio::sync::mpsc::channel(4096);
+    let relations = Relations::default();
+    // Peers heard from again, or at a new address.
+    let (heard_tx, heard_rx) = tokio::sync::mpsc::channel(4096);
     let downlink_handle = DownlinkHandle {
-        wakes: wakes_tx,
+        heard: heard_tx,
         observe: observe_tx,
         sequence: sequence.clone(),
         last_seen: last_seen.clone(),
@@ -153,9 +154,9 @@ pub fn run(config: Config, raw: ConfigFile, config_path: Option<PathBuf>) -> any
             .senders()
             .context("cloning the CoAP sockets for the downlink")?,
         downlink_stats.clone(),
-        observers.clone(),
+        relations.clone(),
     );
-    runtime.spawn(downlink.run(replies_rx, observe_rx, wakes_rx));
+    runtime.spawn(downlink.run(replies_rx, observe_rx, heard_rx));
     for (upstream, bridge) in &bridges {
         runtime.spawn(bridge::run(
             upstream.clone(),
@@ -178,7 +179,7 @@ pub fn run(config: Config, raw: ConfigFile, config_path: Option<PathBuf>) -> any
             fastpath,
             uplink: uplink_stats,
             downlink: downlink_stats,
-            observers,
+            relations,
             broker,
             bridges: bridges.into_iter().map(|(_, bridge)| bridge).collect(),
             control_socket: control_socket.clone(),

@@ -121,6 +121,9 @@ enum PeerCommand {
         /// A topic filter the peer may read and observe through it.
         #[arg(long = "subscribe", value_name = "FILTER")]
         subscribe: Vec<String>,
+        /// A path on the device the gateway observes (RFC 7641).
+        #[arg(long = "observe", value_name = "PATH")]
+        observe: Vec<String>,
     },
     /// Remove a peer.
     Rm { name: String },
@@ -276,6 +279,7 @@ fn ctl_request(command: CtlCommand) -> anyhow::Result<(&'static str, Value)> {
             topic,
             publish,
             subscribe,
+            observe,
         }) => {
             let mut args = json!({ "name": name, "prefix": prefixes, "deny": deny });
             if !publish.is_empty() {
@@ -283,6 +287,9 @@ fn ctl_request(command: CtlCommand) -> anyhow::Result<(&'static str, Value)> {
             }
             if !subscribe.is_empty() {
                 args["subscribe"] = json!(subscribe);
+            }
+            if !observe.is_empty() {
+                args["observe"] = json!(observe);
             }
             if let Some(rate) = rate {
                 args["rate"] = json!(rate);

@@ -26,6 +26,8 @@ pub struct PeerInfo {
     /// `{peer}` replaced by its name.
     pub publish: Vec<String>,
     pub subscribe: Vec<String>,
+    /// Uri-Paths the gateway observes on it.
+    pub observe: Vec<String>,
 }
 
 /// What a request under the pubsub prefix does with its topic.
@@ -223,6 +225,7 @@ impl Mapper {
                 endpoint: p.endpoint,
                 publish: with_peer(&p.publish, &p.name),
                 subscribe: with_peer(&p.subscribe, &p.name),
+                observe: p.observe.clone(),
             });
         }
         let routes = config
@@ -333,6 +336,10 @@ impl Mapper {
     /// Configured peers.
     pub fn peer_count(&self) -> usize {
         self.infos.len()
+    }
+
+    pub fn peers(&self) -> impl Iterator<Item = &PeerInfo> {
+        self.infos.iter()
     }
 
     pub fn peer_by_name(&self, name: &str) -> Option<&PeerInfo> {

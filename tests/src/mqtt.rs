@@ -183,6 +183,26 @@ impl Drop for MosquittoSub {
     }
 }
 
+/// Publishes `payload` on `topic` with mosquitto_pub (MQTT 5, QoS 1: the
+/// broker took it when this returns) from inside `ns`; each of `props` is a
+/// PUBLISH property as mosquitto_pub's `-D publish` takes it, e.g.
+/// "user-property method PUT" or "response-topic app/r1".
+pub fn mosquitto_pub(ns: &Netns, topic: &str, payload: &str, props: &[&str]) {
+    let mut cmd = ns.command("mosquitto_pub");
+    cmd.args(["-h", "127.0.0.1", "-V", "mqttv5", "-q", "1"])
+        .args(["-t", topic, "-m", payload]);
+    for p in props {
+        cmd.args(["-D", "publish"]).args(p.split(' '));
+    }
+    let status = cmd
+        .status()
+        .expect("mosquitto_pub (Debian package mosquitto-clients)");
+    assert!(
+        status.success(),
+        "mosquitto_pub -t {topic} failed: {status}"
+    );
+}
+
 /// An MQTT 3.1.1 client speaking raw bytes.
 /// An MQTT packet: first byte, remaining length, body (section 2.2).
 pub fn packet(first: u8, body: &[u8]) -> Vec<u8> {

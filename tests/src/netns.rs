@@ -435,8 +435,19 @@ pub fn next_datagram(sock: &UdpSocket) -> Vec<u8> {
     let mut buf = [0u8; 2048];
     sock.set_nonblocking(false).expect("blocking socket");
     sock.set_read_timeout(Some(DEADLINE)).unwrap();
-    let n = sock
-        .recv(&mut buf)
+    let (n, _) = recv_from(sock, &mut buf)
         .unwrap_or_else(|e| panic!("no datagram within {DEADLINE:?}: {e}"));
     buf[..n].to_vec()
+}
+
+/// `recv_from`, again when a signal interrupted it (EINTR: a wait with a
+/// receive timeout can return it even without a handler, e.g. when the
+/// process is stopped and continued).
+pub fn recv_from(sock: &UdpSocket, buf: &mut [u8]) -> std::io::Result<(usize, SocketAddr)> {
+    loop {
+        match sock.recv_from(buf) {
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+            other => return other,
+        }
+    }
 }

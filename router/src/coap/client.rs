@@ -8,12 +8,19 @@
 //! - A separate response (CON or NON) matches by endpoint and token. A CON
 //!   one is acknowledged, and acknowledged again if it is retransmitted, but
 //!   handed to the caller once (duplicate detection, section 4.5).
-//! - A CON response that matches nothing is rejected with RST (section
-//!   4.2); anything else that matches nothing is ignored.
+//! - A response that matches nothing is rejected with RST (sections 4.2
+//!   and 4.3; RFC 7641 section 3.6: it may be a notification of a
+//!   relation the gateway forgot); anything else is ignored.
 //!
 //! - A confirmable message that is not a request (an Observe notification,
 //!   RFC 7641 section 4.5) is retransmitted the same way and ends with its
 //!   ACK or RST.
+//!
+//! - An Observe registration's token stays in use after its response
+//!   (RFC 7641 section 3.3): later CON or NON responses with it are the
+//!   relation's notifications, handed to the caller unacknowledged (the
+//!   caller acknowledges a CON one once it has kept it, and recognises a
+//!   retransmitted one by its sequence number, section 3.4).
 //!
 //! Exchanges are keyed by the caller (`K`: e.g. the peer a command goes
 //! to), so the caller decides how many may be outstanding per peer
@@ -41,6 +48,8 @@ pub struct Client<K> {
     exchanges: HashMap<K, Exchange>,
     by_mid: HashMap<(SocketAddr, u16), K>,
     by_token: HashMap<(SocketAddr, Token), K>,
+    /// Observe registrations: the tokens whose notifications keep coming.
+    listening: HashMap<(SocketAddr, Token), K>,
     /// Separate CON responses already handed over.
     taken: DedupCache,
     /// The latest Message ID sent to each endpoint, and when. Each endpoint
@@ -75,6 +84,9 @@ pub enum Reply<'a, K> {
     Reset(K),
     /// The response, piggybacked or separate: the exchange is over.
     Response(K, Message<'a>),
+    /// A CON or NON response with a registration's token (RFC 7641
+    /// section 3.2), not acknowledged yet: see [`Client::register`].
+    Notification(K, Message<'a>),
     /// Nothing for the caller: a stray, a repeated empty ACK, or a
     /// retransmitted separate response already handed over.
     Nothing,
@@ -98,6 +110,7 @@ impl<K: Clone + Eq + Hash> Client<K> {
             exchanges: HashMap::new(),
             by_mid: HashMap::new(),
             by_token: HashMap::new(),
+            listening: HashMap::new(),
             taken: DedupCache::new(TAKEN_PER_PEER, TAKEN_TOTAL),
             mids: HashMap::new(),
         }
@@ -120,14 +133,60 @@ impl<K: Clone + Eq + Hash> Client<K> {
     ) -> &[u8] {
         self.remove(&key);
         let mid = self.mid(endpoint, now);
-        let mut token = self.ids.token();
-        while self.by_token.contains_key(&(endpoint, token)) {
-            token = self.ids.token();
-        }
+        let token = self.new_token(endpoint);
         let mut datagram = Vec::new();
         message::encode(&mut datagram, CON, method, mid, &token, options, payload);
         self.by_token.insert((endpoint, token), key.clone());
         self.start(key, endpoint, mid, Some(token), datagram, now)
+    }
+
+    /// Starts the exchange `key` (ending any earlier one of that key): a
+    /// CON Observe registration (the caller puts the Observe option in
+    /// `options`), with `token` when it renews a relation (RFC 7641 section
+    /// 3.3.1: the same token updates it in place) or a new one. Responses
+    /// with the token that come separately, now and later, are
+    /// [`Reply::Notification`]s until [`Client::forget`]. Returns the token
+    /// and the datagram.
+    #[allow(clippy::too_many_arguments)]
+    pub fn register(
+        &mut self,
+        key: K,
+        endpoint: SocketAddr,
+        token: Option<Token>,
+        method: u8,
+        options: &[(u16, &[u8])],
+        now: Instant,
+    ) -> (Token, &[u8]) {
+        self.remove(&key);
+        let token = token.unwrap_or_else(|| self.new_token(endpoint));
+        let mid = self.mid(endpoint, now);
+        let mut datagram = Vec::new();
+        message::encode(&mut datagram, CON, method, mid, &token, options, &[]);
+        self.listening.insert((endpoint, token), key.clone());
+        // The token is kept for the piggybacked response's match, but not
+        // indexed: separate responses match through `listening`.
+        (
+            token,
+            self.start(key, endpoint, mid, Some(token), datagram, now),
+        )
+    }
+
+    /// A token no exchange or registration with `endpoint` uses.
+    fn new_token(&mut self, endpoint: SocketAddr) -> Token {
+        loop {
+            let token = self.ids.token();
+            let key = (endpoint, token);
+            if !self.by_token.contains_key(&key) && !self.listening.contains_key(&key) {
+                return token;
+            }
+        }
+    }
+
+    /// Stops listening for `token`'s notifications from `endpoint`: the
+    /// next one is rejected with RST, which ends the relation at the
+    /// device (RFC 7641 section 3.6).
+    pub fn forget(&mut self, endpoint: SocketAddr, token: Token) {
+        self.listening.remove(&(endpoint, token));
     }
 
     /// Starts the exchange `key` (ending any earlier one of that key): a
@@ -285,13 +344,20 @@ impl<K: Clone + Eq + Hash> Client<K> {
                     empty(out, ACK, msg.mid);
                     return Reply::Nothing;
                 }
-                let found = Token::try_from(msg.token)
-                    .ok()
-                    .and_then(|t| self.by_token.get(&(src, t)).cloned());
-                let Some(key) = found else {
-                    if msg.mtype == CON {
-                        empty(out, RST, msg.mid);
+                let token = Token::try_from(msg.token).ok();
+                if let Some(key) = token.and_then(|t| self.listening.get(&(src, t))) {
+                    let key = key.clone();
+                    // A registration answered separately: its exchange is over.
+                    if self.exchanges.get(&key).and_then(|e| e.token) == token {
+                        self.remove(&key);
                     }
+                    return Reply::Notification(key, *msg);
+                }
+                let found = token.and_then(|t| self.by_token.get(&(src, t)).cloned());
+                let Some(key) = found else {
+                    // Nobody waits for it: a late answer, or a notification
+                    // of a relation forgotten (RFC 7641 section 3.6).
+                    empty(out, RST, msg.mid);
                     return Reply::Nothing;
                 };
                 if msg.mtype == CON {
@@ -441,7 +507,7 @@ mod tests {
     }
 
     #[test]
-    fn unmatched_con_responses_are_reset_and_a_reset_ends_the_exchange() {
+    fn unmatched_responses_are_reset_and_a_reset_ends_the_exchange() {
         let mut c = client();
         let now = Instant::now();
         let (mid, _) = post(&mut c, "a", now);
@@ -454,7 +520,12 @@ mod tests {
         assert_eq!(Message::decode(&out).unwrap().mtype, RST);
         let stray_non = reply(NON, code::CONTENT, 10, &[1, 2, 3, 4]);
         c.receive(DEVICE, &Message::decode(&stray_non).unwrap(), now, &mut out);
-        assert!(out.is_empty(), "a NON that matches nothing is ignored");
+        assert_eq!(
+            Message::decode(&out).unwrap().mtype,
+            RST,
+            "a NON that matches nothing is rejected too (RFC 7641 section 3.6: \
+             it may be a notification of a relation the gateway forgot)"
+        );
         let rst = [0x70, 0, (mid >> 8) as u8, mid as u8];
         assert!(matches!(
             c.receive(DEVICE, &Message::decode(&rst).unwrap(), now, &mut out),
@@ -548,5 +619,45 @@ mod tests {
         assert_ne!(m1, m2);
         assert_ne!(t1, t2);
         assert_eq!(t1.len(), 4, "32 random bits (section 5.3.1)");
+    }
+
+    #[test]
+    fn a_registration_keeps_its_token_until_forgotten() {
+        let mut c = client();
+        let now = Instant::now();
+        let observe = [(option::OBSERVE, &[][..]), (option::URI_PATH, b"temp")];
+        let (token, sent) = c.register("w", DEVICE, None, code::GET, &observe, now);
+        let sent = Message::decode(sent).unwrap();
+        assert_eq!((sent.mtype, sent.token), (CON, &token[..]));
+        let mut out = Vec::new();
+        // An empty ACK, then the registration's answer as a separate CON.
+        let ack = [0x60, 0, (sent.mid >> 8) as u8, sent.mid as u8];
+        let got = c.receive(DEVICE, &Message::decode(&ack).unwrap(), now, &mut out);
+        assert!(matches!(got, Reply::Acknowledged("w")));
+        for (mtype, mid) in [(CON, 7), (NON, 8), (CON, 7)] {
+            let n = reply(mtype, code::CONTENT, mid, &token);
+            let got = c.receive(DEVICE, &Message::decode(&n).unwrap(), now, &mut out);
+            assert!(
+                matches!(got, Reply::Notification("w", m) if m.mid == mid),
+                "every notification, a retransmitted one too, goes to the caller"
+            );
+            assert!(out.is_empty(), "the caller acknowledges once it kept it");
+        }
+        assert!(!c.is_busy(&"w"), "the separate answer ended the exchange");
+        assert_eq!(c.next_deadline(), None);
+        // Renewing with the same token (RFC 7641 section 3.3.1).
+        let (again, _) = c.register("w", DEVICE, Some(token), code::GET, &observe, now);
+        assert_eq!(again, token);
+        c.forget(DEVICE, token);
+        for mtype in [CON, NON] {
+            let n = reply(mtype, code::CONTENT, 9, &token);
+            let got = c.receive(DEVICE, &Message::decode(&n).unwrap(), now, &mut out);
+            assert!(matches!(got, Reply::Nothing));
+            assert_eq!(
+                Message::decode(&out).unwrap().mtype,
+                RST,
+                "a forgotten relation's notification is rejected (section 3.6)"
+            );
+        }
     }
 }

@@ -31,8 +31,13 @@
 //! Method: POST, or the MQTT 5 user property `method` (GET, POST, PUT,
 //! DELETE). Responses carry the user property `coap-code` ("2.05", or
 //! "error" for a refusal or timeout, whose payload explains in JSON).
+//! Method `observe` / `unobserve` adds or removes a watch of the path on
+//! the device instead (`watching`: the gateway observing devices).
+//!
+//! The same task sends devices observing topics their notifications
+//! (`coap::observe`): one message layer, one Message ID counter per device.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::net::{SocketAddr, UdpSocket};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, RwLock};
@@ -47,6 +52,7 @@ use super::message::{self, code, option, Message};
 use super::observe::{self, Full, ObserveEvent, Observers, RelationId, Sequence, SharedObservers};
 use super::params::TransmissionParams;
 use super::request::{content_format, content_type};
+use super::watch::{SharedWatches, WatchId};
 use crate::config::DownlinkSettings;
 use crate::mapping::{Mapper, SharedMapper};
 use crate::mqtt::broker::{Broker, Delivery, Session};
@@ -68,7 +74,12 @@ enum Key {
     Command(String),
     /// The CON notification of an Observe relation.
     Notification(RelationId),
+    /// The registration of a watch: the gateway observing a device.
+    Watch(WatchId),
 }
+
+mod watching;
+pub use watching::Committed;
 
 /// Downlink counters: what happened to each command taken from the broker.
 #[derive(Debug, Default)]
@@ -114,11 +125,24 @@ pub struct DownlinkStats {
     /// endpoint task's session queue was full (its observers missed them).
     pub notifications_dropped: AtomicU64,
     pub observers: AtomicU64,
+    /// The gateway observing devices (`[[peer]] observe`, method
+    /// `observe`): registrations sent, notifications published, stale or
+    /// repeated ones dropped, relations lost (no notification within
+    /// Max-Age and a margin, an error answer, no answer, another endpoint),
+    /// notifications not published (no topic, storage refused), watches
+    /// refused (MAX_WATCHES), and the relations established now (a gauge).
+    pub watch_registrations: AtomicU64,
+    pub watch_notifications: AtomicU64,
+    pub watch_stale: AtomicU64,
+    pub watch_lost: AtomicU64,
+    pub watch_unpublished: AtomicU64,
+    pub watch_refused: AtomicU64,
+    pub watching: AtomicU64,
 }
 
 impl DownlinkStats {
     /// The snapshot's names that are gauges; the rest only grow.
-    pub const GAUGES: &'static [&'static str] = &["waiting", "observers"];
+    pub const GAUGES: &'static [&'static str] = &["waiting", "observers", "watching"];
 
     /// Every counter by name; [`Self::GAUGES`] are gauges, the rest only grow.
     pub fn snapshot(&self) -> Vec<(&'static str, u64)> {
@@ -143,6 +167,13 @@ impl DownlinkStats {
             ("notifications_skipped", f(&self.notifications_skipped)),
             ("notifications_dropped", f(&self.notifications_dropped)),
             ("observers", f(&self.observers)),
+            ("watch_registrations", f(&self.watch_registrations)),
+            ("watch_notifications", f(&self.watch_notifications)),
+            ("watch_stale", f(&self.watch_stale)),
+            ("watch_lost", f(&self.watch_lost)),
+            ("watch_unpublished", f(&self.watch_unpublished)),
+            ("watch_refused", f(&self.watch_refused)),
+            ("watching", f(&self.watching)),
         ]
     }
 }
@@ -168,22 +199,26 @@ impl LastSeen {
     /// than there are peers (so peers added and removed at run time do not
     /// pile up).
     ///
-    /// Returns true when the peer was asleep (the downlink holds commands
-    /// for it): the caller wakes the downlink.
-    pub fn note(&self, peer: &str, addr: SocketAddr, mapper: &Mapper) -> bool {
+    /// Returns news for the downlink when the peer was asleep (commands
+    /// wait for it) or is heard from at a new address (watches register
+    /// there); None when nothing changed.
+    pub fn note(&self, peer: &str, addr: SocketAddr, mapper: &Mapper) -> Option<Heard> {
         let awake = Seen {
             addr: Some(addr),
             asleep: false,
         };
         if self.0.read().unwrap().get(peer) == Some(&awake) {
-            return false;
+            return None;
         }
         let mut seen = self.0.write().unwrap();
         let was = seen.insert(peer.to_owned(), awake);
         if seen.len() > mapper.peer_count() {
             seen.retain(|name, _| mapper.peer_by_name(name).is_some());
         }
-        was.is_some_and(|w| w.asleep)
+        Some(Heard {
+            peer: peer.to_owned(),
+            woke: was.is_some_and(|w| w.asleep),
+        })
     }
 
     /// Holds commands for `peer` until it is heard from.
@@ -213,6 +248,31 @@ impl LastSeen {
     }
 }
 
+/// A peer heard from at a new address, or after it slept.
+#[derive(Debug)]
+pub struct Heard {
+    pub peer: String,
+    /// The downlink held commands for it.
+    pub woke: bool,
+}
+
+/// Devices observing topics and the gateway observing devices, as the
+/// endpoint task keeps them and `ctl observe ls` shows them.
+#[derive(Clone)]
+pub struct Relations {
+    pub observers: SharedObservers,
+    pub watches: SharedWatches,
+}
+
+impl Default for Relations {
+    fn default() -> Relations {
+        Relations {
+            observers: Arc::new(std::sync::Mutex::new(Observers::new(MAX_OBSERVERS))),
+            watches: Default::default(),
+        }
+    }
+}
+
 /// What the CoAP workers share with the downlink.
 #[derive(Clone)]
 pub struct DownlinkHandle {
@@ -221,8 +281,8 @@ pub struct DownlinkHandle {
     pub replies: mpsc::Sender<(SocketAddr, Bytes)>,
     /// Observe registrations and deregistrations.
     pub observe: mpsc::Sender<ObserveEvent>,
-    /// Peers the downlink held commands for, heard from again.
-    pub wakes: mpsc::Sender<String>,
+    /// Peers heard from again, or at a new address.
+    pub heard: mpsc::Sender<Heard>,
     pub sequence: Arc<Sequence>,
 }
 
@@ -268,6 +328,16 @@ pub struct Downlink {
     observed: Option<Arc<Session>>,
     /// Observe sequence numbers, shared with the workers.
     sequence: Arc<Sequence>,
+    /// The watches: the gateway observing devices.
+    watches: SharedWatches,
+    /// The mapper generation the watches follow.
+    watches_generation: Option<u64>,
+    /// CON notifications from watched devices whose publication is being
+    /// made durable: acknowledged once it is (never before, so a device
+    /// retransmits what was not kept), and not handled twice meanwhile.
+    committing: HashSet<(SocketAddr, u16)>,
+    committed: mpsc::UnboundedSender<Committed>,
+    committed_rx: Option<mpsc::UnboundedReceiver<Committed>>,
 }
 
 impl Downlink {
@@ -280,13 +350,14 @@ impl Downlink {
         shared: &DownlinkHandle,
         sockets: Vec<UdpSocket>,
         stats: Arc<DownlinkStats>,
-        observers: SharedObservers,
+        relations: Relations,
     ) -> Downlink {
         let params = TransmissionParams {
             ack_timeout: settings.ack_timeout,
             ack_random_factor: settings.ack_random_factor,
             max_retransmit: settings.max_retransmit,
         };
+        let (committed, committed_rx) = mpsc::unbounded_channel();
         Downlink {
             client: Client::new(params, settings.response_timeout),
             settings,
@@ -298,9 +369,14 @@ impl Downlink {
             in_flight: HashMap::new(),
             waiting: HashMap::new(),
             last_sweep: Instant::now(),
-            observers,
+            observers: relations.observers,
             observed: None,
             sequence: shared.sequence.clone(),
+            watches: relations.watches,
+            watches_generation: None,
+            committing: HashSet::new(),
+            committed,
+            committed_rx: Some(committed_rx),
         }
     }
 
@@ -308,8 +384,9 @@ impl Downlink {
         mut self,
         mut replies: mpsc::Receiver<(SocketAddr, Bytes)>,
         mut observe: mpsc::Receiver<ObserveEvent>,
-        mut wakes: mpsc::Receiver<String>,
+        mut heard: mpsc::Receiver<Heard>,
     ) {
+        let mut committed = self.committed_rx.take().expect("run once");
         let client_id = Bytes::from_static(b"$m2m-router/downlink");
         let Some(attached) = self.broker.attach(&client_id, true, false).await else {
             tracing::error!("downlink: could not attach to the broker");
@@ -336,8 +413,12 @@ impl Downlink {
         // Held commands expire even while nothing else happens.
         let mut expiry = tokio::time::interval(Duration::from_secs(1));
         expiry.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        self.sync_watches();
         loop {
-            let next = self.client.next_deadline();
+            let next = match (self.client.next_deadline(), self.next_watch_due()) {
+                (Some(a), Some(b)) => Some(a.min(b)),
+                (a, b) => a.or(b),
+            };
             let wake = tokio::time::Instant::from_std(
                 next.unwrap_or_else(|| Instant::now() + Duration::from_secs(3600)),
             );
@@ -345,17 +426,27 @@ impl Downlink {
                 d = commands.pop() => self.command(d),
                 Some((src, datagram)) = replies.recv() => self.reply(src, &datagram),
                 Some(event) = observe.recv() => self.observe_event(event),
-                Some(peer) = wakes.recv() => {
-                    count(&self.stats.wakes);
-                    self.next_of(&peer);
+                Some(heard) = heard.recv() => {
+                    if heard.woke {
+                        count(&self.stats.wakes);
+                        self.next_of(&heard.peer);
+                    }
+                    self.watch_heard_from(&heard.peer);
                 }
-                _ = expiry.tick() => self.expire_waiting(),
+                Some(c) = committed.recv() => self.watch_committed(c),
+                _ = expiry.tick() => {
+                    self.expire_waiting();
+                    self.sync_watches();
+                }
                 d = observed.queue.pop() => {
                     self.dispatch(d);
                     let dropped = observed.dropped.load(Ordering::Relaxed);
                     self.stats.notifications_dropped.store(dropped, Ordering::Relaxed);
                 }
-                _ = tokio::time::sleep_until(wake), if next.is_some() => self.timeouts(),
+                _ = tokio::time::sleep_until(wake), if next.is_some() => {
+                    self.timeouts();
+                    self.watches_due();
+                }
             }
         }
     }
@@ -408,13 +499,18 @@ impl Downlink {
                         e.min(self.settings.command_ttl)
                     }),
         };
+        if let Some(m @ ("OBSERVE" | "UNOBSERVE")) = method_name.as_deref() {
+            return self.watch_command(&command, m == "OBSERVE");
+        }
         command.method = match method_name.as_deref() {
             None | Some("POST") => code::POST,
             Some("GET") => code::GET,
             Some("PUT") => code::PUT,
             Some("DELETE") => code::DELETE,
             Some(other) => {
-                let why = format!("method {other:?} is not one of GET, POST, PUT, DELETE");
+                let why = format!(
+                    "method {other:?} is not one of GET, POST, PUT, DELETE, OBSERVE, UNOBSERVE"
+                );
                 return self.refuse(&command, &why);
             }
         };
@@ -690,6 +786,10 @@ impl Downlink {
         {
             let peer = match key {
                 Key::Command(peer) => peer,
+                Key::Watch(id) => {
+                    self.watch_failed(id, "no answer to the registration");
+                    continue;
+                }
                 Key::Notification(id) => {
                     // RFC 7641 section 4.5: an observer that does not
                     // acknowledge a CON notification is gone.
@@ -730,6 +830,12 @@ impl Downlink {
             send(&self.sockets, src, &out);
         }
         let (peer, answer) = match reply {
+            Reply::Response(Key::Watch(id), m) => return self.watched(id, src, &m, false),
+            Reply::Notification(Key::Watch(id), m) => return self.watched(id, src, &m, true),
+            Reply::Reset(Key::Watch(id)) => {
+                return self.watch_failed(id, "the device reset the registration (RST)")
+            }
+            Reply::Acknowledged(Key::Watch(_)) | Reply::Notification(..) => return,
             Reply::Acknowledged(Key::Notification(id)) => return self.acknowledged(id),
             Reply::Reset(Key::Notification(id)) => {
                 count(&self.stats.observe_ended);

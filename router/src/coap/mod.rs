@@ -10,7 +10,11 @@
 //! On top of it:
 //! - `request`: a request's options;
 //! - `uplink`: the server side, what a worker does with each datagram;
-//! - `downlink`: MQTT commands to devices, through the client.
+//! - `block`: block-wise transfers (RFC 7959);
+//! - `observe`: devices observing topics (RFC 7641, the server's side);
+//! - `watch`: the gateway observing devices (RFC 7641, the client's side);
+//! - `downlink`: the endpoint task: MQTT commands to devices, notifications
+//!   to observing devices and watches on devices, through the client.
 
 pub mod block;
 pub mod client;
@@ -22,3 +26,4 @@ pub mod observe;
 pub mod params;
 pub mod request;
 pub mod uplink;
+pub mod watch;

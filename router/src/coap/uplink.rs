@@ -230,9 +230,11 @@ impl Uplink {
             (CON | NON, _) if msg.is_request() => {
                 if let Some(d) = &self.downlink {
                     if let Some(peer) = self.mapper.peer(src.ip()) {
-                        if d.last_seen.note(&peer.name, src, &self.mapper) {
-                            // Commands wait for this peer: it is awake.
-                            let _ = d.wakes.try_send(peer.name.clone());
+                        if let Some(heard) = d.last_seen.note(&peer.name, src, &self.mapper) {
+                            // Commands or watches wait for this peer. A news
+                            // lost to a full channel: the downlink's 1 s
+                            // sweep finds waiting commands; watches retry.
+                            let _ = d.heard.try_send(heard);
                         }
                     }
                 }

@@ -130,6 +130,23 @@ fn human(command: &str, v: &Value) -> String {
                     r["topic"].as_str().unwrap_or("")
                 ));
             }
+            // The other direction: the gateway observing devices.
+            out.push_str(&format!(
+                "\n{:<16} {:<24} {:<12} {:<24} {:>8} {:>13} {}\n",
+                "PEER", "PATH", "STATE", "ENDPOINT", "AGE_S", "NOTIFICATIONS", "TOPIC"
+            ));
+            for w in v["watches"].as_array().into_iter().flatten() {
+                out.push_str(&format!(
+                    "{:<16} {:<24} {:<12} {:<24} {:>8} {:>13} {}\n",
+                    w["peer"].as_str().unwrap_or(""),
+                    w["path"].as_str().unwrap_or(""),
+                    w["state"].as_str().unwrap_or(""),
+                    w["endpoint"].as_str().unwrap_or("-"),
+                    w["age_s"].as_u64().unwrap_or(0),
+                    w["notifications"].as_u64().unwrap_or(0),
+                    w["topic"].as_str().unwrap_or("")
+                ));
+            }
         }
         _ => flatten("", v, &mut out),
     }

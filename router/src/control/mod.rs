@@ -167,8 +167,11 @@ impl Control {
             }
             "observe.ls" => {
                 let _: Empty = args(args_value, command)?;
-                let list = self.running.observers.lock().unwrap().list(std::time::Instant::now());
-                Ok(json!({ "observers": list }))
+                let now = std::time::Instant::now();
+                let relations = &self.running.relations;
+                let observers = relations.observers.lock().unwrap().list(now);
+                let watches = relations.watches.lock().unwrap().list(now);
+                Ok(json!({ "observers": observers, "watches": watches }))
             }
             "upstream.ls" => {
                 let _: Empty = args(args_value, command)?;

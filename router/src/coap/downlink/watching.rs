@@ -1,0 +1,435 @@
+//! The gateway observing devices: the endpoint task's side of
+//! `coap::watch`. It registers each watch on its peer's endpoint (the
+//! configured one, else the latest uplink source, as commands do), and
+//! publishes every fresh notification on the topic a POST of that path
+//! from that endpoint maps to, so subscribers see device data the same way
+//! whether the device pushed it by POST or by Observe. A CON notification
+//! is acknowledged only once its publication is durable (invariant 1).
+
+use std::net::SocketAddr;
+use std::sync::atomic::Ordering;
+use std::time::Instant;
+
+use bytes::Bytes;
+
+use super::{count, send, Command, Downlink, Key};
+use crate::coap::client;
+use crate::coap::message::{self, code, option, Message, ACK, CON};
+use crate::coap::request::content_type;
+use crate::coap::watch::{self, Fresh, Origin, WatchId, Watches, DEFAULT_MAX_AGE};
+use crate::mapping;
+use crate::mqtt::Message as MqttMessage;
+
+/// Notifications whose publication is being made durable, at most: past
+/// it a CON notification is left unacknowledged, so the device sends it
+/// again later.
+const MAX_COMMITTING: usize = 4096;
+
+/// What became of a notification handed to the broker.
+enum Publish {
+    /// Staged: durable once the ticket's commit succeeds (None: already).
+    Staged(Option<crate::mqtt::sink::Ticket>),
+    /// It can never be published (no topic for it, a partial value).
+    Never(String),
+    /// Storage refused it for now.
+    Refused,
+}
+
+/// A notification's publication made durable, or not.
+pub struct Committed {
+    id: WatchId,
+    src: SocketAddr,
+    mid: u16,
+    seq: Option<u32>,
+    before: Option<(u32, Instant)>,
+    ok: bool,
+}
+
+impl Downlink {
+    fn watches(&self) -> std::sync::MutexGuard<'_, Watches> {
+        self.watches.lock().unwrap()
+    }
+
+    pub(super) fn next_watch_due(&self) -> Option<Instant> {
+        self.watches().next_due()
+    }
+
+    /// Follows `[[peer]] observe` when the configuration changed.
+    pub(super) fn sync_watches(&mut self) {
+        let (generation, mapper) = self.mappers.load();
+        if self.watches_generation == Some(generation) {
+            return;
+        }
+        self.watches_generation = Some(generation);
+        let configured = mapper.peers().filter(|p| !p.deny).flat_map(|p| {
+            p.observe
+                .iter()
+                .map(move |path| (p.name.as_str(), path.as_str()))
+        });
+        let exists = |peer: &str| mapper.peer_by_name(peer).is_some_and(|p| !p.deny);
+        let (removed, refused) = self.watches().sync(configured, exists, Instant::now());
+        for (id, w) in removed {
+            self.drop_watch(id, &w);
+        }
+        if refused > 0 {
+            tracing::warn!(
+                refused,
+                max = watch::MAX_WATCHES,
+                "observe: too many watches"
+            );
+            self.stats
+                .watch_refused
+                .fetch_add(refused as u64, Ordering::Relaxed);
+        }
+        self.update_watching();
+    }
+
+    /// Ends watch `id`'s exchange and relation: the device's next
+    /// notification is answered RST (RFC 7641 section 3.6).
+    fn drop_watch(&mut self, id: WatchId, w: &watch::Watch) {
+        self.client.cancel(&Key::Watch(id));
+        if let (Some(endpoint), Some(token)) = (w.endpoint, w.token) {
+            self.client.forget(endpoint, token);
+        }
+    }
+
+    /// Registers (or renews) the watches whose time came.
+    pub(super) fn watches_due(&mut self) {
+        let now = Instant::now();
+        let due = self.watches().due(now);
+        for id in due {
+            let lost = self
+                .watches()
+                .get_mut(id)
+                .is_some_and(|w| w.state == watch::State::Observing);
+            if lost {
+                count(&self.stats.watch_lost);
+                self.log_watch(id, "no notification within Max-Age: registering again");
+            }
+            self.register_watch(id, now);
+        }
+    }
+
+    /// Sends watch `id`'s registration: GET with Observe 0 (RFC 7641
+    /// section 3.1), renewing the relation's token at the same endpoint.
+    fn register_watch(&mut self, id: WatchId, now: Instant) {
+        let (_, mapper) = self.mappers.load();
+        let mut watches = self.watches.lock().unwrap();
+        let Some(w) = watches.get_mut(id) else {
+            return;
+        };
+        let endpoint = mapper
+            .peer_by_name(&w.peer)
+            .filter(|p| !p.deny)
+            .and_then(|p| p.endpoint.or_else(|| self.last_seen.get(&w.peer)));
+        let Some(endpoint) = endpoint else {
+            return w.unreachable();
+        };
+        let mut token = w.token;
+        if w.endpoint != Some(endpoint) {
+            // Another endpoint: the old relation is dropped there.
+            if let (Some(old), Some(t)) = (w.endpoint, w.token) {
+                self.client.forget(old, t);
+            }
+            token = None;
+        }
+        let mut opts: Vec<(u16, &[u8])> = vec![(option::OBSERVE, &[])];
+        opts.extend(w.segments().map(|s| (option::URI_PATH, s.as_bytes())));
+        let (token, datagram) =
+            self.client
+                .register(Key::Watch(id), endpoint, token, code::GET, &opts, now);
+        send(&self.sockets, endpoint, datagram);
+        w.registering(endpoint, token);
+        count(&self.stats.watch_registrations);
+    }
+
+    /// The device of `peer` was heard from: its waiting watches, and those
+    /// with a relation at another endpoint, register now.
+    pub(super) fn watch_heard_from(&mut self, peer: &str) {
+        let Some(endpoint) = self.last_seen.get(peer) else {
+            return;
+        };
+        let (_, mapper) = self.mappers.load();
+        if mapper
+            .peer_by_name(peer)
+            .is_some_and(|p| p.endpoint.is_some())
+        {
+            return; // a configured endpoint does not move
+        }
+        let ids = self.watches().of(peer);
+        let now = Instant::now();
+        for id in ids {
+            let register = self
+                .watches()
+                .get_mut(id)
+                .is_some_and(|w| w.heard_from(endpoint));
+            if register {
+                self.register_watch(id, now);
+            }
+        }
+    }
+
+    /// The registration of watch `id` failed, or its relation ended.
+    pub(super) fn watch_failed(&mut self, id: WatchId, why: &str) {
+        count(&self.stats.watch_lost);
+        self.log_watch(id, why);
+        let mut watches = self.watches.lock().unwrap();
+        if let Some(w) = watches.get_mut(id) {
+            if let (Some(endpoint), Some(token)) = (w.endpoint, w.token) {
+                self.client.forget(endpoint, token);
+            }
+            w.token = None;
+            w.failed(Instant::now());
+        }
+        drop(watches);
+        self.update_watching();
+    }
+
+    fn log_watch(&self, id: WatchId, why: &str) {
+        if let Some(w) = self.watches().get_mut(id) {
+            tracing::info!(peer = %w.peer, path = %w.path, endpoint = ?w.endpoint, "observe: {why}");
+        }
+    }
+
+    fn update_watching(&self) {
+        let observing = self.watches().observing();
+        self.stats
+            .watching
+            .store(observing as u64, Ordering::Relaxed);
+    }
+
+    /// A response to watch `id`'s registration (piggybacked, `separate`
+    /// false) or one of its notifications (`separate`: a CON one is to be
+    /// acknowledged).
+    pub(super) fn watched(&mut self, id: WatchId, src: SocketAddr, msg: &Message, separate: bool) {
+        let con = separate && msg.mtype == CON;
+        if con && self.committing.contains(&(src, msg.mid)) {
+            return; // retransmitted while the first copy is being kept
+        }
+        let now = Instant::now();
+        let option_value = |number| {
+            msg.options()
+                .find(|(n, _)| *n == number)
+                .and_then(|(_, v)| message::uint_option(v))
+        };
+        // RFC 7641 section 3.2: a response other than 2.xx ends the relation.
+        if msg.code >> 5 != 2 {
+            if con {
+                self.ack(src, msg.mid);
+            }
+            let why = format!("the device answered {}", super::coap_code(msg.code));
+            return self.watch_failed(id, &why);
+        }
+        let seq = option_value(option::OBSERVE);
+        let max_age = option_value(option::MAX_AGE).unwrap_or(DEFAULT_MAX_AGE);
+        let fresh = self.watches().get_mut(id).map(|w| {
+            (
+                w.notified(seq, max_age, now),
+                w.peer.clone(),
+                w.path.clone(),
+            )
+        });
+        self.update_watching();
+        let (before, path) = match fresh {
+            None => return, // removed meanwhile; its token is forgotten
+            Some((Fresh::No, ..)) => {
+                count(&self.stats.watch_stale);
+                if con {
+                    self.ack(src, msg.mid);
+                }
+                return;
+            }
+            Some((Fresh::Yes(before), _, path)) => (before, path),
+        };
+        // A value in Block2 blocks would be published in part: it is not
+        // published (RFC 7959 section 3.4 would have it fetched with GET).
+        let blockwise = msg
+            .options()
+            .find(|(n, _)| *n == option::BLOCK2)
+            .and_then(|(_, v)| crate::coap::block::Block::parse(v))
+            .is_some_and(|b| b.more);
+        let published = if blockwise {
+            Publish::Never("a notification in Block2 blocks".to_owned())
+        } else {
+            self.publish_watched(id, src, &path, msg)
+        };
+        match published {
+            Publish::Staged(Some(ticket)) if con && self.committing.len() < MAX_COMMITTING => {
+                self.committing.insert((src, msg.mid));
+                let (broker, done) = (self.broker.clone(), self.committed.clone());
+                let mid = msg.mid;
+                tokio::spawn(async move {
+                    let ok = broker.commit_async(ticket).await.is_ok();
+                    let _ = done.send(Committed {
+                        id,
+                        src,
+                        mid,
+                        seq,
+                        before,
+                        ok,
+                    });
+                });
+            }
+            // Too many commits waiting, or storage refused it: not
+            // acknowledged, so the device sends it again, fresh again then.
+            Publish::Staged(Some(_)) if con => self.unpublished(id, seq, before),
+            Publish::Refused => self.unpublished(id, seq, before),
+            Publish::Staged(_) => {
+                count(&self.stats.watch_notifications);
+                if con {
+                    self.ack(src, msg.mid);
+                }
+            }
+            Publish::Never(why) => {
+                // Never publishable: acknowledged (the device must not
+                // retry it forever) and counted.
+                tracing::warn!(%src, %path, "observe: notification not published: {why}");
+                count(&self.stats.watch_unpublished);
+                if con {
+                    self.ack(src, msg.mid);
+                }
+            }
+        }
+    }
+
+    /// Publishes a notification where a POST of the watched path from
+    /// `src` goes. Ok(ticket) once staged; Err for what can never be
+    /// published. A storage refusal counts as not kept: the notification
+    /// is fresh again when the device retransmits it.
+    fn publish_watched(
+        &mut self,
+        id: WatchId,
+        src: SocketAddr,
+        path: &str,
+        msg: &Message,
+    ) -> Publish {
+        let (_, mapper) = self.mappers.load();
+        let segments: Vec<&str> = path.split('/').collect();
+        let req = mapping::Request {
+            src,
+            method: code::POST,
+            path: &segments,
+        };
+        let mut topic = String::new();
+        let delivery = match mapper.map(&req, &mut topic) {
+            Ok(d) => d,
+            Err(e) => return Publish::Never(e.message().to_owned()),
+        };
+        let format = msg
+            .options()
+            .find(|(n, _)| *n == option::CONTENT_FORMAT)
+            .and_then(|(_, v)| message::uint_option(v));
+        let message = MqttMessage {
+            topic: Bytes::from(topic.clone()),
+            payload: Bytes::copy_from_slice(msg.payload),
+            qos: delivery.qos,
+            retain: delivery.retain,
+            content_type: format
+                .and_then(|f| content_type(f as u16))
+                .map(|t| Bytes::from_static(t.as_bytes())),
+            properties: None,
+        };
+        match self.broker.publish_deferred(message, None) {
+            Ok(ticket) => {
+                if let Some(w) = self.watches().get_mut(id) {
+                    w.topic = Some(topic);
+                }
+                Publish::Staged(ticket)
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::InvalidInput => Publish::Never(e.to_string()),
+            Err(e) => {
+                tracing::warn!(%src, %path, %e, "observe: storage refused a notification");
+                Publish::Refused
+            }
+        }
+    }
+
+    fn unpublished(&mut self, id: WatchId, seq: Option<u32>, before: Option<(u32, Instant)>) {
+        count(&self.stats.watch_unpublished);
+        if let (Some(seq), Some(w)) = (seq, self.watches().get_mut(id)) {
+            w.unpublished(seq, before);
+        }
+    }
+
+    /// A notification's publication was made durable (acknowledge it) or
+    /// not (leave it unacknowledged: the device sends it again).
+    pub(super) fn watch_committed(&mut self, c: Committed) {
+        self.committing.remove(&(c.src, c.mid));
+        if c.ok {
+            count(&self.stats.watch_notifications);
+            self.ack(c.src, c.mid);
+        } else {
+            self.unpublished(c.id, c.seq, c.before);
+        }
+    }
+
+    fn ack(&self, to: SocketAddr, mid: u16) {
+        let mut out = Vec::with_capacity(4);
+        client::empty(&mut out, ACK, mid);
+        send(&self.sockets, to, &out);
+    }
+
+    /// An MQTT command with method `observe` (`start`) or `unobserve` on
+    /// `<command_prefix>/<peer>/<path>`: adds or removes the watch, and
+    /// answers on the response topic at once ("observing" or "unobserved").
+    pub(super) fn watch_command(&mut self, command: &Command, start: bool) {
+        let (_, mapper) = self.mappers.load();
+        match mapper.peer_by_name(&command.peer) {
+            None => {
+                return self.refuse(command, "unknown peer: only configured peers are observed")
+            }
+            Some(p) if p.deny => return self.refuse(command, "the peer is denied by policy"),
+            Some(_) => {}
+        }
+        if command.path.is_empty() {
+            return self.refuse(command, "the command topic names no path to observe");
+        }
+        let path = command.path.join("/");
+        let now = Instant::now();
+        let answer = if start {
+            let added = self
+                .watches()
+                .add(&command.peer, &path, Origin::Command, now);
+            let Ok(id) = added else {
+                count(&self.stats.watch_refused);
+                return self.refuse(command, "too many watches");
+            };
+            let idle = self
+                .watches()
+                .get_mut(id)
+                .is_some_and(|w| w.state == watch::State::Idle);
+            if idle {
+                self.register_watch(id, now);
+            }
+            "observing"
+        } else {
+            let found = self.watches().find(&command.peer, &path);
+            let configured = found
+                .and_then(|id| {
+                    self.watches()
+                        .get_mut(id)
+                        .map(|w| w.origin == Origin::Config)
+                })
+                .unwrap_or(false);
+            if configured {
+                return self.refuse(
+                    command,
+                    "the path is observed by the configuration ([[peer]] observe)",
+                );
+            }
+            let removed = found.and_then(|id| self.watches().remove(id).map(|w| (id, w)));
+            if let Some((id, w)) = removed {
+                self.drop_watch(id, &w);
+            }
+            self.update_watching();
+            "unobserved"
+        };
+        let body = serde_json::json!({ "peer": command.peer, "path": path });
+        self.respond(
+            command,
+            answer,
+            Bytes::from(body.to_string()),
+            Some("application/json"),
+        );
+    }
+}
