@@ -77,6 +77,48 @@ impl Gateway {
         )
     }
 
+    /// mosquitto_sub, subscribed (the broker counts it) to `topic`: it
+    /// prints the first message's payload raw (-N: no newline) and exits;
+    /// -W bounds its wait.
+    fn first_message_raw(&self, topic: &str) -> std::process::Child {
+        let subscriptions = |d: &Daemon| d.counter("mqtt", "subscriptions");
+        let before = subscriptions(&self.daemon);
+        let sub = self
+            .topo
+            .gw
+            .command("mosquitto_sub")
+            .args(["-h", "127.0.0.1", "-t", topic, "-C", "1", "-N", "-W", "120"])
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .expect("mosquitto_sub (Debian package mosquitto-clients)");
+        assert!(
+            wait_for(DEADLINE, || subscriptions(&self.daemon) > before),
+            "mosquitto_sub did not subscribe"
+        );
+        sub
+    }
+
+    /// aiocoap (`tests/peers/aiocoap_transfer.py`) in the device namespace:
+    /// `method` "post" sends `file`, "get" writes the answer to it. Returns
+    /// the response code it printed.
+    fn aiocoap(&self, method: &str, uri: &str, file: &str) -> String {
+        let out = self
+            .topo
+            .dev
+            .command(&m2m_router_tests::aiocoap_python())
+            .arg(m2m_router_tests::kit_file("peers/aiocoap_transfer.py"))
+            .args([method, uri, file])
+            .output()
+            .expect("running aiocoap");
+        let stdout = String::from_utf8_lossy(&out.stdout).trim().to_owned();
+        assert!(
+            out.status.success(),
+            "aiocoap {method} {uri}: {stdout}\n{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        stdout
+    }
+
     /// A UDP socket of the device side, talking to the gateway's CoAP port.
     fn device(&self, src: IpAddr) -> (UdpSocket, SocketAddr) {
         let sock = self.topo.device_socket(src);
@@ -208,32 +250,7 @@ fn a_body_in_64_byte_blocks_arrives_whole_and_reads_back_in_blocks() {
         .map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8)
         .collect();
     let file = TempPath::with_contents("block1", "bin", &body);
-    // mosquitto_sub prints the first message's payload raw (-N: no
-    // newline) and exits; -W bounds its wait.
-    let subscriptions = |d: &Daemon| d.counter("mqtt", "subscriptions");
-    let before = subscriptions(&gw.daemon);
-    let sub = gw
-        .topo
-        .gw
-        .command("mosquitto_sub")
-        .args([
-            "-h",
-            "127.0.0.1",
-            "-t",
-            "m2m/meter/log",
-            "-C",
-            "1",
-            "-N",
-            "-W",
-            "120",
-        ])
-        .stdout(std::process::Stdio::piped())
-        .spawn()
-        .expect("mosquitto_sub (Debian package mosquitto-clients)");
-    assert!(
-        wait_for(DEADLINE, || subscriptions(&gw.daemon) > before),
-        "mosquitto_sub did not subscribe"
-    );
+    let sub = gw.first_message_raw("m2m/meter/log");
     let a4 = DEV_V4[0].to_string();
     let uri = format!("coap://{GW_V4}/log");
     let trace = gw.coap_client_for(
@@ -278,6 +295,65 @@ fn a_body_in_64_byte_blocks_arrives_whole_and_reads_back_in_blocks() {
         read.len(),
         tail(&trace)
     );
+    gw.daemon.stop();
+}
+
+/// aiocoap, a stock client that sends bodies over 1024 bytes in Block1
+/// blocks (RFC 7959), uploads one whole, its 1024-byte blocks taken
+/// although `max_payload` is 512 here; and reads a retained value larger
+/// than a block through the pubsub prefix, in Block2 blocks it reassembles.
+#[test]
+fn aiocoap_uploads_in_block1_and_reads_a_large_retained_value_in_block2() {
+    let gw = Gateway::start(
+        "aiocoap",
+        &config("publish = [\"big/#\"]\nsubscribe = [\"big/#\"]"),
+    );
+    let body: Vec<u8> = (0..20_000u32)
+        .map(|i| (i.wrapping_mul(2_654_435_761) >> 11) as u8)
+        .collect();
+    let file = TempPath::with_contents("aiocoap-up", "bin", &body);
+    let sub = gw.first_message_raw("big/upload");
+    let code = gw.aiocoap(
+        "post",
+        &format!("coap://{GW_V4}/ps/big/upload"),
+        file.as_str(),
+    );
+    assert_eq!(code, "2.04 Changed");
+    let out = sub.wait_with_output().unwrap();
+    assert!(
+        out.stdout == body,
+        "the body differs: {} bytes arrived",
+        out.stdout.len()
+    );
+    assert!(gw.daemon.counter("coap", "blocks") >= 20, "sent in blocks");
+    assert_eq!(gw.daemon.counter("coap", "bodies"), 1);
+
+    // A retained value of 100 KB, published by an MQTT client.
+    let value: Vec<u8> = body
+        .iter()
+        .cycle()
+        .take(100 * 1024)
+        .map(|b| b ^ 0x5a)
+        .collect();
+    let value_file = TempPath::with_contents("aiocoap-retained", "bin", &value);
+    let published = gw
+        .topo
+        .gw
+        .command("mosquitto_pub")
+        .args(["-h", "127.0.0.1", "-q", "1", "-r", "-t", "big/retained"])
+        .args(["-f", value_file.as_str()])
+        .status()
+        .expect("mosquitto_pub");
+    assert!(published.success());
+    let back = TempPath::with_contents("aiocoap-back", "bin", "");
+    let code = gw.aiocoap(
+        "get",
+        &format!("coap://{GW_V4}/ps/big/retained"),
+        back.as_str(),
+    );
+    assert_eq!(code, "2.05 Content");
+    let read = std::fs::read(&*back).unwrap();
+    assert!(read == value, "GET read {} bytes", read.len());
     gw.daemon.stop();
 }
 

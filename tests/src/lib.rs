@@ -32,6 +32,29 @@ pub fn require_root() {
     }
 }
 
+/// The Python interpreter with aiocoap 0.4.17 (PyPI) that `cargo xtask
+/// test` installs and names in `M2M_TEST_PYTHON`; fails the calling test
+/// with the reason when there is none.
+pub fn aiocoap_python() -> String {
+    let python = std::env::var("M2M_TEST_PYTHON").unwrap_or_else(|_| {
+        panic!(
+            "M2M_TEST_PYTHON is not set: this test runs aiocoap (PyPI) as the device; \
+             `cargo xtask test` installs it into a venv and sets the variable"
+        )
+    });
+    let ok = std::process::Command::new(&python)
+        .args(["-c", "import aiocoap"])
+        .status()
+        .is_ok_and(|s| s.success());
+    assert!(ok, "{python} cannot import aiocoap (M2M_TEST_PYTHON)");
+    python
+}
+
+/// A file of the test kit's own, e.g. `peers/aiocoap_transfer.py`.
+pub fn kit_file(name: &str) -> String {
+    format!("{}/{name}", env!("CARGO_MANIFEST_DIR"))
+}
+
 /// A tiny deterministic PRNG (xorshift64*), so failures reproduce.
 pub struct Rng(u64);
 

@@ -146,15 +146,22 @@ fn bench_peers() -> Result<()> {
             "node-red-contrib-coap@0.6.0",
         ]))?;
     }
-    let venv = peers.join("venv");
+    ensure_python_peers().map(drop)
+}
+
+/// A Python venv with aiocoap and paho-mqtt (PyPI), for the benchmarks'
+/// peers and the tests that use aiocoap as a device; returns its python.
+fn ensure_python_peers() -> Result<PathBuf> {
+    let venv = tools_root().parent().unwrap().join("peers").join("venv");
     let python = venv.join("bin/python");
     let ready = Command::new(&python)
         .args(["-c", "import aiocoap, paho.mqtt"])
         .output()
         .is_ok_and(|o| o.status.success());
     if ready {
-        return Ok(());
+        return Ok(python);
     }
+    ensure_packages(&["python3-venv"])?;
     step(&format!(
         "installing aiocoap 0.4.17 and paho-mqtt 2.2 into {}",
         venv.display()
@@ -167,7 +174,8 @@ fn bench_peers() -> Result<()> {
         "-q",
         "aiocoap==0.4.17",
         "paho-mqtt==2.2.*",
-    ]))
+    ]))?;
+    Ok(python)
 }
 
 /// Runs the benchmarks (root: namespaces and XDP) and rewrites the
@@ -244,11 +252,14 @@ fn test(extra: &[OsString]) -> Result<()> {
     // target alone; router/build.rs builds it and the tests load it.
     cargo(&["clippy", "--all-targets", "--", "-D", "warnings"])?;
     step("running every test, the privileged ones included");
+    // aiocoap is a device in the tests, as libcoap's clients are.
+    let python = ensure_python_peers()?;
     let mut args: Vec<OsString> = ["test"].iter().map(Into::into).collect();
     args.extend(extra.iter().cloned());
     let status = Command::new(cargo_bin())
         .current_dir(workspace())
         .args(&args)
+        .env("M2M_TEST_PYTHON", &python)
         .status()
         .context("running cargo test")?;
     if !status.success() {
