@@ -280,7 +280,7 @@ impl Uplink {
                 // ends in 4.08. The body is bounded by max_body.
                 code::POST | code::PUT
                     if msg.payload.len() > self.config.max_payload
-                        && !req.block1.is_some_and(|b| msg.payload.len() <= b.size()) =>
+                        && req.block1.is_none_or(|b| msg.payload.len() > b.size()) =>
                 {
                     return self.too_large(msg, req.block1, out);
                 }
