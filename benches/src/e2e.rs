@@ -34,9 +34,9 @@ use std::time::{Duration, Instant};
 use benches::cpu::Sample;
 use benches::load::{self, Family, LoadSpec, LEGIT_V4_PREFIX};
 use benches::subscriber;
+use benches::systems::{start_aiocoap, start_router};
 use clap::Parser;
-use m2m_router_tests::daemon::Daemon;
-use m2m_router_tests::netns::{Topology, DEV_IF, GW_IF, GW_V4, GW_V6};
+use m2m_router_tests::netns::{Topology, DEV_IF, GW_V4, GW_V6};
 
 #[derive(Parser, Debug)]
 #[command(about = "End-to-end CoAP -> MQTT load through one system under test")]
@@ -81,29 +81,6 @@ struct Args {
     /// Show the router's log and final counters.
     #[arg(long)]
     verbose: bool,
-}
-
-/// The Python aiocoap bridge in the gateway namespace, once it says ready.
-fn start_aiocoap(topo: &Topology) -> std::process::Child {
-    let venv = std::env::var("M2M_PEERS_VENV").unwrap_or_else(|_| {
-        format!(
-            "{}/.cache/m2m-router/peers/venv",
-            std::env::var("HOME").unwrap_or_default()
-        )
-    });
-    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/peers/aiocoap_bridge.py");
-    let mut child = topo
-        .gw
-        .command(&format!("{venv}/bin/python"))
-        .args([script, "0.0.0.0", "5683", "1885"])
-        .stdout(std::process::Stdio::piped())
-        .spawn()
-        .expect("the aiocoap venv (cargo xtask bench-peers)");
-    let mut line = String::new();
-    let stdout = child.stdout.take().unwrap();
-    std::io::BufRead::read_line(&mut std::io::BufReader::new(stdout), &mut line).unwrap();
-    assert_eq!(line.trim(), "ready", "the aiocoap bridge did not start");
-    child
 }
 
 /// The Node-RED flow in the gateway namespace, once it runs and is
@@ -225,9 +202,6 @@ fn router_config(args: &Args, spool: &std::path::Path) -> String {
 fn main() {
     let args = Args::parse();
     let sink = args.sink.as_str();
-    let bin = std::env::var("M2M_ROUTER_BIN").unwrap_or_else(|_| {
-        concat!(env!("CARGO_MANIFEST_DIR"), "/../target/release/m2m-router").into()
-    });
     let topo = Topology::new("e2e");
     load::route_devices(&topo);
     let config = std::env::temp_dir().join(format!("m2m-e2e-{}.toml", std::process::id()));
@@ -252,7 +226,7 @@ fn main() {
     let (daemon, mut peer, pid) = match sink {
         "aiocoap" | "node-red" => {
             let peer = if sink == "aiocoap" {
-                start_aiocoap(&topo)
+                start_aiocoap(&topo, 1885)
             } else {
                 start_node_red(&topo)
             };
@@ -260,26 +234,7 @@ fn main() {
             (None, Some(peer), pid)
         }
         _ => {
-            let daemon = Daemon::running(
-                &topo.gw,
-                &bin,
-                &[
-                    "--iface",
-                    GW_IF,
-                    "--xdp-mode",
-                    xdp_mode,
-                    "--config",
-                    config.to_str().unwrap(),
-                ],
-            );
-            let pid: u32 = daemon
-                .seen
-                .iter()
-                .find_map(|l| {
-                    l.rsplit_once("pid=")
-                        .and_then(|(_, p)| p.trim().parse().ok())
-                })
-                .expect("daemon pid");
+            let (daemon, pid) = start_router(&topo, xdp_mode, config.to_str().unwrap());
             (Some(daemon), None, pid)
         }
     };

@@ -1,7 +1,9 @@
 //! The benchmark harness: load generator, counting subscriber, CPU
-//! accounting. The binaries in this crate (e2e, xdp-cost, spool-rate) and
+//! accounting, the systems measured. The binaries in this crate (e2e,
+//! coap-bench, xdp-cost, spool-rate, soak) and
 //! `cargo xtask bench` build on it.
 
 pub mod cpu;
 pub mod load;
 pub mod subscriber;
+pub mod systems;

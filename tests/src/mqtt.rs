@@ -427,6 +427,11 @@ impl Mosquitto {
         m
     }
 
+    /// The broker's process id (for CPU accounting).
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().expect("mosquitto runs").id()
+    }
+
     /// (Re)starts the broker with the same persistence directory.
     pub fn restart(&mut self, ns: &Netns) {
         assert_eq!(ns.name(), self.ns_name);

@@ -188,6 +188,9 @@ pub fn run(bin: &Path, quick: bool) -> Result<String> {
     ));
     out.push_str(&profile(bin, &s, ours)?);
 
+    super::step("block-wise upload and Observe fan-out, beside aiocoap and Mosquitto");
+    out.push_str(&coap_features(bin, quick)?);
+
     super::step("disk spool write and replay");
     out.push_str("\n### Spool\n\n");
     let n = if quick { "5000" } else { "20000" };
@@ -352,6 +355,51 @@ fn capacity(bin: &Path, s: &Settings, sink: &str, start: f64) -> Result<Row> {
         }
     }
     Ok(best.expect("set above"))
+}
+
+/// `coap-bench upload` and `fanout` for each system, in one run.
+fn coap_features(bin: &Path, quick: bool) -> Result<String> {
+    let runs = if quick { "3" } else { "5" };
+    let mut out = format!(
+        "\n### Block1 upload of 1 MiB\n\nlibcoap's coap-client POSTs 1 MiB in 1024-byte Block1 blocks; the time runs until an MQTT subscriber has the whole body. Medians of {runs} uploads. Machine CPU is everything but the harness (the client's included).\n\n| system | bytes | uploads | MB/s | machine CPU ms/MB | system process CPU ms/MB |\n|---|---:|---:|---:|---:|---:|\n"
+    );
+    let mut rates = Vec::new();
+    for sink in ["router", "aiocoap"] {
+        let line = capture(
+            Command::new(bin.join("coap-bench")).args(["upload", "--sink", sink, "--runs", runs]),
+        )?;
+        let line = line.lines().last().unwrap_or_default().to_owned();
+        eprintln!("  coap-bench upload --sink {sink} -> {line}");
+        rates.push(
+            line.split('|')
+                .nth(4)
+                .and_then(|c| c.trim().parse::<f64>().ok())
+                .with_context(|| format!("no MB/s in {line:?}"))?,
+        );
+        out.push_str(&line);
+        out.push('\n');
+    }
+    out.push_str(&format!(
+        "\nm2m-router / aiocoap: {:.1}x the throughput.\n\n`target/release/coap-bench upload --sink router|aiocoap --runs {runs}`\n",
+        rates[0] / rates[1].max(1e-9)
+    ));
+    out.push_str("\n### Observe fan-out: one topic, 1,000 observers\n\nAn MQTT client publishes 16-byte states on one topic at a fixed rate for 5 s; 1,000 devices (own address each) observe it through m2m-router (`ps/<topic>`) or the aiocoap peer (an observable resource fed from Mosquitto), and 1,000 MQTT subscribers get it from Mosquitto. Delivered counts distinct notifications per second over the publishing time; latency from publish to receipt; CPU per notification (machine: all but the harness).\n\n| system | observers | publishes/s | notifications/s | loss | p50 us | p99 us | machine CPU us/notification | system process CPU us/notification |\n|---|---:|---:|---:|---:|---:|---:|---:|---:|\n");
+    for rate in ["10", "1"] {
+        for sink in ["router", "mosquitto", "aiocoap"] {
+            let line = capture(
+                Command::new(bin.join("coap-bench"))
+                    .args(["fanout", "--sink", sink, "--rate", rate]),
+            )?;
+            let line = line.lines().last().unwrap_or_default().to_owned();
+            eprintln!("  coap-bench fanout --sink {sink} --rate {rate} -> {line}");
+            out.push_str(&line);
+            out.push('\n');
+        }
+    }
+    out.push_str(
+        "\n`target/release/coap-bench fanout --sink router|mosquitto|aiocoap --rate 10|1`\n",
+    );
+    Ok(out)
 }
 
 fn e2e(bin: &Path, s: &Settings, args: &[&str]) -> Result<Row> {
