@@ -625,9 +625,8 @@ fn topic_filters(field: &str, filters: Vec<String>) -> Result<Vec<String>, Confi
     Ok(filters)
 }
 
-/// Uri-Paths to observe: at most `watch::MAX_PER_PEER`, none empty, each
-/// segment a Uri-Path option (at most 255 bytes, RFC 7252 section 5.10),
-/// no query. Leading and trailing slashes are dropped.
+/// Uri-Paths to observe: at most `watch::MAX_PER_PEER`, each an
+/// [`observe_path`]; duplicates once.
 fn observe_paths(field: &str, paths: Vec<String>) -> Result<Vec<String>, ConfigError> {
     use crate::coap::watch::MAX_PER_PEER;
     if paths.len() > MAX_PER_PEER {
@@ -635,21 +634,29 @@ fn observe_paths(field: &str, paths: Vec<String>) -> Result<Vec<String>, ConfigE
     }
     let mut out: Vec<String> = Vec::with_capacity(paths.len());
     for (j, p) in paths.iter().enumerate() {
-        let path = p.trim_matches('/');
-        let bad = path.is_empty()
-            || path.contains(['?', '#'])
-            || path.split('/').any(|s| s.is_empty() || s.len() > 255);
-        if bad {
-            return Err(invalid(
-                format!("{field}[{j}]"),
-                format!("{p:?} is not a path like \"sensors/temp\" (no empty segments, no query)"),
-            ));
-        }
-        if !out.iter().any(|o| o == path) {
-            out.push(path.to_owned());
+        let path = observe_path(p).map_err(|why| invalid(format!("{field}[{j}]"), why))?;
+        if !out.contains(&path) {
+            out.push(path);
         }
     }
     Ok(out)
+}
+
+/// A Uri-Path to observe, as `[[peer]] observe` and the `observe` command
+/// take it: segments joined by '/', none empty, each a Uri-Path option (at
+/// most 255 bytes, RFC 7252 section 5.10), no query. Leading and trailing
+/// slashes are dropped.
+pub fn observe_path(p: &str) -> Result<String, String> {
+    let path = p.trim_matches('/');
+    let bad = path.is_empty()
+        || path.contains(['?', '#'])
+        || path.split('/').any(|s| s.is_empty() || s.len() > 255);
+    if bad {
+        return Err(format!(
+            "{p:?} is not a path like \"sensors/temp\" (no empty segments, none over 255 bytes, no query)"
+        ));
+    }
+    Ok(path.to_owned())
 }
 
 fn template(field: &str, value: &str) -> Result<Template, ConfigError> {

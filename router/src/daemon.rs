@@ -126,7 +126,8 @@ pub fn run(config: Config, raw: ConfigFile, config_path: Option<PathBuf>) -> any
     let workers = Workers::start(
         &config.coap_listen,
         per_address,
-        config.coap.max_payload + DATAGRAM_OVERHEAD,
+        // A Block1 block may carry 1024 bytes whatever max_payload says.
+        config.coap.max_payload.max(1024) + DATAGRAM_OVERHEAD,
         || {
             Uplink::new(
                 uplink_config.clone(),

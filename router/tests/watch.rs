@@ -9,8 +9,11 @@ use std::net::{SocketAddr, UdpSocket};
 
 use m2m_router::coap::message::{self, code, option, Message, ACK, CON, NON, RST};
 use m2m_router_tests::daemon::Daemon;
+use m2m_router_tests::faultfs::FaultFs;
 use m2m_router_tests::mqtt::{mosquitto_pub, MosquittoSub};
-use m2m_router_tests::netns::{next_datagram, wait_for, Topology, DEADLINE, DEV_V4, GW_V4};
+use m2m_router_tests::netns::{
+    confirm, next_datagram, wait_for, Topology, DEADLINE, DEV_V4, GW_V4,
+};
 use m2m_router_tests::packet::coap_post;
 use m2m_router_tests::{require_root, TempPath};
 
@@ -26,6 +29,11 @@ struct Gateway {
 /// `observe` is its `observe` list (TOML). Peer "roamer" (DEV_V4[1]) has
 /// no endpoint configured and observes `state`.
 fn gateway(tag: &str, observe: &str) -> Gateway {
+    gateway_with(tag, observe, "")
+}
+
+/// [`gateway`] with `extra` appended to the config.
+fn gateway_with(tag: &str, observe: &str, extra: &str) -> Gateway {
     require_root();
     let topo = Topology::new(tag);
     let config = TempPath::with_contents(
@@ -36,7 +44,7 @@ fn gateway(tag: &str, observe: &str) -> Gateway {
              [[peer]]\nname = \"meter\"\nprefix = [\"{}/32\"]\nendpoint = \"{}:5683\"\n\
              topic = \"dev/{{peer}}/{{path}}\"\nobserve = {observe}\n\
              [[peer]]\nname = \"roamer\"\nprefix = [\"{}/32\"]\n\
-             topic = \"dev/{{peer}}/{{path}}\"\nobserve = [\"state\"]\n",
+             topic = \"dev/{{peer}}/{{path}}\"\nobserve = [\"state\"]\n{extra}",
             DEV_V4[0], DEV_V4[0], DEV_V4[1]
         ),
     );
@@ -79,15 +87,28 @@ struct Registration {
     path: String,
 }
 
+thread_local! {
+    /// The registrations each device socket received (its address, the
+    /// Message ID): the gateway may have retransmitted one before the test
+    /// read it, and a copy is not a new registration.
+    static REGISTRATIONS: std::cell::RefCell<std::collections::HashSet<(SocketAddr, u16)>> =
+        Default::default();
+}
+
 /// The next registration `dev` receives; the answers to its own uplinks
-/// (ACK 2.04) may come before.
+/// (ACK 2.04) and copies of registrations already received may come before.
 fn registration(dev: &UdpSocket) -> Registration {
+    let here = dev.local_addr().unwrap();
     let datagram = loop {
         let datagram = next_datagram(dev);
         let m = Message::decode(&datagram).expect("a CoAP message");
-        if (m.mtype, m.code) != (ACK, code::CHANGED) {
-            break datagram;
+        if (m.mtype, m.code) == (ACK, code::CHANGED) {
+            continue;
         }
+        if m.code == code::GET && !REGISTRATIONS.with(|r| r.borrow_mut().insert((here, m.mid))) {
+            continue;
+        }
+        break datagram;
     };
     let m = Message::decode(&datagram).unwrap();
     assert_eq!((m.mtype, m.code), (CON, code::GET), "a CON GET");
@@ -125,7 +146,7 @@ fn answer(
     seq: Option<u32>,
     max_age: Option<u32>,
     payload: &str,
-) {
+) -> Vec<u8> {
     let (mut obs, mut age) = ([0u8; 4], [0u8; 4]);
     let mut opts: Vec<(u16, &[u8])> = Vec::new();
     if let Some(seq) = seq {
@@ -137,6 +158,7 @@ fn answer(
     let mut out = Vec::new();
     message::encode(&mut out, mtype, code, mid, token, &opts, payload.as_bytes());
     dev.send_to(&out, gateway_addr()).unwrap();
+    out
 }
 
 /// Sends a CON notification and returns the gateway's answer's type (ACK
@@ -152,10 +174,21 @@ fn notify_con(dev: &UdpSocket, mid: u16, token: &[u8], seq: u32, payload: &str) 
         Some(60),
         payload,
     );
-    let reply = next_datagram(dev);
-    let m = Message::decode(&reply).unwrap();
-    assert_eq!((m.mid, m.code), (mid, code::EMPTY), "an empty ACK or RST");
-    m.mtype
+    notify_reply(dev, mid)
+}
+
+/// The gateway's answer (ACK or RST) to the notification `mid`.
+fn notify_reply(dev: &UdpSocket, mid: u16) -> u8 {
+    dev.set_read_timeout(Some(DEADLINE)).unwrap();
+    loop {
+        let reply = next_datagram(dev);
+        let m = Message::decode(&reply).unwrap();
+        if m.code == code::GET || (m.mtype == ACK && m.mid != mid) {
+            continue; // a registration's copy, or the answer to an uplink
+        }
+        assert_eq!((m.mid, m.code), (mid, code::EMPTY), "an empty ACK or RST");
+        return m.mtype;
+    }
 }
 
 /// The paths watched on "meter", as `ctl observe ls` lists them.
@@ -320,7 +353,8 @@ fn stale_notifications_are_dropped_and_a_lost_relation_registered_again() {
 fn observe_and_unobserve_commands_add_and_remove_a_watch() {
     let gw = gateway("watch-cmd", "[\"config/path\"]");
     let dev = gw.device();
-    let mut sub = MosquittoSub::start(&gw.topo.gw, &["dev/#", "app/#"], &[]);
+    // %P: the user properties (coap-code) where content types would be.
+    let mut sub = MosquittoSub::start(&gw.topo.gw, &["dev/#", "app/#"], &["-F", "%t|%p|%P"]);
     let configured = registration(&dev);
     assert_eq!(configured.path, "config/path");
     answer(
@@ -355,10 +389,16 @@ fn observe_and_unobserve_commands_add_and_remove_a_watch() {
         "71%",
     );
     gw.wait_counter("watch_notifications", 2);
-    assert_eq!(
-        payloads(&mut sub)[..],
-        ["c", "{\"path\":\"level\",\"peer\":\"meter\"}", "71%"]
-    );
+    let got: Vec<(String, String)> = sub
+        .fence()
+        .into_iter()
+        .map(|r| (r.payload, r.content_type))
+        .collect();
+    assert_eq!(got[0].0, "c");
+    assert_eq!(got[1].0, "{\"path\":\"level\",\"peer\":\"meter\"}");
+    assert!(got[1].1.contains("coap-code:observing"), "{got:?}");
+    assert_eq!(got[2].0, "71%");
+    assert_eq!(got.len(), 3, "{got:?}");
     assert_eq!(meter_paths(&gw), ["config/path", "level"]);
     assert_eq!(gw.counter("watching"), 2);
 
@@ -373,6 +413,8 @@ fn observe_and_unobserve_commands_add_and_remove_a_watch() {
         let got = MosquittoSub::take(&sub, 1);
         assert_eq!(got.len(), 1, "an answer to unobserve {path}");
         assert_eq!(got[0].topic, "app/r");
+        let code = format!("coap-code:{expect}");
+        assert!(got[0].content_type.contains(&code), "{got:?}");
         assert_eq!(
             meter_paths(&gw),
             ["config/path"],
@@ -395,6 +437,7 @@ fn a_device_is_observed_where_it_is_heard_from() {
     let gw = gateway("watch-roam", "[]");
     let mut sub = MosquittoSub::start(&gw.topo.gw, &["dev/roamer/#"], &[]);
     let mut seen = Vec::new();
+    let mut first: Option<(UdpSocket, Vec<u8>)> = None;
     for (round, state) in [(1, "boot-1"), (2, "boot-2")] {
         let dev = gw.topo.device_socket(DEV_V4[1].into());
         dev.set_read_timeout(Some(DEADLINE)).unwrap();
@@ -428,7 +471,11 @@ fn a_device_is_observed_where_it_is_heard_from() {
             Some(dev.local_addr().unwrap().to_string().as_str())
         );
         assert_eq!(watch["state"], "observing");
+        first.get_or_insert((dev, reg.token));
     }
+    // The relation at the first address is forgotten: reset (RFC 7641 3.6).
+    let (old, token) = first.unwrap();
+    assert_eq!(notify_con(&old, 0x300, &token, 2, "boot-1 again"), RST);
     // The uplinks ("hello") go to the same topic space, dev/roamer/...
     let states: Vec<&String> = seen.iter().filter(|p| p.starts_with("boot")).collect();
     assert_eq!(states, ["boot-1", "boot-2"]);
@@ -456,5 +503,81 @@ fn a_device_is_observed_where_it_is_heard_from() {
     dev.send_to(&coap_post(9, b"hello"), gateway_addr())
         .unwrap();
     assert_eq!(registration(&dev).path, "late/path");
+    gw.daemon.stop();
+}
+
+/// With a disk spool (a bridge whose upstream is down), a CON notification
+/// is acknowledged only once its message is on disk: not while the fsync
+/// is held, not when it fails (then the device's retransmission is taken
+/// as fresh and published), and as soon as it succeeds.
+#[test]
+fn a_con_notification_is_acknowledged_only_once_stored() {
+    let disk = FaultFs::mount("watch-disk");
+    let upstream = format!(
+        "[[upstream]]\nname = \"down\"\nurl = \"mqtt://127.0.0.1:1\"\ndurability = \"disk\"\nspool_dir = \"{}\"\n",
+        disk.path().join("spool").display()
+    );
+    let gw = gateway_with("watch-disk", "[\"temp\"]", &upstream);
+    let mut sub = MosquittoSub::start(&gw.topo.gw, &["dev/meter/#"], &[]);
+    let dev = gw.device();
+    let reg = registration(&dev);
+    answer(
+        &dev,
+        ACK,
+        code::CONTENT,
+        reg.mid,
+        &reg.token,
+        Some(1),
+        Some(600),
+        "1",
+    );
+    gw.wait_counter("watch_notifications", 1);
+
+    disk.faults.hold_syncs();
+    answer(
+        &dev,
+        CON,
+        code::CONTENT,
+        0x400,
+        &reg.token,
+        Some(2),
+        Some(600),
+        "2",
+    );
+    disk.faults.wait_for_held_sync(DEADLINE);
+    // The commit cannot finish while the fsync is held: an ACK now would
+    // be one sent before the message was stored.
+    dev.set_read_timeout(Some(std::time::Duration::from_millis(300)))
+        .unwrap();
+    let mut buf = [0u8; 64];
+    assert!(
+        dev.recv(&mut buf).is_err(),
+        "acknowledged before it was stored"
+    );
+    disk.faults.release_syncs();
+    assert_eq!(notify_reply(&dev, 0x400), ACK);
+
+    disk.faults.fail_syncs(true);
+    let three = answer(
+        &dev,
+        CON,
+        code::CONTENT,
+        0x401,
+        &reg.token,
+        Some(3),
+        Some(600),
+        "3",
+    );
+    gw.wait_counter("watch_unpublished", 1);
+    disk.faults.fail_syncs(false);
+    // The device retransmits it (same Message ID) as RFC 7252 section 4.2
+    // says, while the spool waits out its failure: fresh again, stored,
+    // acknowledged.
+    let (reply, _) = confirm(&dev, gateway_addr(), &three, 0x401);
+    assert_eq!(Message::decode(&reply).unwrap().mtype, ACK);
+    gw.wait_counter("watch_notifications", 3);
+    let got = payloads(&mut sub);
+    assert_eq!(got.iter().filter(|p| *p == "2").count(), 1, "{got:?}");
+    assert!(got.iter().any(|p| p == "3"), "{got:?}");
     gw.daemon.stop();
 }

@@ -191,6 +191,8 @@ pub struct LastSeen(RwLock<HashMap<String, Seen>>);
 struct Seen {
     addr: Option<SocketAddr>,
     asleep: bool,
+    /// A watch of the peer failed: its next uplink is news.
+    watches_waiting: bool,
 }
 
 impl LastSeen {
@@ -200,12 +202,13 @@ impl LastSeen {
     /// pile up).
     ///
     /// Returns news for the downlink when the peer was asleep (commands
-    /// wait for it) or is heard from at a new address (watches register
-    /// there); None when nothing changed.
+    /// wait for it), its watches wait for it, or it is heard from at a new
+    /// address (watches register there); None when nothing changed.
     pub fn note(&self, peer: &str, addr: SocketAddr, mapper: &Mapper) -> Option<Heard> {
         let awake = Seen {
             addr: Some(addr),
             asleep: false,
+            watches_waiting: false,
         };
         if self.0.read().unwrap().get(peer) == Some(&awake) {
             return None;
@@ -229,6 +232,17 @@ impl LastSeen {
             .entry(peer.to_owned())
             .or_default()
             .asleep = true;
+    }
+
+    /// Makes `peer`'s next uplink news, even from the same address (its
+    /// failed watches register again at once).
+    pub fn await_uplink(&self, peer: &str) {
+        self.0
+            .write()
+            .unwrap()
+            .entry(peer.to_owned())
+            .or_default()
+            .watches_waiting = true;
     }
 
     pub fn is_asleep(&self, peer: &str) -> bool {

@@ -231,9 +231,10 @@ impl Uplink {
                 if let Some(d) = &self.downlink {
                     if let Some(peer) = self.mapper.peer(src.ip()) {
                         if let Some(heard) = d.last_seen.note(&peer.name, src, &self.mapper) {
-                            // Commands or watches wait for this peer. A news
+                            // Commands or watches wait for this peer. News
                             // lost to a full channel: the downlink's 1 s
-                            // sweep finds waiting commands; watches retry.
+                            // sweep finds waiting commands, and watches
+                            // retry on their own schedule.
                             let _ = d.heard.try_send(heard);
                         }
                     }

@@ -8,11 +8,14 @@
 //!   (section 3.3.1), an error response ending it (section 3.2), no answer
 //!   to the registration, or the device heard from at another endpoint (a
 //!   restart or a new address). Failed attempts back off, up to
-//!   [`MAX_BACKOFF`]; hearing from the device tries again at once.
+//!   [`MAX_BACKOFF`]; an uplink from the device tries again at once.
 //! - A re-registration reuses the relation's token, so the device updates
 //!   the relation in place (section 3.3.1).
-//! - A notification older than the freshest one seen is stale and dropped
-//!   (section 3.4, [`is_newer`]); so is a retransmitted one.
+//! - A notification older than the freshest one seen since the latest
+//!   registration is stale and dropped (section 3.4, [`is_newer`]); so is
+//!   a retransmitted one. The answer to a registration is current by
+//!   definition, so freshness starts again from it (a device that
+//!   restarted numbers from scratch).
 //! - A resource the device serves without Observe is read again every
 //!   Max-Age (at least [`MIN_POLL`]): the gateway polls what it cannot
 //!   observe.
@@ -25,8 +28,12 @@ use super::ids::Token;
 
 /// Watches kept in all; runtime additions past it are refused.
 pub const MAX_WATCHES: usize = 10_000;
-/// Paths one `[[peer]] observe` may list.
+/// Paths one `[[peer]] observe` may list, and command watches one peer
+/// may have.
 pub const MAX_PER_PEER: usize = 32;
+/// How often a watch with no endpoint looks for one (a configured
+/// endpoint that appeared, or an uplink whose news was lost).
+const UNREACHABLE_RETRY: Duration = Duration::from_secs(1);
 /// The longest wait between two registration attempts.
 pub const MAX_BACKOFF: Duration = Duration::from_secs(300);
 const FIRST_BACKOFF: Duration = Duration::from_secs(4);
@@ -121,13 +128,10 @@ impl Watch {
         self.path.split('/').filter(|s| !s.is_empty())
     }
 
-    /// A registration went to `endpoint` with `token`. A new relation
-    /// (another endpoint or token: another device, one restarted, or a
-    /// relation that ended) starts the sequence afresh; a renewal keeps it.
+    /// A registration went to `endpoint` with `token`: its answer starts
+    /// the sequence afresh (the device may have restarted its numbers).
     pub fn registering(&mut self, endpoint: SocketAddr, token: Token) {
-        if self.endpoint != Some(endpoint) || self.token != Some(token) {
-            self.freshest = None;
-        }
+        self.freshest = None;
         self.endpoint = Some(endpoint);
         self.token = Some(token);
         self.state = State::Registering;
@@ -135,10 +139,11 @@ impl Watch {
         self.registrations += 1;
     }
 
-    /// No endpoint to register with: wait until the device is heard from.
-    pub fn unreachable(&mut self) {
+    /// No endpoint to register with: look again shortly (the device's
+    /// first uplink also registers it at once).
+    pub fn unreachable(&mut self, now: Instant) {
         self.state = State::Idle;
-        self.due = None;
+        self.due = Some(now + UNREACHABLE_RETRY);
     }
 
     /// A 2.xx answer or notification with Observe number `seq` (None: the
@@ -171,7 +176,7 @@ impl Watch {
     pub fn unpublished(&mut self, seq: u32, before: Option<(u32, Instant)>) {
         if self.freshest.is_some_and(|(v, _)| v == seq) {
             self.freshest = before;
-            self.notifications -= 1;
+            self.notifications = self.notifications.saturating_sub(1);
         }
     }
 
@@ -184,8 +189,9 @@ impl Watch {
         self.due = Some(now + backoff.min(MAX_BACKOFF));
     }
 
-    /// Heard from the device at `endpoint`: whether to register now (it is
-    /// waiting, or the relation is with another endpoint).
+    /// Heard from the device, whose endpoint is now `endpoint`: whether to
+    /// register now (it is waiting, or the relation is with another
+    /// endpoint).
     pub fn heard_from(&mut self, endpoint: SocketAddr) -> bool {
         let moved = self.endpoint.is_some_and(|e| e != endpoint);
         if self.state == State::Idle || moved {
@@ -236,6 +242,22 @@ impl Watches {
         self.watches.insert(id, Watch::new(peer, path, origin, now));
         self.by_path.insert(key, id);
         Ok(id)
+    }
+
+    /// Watches `peer` has from commands.
+    pub fn commanded(&self, peer: &str) -> usize {
+        self.watches
+            .values()
+            .filter(|w| w.peer == peer && w.origin == Origin::Command)
+            .count()
+    }
+
+    /// Every watch and its peer, to check where each should be.
+    pub fn peers(&self) -> Vec<(WatchId, String)> {
+        self.watches
+            .iter()
+            .map(|(id, w)| (*id, w.peer.clone()))
+            .collect()
     }
 
     pub fn find(&self, peer: &str, path: &str) -> Option<WatchId> {
@@ -400,12 +422,11 @@ mod tests {
             "not kept, so fresh when it comes again"
         );
         assert_eq!(w.notifications, 2);
-        // Renewed: numbers go on.
+        // Registered again (the relation was lost): its answer is current,
+        // whatever its number (the device may have restarted).
         w.registering(EP, [1, 2, 3, 4]);
-        assert_eq!(w.notified(Some(11), 60, now), Fresh::No);
-        // Another relation (a new token, or another endpoint): afresh.
-        w.registering(EP, [5; 4]);
         assert!(matches!(w.notified(Some(1), 60, now), Fresh::Yes(None)));
+        assert_eq!(w.notified(Some(1), 60, now), Fresh::No, "then as before");
         w.registering(SocketAddr::from(([10, 0, 0, 7], 40000)), [5; 4]);
         assert!(matches!(w.notified(Some(0), 60, now), Fresh::Yes(None)));
     }

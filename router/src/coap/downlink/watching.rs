@@ -38,6 +38,9 @@ enum Publish {
 /// A notification's publication made durable, or not.
 pub struct Committed {
     id: WatchId,
+    /// The relation's token: a failure undoes freshness only if the watch
+    /// is still in that relation.
+    token: Vec<u8>,
     src: SocketAddr,
     mid: u16,
     seq: Option<u32>,
@@ -70,6 +73,19 @@ impl Downlink {
         let (removed, refused) = self.watches().sync(configured, exists, Instant::now());
         for (id, w) in removed {
             self.drop_watch(id, &w);
+        }
+        // A configured endpoint that changed: the relation moves there.
+        let now = Instant::now();
+        let peers = self.watches().peers();
+        for (id, peer) in peers {
+            let target = self.endpoint_of(&mapper, &peer);
+            let moved = self
+                .watches()
+                .get_mut(id)
+                .is_some_and(|w| w.endpoint.is_some() && target.is_some() && w.endpoint != target);
+            if moved {
+                self.register_watch(id, now);
+            }
         }
         if refused > 0 {
             tracing::warn!(
@@ -110,20 +126,30 @@ impl Downlink {
         }
     }
 
+    /// Where `peer`'s device is: its configured endpoint, else the source
+    /// of its latest uplink (None if denied or never heard from).
+    fn endpoint_of(&self, mapper: &mapping::Mapper, peer: &str) -> Option<SocketAddr> {
+        mapper
+            .peer_by_name(peer)
+            .filter(|p| !p.deny)
+            .and_then(|p| p.endpoint.or_else(|| self.last_seen.get(peer)))
+    }
+
     /// Sends watch `id`'s registration: GET with Observe 0 (RFC 7641
     /// section 3.1), renewing the relation's token at the same endpoint.
     fn register_watch(&mut self, id: WatchId, now: Instant) {
         let (_, mapper) = self.mappers.load();
+        let peer = match self.watches().get_mut(id) {
+            Some(w) => w.peer.clone(),
+            None => return,
+        };
+        let endpoint = self.endpoint_of(&mapper, &peer);
         let mut watches = self.watches.lock().unwrap();
         let Some(w) = watches.get_mut(id) else {
             return;
         };
-        let endpoint = mapper
-            .peer_by_name(&w.peer)
-            .filter(|p| !p.deny)
-            .and_then(|p| p.endpoint.or_else(|| self.last_seen.get(&w.peer)));
         let Some(endpoint) = endpoint else {
-            return w.unreachable();
+            return w.unreachable(now);
         };
         let mut token = w.token;
         if w.endpoint != Some(endpoint) {
@@ -143,19 +169,14 @@ impl Downlink {
         count(&self.stats.watch_registrations);
     }
 
-    /// The device of `peer` was heard from: its waiting watches, and those
-    /// with a relation at another endpoint, register now.
+    /// The device of `peer` was heard from (after a failure, or at a new
+    /// address): its waiting watches, and those with a relation at another
+    /// endpoint, register now.
     pub(super) fn watch_heard_from(&mut self, peer: &str) {
-        let Some(endpoint) = self.last_seen.get(peer) else {
+        let (_, mapper) = self.mappers.load();
+        let Some(endpoint) = self.endpoint_of(&mapper, peer) else {
             return;
         };
-        let (_, mapper) = self.mappers.load();
-        if mapper
-            .peer_by_name(peer)
-            .is_some_and(|p| p.endpoint.is_some())
-        {
-            return; // a configured endpoint does not move
-        }
         let ids = self.watches().of(peer);
         let now = Instant::now();
         for id in ids {
@@ -180,6 +201,9 @@ impl Downlink {
             }
             w.token = None;
             w.failed(Instant::now());
+            // The device's next uplink, even from the same address, tries
+            // again at once.
+            self.last_seen.await_uplink(&w.peer);
         }
         drop(watches);
         self.update_watching();
@@ -220,7 +244,8 @@ impl Downlink {
             let why = format!("the device answered {}", super::coap_code(msg.code));
             return self.watch_failed(id, &why);
         }
-        let seq = option_value(option::OBSERVE);
+        // Observe numbers are 24 bits (RFC 7641 section 2).
+        let seq = option_value(option::OBSERVE).map(|v| v & 0xff_ffff);
         let max_age = option_value(option::MAX_AGE).unwrap_or(DEFAULT_MAX_AGE);
         let fresh = self.watches().get_mut(id).map(|w| {
             (
@@ -241,6 +266,11 @@ impl Downlink {
             }
             Some((Fresh::Yes(before), _, path)) => (before, path),
         };
+        if con && self.committing.len() >= MAX_COMMITTING {
+            // Too many being stored: not taken, not acknowledged; the
+            // device sends it again, fresh again then.
+            return self.unpublished(id, seq, before);
+        }
         // A value in Block2 blocks would be published in part: it is not
         // published (RFC 7959 section 3.4 would have it fetched with GET).
         let blockwise = msg
@@ -254,14 +284,15 @@ impl Downlink {
             self.publish_watched(id, src, &path, msg)
         };
         match published {
-            Publish::Staged(Some(ticket)) if con && self.committing.len() < MAX_COMMITTING => {
+            Publish::Staged(Some(ticket)) if con => {
                 self.committing.insert((src, msg.mid));
                 let (broker, done) = (self.broker.clone(), self.committed.clone());
-                let mid = msg.mid;
+                let (mid, token) = (msg.mid, msg.token.to_vec());
                 tokio::spawn(async move {
                     let ok = broker.commit_async(ticket).await.is_ok();
                     let _ = done.send(Committed {
                         id,
+                        token,
                         src,
                         mid,
                         seq,
@@ -270,9 +301,8 @@ impl Downlink {
                     });
                 });
             }
-            // Too many commits waiting, or storage refused it: not
-            // acknowledged, so the device sends it again, fresh again then.
-            Publish::Staged(Some(_)) if con => self.unpublished(id, seq, before),
+            // Storage refused it: not acknowledged, so the device sends it
+            // again, fresh again then.
             Publish::Refused => self.unpublished(id, seq, before),
             Publish::Staged(_) => {
                 count(&self.stats.watch_notifications);
@@ -325,7 +355,8 @@ impl Downlink {
             qos: delivery.qos,
             retain: delivery.retain,
             content_type: format
-                .and_then(|f| content_type(f as u16))
+                .and_then(|f| u16::try_from(f).ok())
+                .and_then(content_type)
                 .map(|t| Bytes::from_static(t.as_bytes())),
             properties: None,
         };
@@ -359,7 +390,15 @@ impl Downlink {
             count(&self.stats.watch_notifications);
             self.ack(c.src, c.mid);
         } else {
-            self.unpublished(c.id, c.seq, c.before);
+            let same = self
+                .watches()
+                .get_mut(c.id)
+                .is_some_and(|w| w.token.is_some_and(|t| t[..] == c.token[..]));
+            if same {
+                self.unpublished(c.id, c.seq, c.before);
+            } else {
+                count(&self.stats.watch_unpublished);
+            }
         }
     }
 
@@ -381,12 +420,21 @@ impl Downlink {
             Some(p) if p.deny => return self.refuse(command, "the peer is denied by policy"),
             Some(_) => {}
         }
-        if command.path.is_empty() {
-            return self.refuse(command, "the command topic names no path to observe");
-        }
-        let path = command.path.join("/");
+        let path = match crate::config::observe_path(&command.path.join("/")) {
+            Ok(path) => path,
+            Err(why) => return self.refuse(command, &format!("the path to observe: {why}")),
+        };
         let now = Instant::now();
         let answer = if start {
+            let new = self.watches().find(&command.peer, &path).is_none();
+            if new && self.watches().commanded(&command.peer) >= watch::MAX_PER_PEER {
+                count(&self.stats.watch_refused);
+                let why = format!(
+                    "the peer has {} watches from commands already",
+                    watch::MAX_PER_PEER
+                );
+                return self.refuse(command, &why);
+            }
             let added = self
                 .watches()
                 .add(&command.peer, &path, Origin::Command, now);
