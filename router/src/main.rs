@@ -124,6 +124,10 @@ enum PeerCommand {
         /// A path on the device the gateway observes (RFC 7641).
         #[arg(long = "observe", value_name = "PATH")]
         observe: Vec<String>,
+        /// Where downlink commands and observations go (default: the
+        /// source of the peer's latest uplink).
+        #[arg(long, value_name = "ADDR:PORT")]
+        endpoint: Option<String>,
     },
     /// Remove a peer.
     Rm { name: String },
@@ -280,6 +284,7 @@ fn ctl_request(command: CtlCommand) -> anyhow::Result<(&'static str, Value)> {
             publish,
             subscribe,
             observe,
+            endpoint,
         }) => {
             let mut args = json!({ "name": name, "prefix": prefixes, "deny": deny });
             if !publish.is_empty() {
@@ -290,6 +295,9 @@ fn ctl_request(command: CtlCommand) -> anyhow::Result<(&'static str, Value)> {
             }
             if !observe.is_empty() {
                 args["observe"] = json!(observe);
+            }
+            if let Some(endpoint) = endpoint {
+                args["endpoint"] = json!(endpoint);
             }
             if let Some(rate) = rate {
                 args["rate"] = json!(rate);
