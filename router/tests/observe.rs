@@ -26,15 +26,21 @@ struct Gateway {
     _config: TempPath,
 }
 
-/// Unknown peers may publish and observe anything under `ps/`.
+/// Device 0 is peer "observer"; it and unknown peers may publish and
+/// observe anything under `ps/`.
 fn gateway(tag: &str) -> Gateway {
     require_root();
     let topo = Topology::new(tag);
     let config = TempPath::with_contents(
         &format!("observe-{tag}"),
         "toml",
-        "[defaults]\nrate = \"unlimited\"\npublish = [\"#\"]\nsubscribe = [\"#\"]\n\
-         [downlink]\nack_timeout_ms = 200\n",
+        format!(
+            "[defaults]\nrate = \"unlimited\"\npublish = [\"#\"]\nsubscribe = [\"#\"]\n\
+             [downlink]\nack_timeout_ms = 200\n\
+             [[peer]]\nname = \"observer\"\nprefix = [\"{}/32\"]\n\
+             publish = [\"#\"]\nsubscribe = [\"#\"]\n",
+            DEV_V4[0]
+        ),
     );
     let daemon = Daemon::on_gateway(&topo.gw, BIN, config.as_str());
     Gateway {
@@ -180,6 +186,7 @@ fn an_observer_gets_every_state_in_order_until_it_resets_one() {
         .collect();
     assert_eq!(topics, vec!["plant/temp", SENTINEL_TOPIC], "{listed}");
     assert_eq!(listed["observers"][0]["token"], "0b5e");
+    assert_eq!(listed["observers"][0]["peer"], "observer");
     let mut mqtt = gw.mqtt();
     // QoS 0 states: NON notifications, all of them, in order.
     let mut last_seq = 0;

@@ -260,8 +260,13 @@ impl Observers {
         self.relations.values()
     }
 
-    /// Every relation as `ctl observe ls` shows it, oldest first.
-    pub fn list(&self, now: Instant) -> Vec<serde_json::Value> {
+    /// Every relation as `ctl observe ls` shows it, oldest first;
+    /// `peer_of` names the peer an address belongs to.
+    pub fn list(
+        &self,
+        now: Instant,
+        peer_of: impl Fn(IpAddr) -> Option<String>,
+    ) -> Vec<serde_json::Value> {
         let mut relations: Vec<(&RelationId, &Relation)> = self.relations.iter().collect();
         relations.sort_by_key(|(id, _)| **id);
         relations
@@ -269,6 +274,7 @@ impl Observers {
             .map(|(_, r)| {
                 let token: String = r.token.iter().map(|b| format!("{b:02x}")).collect();
                 serde_json::json!({
+                    "peer": peer_of(r.endpoint.ip()),
                     "endpoint": r.endpoint.to_string(),
                     "token": token,
                     "topic": String::from_utf8_lossy(&r.topic),

@@ -112,12 +112,13 @@ fn human(command: &str, v: &Value) -> String {
         }
         "observe.ls" => {
             out.push_str(&format!(
-                "{:<24} {:<18} {:>8} {:>13} {:<4} {}\n",
-                "ENDPOINT", "TOKEN", "AGE_S", "NOTIFICATIONS", "ACK?", "TOPIC"
+                "{:<16} {:<24} {:<18} {:>8} {:>13} {:<4} {}\n",
+                "PEER", "ENDPOINT", "TOKEN", "AGE_S", "NOTIFICATIONS", "ACK?", "TOPIC"
             ));
             for r in v["observers"].as_array().into_iter().flatten() {
                 out.push_str(&format!(
-                    "{:<24} {:<18} {:>8} {:>13} {:<4} {}\n",
+                    "{:<16} {:<24} {:<18} {:>8} {:>13} {:<4} {}\n",
+                    r["peer"].as_str().unwrap_or("-"),
                     r["endpoint"].as_str().unwrap_or(""),
                     r["token"].as_str().unwrap_or(""),
                     r["age_s"].as_u64().unwrap_or(0),

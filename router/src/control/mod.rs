@@ -169,7 +169,9 @@ impl Control {
                 let _: Empty = args(args_value, command)?;
                 let now = std::time::Instant::now();
                 let relations = &self.running.relations;
-                let observers = relations.observers.lock().unwrap().list(now);
+                let (_, mapper) = self.mappers.load();
+                let peer_of = |ip| mapper.peer(ip).map(|p| p.name.clone());
+                let observers = relations.observers.lock().unwrap().list(now, peer_of);
                 let watches = relations.watches.lock().unwrap().list(now);
                 Ok(json!({ "observers": observers, "watches": watches }))
             }
