@@ -83,12 +83,17 @@ struct Args {
     verbose: bool,
 }
 
+/// Node-RED's user directory for this run (removed at the end).
+fn node_red_dir() -> std::path::PathBuf {
+    std::env::temp_dir().join(format!("m2m-e2e-node-red-{}", std::process::id()))
+}
+
 /// The Node-RED flow in the gateway namespace, once it runs and is
 /// connected to the Mosquitto.
 fn start_node_red(topo: &Topology) -> std::process::Child {
     let home = std::env::var("HOME").unwrap_or_default();
     let bin = format!("{home}/.cache/m2m-router/peers/node-red/node_modules/.bin/node-red");
-    let user_dir = std::env::temp_dir().join(format!("m2m-e2e-node-red-{}", std::process::id()));
+    let user_dir = node_red_dir();
     let _ = std::fs::remove_dir_all(&user_dir);
     std::fs::create_dir_all(&user_dir).unwrap();
     let flow = concat!(env!("CARGO_MANIFEST_DIR"), "/peers/node-red-flow.json");
@@ -322,6 +327,7 @@ fn main() {
     if let Some(peer) = &mut peer {
         let _ = peer.kill();
         let _ = peer.wait();
+        let _ = std::fs::remove_dir_all(node_red_dir());
     }
 
     let seconds = offered.seconds.max(1e-9);
