@@ -581,3 +581,97 @@ fn a_con_notification_is_acknowledged_only_once_stored() {
     assert!(got.iter().any(|p| p == "3"), "{got:?}");
     gw.daemon.stop();
 }
+
+/// RFC 7959 section 3.4: a notification larger than a block carries its
+/// first Block2 block; the gateway acknowledges it, fetches the rest with
+/// GET (no Observe), checks the ETag, and publishes the whole value once.
+#[test]
+fn a_notification_in_blocks_is_fetched_and_published_whole() {
+    let gw = gateway("watch-block2", "[\"image\"]");
+    let dev = gw.device();
+    let sub = MosquittoSub::start(&gw.topo.gw, &["dev/meter/#"], &[]);
+    let reg = registration(&dev);
+    answer(
+        &dev,
+        ACK,
+        code::CONTENT,
+        reg.mid,
+        &reg.token,
+        Some(1),
+        Some(600),
+        "small",
+    );
+    gw.wait_counter("watch_notifications", 1);
+    let value: Vec<u8> = (0..2500u32).map(|i| b'a' + (i % 26) as u8).collect();
+    let etag: &[u8] = &[7, 7];
+    // Block2 value: NUM << 4 | M << 3 | SZX (6: 1024 bytes).
+    let block = |num: u8, more: bool| [num << 4 | u8::from(more) << 3 | 6];
+    let first = block(0, true);
+    let mut notification = Vec::new();
+    message::encode(
+        &mut notification,
+        CON,
+        code::CONTENT,
+        0x500,
+        &reg.token,
+        &[
+            (option::ETAG, etag),
+            (option::OBSERVE, &[2]),
+            (option::BLOCK2, &first),
+        ],
+        &value[..1024],
+    );
+    dev.send_to(&notification, gateway_addr()).unwrap();
+    assert_eq!(notify_reply(&dev, 0x500), ACK);
+    for num in 1..=2u8 {
+        let get = loop {
+            let datagram = next_datagram(&dev);
+            let m = Message::decode(&datagram).unwrap();
+            if m.code == code::GET && !m.options().any(|(n, _)| n == option::OBSERVE) {
+                break datagram;
+            }
+        };
+        let m = Message::decode(&get).unwrap();
+        let asked: Vec<&[u8]> = m
+            .options()
+            .filter(|(n, _)| *n == option::BLOCK2)
+            .map(|(_, v)| v)
+            .collect();
+        assert_eq!(
+            asked,
+            [&block(num, false)[..]],
+            "block {num}, of the same size"
+        );
+        let path: Vec<&[u8]> = m
+            .options()
+            .filter(|(n, _)| *n == option::URI_PATH)
+            .map(|(_, v)| v)
+            .collect();
+        assert_eq!(path, [b"image"]);
+        let end = (usize::from(num) + 1) * 1024;
+        let part = &value[usize::from(num) * 1024..end.min(value.len())];
+        let this = block(num, end < value.len());
+        let mut reply = Vec::new();
+        message::encode(
+            &mut reply,
+            ACK,
+            code::CONTENT,
+            m.mid,
+            m.token,
+            &[(option::ETAG, etag), (option::BLOCK2, &this)],
+            part,
+        );
+        dev.send_to(&reply, gateway_addr()).unwrap();
+    }
+    gw.wait_counter("watch_notifications", 2);
+    let got: Vec<String> = sub.take(2).into_iter().map(|r| r.payload).collect();
+    assert_eq!(got.len(), 2, "{got:?}");
+    assert_eq!(got[0], "small");
+    assert!(
+        got[1].as_bytes() == value,
+        "{} bytes published",
+        got[1].len()
+    );
+    assert_eq!(gw.counter("watch_unpublished"), 0);
+    gw.daemon.stop();
+}

@@ -76,10 +76,14 @@ enum Key {
     Notification(RelationId),
     /// The registration of a watch: the gateway observing a device.
     Watch(WatchId),
+    /// A GET for the next Block2 block of a watch's notification (RFC 7959
+    /// section 3.4).
+    WatchBlock(WatchId),
 }
 
 mod watching;
 pub use watching::Committed;
+use watching::Fetch;
 
 /// Downlink counters: what happened to each command taken from the broker.
 #[derive(Debug, Default)]
@@ -352,6 +356,8 @@ pub struct Downlink {
     committing: HashSet<(SocketAddr, u16)>,
     committed: mpsc::UnboundedSender<Committed>,
     committed_rx: Option<mpsc::UnboundedReceiver<Committed>>,
+    /// Notifications larger than a block, their rest being fetched.
+    fetches: HashMap<WatchId, Fetch>,
 }
 
 impl Downlink {
@@ -391,6 +397,7 @@ impl Downlink {
             committing: HashSet::new(),
             committed,
             committed_rx: Some(committed_rx),
+            fetches: HashMap::new(),
         }
     }
 
@@ -804,6 +811,10 @@ impl Downlink {
                     self.watch_failed(id, "no answer to the registration");
                     continue;
                 }
+                Key::WatchBlock(id) => {
+                    self.abandon_fetch(id, "no answer to a Block2 GET");
+                    continue;
+                }
                 Key::Notification(id) => {
                     // RFC 7641 section 4.5: an observer that does not
                     // acknowledge a CON notification is gone.
@@ -849,7 +860,13 @@ impl Downlink {
             Reply::Reset(Key::Watch(id)) => {
                 return self.watch_failed(id, "the device reset the registration (RST)")
             }
-            Reply::Acknowledged(Key::Watch(_)) | Reply::Notification(..) => return,
+            Reply::Response(Key::WatchBlock(id), m) => return self.watch_block(id, &m),
+            Reply::Reset(Key::WatchBlock(id)) => {
+                return self.abandon_fetch(id, "the device reset a Block2 GET (RST)")
+            }
+            Reply::Acknowledged(Key::Watch(_) | Key::WatchBlock(_)) | Reply::Notification(..) => {
+                return
+            }
             Reply::Acknowledged(Key::Notification(id)) => return self.acknowledged(id),
             Reply::Reset(Key::Notification(id)) => {
                 count(&self.stats.observe_ended);

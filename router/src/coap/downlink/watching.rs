@@ -4,7 +4,12 @@
 //! publishes every fresh notification on the topic a POST of that path
 //! from that endpoint maps to, so subscribers see device data the same way
 //! whether the device pushed it by POST or by Observe. A CON notification
-//! is acknowledged only once its publication is durable (invariant 1).
+//! is acknowledged only once its publication is durable (invariant 1). A
+//! notification larger than a block carries its first Block2 block: the
+//! rest is fetched with GET, checked against its ETag, and the whole value
+//! published once (RFC 7959 section 3.4; the notification itself is
+//! acknowledged at once, as the RFC has it).
+
 
 use std::net::SocketAddr;
 use std::sync::atomic::Ordering;
@@ -12,7 +17,8 @@ use std::time::Instant;
 
 use bytes::Bytes;
 
-use super::{count, send, Command, Downlink, Key};
+use super::{count, send, Command, Downlink, Key, MAX_RESPONSE_BODY};
+use crate::coap::block::Block;
 use crate::coap::client;
 use crate::coap::message::{self, code, option, Message, ACK, CON};
 use crate::coap::request::content_type;
@@ -24,6 +30,15 @@ use crate::mqtt::Message as MqttMessage;
 /// it a CON notification is left unacknowledged, so the device sends it
 /// again later.
 const MAX_COMMITTING: usize = 4096;
+
+/// A notification whose value comes in Block2 blocks, being fetched.
+pub struct Fetch {
+    endpoint: SocketAddr,
+    path: String,
+    body: Vec<u8>,
+    etag: Option<Vec<u8>>,
+    format: Option<u32>,
+}
 
 /// What became of a notification handed to the broker.
 enum Publish {
@@ -104,6 +119,8 @@ impl Downlink {
     /// notification is answered RST (RFC 7641 section 3.6).
     fn drop_watch(&mut self, id: WatchId, w: &watch::Watch) {
         self.client.cancel(&Key::Watch(id));
+        self.client.cancel(&Key::WatchBlock(id));
+        self.fetches.remove(&id);
         if let (Some(endpoint), Some(token)) = (w.endpoint, w.token) {
             self.client.forget(endpoint, token);
         }
@@ -271,17 +288,46 @@ impl Downlink {
             // device sends it again, fresh again then.
             return self.unpublished(id, seq, before);
         }
-        // A value in Block2 blocks would be published in part: it is not
-        // published (RFC 7959 section 3.4 would have it fetched with GET).
-        let blockwise = msg
+        // A newer state: a fetch of an older one in blocks is moot.
+        if self.fetches.remove(&id).is_some() {
+            self.client.cancel(&Key::WatchBlock(id));
+        }
+        let format = option_value(option::CONTENT_FORMAT);
+        let block2 = msg
             .options()
             .find(|(n, _)| *n == option::BLOCK2)
-            .and_then(|(_, v)| crate::coap::block::Block::parse(v))
-            .is_some_and(|b| b.more);
-        let published = if blockwise {
-            Publish::Never("a notification in Block2 blocks".to_owned())
-        } else {
-            self.publish_watched(id, src, &path, msg)
+            .and_then(|(_, v)| Block::parse(v));
+        let published = match block2 {
+            Some(b) if b.num == 0 && b.more && msg.payload.len() == b.size() => {
+                if con {
+                    self.ack(src, msg.mid);
+                }
+                let etag = msg
+                    .options()
+                    .find(|(n, _)| *n == option::ETAG)
+                    .map(|(_, v)| v.to_vec());
+                let fetch = Fetch {
+                    endpoint: src,
+                    path,
+                    body: msg.payload.to_vec(),
+                    etag,
+                    format,
+                };
+                let next = Block {
+                    num: 1,
+                    more: false,
+                    szx: b.szx,
+                };
+                self.request_block(id, fetch, next);
+                return;
+            }
+            Some(b) if b.num != 0 || b.more => Publish::Never(
+                "a notification with a Block2 block that is not a whole first block".to_owned(),
+            ),
+            _ => {
+                let payload = Bytes::copy_from_slice(msg.payload);
+                self.publish_watched(id, src, &path, payload, format)
+            }
         };
         match published {
             Publish::Staged(Some(ticket)) if con => {
@@ -322,16 +368,110 @@ impl Downlink {
         }
     }
 
-    /// Publishes a notification where a POST of the watched path from
-    /// `src` goes. Ok(ticket) once staged; Err for what can never be
-    /// published. A storage refusal counts as not kept: the notification
-    /// is fresh again when the device retransmits it.
+    /// Asks for block `block` of the value `fetch` holds the start of.
+    fn request_block(&mut self, id: WatchId, fetch: Fetch, block: Block) {
+        let mut b2 = [0u8; 4];
+        let mut opts: Vec<(u16, &[u8])> = fetch
+            .path
+            .split('/')
+            .map(|s| (option::URI_PATH, s.as_bytes()))
+            .collect();
+        opts.push((option::BLOCK2, message::uint_bytes(block.value(), &mut b2)));
+        let endpoint = fetch.endpoint;
+        let datagram = self.client.request(
+            Key::WatchBlock(id),
+            endpoint,
+            code::GET,
+            &opts,
+            &[],
+            Instant::now(),
+        );
+        send(&self.sockets, endpoint, datagram);
+        count(&self.stats.blocks);
+        self.fetches.insert(id, fetch);
+    }
+
+    /// The answer to a Block2 GET of a watch's notification: the next
+    /// block is asked for, or the whole value published.
+    pub(super) fn watch_block(&mut self, id: WatchId, msg: &Message) {
+        let Some(mut fetch) = self.fetches.remove(&id) else {
+            return;
+        };
+        let block = msg
+            .options()
+            .find(|(n, _)| *n == option::BLOCK2)
+            .and_then(|(_, v)| Block::parse(v));
+        let etag = msg
+            .options()
+            .find(|(n, _)| *n == option::ETAG)
+            .map(|(_, v)| v.to_vec());
+        let why = match block {
+            _ if msg.code != code::CONTENT => {
+                Some(format!("answered {}", super::coap_code(msg.code)))
+            }
+            None => Some("a block without a Block2 option".to_owned()),
+            Some(b) if b.offset() != fetch.body.len() => {
+                Some(format!("block {} out of order", b.num))
+            }
+            // RFC 7959 section 2.4: a changed ETag means another value; the
+            // notification of that one follows.
+            Some(_) if etag != fetch.etag => {
+                Some("the value changed while it was fetched (ETag)".to_owned())
+            }
+            Some(_) if fetch.body.len() + msg.payload.len() > MAX_RESPONSE_BODY => Some(format!(
+                "the value is larger than {MAX_RESPONSE_BODY} bytes"
+            )),
+            Some(_) => None,
+        };
+        if let Some(why) = why {
+            self.fetches.insert(id, fetch);
+            return self.abandon_fetch(id, &why);
+        }
+        let block = block.expect("checked");
+        fetch.body.extend_from_slice(msg.payload);
+        if block.more {
+            let next = Block {
+                num: block.num + 1,
+                more: false,
+                szx: block.szx,
+            };
+            return self.request_block(id, fetch, next);
+        }
+        let Fetch {
+            endpoint,
+            path,
+            body,
+            format,
+            ..
+        } = fetch;
+        match self.publish_watched(id, endpoint, &path, Bytes::from(body), format) {
+            Publish::Staged(_) => count(&self.stats.watch_notifications),
+            Publish::Never(why) => self.abandon_fetch(id, &why),
+            Publish::Refused => self.abandon_fetch(id, "storage refused it"),
+        }
+    }
+
+    /// Gives up on a value in blocks (counted; the next notification brings
+    /// a newer one).
+    pub(super) fn abandon_fetch(&mut self, id: WatchId, why: &str) {
+        self.client.cancel(&Key::WatchBlock(id));
+        if let Some(f) = self.fetches.remove(&id) {
+            tracing::warn!(endpoint = %f.endpoint, path = %f.path, "observe: a notification in blocks not published: {why}");
+        }
+        count(&self.stats.watch_unpublished);
+    }
+
+    /// Publishes a notification's value where a POST of the watched path
+    /// from `src` goes, in Content-Format `format`. A storage refusal
+    /// counts as not kept: the notification is fresh again when the device
+    /// retransmits it.
     fn publish_watched(
         &mut self,
         id: WatchId,
         src: SocketAddr,
         path: &str,
-        msg: &Message,
+        payload: Bytes,
+        format: Option<u32>,
     ) -> Publish {
         let (_, mapper) = self.mappers.load();
         let segments: Vec<&str> = path.split('/').collect();
@@ -345,13 +485,9 @@ impl Downlink {
             Ok(d) => d,
             Err(e) => return Publish::Never(e.message().to_owned()),
         };
-        let format = msg
-            .options()
-            .find(|(n, _)| *n == option::CONTENT_FORMAT)
-            .and_then(|(_, v)| message::uint_option(v));
         let message = MqttMessage {
             topic: Bytes::from(topic.clone()),
-            payload: Bytes::copy_from_slice(msg.payload),
+            payload,
             qos: delivery.qos,
             retain: delivery.retain,
             content_type: format
