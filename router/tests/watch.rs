@@ -161,6 +161,21 @@ fn answer(
     out
 }
 
+/// Answers registration `reg` with a piggybacked 2.05: Observe `seq`,
+/// Max-Age `max_age`, the state `payload`.
+fn accept(dev: &UdpSocket, reg: &Registration, seq: u32, max_age: u32, payload: &str) {
+    answer(
+        dev,
+        ACK,
+        code::CONTENT,
+        reg.mid,
+        &reg.token,
+        Some(seq),
+        Some(max_age),
+        payload,
+    );
+}
+
 /// Sends a CON notification and returns the gateway's answer's type (ACK
 /// or RST), which must carry its Message ID.
 fn notify_con(dev: &UdpSocket, mid: u16, token: &[u8], seq: u32, payload: &str) -> u8 {
@@ -256,16 +271,7 @@ fn stale_notifications_are_dropped_and_a_lost_relation_registered_again() {
     let reg = registration(&dev);
     assert_eq!(reg.path, "sensors/temp");
     // The registration's answer, piggybacked: the first state.
-    answer(
-        &dev,
-        ACK,
-        code::CONTENT,
-        reg.mid,
-        &reg.token,
-        Some(10),
-        Some(60),
-        "20.0",
-    );
+    accept(&dev, &reg, 10, 60, "20.0");
     assert_eq!(notify_con(&dev, 0x100, &reg.token, 12, "20.5"), ACK);
     assert_eq!(notify_con(&dev, 0x101, &reg.token, 11, "stale"), ACK);
     assert_eq!(
@@ -328,16 +334,7 @@ fn stale_notifications_are_dropped_and_a_lost_relation_registered_again() {
     );
     let third = registration(&dev);
     assert_ne!(third.token, reg.token);
-    answer(
-        &dev,
-        ACK,
-        code::CONTENT,
-        third.mid,
-        &third.token,
-        Some(1),
-        Some(60),
-        "22.0",
-    );
+    accept(&dev, &third, 1, 60, "22.0");
     // A notification with the old token is of a relation the gateway no
     // longer has: reset (3.6).
     assert_eq!(notify_con(&dev, 0x104, &reg.token, 15, "old"), RST);
@@ -357,16 +354,7 @@ fn observe_and_unobserve_commands_add_and_remove_a_watch() {
     let mut sub = MosquittoSub::start(&gw.topo.gw, &["dev/#", "app/#"], &["-F", "%t|%p|%P"]);
     let configured = registration(&dev);
     assert_eq!(configured.path, "config/path");
-    answer(
-        &dev,
-        ACK,
-        code::CONTENT,
-        configured.mid,
-        &configured.token,
-        Some(1),
-        Some(600),
-        "c",
-    );
+    accept(&dev, &configured, 1, 600, "c");
     gw.wait_counter("watch_notifications", 1);
 
     let ns = &gw.topo.gw;
@@ -378,16 +366,7 @@ fn observe_and_unobserve_commands_add_and_remove_a_watch() {
     );
     let reg = registration(&dev);
     assert_eq!(reg.path, "level");
-    answer(
-        &dev,
-        ACK,
-        code::CONTENT,
-        reg.mid,
-        &reg.token,
-        Some(5),
-        Some(600),
-        "71%",
-    );
+    accept(&dev, &reg, 5, 600, "71%");
     gw.wait_counter("watch_notifications", 2);
     let got: Vec<(String, String)> = sub
         .fence()
@@ -446,16 +425,7 @@ fn a_device_is_observed_where_it_is_heard_from() {
         let reg = registration(&dev);
         assert_eq!(reg.path, "state", "round {round}");
         // Sequence numbers restart with the device.
-        answer(
-            &dev,
-            ACK,
-            code::CONTENT,
-            reg.mid,
-            &reg.token,
-            Some(1),
-            Some(600),
-            state,
-        );
+        accept(&dev, &reg, 1, 600, state);
         gw.wait_counter("watch_notifications", round.into());
         seen.extend(payloads(&mut sub));
         let ls = gw.daemon.ctl_json(&["observe", "ls"]);
@@ -521,16 +491,7 @@ fn a_con_notification_is_acknowledged_only_once_stored() {
     let mut sub = MosquittoSub::start(&gw.topo.gw, &["dev/meter/#"], &[]);
     let dev = gw.device();
     let reg = registration(&dev);
-    answer(
-        &dev,
-        ACK,
-        code::CONTENT,
-        reg.mid,
-        &reg.token,
-        Some(1),
-        Some(600),
-        "1",
-    );
+    accept(&dev, &reg, 1, 600, "1");
     gw.wait_counter("watch_notifications", 1);
 
     disk.faults.hold_syncs();
@@ -591,16 +552,7 @@ fn a_notification_in_blocks_is_fetched_and_published_whole() {
     let dev = gw.device();
     let sub = MosquittoSub::start(&gw.topo.gw, &["dev/meter/#"], &[]);
     let reg = registration(&dev);
-    answer(
-        &dev,
-        ACK,
-        code::CONTENT,
-        reg.mid,
-        &reg.token,
-        Some(1),
-        Some(600),
-        "small",
-    );
+    accept(&dev, &reg, 1, 600, "small");
     gw.wait_counter("watch_notifications", 1);
     let value: Vec<u8> = (0..2500u32).map(|i| b'a' + (i % 26) as u8).collect();
     let etag: &[u8] = &[7, 7];

@@ -10,7 +10,6 @@
 //! published once (RFC 7959 section 3.4; the notification itself is
 //! acknowledged at once, as the RFC has it).
 
-
 use std::net::SocketAddr;
 use std::sync::atomic::Ordering;
 use std::time::Instant;
