@@ -12,6 +12,7 @@ pub mod listener;
 pub mod mapping;
 pub mod metrics;
 pub mod mqtt;
+pub mod process;
 pub mod report;
 pub mod template;
 pub mod worker;

@@ -201,7 +201,13 @@ pub fn render(c: &Control) -> String {
     let downlink_help = |name: &str| match name {
         "waiting" => "Commands waiting behind a peer's outstanding request.",
         "observers" => "Observe relations of devices observing topics.",
+        "watching" => "Observe relations of the gateway observing devices.",
         _ => "CoAP downlink (commands and Observe notifications) counter.",
+    };
+    let process_help = |name: &str| match name {
+        "rss_bytes" => "Resident set of the daemon.",
+        "heap_in_use_bytes" => "C allocator heap in use (mallinfo2 uordblks + hblkhd).",
+        _ => "C allocator heap held free in its arenas (mallinfo2 fordblks).",
     };
     for (section, snapshot, gauges, help) in [
         (
@@ -215,6 +221,12 @@ pub fn render(c: &Control) -> String {
             c.running.downlink.snapshot(),
             DownlinkStats::GAUGES,
             &downlink_help,
+        ),
+        (
+            "process",
+            crate::process::snapshot(),
+            crate::process::GAUGES,
+            &process_help,
         ),
     ] {
         for (name, value) in snapshot {

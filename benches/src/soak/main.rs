@@ -75,6 +75,11 @@ pub struct Sample {
     /// Seconds since the load started, at the end of the interval.
     pub t: f64,
     pub rss_mib: f64,
+    /// The C allocator's heap in use and held free (`ctl stats` process
+    /// section): RSS growing with these flat is the allocator, not a leak.
+    /// Zero in CSVs written before they were sampled.
+    pub heap_mib: f64,
+    pub heap_free_mib: f64,
     pub fds: u64,
     pub threads: u64,
     /// Messages per second the embedded broker's subscriber received.
@@ -93,12 +98,12 @@ pub struct Sample {
     pub restarted: bool,
 }
 
-const CSV_HEADER: &str = "t_s,rss_mib,fds,threads,local_msgs_per_s,local_p50_ms,local_p99_ms,upstream_msgs_per_s,upstream_p99_ms,spooled,sessions,queued_kib,upstream_restarted";
+const CSV_HEADER: &str = "t_s,rss_mib,fds,threads,local_msgs_per_s,local_p50_ms,local_p99_ms,upstream_msgs_per_s,upstream_p99_ms,spooled,sessions,queued_kib,upstream_restarted,heap_mib,heap_free_mib";
 
 impl Sample {
     fn csv(&self) -> String {
         format!(
-            "{:.1},{:.2},{},{},{:.0},{:.3},{:.3},{:.0},{:.3},{},{},{:.1},{}",
+            "{:.1},{:.2},{},{},{:.0},{:.3},{:.3},{:.0},{:.3},{},{},{:.1},{},{:.2},{:.2}",
             self.t,
             self.rss_mib,
             self.fds,
@@ -111,7 +116,9 @@ impl Sample {
             self.spooled,
             self.sessions,
             self.queued_kib,
-            u8::from(self.restarted)
+            u8::from(self.restarted),
+            self.heap_mib,
+            self.heap_free_mib,
         )
     }
 
@@ -132,6 +139,8 @@ impl Sample {
             sessions: num(10)? as u64,
             queued_kib: num(11)?,
             restarted: num(12)? != 0.0,
+            heap_mib: num(13).unwrap_or(0.0),
+            heap_free_mib: num(14).unwrap_or(0.0),
         })
     }
 }
@@ -353,6 +362,8 @@ fn sample(pid: i32, ctl: &Ctl, local: &Window, upstream: &Window, every: Duratio
     Sample {
         t: 0.0,
         rss_mib: field("VmRSS:") as f64 / 1024.0,
+        heap_mib: mib(&stats["process"]["heap_in_use_bytes"]),
+        heap_free_mib: mib(&stats["process"]["heap_free_bytes"]),
         fds,
         threads: field("Threads:"),
         local_rate: local.len() as f64 / seconds,
@@ -365,6 +376,10 @@ fn sample(pid: i32, ctl: &Ctl, local: &Window, upstream: &Window, every: Duratio
         queued_kib: stats["mqtt"]["queued_bytes"].as_u64().unwrap_or(0) as f64 / 1024.0,
         restarted: false,
     }
+}
+
+fn mib(v: &serde_json::Value) -> f64 {
+    v.as_u64().unwrap_or(0) as f64 / (1024.0 * 1024.0)
 }
 
 fn upstream_field(ctl: &Ctl, name: &str) -> u64 {
@@ -590,8 +605,10 @@ impl Summary<'_> {
             .collect();
         let last: Vec<&Sample> = self.samples.iter().filter(|s| s.t > end - window).collect();
         out.push_str("| measure | minutes 1-6 (median) | last 5 minutes (median) | last / first | maximum |\n|---|---:|---:|---:|---:|\n");
-        let rows: [(&str, Measure); 7] = [
+        let rows: [(&str, Measure); 9] = [
             ("router RSS, MiB", |s| s.rss_mib),
+            ("router heap in use, MiB", |s| s.heap_mib),
+            ("router heap held free, MiB", |s| s.heap_free_mib),
             ("open descriptors", |s| s.fds as f64),
             ("threads", |s| s.threads as f64),
             ("embedded subscriber p50, ms", |s| s.local_p50_ms),

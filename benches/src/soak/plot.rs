@@ -41,9 +41,13 @@ pub fn draw(samples: &[Sample], png: &Path, title: &str) -> Result<(), Box<dyn E
         samples,
         minutes,
         &restarts,
-        "router resident memory (MiB)",
+        "router memory (MiB)",
         false,
-        &[("RSS", blue, |s| s.rss_mib)],
+        &[
+            ("RSS", blue, |s| s.rss_mib),
+            ("heap in use", orange, |s| s.heap_mib),
+            ("heap held free", green, |s| s.heap_free_mib),
+        ],
     )?;
     panel(
         &panels[1],

@@ -438,6 +438,7 @@ impl Control {
             }
             out["peers"] = peers.into();
         }
+        out["process"] = counters_json(crate::process::snapshot()).into();
         out["coap"] = counters_json(self.running.uplink.snapshot()).into();
         out["downlink"] = counters_json(self.running.downlink.snapshot()).into();
         for (section, listener) in [
