@@ -308,8 +308,13 @@ async fn serve(control: &Arc<Mutex<Control>>) -> anyhow::Result<()> {
         pid = std::process::id(),
         "m2m-router running; SIGUSR1 prints counters, SIGHUP reloads"
     );
+    let mut trim = tokio::time::interval(crate::process::TRIM_EVERY);
+    trim.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tokio::select! {
+            _ = trim.tick() => {
+                tokio::task::spawn_blocking(crate::process::release_free_memory);
+            }
             _ = interrupt.recv() => break,
             _ = terminate.recv() => break,
             _ = user1.recv() => print!("{}", report::render(&control.lock().unwrap().running)?),

@@ -28,6 +28,25 @@ fn rss() -> u64 {
     pages * page.max(0) as u64
 }
 
+/// How often [`release_free_memory`] runs.
+pub const TRIM_EVERY: std::time::Duration = std::time::Duration::from_secs(60);
+
+/// Hands the pages the allocator holds free back to the kernel. glibc
+/// keeps freed memory in its arenas (one per thread that allocated, up to
+/// 8 per CPU) and returns only what sits at the top of the main heap; a
+/// daemon whose clients come and go otherwise sees its resident set creep
+/// up to the largest working set each arena once had (the soak showed it:
+/// heap in use flat, RSS +6 MiB in 15 minutes, all of it held free).
+/// malloc_trim(3) also releases free pages inside every arena (madvise
+/// DONTNEED). Runs off the event loop: it takes each arena's lock in turn.
+pub fn release_free_memory() {
+    #[cfg(target_env = "gnu")]
+    // SAFETY: malloc_trim has no preconditions.
+    unsafe {
+        libc::malloc_trim(0);
+    }
+}
+
 /// Bytes allocated (small chunks and mmapped ones) and bytes free in the
 /// arenas.
 #[cfg(target_env = "gnu")]
