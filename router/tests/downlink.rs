@@ -562,11 +562,13 @@ fn commands_for_a_sleeping_device_wait_until_it_is_heard_from() {
     let open = Message::decode(&req).unwrap().mid;
     assert_eq!(Message::decode(&req).unwrap().payload, b"open", "in order");
     ack(&dev, &req, from);
-    // On a loaded machine "open" may have been retransmitted before the
-    // ACK got there: skip its copies.
+    // The uplink's ACK may come after "open", and on a loaded machine
+    // "open" may have been retransmitted before our ACK got there: skip
+    // both.
     let (req, from) = loop {
         let (req, from) = recv(&dev);
-        if Message::decode(&req).unwrap().mid != open {
+        let m = Message::decode(&req).unwrap();
+        if m.mtype == CON && m.mid != open {
             break (req, from);
         }
     };

@@ -16,6 +16,7 @@ use super::{cargo_bin, run, step, workspace};
 const CARGO_FUZZ_VERSION: &str = "0.13.2";
 pub const TARGETS: &[&str] = &[
     "coap",
+    "coap_client",
     "mqtt_codec",
     "bridge_frames",
     "config",
