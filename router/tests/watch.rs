@@ -112,26 +112,28 @@ fn registration(dev: &UdpSocket) -> Registration {
     };
     let m = Message::decode(&datagram).unwrap();
     assert_eq!((m.mtype, m.code), (CON, code::GET), "a CON GET");
-    let observe: Vec<&[u8]> = m
-        .options()
-        .filter(|(n, _)| *n == option::OBSERVE)
-        .map(|(_, v)| v)
-        .collect();
     assert_eq!(
-        observe,
-        vec![&[0u8; 0][..]],
+        values(&m, option::OBSERVE),
+        [&[0u8; 0][..]],
         "Observe 0 (RFC 7641 section 3.1)"
     );
-    let path: Vec<String> = m
-        .options()
-        .filter(|(n, _)| *n == option::URI_PATH)
-        .map(|(_, v)| String::from_utf8_lossy(v).into_owned())
+    let path: Vec<String> = values(&m, option::URI_PATH)
+        .iter()
+        .map(|v| String::from_utf8_lossy(v).into_owned())
         .collect();
     Registration {
         mid: m.mid,
         token: m.token.to_vec(),
         path: path.join("/"),
     }
+}
+
+/// The values of option `number` in `m`, in order.
+fn values<'a>(m: &Message<'a>, number: u16) -> Vec<&'a [u8]> {
+    m.options()
+        .filter(|(n, _)| *n == number)
+        .map(|(_, v)| v)
+        .collect()
 }
 
 /// A response or notification from the device: `code`, Observe `seq`
@@ -584,22 +586,12 @@ fn a_notification_in_blocks_is_fetched_and_published_whole() {
             }
         };
         let m = Message::decode(&get).unwrap();
-        let asked: Vec<&[u8]> = m
-            .options()
-            .filter(|(n, _)| *n == option::BLOCK2)
-            .map(|(_, v)| v)
-            .collect();
         assert_eq!(
-            asked,
+            values(&m, option::BLOCK2),
             [&block(num, false)[..]],
             "block {num}, of the same size"
         );
-        let path: Vec<&[u8]> = m
-            .options()
-            .filter(|(n, _)| *n == option::URI_PATH)
-            .map(|(_, v)| v)
-            .collect();
-        assert_eq!(path, [b"image"]);
+        assert_eq!(values(&m, option::URI_PATH), [b"image"]);
         let end = (usize::from(num) + 1) * 1024;
         let part = &value[usize::from(num) * 1024..end.min(value.len())];
         let this = block(num, end < value.len());

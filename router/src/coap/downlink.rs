@@ -230,23 +230,17 @@ impl LastSeen {
 
     /// Holds commands for `peer` until it is heard from.
     pub fn sleep(&self, peer: &str) {
-        self.0
-            .write()
-            .unwrap()
-            .entry(peer.to_owned())
-            .or_default()
-            .asleep = true;
+        self.mark(peer, |s| s.asleep = true);
     }
 
     /// Makes `peer`'s next uplink news, even from the same address (its
     /// failed watches register again at once).
     pub fn await_uplink(&self, peer: &str) {
-        self.0
-            .write()
-            .unwrap()
-            .entry(peer.to_owned())
-            .or_default()
-            .watches_waiting = true;
+        self.mark(peer, |s| s.watches_waiting = true);
+    }
+
+    fn mark(&self, peer: &str, set: impl FnOnce(&mut Seen)) {
+        set(self.0.write().unwrap().entry(peer.to_owned()).or_default());
     }
 
     pub fn is_asleep(&self, peer: &str) -> bool {
