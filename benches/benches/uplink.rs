@@ -58,6 +58,7 @@ fn benches(c: &mut Criterion) {
         b.iter(|| {
             let req = Request {
                 src,
+                identity: None,
                 method: 2,
                 path: &path,
             };

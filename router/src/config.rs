@@ -52,6 +52,21 @@ pub struct ConfigFile {
     pub route: Vec<RouteSection>,
     pub upstream: Vec<UpstreamSection>,
     pub downlink: DownlinkSection,
+    pub dtls: DtlsSection,
+}
+
+/// `[dtls]`: CoAP over DTLS (`[coap] listen_dtls`).
+#[derive(Clone, Debug, Default, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct DtlsSection {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub max_sessions: Option<usize>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub max_handshakes: Option<usize>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub handshake_timeout_s: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub idle_timeout_s: Option<u64>,
 }
 
 #[derive(Clone, Debug, Default, Deserialize, Serialize)]
@@ -80,6 +95,9 @@ pub struct DownlinkSection {
 pub struct CoapSection {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub listen: Option<Vec<String>>,
+    /// CoAP over DTLS (RFC 7252 section 9, `coaps://`); none by default.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub listen_dtls: Vec<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub max_payload: Option<usize>,
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -212,6 +230,22 @@ pub struct PeerSection {
     /// notification published where a POST of that path would go.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub observe: Vec<String>,
+    /// The PSK identity the peer presents over DTLS, and its key: hex, or
+    /// the raw bytes of a file only its owner can read.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub psk_identity: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub psk_hex: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub psk_file: Option<PathBuf>,
+    /// Plain CoAP from the peer's prefixes is dropped: only its DTLS
+    /// sessions are it.
+    #[serde(default, skip_serializing_if = "is_false")]
+    pub require_dtls: bool,
+}
+
+fn is_false(b: &bool) -> bool {
+    !b
 }
 
 #[derive(Clone, Debug, Default, Deserialize, Serialize)]
@@ -409,7 +443,31 @@ pub struct Peer {
     pub subscribe: Vec<String>,
     /// Uri-Paths the gateway observes on the device, segments joined by '/'.
     pub observe: Vec<String>,
+    /// Its DTLS pre-shared key: a session that presents the identity is
+    /// this peer, whatever its address.
+    pub psk: Option<Psk>,
+    pub require_dtls: bool,
 }
+
+#[derive(Clone, PartialEq, Eq)]
+pub struct Psk {
+    pub identity: Vec<u8>,
+    pub key: Vec<u8>,
+}
+
+impl std::fmt::Debug for Psk {
+    /// Never the key: configs end up in logs.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Psk")
+            .field("identity", &String::from_utf8_lossy(&self.identity))
+            .finish_non_exhaustive()
+    }
+}
+
+/// PSK identities up to 128 bytes and keys up to 64 (RFC 7925 section 4.2
+/// asks for at least 16-byte keys; OpenSSL takes at most 512).
+const MAX_PSK_IDENTITY: usize = 128;
+const MAX_PSK_KEY: usize = 64;
 
 #[derive(Clone, Debug)]
 pub struct Route {
@@ -521,6 +579,9 @@ pub struct DownlinkSettings {
 #[derive(Clone, Debug)]
 pub struct Config {
     pub coap_listen: Vec<SocketAddr>,
+    /// CoAP over DTLS; empty: none.
+    pub coaps_listen: Vec<SocketAddr>,
+    pub dtls: crate::coap::dtls::DtlsSettings,
     pub coap: CoapTuning,
     pub mqtt: MqttSettings,
     pub interfaces: Vec<String>,
@@ -732,6 +793,22 @@ impl ConfigFile {
         if coap_listen.is_empty() {
             return Err(invalid("coap.listen", "at least one address is needed"));
         }
+        let coaps_listen = self
+            .coap
+            .listen_dtls
+            .iter()
+            .enumerate()
+            .map(|(i, a)| socket_addr(&format!("coap.listen_dtls[{i}]"), a))
+            .collect::<Result<Vec<_>, _>>()?;
+        for (i, a) in coaps_listen.iter().enumerate() {
+            if coap_listen.iter().any(|p| p.port() == a.port()) {
+                return Err(invalid(
+                    format!("coap.listen_dtls[{i}]"),
+                    format!("port {} is a plain CoAP port too (coap.listen)", a.port()),
+                ));
+            }
+        }
+        let dtls = dtls_settings(&self.dtls)?;
         for (i, iface) in self.fastpath.interfaces.iter().enumerate() {
             if iface.is_empty() || iface.len() >= libc::IFNAMSIZ || iface.contains(['/', ' ']) {
                 return Err(invalid(
@@ -958,6 +1035,8 @@ impl ConfigFile {
         };
         Ok(Config {
             coap_listen,
+            coaps_listen,
+            dtls,
             coap,
             mqtt,
             interfaces: self.fastpath.interfaces,
@@ -979,12 +1058,31 @@ impl ConfigFile {
 fn validate_peers(sections: Vec<PeerSection>) -> Result<Vec<Peer>, ConfigError> {
     let mut names = HashMap::new();
     let mut owners: HashMap<Prefix, String> = HashMap::new();
+    let mut identities: HashMap<Vec<u8>, String> = HashMap::new();
     let mut peers = Vec::with_capacity(sections.len());
     for (i, p) in sections.into_iter().enumerate() {
         let at = |key: &str| format!("peer[{i}].{key}");
         name(&at("name"), &p.name, &mut names, i)?;
-        if p.prefix.is_empty() {
-            return Err(invalid(at("prefix"), "a peer needs at least one prefix"));
+        let psk = psk(&at, &p)?;
+        if p.prefix.is_empty() && psk.is_none() {
+            return Err(invalid(
+                at("prefix"),
+                "a peer needs at least one prefix, or DTLS credentials (psk_identity)",
+            ));
+        }
+        if p.require_dtls && psk.is_none() {
+            return Err(invalid(
+                at("require_dtls"),
+                "a peer that must use DTLS needs its credentials (psk_identity)",
+            ));
+        }
+        if let Some(k) = &psk {
+            if let Some(other) = identities.insert(k.identity.clone(), p.name.clone()) {
+                return Err(invalid(
+                    at("psk_identity"),
+                    format!("already the identity of peer {other:?}"),
+                ));
+            }
         }
         let mut prefixes = Vec::with_capacity(p.prefix.len());
         for (j, text) in p.prefix.iter().enumerate() {
@@ -1024,9 +1122,114 @@ fn validate_peers(sections: Vec<PeerSection>) -> Result<Vec<Peer>, ConfigError> 
             prefixes,
             deny: p.deny,
             burst: p.burst,
+            psk,
+            require_dtls: p.require_dtls,
         });
     }
     Ok(peers)
+}
+
+/// A peer's pre-shared key, from `psk_hex` or `psk_file` (exactly one,
+/// with `psk_identity`).
+fn psk(at: &dyn Fn(&str) -> String, p: &PeerSection) -> Result<Option<Psk>, ConfigError> {
+    let Some(identity) = &p.psk_identity else {
+        if p.psk_hex.is_some() || p.psk_file.is_some() {
+            return Err(invalid(at("psk_identity"), "a key needs its identity"));
+        }
+        return Ok(None);
+    };
+    if identity.is_empty() || identity.len() > MAX_PSK_IDENTITY {
+        return Err(invalid(
+            at("psk_identity"),
+            format!("1 to {MAX_PSK_IDENTITY} bytes"),
+        ));
+    }
+    let key = match (&p.psk_hex, &p.psk_file) {
+        (Some(hex), None) => decode_hex(hex)
+            .ok_or_else(|| invalid(at("psk_hex"), "hexadecimal digits, two per byte"))?,
+        (None, Some(path)) => read_key_file(path).map_err(|m| invalid(at("psk_file"), m))?,
+        _ => {
+            return Err(invalid(
+                at("psk_hex"),
+                "the identity needs its key: psk_hex or psk_file, one of them",
+            ))
+        }
+    };
+    if key.is_empty() || key.len() > MAX_PSK_KEY {
+        return Err(invalid(
+            at(if p.psk_hex.is_some() {
+                "psk_hex"
+            } else {
+                "psk_file"
+            }),
+            format!("a key of 1 to {MAX_PSK_KEY} bytes"),
+        ));
+    }
+    Ok(Some(Psk {
+        identity: identity.as_bytes().to_vec(),
+        key,
+    }))
+}
+
+fn decode_hex(text: &str) -> Option<Vec<u8>> {
+    let text = text.trim();
+    if !text.len().is_multiple_of(2) {
+        return None;
+    }
+    (0..text.len())
+        .step_by(2)
+        .map(|i| u8::from_str_radix(text.get(i..i + 2)?, 16).ok())
+        .collect()
+}
+
+/// A key file's raw bytes; refused when users other than its owner and
+/// group may read it, or its group may write it (as ssh refuses keys).
+fn read_key_file(path: &Path) -> Result<Vec<u8>, String> {
+    use std::os::unix::fs::PermissionsExt;
+    let meta = std::fs::metadata(path).map_err(|e| format!("{}: {e}", path.display()))?;
+    let mode = meta.permissions().mode() & 0o777;
+    if mode & 0o027 != 0 {
+        return Err(format!(
+            "{} has mode {mode:o}: other users could read or change the key; chmod 600 (or 640 for a group)",
+            path.display()
+        ));
+    }
+    std::fs::read(path).map_err(|e| format!("{}: {e}", path.display()))
+}
+
+fn dtls_settings(d: &DtlsSection) -> Result<crate::coap::dtls::DtlsSettings, ConfigError> {
+    let defaults = crate::coap::dtls::DtlsSettings::default();
+    let secs = |field: &str, v: Option<u64>, default: std::time::Duration| {
+        positive(field, v.map(|v| v as usize), default.as_secs() as usize)
+            .map(|s| std::time::Duration::from_secs(s as u64))
+    };
+    let max_sessions = positive("dtls.max_sessions", d.max_sessions, defaults.max_sessions)?;
+    let max_handshakes = positive(
+        "dtls.max_handshakes",
+        d.max_handshakes,
+        defaults.max_handshakes,
+    )?;
+    if max_handshakes > max_sessions {
+        return Err(invalid(
+            "dtls.max_handshakes",
+            "more than dtls.max_sessions, which counts handshakes too",
+        ));
+    }
+    Ok(crate::coap::dtls::DtlsSettings {
+        max_sessions,
+        max_handshakes,
+        handshake_timeout: secs(
+            "dtls.handshake_timeout_s",
+            d.handshake_timeout_s,
+            defaults.handshake_timeout,
+        )?,
+        idle_timeout: secs(
+            "dtls.idle_timeout_s",
+            d.idle_timeout_s,
+            defaults.idle_timeout,
+        )?,
+        mtu: defaults.mtu,
+    })
 }
 
 fn validate_routes(sections: Vec<RouteSection>, peers: &[Peer]) -> Result<Vec<Route>, ConfigError> {
@@ -1211,6 +1414,81 @@ mod tests {
         assert_eq!(c.routes[0].qos, 1);
         assert_eq!(c.upstreams[0].durability, Durability::Disk);
         assert_eq!(c.peers[0].observe, ["sensors/temp"]);
+    }
+
+    #[test]
+    fn dtls_credentials_are_checked_and_name_their_peer() {
+        let c = Config::parse(
+            "[coap]\nlisten_dtls = [\"0.0.0.0:5684\"]\n[[peer]]\nname = \"m\"\npsk_identity = \"m-1\"\npsk_hex = \"0A0b\"\nrequire_dtls = true",
+        )
+        .unwrap();
+        assert_eq!(c.coaps_listen, vec!["0.0.0.0:5684".parse().unwrap()]);
+        let psk = c.peers[0].psk.as_ref().unwrap();
+        assert_eq!(
+            (psk.identity.as_slice(), psk.key.as_slice()),
+            (&b"m-1"[..], &[10u8, 11][..])
+        );
+        assert!(
+            !format!("{psk:?}").contains("0a"),
+            "Debug never shows the key"
+        );
+        let peer = |keys: &str| format!("[[peer]]\nname = \"m\"\n{keys}");
+        for (keys, field) in [
+            ("", "peer[0].prefix"),
+            ("psk_identity = \"a\"", "peer[0].psk_hex"),
+            ("psk_hex = \"00\"", "peer[0].psk_identity"),
+            ("psk_identity = \"a\"\npsk_hex = \"0g\"", "peer[0].psk_hex"),
+            ("psk_identity = \"a\"\npsk_hex = \"000\"", "peer[0].psk_hex"),
+            (
+                "psk_identity = \"\"\npsk_hex = \"00\"",
+                "peer[0].psk_identity",
+            ),
+            (
+                "prefix = [\"10.0.0.1/32\"]\nrequire_dtls = true",
+                "peer[0].require_dtls",
+            ),
+        ] {
+            assert_eq!(field_of(&peer(keys)), field, "{keys}");
+        }
+        let two = "[[peer]]\nname = \"a\"\npsk_identity = \"x\"\npsk_hex = \"00\"\n[[peer]]\nname = \"b\"\npsk_identity = \"x\"\npsk_hex = \"01\"";
+        assert_eq!(
+            field_of(two),
+            "peer[1].psk_identity",
+            "one identity, one peer"
+        );
+        assert_eq!(
+            field_of("[coap]\nlisten_dtls = [\"0.0.0.0:5683\"]"),
+            "coap.listen_dtls[0]",
+            "a port is plain or DTLS"
+        );
+    }
+
+    #[test]
+    fn a_key_file_others_can_read_is_refused_by_name() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = std::env::temp_dir().join(format!("m2m-psk-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let file = dir.join("meter.key");
+        std::fs::write(&file, b"raw key bytes").unwrap();
+        let text = format!(
+            "[[peer]]\nname = \"m\"\npsk_identity = \"m\"\npsk_file = \"{}\"",
+            file.display()
+        );
+        std::fs::set_permissions(&file, std::fs::Permissions::from_mode(0o644)).unwrap();
+        match Config::parse(&text) {
+            Err(ConfigError::Invalid { field, message }) => {
+                assert_eq!(field, "peer[0].psk_file");
+                assert!(
+                    message.contains("meter.key") && message.contains("644"),
+                    "{message}"
+                );
+            }
+            other => panic!("a world-readable key was taken: {other:?}"),
+        }
+        std::fs::set_permissions(&file, std::fs::Permissions::from_mode(0o600)).unwrap();
+        let c = Config::parse(&text).unwrap();
+        assert_eq!(c.peers[0].psk.as_ref().unwrap().key, b"raw key bytes");
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 
     #[test]

@@ -11,6 +11,7 @@ use tokio::signal::unix::{signal, SignalKind};
 
 use crate::bridge::{self, Bridge};
 use crate::coap::downlink::{Downlink, DownlinkHandle, DownlinkStats, LastSeen, Relations};
+use crate::coap::dtls::{self, DtlsStats, Sessions};
 use crate::coap::observe::Sequence;
 use crate::coap::uplink::{Uplink, UplinkConfig, UplinkStats};
 use crate::config::{Config, ConfigFile, XdpMode};
@@ -21,7 +22,7 @@ use crate::mapping::{Mapper, SharedMapper};
 use crate::metrics;
 use crate::mqtt::{self, Broker};
 use crate::report;
-use crate::worker::Workers;
+use crate::worker::{SecureWorker, Workers};
 
 /// The interface XDP attaches to when none is named (DESIGN.md invariant 4).
 pub const DEFAULT_INTERFACE: &str = "lo";
@@ -34,6 +35,9 @@ pub struct Running {
     pub fastpath: Option<Fastpath>,
     pub uplink: Arc<UplinkStats>,
     pub downlink: Arc<DownlinkStats>,
+    /// CoAP over DTLS: its counters and its established sessions.
+    pub dtls: Arc<DtlsStats>,
+    pub dtls_sessions: Arc<Sessions>,
     /// Devices observing topics and the gateway observing devices (`ctl
     /// observe ls`).
     pub relations: Relations,
@@ -54,6 +58,8 @@ impl Running {
             fastpath: None,
             uplink: Arc::new(UplinkStats::default()),
             downlink: Arc::new(DownlinkStats::default()),
+            dtls: Default::default(),
+            dtls_sessions: Default::default(),
             relations: Relations::default(),
             broker,
             bridges: Vec::new(),
@@ -98,8 +104,10 @@ pub fn run(config: Config, raw: ConfigFile, config_path: Option<PathBuf>) -> any
         0 => std::thread::available_parallelism().map_or(1, |n| n.get()),
         n => n,
     };
-    // The bounds are for all workers together; each has its own share.
-    let workers = (per_address * config.coap_listen.len()).max(1);
+    // The bounds are for all workers together; each has its own share
+    // (the CoAPS worker is one more).
+    let secure = usize::from(!config.coaps_listen.is_empty());
+    let workers = (per_address * config.coap_listen.len() + secure).max(1);
     let uplink_config = UplinkConfig {
         max_payload: config.coap.max_payload,
         max_body: config.coap.max_body,
@@ -123,22 +131,37 @@ pub fn run(config: Config, raw: ConfigFile, config_path: Option<PathBuf>) -> any
         last_seen: last_seen.clone(),
         replies: replies_tx,
     };
-    let workers = Workers::start(
-        &config.coap_listen,
-        per_address,
-        // A Block1 block may carry 1024 bytes whatever max_payload says.
-        config.coap.max_payload.max(1024) + DATAGRAM_OVERHEAD,
-        || {
-            Uplink::new(
-                uplink_config.clone(),
-                mapper.clone(),
-                broker.clone(),
-                uplink_stats.clone(),
-            )
-            .with_downlink(downlink_handle.clone())
-        },
-    )?;
+    let uplink = || {
+        Uplink::new(
+            uplink_config.clone(),
+            mapper.clone(),
+            broker.clone(),
+            uplink_stats.clone(),
+        )
+        .with_downlink(downlink_handle.clone())
+    };
+    // A Block1 block may carry 1024 bytes whatever max_payload says.
+    let max_datagram = config.coap.max_payload.max(1024) + DATAGRAM_OVERHEAD;
+    let workers = Workers::start(&config.coap_listen, per_address, max_datagram, uplink)?;
     tracing::info!(addrs = ?config.coap_listen, workers_per_addr = per_address, "CoAP workers listening");
+    let dtls_stats = Arc::new(DtlsStats::default());
+    let dtls_sessions = Arc::new(Sessions::default());
+    let secure_worker = if config.coaps_listen.is_empty() {
+        None
+    } else {
+        let server = dtls::Server::new(
+            config.dtls.clone(),
+            mapper.clone(),
+            dtls_stats.clone(),
+            dtls_sessions.clone(),
+        )
+        .context("setting up DTLS")?;
+        // DTLS records add at most a header, an explicit nonce and a tag.
+        let worker =
+            SecureWorker::start(&config.coaps_listen, max_datagram + 64, uplink(), server)?;
+        tracing::info!(addrs = ?config.coaps_listen, "CoAPS (DTLS) worker listening");
+        Some(worker)
+    };
 
     let metrics_listener = runtime
         .block_on(TcpListener::bind(config.metrics_listen))
@@ -180,6 +203,8 @@ pub fn run(config: Config, raw: ConfigFile, config_path: Option<PathBuf>) -> any
             fastpath,
             uplink: uplink_stats,
             downlink: downlink_stats,
+            dtls: dtls_stats,
+            dtls_sessions,
             relations,
             broker,
             bridges: bridges.into_iter().map(|(_, bridge)| bridge).collect(),
@@ -203,6 +228,9 @@ pub fn run(config: Config, raw: ConfigFile, config_path: Option<PathBuf>) -> any
     ));
     runtime.block_on(serve(&control))?;
     workers.stop();
+    if let Some(w) = secure_worker {
+        w.stop();
+    }
     let control = Arc::try_unwrap(control)
         .ok()
         .map(|m| m.into_inner().unwrap());

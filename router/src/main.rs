@@ -87,6 +87,9 @@ enum CtlCommand {
     Upstream(UpstreamCommand),
     #[command(subcommand)]
     Observe(ObserveCommand),
+    /// CoAP over DTLS sessions.
+    #[command(subcommand)]
+    Dtls(DtlsCommand),
     /// Counters by verdict reason, per peer, MQTT and queues.
     Stats {
         #[arg(long)]
@@ -99,12 +102,16 @@ enum CtlCommand {
     Config(ConfigCommand),
 }
 
+// Parsed once per command line: the size of a variant does not matter.
+#[allow(clippy::large_enum_variant)]
 #[derive(Subcommand)]
 enum PeerCommand {
     /// Add a peer; it takes effect on the next packet.
     Add {
         name: String,
-        #[arg(long = "prefix", required = true, value_name = "CIDR")]
+        /// Addresses the peer sends from (at least one, unless it has DTLS
+        /// credentials).
+        #[arg(long = "prefix", value_name = "CIDR")]
         prefixes: Vec<String>,
         #[arg(long)]
         deny: bool,
@@ -128,6 +135,18 @@ enum PeerCommand {
         /// source of the peer's latest uplink).
         #[arg(long, value_name = "ADDR:PORT")]
         endpoint: Option<String>,
+        /// The PSK identity the peer presents over DTLS (coaps).
+        #[arg(long, value_name = "IDENTITY")]
+        psk_identity: Option<String>,
+        /// Its key, in hexadecimal.
+        #[arg(long, value_name = "HEX", conflicts_with = "psk_file")]
+        psk_hex: Option<String>,
+        /// Its key: the raw bytes of a file only its owner (and group) can read.
+        #[arg(long, value_name = "PATH")]
+        psk_file: Option<PathBuf>,
+        /// Drop the peer's plain CoAP: only its DTLS sessions are it.
+        #[arg(long)]
+        require_dtls: bool,
     },
     /// Remove a peer.
     Rm { name: String },
@@ -175,6 +194,12 @@ enum UpstreamCommand {
 enum ObserveCommand {
     /// Devices observing topics (RFC 7641): endpoint, token, topic, age,
     /// notifications sent.
+    Ls,
+}
+
+#[derive(Subcommand)]
+enum DtlsCommand {
+    /// Established DTLS sessions: peer, address, cipher suite, age.
     Ls,
 }
 
@@ -285,8 +310,22 @@ fn ctl_request(command: CtlCommand) -> anyhow::Result<(&'static str, Value)> {
             subscribe,
             observe,
             endpoint,
+            psk_identity,
+            psk_hex,
+            psk_file,
+            require_dtls,
         }) => {
-            let mut args = json!({ "name": name, "prefix": prefixes, "deny": deny });
+            let mut args = json!({ "name": name, "prefix": prefixes, "deny": deny, "require_dtls": require_dtls });
+            if let Some(identity) = psk_identity {
+                args["psk_identity"] = json!(identity);
+            }
+            if let Some(hex) = psk_hex {
+                args["psk_hex"] = json!(hex);
+            }
+            if let Some(file) = psk_file {
+                // The daemon reads it: a relative path means nothing there.
+                args["psk_file"] = json!(std::path::absolute(&file)?);
+            }
             if !publish.is_empty() {
                 args["publish"] = json!(publish);
             }
@@ -342,6 +381,7 @@ fn ctl_request(command: CtlCommand) -> anyhow::Result<(&'static str, Value)> {
         CtlCommand::Route(RouteCommand::Ls) => ("route.ls", Value::Null),
         CtlCommand::Upstream(UpstreamCommand::Ls) => ("upstream.ls", Value::Null),
         CtlCommand::Observe(ObserveCommand::Ls) => ("observe.ls", Value::Null),
+        CtlCommand::Dtls(DtlsCommand::Ls) => ("dtls.ls", Value::Null),
         CtlCommand::Stats { peer, watch } => {
             let mut args = json!({ "watch": watch });
             if let Some(peer) = peer {

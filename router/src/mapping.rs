@@ -28,6 +28,10 @@ pub struct PeerInfo {
     pub subscribe: Vec<String>,
     /// Uri-Paths the gateway observes on it.
     pub observe: Vec<String>,
+    /// Its DTLS pre-shared key, if it has one.
+    pub psk: Option<crate::config::Psk>,
+    /// Its plain CoAP is dropped; only its DTLS sessions are it.
+    pub require_dtls: bool,
 }
 
 /// What a request under the pubsub prefix does with its topic.
@@ -192,6 +196,8 @@ pub struct Mapper {
     peers: PeerIndex,
     infos: Vec<PeerInfo>,
     by_name: HashMap<String, u32>,
+    by_psk_identity: HashMap<Vec<u8>, u32>,
+    requires_dtls: bool,
     routes: Vec<Route>,
     default_topic: Template,
     /// `[defaults] publish` / `subscribe`, `{peer}` still in them (an
@@ -206,6 +212,9 @@ pub struct Mapper {
 /// What the mapping knows of a request.
 pub struct Request<'a> {
     pub src: SocketAddr,
+    /// The peer a DTLS session's credentials named: it, not the address,
+    /// says who sent the request.
+    pub identity: Option<&'a str>,
     pub method: u8,
     pub path: &'a [&'a str],
 }
@@ -226,6 +235,8 @@ impl Mapper {
                 publish: with_peer(&p.publish, &p.name),
                 subscribe: with_peer(&p.subscribe, &p.name),
                 observe: p.observe.clone(),
+                psk: p.psk.clone(),
+                require_dtls: p.require_dtls,
             });
         }
         let routes = config
@@ -261,10 +272,17 @@ impl Mapper {
             .enumerate()
             .map(|(i, p)| (p.name.clone(), i as u32))
             .collect();
+        let by_psk_identity = infos
+            .iter()
+            .enumerate()
+            .filter_map(|(i, p)| Some((p.psk.as_ref()?.identity.clone(), i as u32)))
+            .collect();
         Mapper {
+            requires_dtls: infos.iter().any(|p| p.require_dtls),
             peers,
             infos,
             by_name,
+            by_psk_identity,
             routes,
             default_topic: config.defaults.topic.clone(),
             default_publish: config.defaults.publish.clone(),
@@ -308,9 +326,15 @@ impl Mapper {
     /// Whether the peer at `ip` may publish to (or read) `topic` through
     /// the pubsub prefix: its `publish` (`subscribe`) filters, or the
     /// defaults' for an unknown peer.
-    pub fn allows(&self, ip: IpAddr, topic_name: &str, access: Access) -> bool {
+    pub fn allows(
+        &self,
+        ip: IpAddr,
+        identity: Option<&str>,
+        topic_name: &str,
+        access: Access,
+    ) -> bool {
         let topic_name = topic_name.as_bytes();
-        if let Some(peer) = self.peer(ip) {
+        if let Some(peer) = self.peer_id(ip, identity).map(|i| &self.infos[i as usize]) {
             let filters = match access {
                 Access::Publish => &peer.publish,
                 Access::Subscribe => &peer.subscribe,
@@ -346,13 +370,33 @@ impl Mapper {
         self.by_name.get(name).map(|&i| &self.infos[i as usize])
     }
 
+    /// The peer a DTLS PSK identity names, and its key.
+    pub fn psk(&self, identity: &[u8]) -> Option<(&PeerInfo, &[u8])> {
+        let peer = &self.infos[*self.by_psk_identity.get(identity)? as usize];
+        Some((peer, &peer.psk.as_ref()?.key))
+    }
+
+    /// Whether some peer must use DTLS (its plain CoAP is dropped).
+    pub fn requires_dtls(&self) -> bool {
+        self.requires_dtls
+    }
+
+    /// The peer a request is from: the one its DTLS credentials named, else
+    /// the one whose prefix holds its address.
+    fn peer_id(&self, ip: IpAddr, identity: Option<&str>) -> Option<u32> {
+        match identity {
+            Some(name) => self.by_name.get(name).copied(),
+            None => self.peers.lookup(ip),
+        }
+    }
+
     pub fn peer(&self, ip: IpAddr) -> Option<&PeerInfo> {
         self.peers.lookup(ip).map(|i| &self.infos[i as usize])
     }
 
     /// Renders the topic for `req` into `out` (cleared first).
     pub fn map(&self, req: &Request, out: &mut String) -> Result<Delivery, MapError> {
-        let peer_id = self.peers.lookup(req.src.ip());
+        let peer_id = self.peer_id(req.src.ip(), req.identity);
         let peer = peer_id.map(|i| &self.infos[i as usize]);
         let (template, delivery) = match self
             .routes
@@ -511,6 +555,7 @@ mod tests {
         let mut out = String::new();
         let req = Request {
             src: src.parse().unwrap(),
+            identity: None,
             method,
             path,
         };
@@ -613,7 +658,7 @@ mod pubsub {
     }
 
     fn allows(m: &Mapper, ip: &str, topic: &str, access: Access) -> bool {
-        m.allows(ip.parse().unwrap(), topic, access)
+        m.allows(ip.parse().unwrap(), None, topic, access)
     }
 
     #[test]
@@ -689,6 +734,7 @@ mod limits {
         let mut out = String::new();
         let req = Request {
             src: "10.9.0.1:5683".parse().unwrap(),
+            identity: None,
             method: 2,
             path,
         };

@@ -10,6 +10,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 
 use crate::coap::downlink::DownlinkStats;
+use crate::coap::dtls::DtlsStats;
 use crate::coap::uplink::UplinkStats;
 use crate::control::Control;
 use crate::listener::{AcceptFailures, ListenerStats};
@@ -204,6 +205,17 @@ pub fn render(c: &Control) -> String {
         "watching" => "Observe relations of the gateway observing devices.",
         _ => "CoAP downlink (commands and Observe notifications) counter.",
     };
+    let dtls_help = |name: &str| match name {
+        "hello_verify" => "HelloVerifyRequests sent: ClientHellos without a valid cookie.",
+        "handshakes" => "DTLS handshakes completed.",
+        "handshake_failures" => "DTLS handshakes ended by an alert or a protocol error.",
+        "unknown_identity" => "DTLS handshakes with a PSK identity no peer has.",
+        "handshake_timeouts" => "DTLS handshakes unfinished at dtls.handshake_timeout_s.",
+        "evicted" => "DTLS sessions closed to stay within dtls.max_sessions / max_handshakes.",
+        "sessions" => "DTLS sessions established.",
+        "handshaking" => "DTLS handshakes under way.",
+        _ => "CoAP over DTLS counter.",
+    };
     let process_help = |name: &str| match name {
         "rss_bytes" => "Resident set of the daemon.",
         "heap_in_use_bytes" => "C allocator heap in use (mallinfo2 uordblks + hblkhd).",
@@ -221,6 +233,12 @@ pub fn render(c: &Control) -> String {
             c.running.downlink.snapshot(),
             DownlinkStats::GAUGES,
             &downlink_help,
+        ),
+        (
+            "dtls",
+            c.running.dtls.snapshot(),
+            DtlsStats::GAUGES,
+            &dtls_help,
         ),
         (
             "process",

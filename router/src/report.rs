@@ -18,6 +18,10 @@ pub fn render(running: &Running) -> Result<String, FastpathError> {
     for (name, value) in running.uplink.snapshot() {
         let _ = writeln!(out, "  {name:<22} {value:>12}");
     }
+    out.push_str("coaps (dtls):\n");
+    for (name, value) in running.dtls.snapshot() {
+        let _ = writeln!(out, "  {name:<22} {value:>12}");
+    }
     out.push_str("coap downlink:\n");
     for (name, value) in running.downlink.snapshot() {
         let _ = writeln!(out, "  {name:<22} {value:>12}");

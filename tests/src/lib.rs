@@ -14,6 +14,7 @@
 pub mod bpffs;
 pub mod daemon;
 pub mod disk;
+pub mod dtls;
 pub mod faultfs;
 pub mod frames;
 pub mod mqtt;

@@ -30,6 +30,9 @@ const BUILD_PACKAGES: &[&str] = &[
     "cargo-web",
     "libstd-rust-web-dev-bpf",
     "libllvm22",
+    // The openssl crate links Debian's OpenSSL 3 (DTLS), found by pkg-config.
+    "libssl-dev",
+    "pkg-config",
 ];
 /// Extra packages the tests use: `ip` for network namespaces, `ping`,
 /// `coap-client` as a real device, `mosquitto_sub` as a real subscriber and

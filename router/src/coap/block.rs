@@ -9,9 +9,9 @@
 //! bounded in bytes altogether (the oldest is evicted first) and forgotten
 //! when no block came for EXCHANGE_LIFETIME.
 
+use super::Origin;
 use std::collections::{BTreeMap, HashMap};
 use std::hash::{Hash, Hasher};
-use std::net::SocketAddr;
 use std::time::Instant;
 
 use super::message::uint_option;
@@ -87,12 +87,12 @@ impl Block {
 /// request's method and Uri-Path.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct BodyKey {
-    pub src: SocketAddr,
+    pub src: Origin,
     request: u64,
 }
 
 impl BodyKey {
-    pub fn new(src: SocketAddr, method: u8, path: &[&str]) -> BodyKey {
+    pub fn new(src: Origin, method: u8, path: &[&str]) -> BodyKey {
         let mut h = std::collections::hash_map::DefaultHasher::new();
         method.hash(&mut h);
         path.hash(&mut h);
@@ -287,7 +287,11 @@ mod tests {
     use super::*;
 
     fn key(port: u16) -> BodyKey {
-        BodyKey::new(SocketAddr::from(([10, 0, 0, 1], port)), 2, &["log"])
+        BodyKey::new(
+            Origin::Address(std::net::SocketAddr::from(([10, 0, 0, 1], port))),
+            2,
+            &["log"],
+        )
     }
 
     fn block(num: u32, more: bool, szx: u8) -> Block {

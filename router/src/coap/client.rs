@@ -35,6 +35,7 @@ use super::dedup::{Answer, DedupCache};
 use super::ids::{Ids, MidSpace, Token};
 use super::message::{self, code, Message, ACK, CON, NON, RST};
 use super::params::{OnTimeout, Retransmission, TransmissionParams, EXCHANGE_LIFETIME};
+use super::Origin;
 
 /// Separate CON responses remembered per endpoint, and in all.
 const TAKEN_PER_PEER: usize = 16;
@@ -340,7 +341,12 @@ impl<K: Clone + Eq + Hash> Client<K> {
                 Reply::Response(key, *msg)
             }
             CON | NON if is_response(msg.code) => {
-                if msg.mtype == CON && self.taken.lookup(&src, msg.mid, now).is_some() {
+                if msg.mtype == CON
+                    && self
+                        .taken
+                        .lookup(&Origin::Address(src), msg.mid, now)
+                        .is_some()
+                {
                     empty(out, ACK, msg.mid);
                     return Reply::Nothing;
                 }
@@ -363,7 +369,8 @@ impl<K: Clone + Eq + Hash> Client<K> {
                 if msg.mtype == CON {
                     empty(out, ACK, msg.mid);
                     let answer = Answer::new(code::EMPTY, &[], None);
-                    self.taken.insert(src, msg.mid, answer, now);
+                    self.taken
+                        .insert(Origin::Address(src), msg.mid, answer, now);
                 }
                 self.remove(&key);
                 Reply::Response(key, *msg)

@@ -8,8 +8,8 @@
 //! total; an entry evicted early is counted, since a retransmission arriving
 //! after it would be processed twice.
 
+use super::Origin;
 use std::collections::{HashMap, VecDeque};
-use std::net::SocketAddr;
 use std::time::Instant;
 
 use super::message;
@@ -117,7 +117,7 @@ impl PeerLog {
 }
 
 pub struct DedupCache {
-    peers: HashMap<SocketAddr, PeerLog>,
+    peers: HashMap<Origin, PeerLog>,
     per_peer: usize,
     max_total: usize,
     total: usize,
@@ -137,7 +137,7 @@ impl DedupCache {
     }
 
     /// The answer given to (`peer`, `mid`) within the exchange lifetime.
-    pub fn lookup(&self, peer: &SocketAddr, mid: u16, now: Instant) -> Option<Answer> {
+    pub fn lookup(&self, peer: &Origin, mid: u16, now: Instant) -> Option<Answer> {
         let log = self.peers.get(peer)?;
         if !log.may_hold(mid) {
             return None;
@@ -150,7 +150,7 @@ impl DedupCache {
             .map(|(_, e)| e.answer)
     }
 
-    pub fn insert(&mut self, peer: SocketAddr, mid: u16, answer: Answer, now: Instant) {
+    pub fn insert(&mut self, peer: Origin, mid: u16, answer: Answer, now: Instant) {
         if self.total >= self.max_total {
             self.evict_one(&peer, now);
         }
@@ -172,7 +172,7 @@ impl DedupCache {
 
     /// Forgets the newest exchange (`peer`, `mid`), so a retransmission of
     /// it is processed as new (used when its batch could not be committed).
-    pub fn forget(&mut self, peer: &SocketAddr, mid: u16) {
+    pub fn forget(&mut self, peer: &Origin, mid: u16) {
         let Some(log) = self.peers.get_mut(peer) else {
             return;
         };
@@ -185,7 +185,7 @@ impl DedupCache {
 
     /// Makes room under the total bound: the oldest entry of this peer, else
     /// of any peer (expired ones first, which cost no eviction).
-    fn evict_one(&mut self, peer: &SocketAddr, now: Instant) {
+    fn evict_one(&mut self, peer: &Origin, now: Instant) {
         let victim = match self.peers.get(peer) {
             Some(log) if !log.is_empty() => *peer,
             _ => match self.peers.iter().find(|(_, log)| !log.is_empty()) {
@@ -241,8 +241,8 @@ mod tests {
         option_value: 0,
     };
 
-    fn peer(port: u16) -> SocketAddr {
-        SocketAddr::from(([10, 0, 0, 1], port))
+    fn peer(port: u16) -> Origin {
+        Origin::Address(std::net::SocketAddr::from(([10, 0, 0, 1], port)))
     }
 
     #[test]

@@ -10,6 +10,7 @@
 //! On top of it:
 //! - `request`: a request's options;
 //! - `uplink`: the server side, what a worker does with each datagram;
+//! - `dtls`: CoAP over DTLS, the sessions that carry it (RFC 7252 section 9);
 //! - `block`: block-wise transfers (RFC 7959);
 //! - `observe`: devices observing topics (RFC 7641, the server's side);
 //! - `watch`: the gateway observing devices (RFC 7641, the client's side);
@@ -20,6 +21,7 @@ pub mod block;
 pub mod client;
 pub mod dedup;
 pub mod downlink;
+pub mod dtls;
 pub mod ids;
 pub mod message;
 pub mod observe;
@@ -27,3 +29,16 @@ pub mod params;
 pub mod request;
 pub mod uplink;
 pub mod watch;
+
+use std::net::SocketAddr;
+
+/// Whom a request came from, as duplicate detection and block assembly
+/// tell endpoints apart (RFC 7252 sections 4.5 and RFC 7959 section 2.4).
+/// Plain CoAP: its address. DTLS: the peer its credentials named, whatever
+/// address it speaks from, so a device whose address changes is still one
+/// endpoint (`dtls::Identity::key`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Origin {
+    Address(SocketAddr),
+    Peer(u32),
+}

@@ -17,10 +17,12 @@ use super::block::{Assemblies, Block, BodyKey, Step};
 use super::client::empty;
 use super::dedup::{Answer, DedupCache};
 use super::downlink::DownlinkHandle;
+use super::dtls::Identity;
 use super::ids::{Ids, MidSpace};
 use super::message::{self, code, option, peek_header, Message, ACK, CON, NON, RST};
 use super::observe::{self, ObserveEvent};
 use super::request::{self, content_type, RequestError};
+use super::Origin;
 use crate::mapping::{self, Access, Delivery, Mapper, SharedMapper};
 use crate::mqtt::{Broker, Message as MqttMessage, Ticket};
 
@@ -53,6 +55,9 @@ pub struct UplinkStats {
     /// Requests under the pubsub prefix for a topic the peer may not use
     /// (answered 4.03).
     pub forbidden: AtomicU64,
+    /// Plain CoAP from a peer that must use DTLS, and messages of a DTLS
+    /// session whose peer was removed: dropped.
+    pub insecure: AtomicU64,
     /// Block1 bodies being assembled by all workers, and their memory.
     pub assemblies: AtomicU64,
     pub assembly_bytes: AtomicU64,
@@ -81,6 +86,7 @@ impl UplinkStats {
             ("assemblies_evicted", f(&self.assemblies_evicted)),
             ("assemblies_expired", f(&self.assemblies_expired)),
             ("forbidden", f(&self.forbidden)),
+            ("insecure", f(&self.insecure)),
             ("assemblies", f(&self.assemblies)),
             ("assembly_bytes", f(&self.assembly_bytes)),
         ]
@@ -115,6 +121,23 @@ impl Default for UplinkConfig {
 /// for smaller: 1024 bytes (SZX 6), the largest RFC 7959 allows over UDP.
 const BLOCK2_SZX: u8 = 6;
 
+/// Where a datagram came from and, over DTLS, whom its session's
+/// credentials named.
+#[derive(Clone, Copy)]
+struct Source<'a> {
+    addr: SocketAddr,
+    identity: Option<&'a Identity>,
+}
+
+impl Source<'_> {
+    fn origin(&self) -> Origin {
+        match self.identity {
+            Some(id) => Origin::Peer(id.key),
+            None => Origin::Address(self.addr),
+        }
+    }
+}
+
 /// One worker's uplink state.
 pub struct Uplink {
     config: UplinkConfig,
@@ -130,7 +153,7 @@ pub struct Uplink {
     /// Exchanges remembered since the last commit: if the commit fails,
     /// they are forgotten so a retransmission is processed again rather
     /// than answered from the cache (it was never acknowledged).
-    uncommitted: Vec<(SocketAddr, u16)>,
+    uncommitted: Vec<(Origin, u16)>,
     /// The ticket of the batch's first publish a sink staged (see
     /// `mqtt::sink`): the commit before the batch's replies checks it.
     staged: Option<Ticket>,
@@ -200,10 +223,61 @@ impl Uplink {
         now: Instant,
         out: &mut Vec<u8>,
     ) -> bool {
+        let src = Source {
+            addr: src,
+            identity: None,
+        };
+        self.handle_from(dgram, truncated, src, now, out)
+    }
+
+    /// Handles one message decrypted from a DTLS session of the peer
+    /// `identity` at `src`; the reply, if any, is left in `out` for the
+    /// session to encrypt. The peer is who the credentials say, whatever
+    /// its address.
+    pub fn handle_secure(
+        &mut self,
+        message: &[u8],
+        src: SocketAddr,
+        identity: &Identity,
+        now: Instant,
+        out: &mut Vec<u8>,
+    ) -> bool {
+        let src = Source {
+            addr: src,
+            identity: Some(identity),
+        };
+        self.handle_from(message, false, src, now, out)
+    }
+
+    fn handle_from(
+        &mut self,
+        dgram: &[u8],
+        truncated: bool,
+        src: Source<'_>,
+        now: Instant,
+        out: &mut Vec<u8>,
+    ) -> bool {
         self.stats.received.fetch_add(1, Ordering::Relaxed);
         out.clear();
         if self.mappers.generation() != self.mapper_generation {
             (self.mapper_generation, self.mapper) = self.mappers.load();
+        }
+        let admitted = match src.identity {
+            // A peer removed since its session was made.
+            Some(id) => self.mapper.peer_by_name(&id.name).is_some(),
+            // Its own address is no proof of who a peer is that must use
+            // DTLS (the fast path drops this too, where it is attached).
+            None => {
+                !self.mapper.requires_dtls()
+                    || self
+                        .mapper
+                        .peer(src.addr.ip())
+                        .is_none_or(|p| !p.require_dtls)
+            }
+        };
+        if !admitted {
+            self.stats.insecure.fetch_add(1, Ordering::Relaxed);
+            return false;
         }
         if truncated {
             // Longer than the receive buffer (options or payload): the head
@@ -228,9 +302,11 @@ impl Uplink {
         match (msg.mtype, msg.code) {
             (CON, code::EMPTY) => self.reset(msg.mid, out), // "CoAP ping", section 4.3
             (CON | NON, _) if msg.is_request() => {
-                if let Some(d) = &self.downlink {
-                    if let Some(peer) = self.mapper.peer(src.ip()) {
-                        if let Some(heard) = d.last_seen.note(&peer.name, src, &self.mapper) {
+                // (Commands and watches reach DTLS peers through their
+                // sessions only, which the downlink does not do yet.)
+                if let (Some(d), None) = (&self.downlink, src.identity) {
+                    if let Some(peer) = self.mapper.peer(src.addr.ip()) {
+                        if let Some(heard) = d.last_seen.note(&peer.name, src.addr, &self.mapper) {
                             // Commands or watches wait for this peer. News
                             // lost to a full channel: the downlink's 1 s
                             // sweep finds waiting commands, and watches
@@ -242,7 +318,7 @@ impl Uplink {
                 self.request(&msg, src, now, out)
             }
             // ACKs, RSTs and responses answer downlink requests.
-            _ if self.to_downlink(src, dgram) => false,
+            _ if src.identity.is_none() && self.to_downlink(src.addr, dgram) => false,
             (CON, _) => {
                 // A response we did not ask for (section 4.2).
                 self.stats.ignored.fetch_add(1, Ordering::Relaxed);
@@ -255,8 +331,8 @@ impl Uplink {
         }
     }
 
-    fn request(&mut self, msg: &Message, src: SocketAddr, now: Instant, out: &mut Vec<u8>) -> bool {
-        if let Some(answer) = self.dedup.lookup(&src, msg.mid, now) {
+    fn request(&mut self, msg: &Message, src: Source<'_>, now: Instant, out: &mut Vec<u8>) -> bool {
+        if let Some(answer) = self.dedup.lookup(&src.origin(), msg.mid, now) {
             self.stats.duplicates.fetch_add(1, Ordering::Relaxed);
             if msg.mtype != CON || answer.code == 0 {
                 return false;
@@ -300,8 +376,8 @@ impl Uplink {
         // A NON request is answered with nothing (code 0), now and when
         // it is repeated.
         let answer = Answer::new(if reply { code } else { 0 }, msg.token, option);
-        self.dedup.insert(src, msg.mid, answer, now);
-        self.uncommitted.push((src, msg.mid));
+        self.dedup.insert(src.origin(), msg.mid, answer, now);
+        self.uncommitted.push((src.origin(), msg.mid));
         self.report();
         if reply {
             // Piggybacked response (section 5.2.1), sent only now that the
@@ -326,11 +402,11 @@ impl Uplink {
         payload: &[u8],
         req: &request::Request,
         block: Block,
-        src: SocketAddr,
+        src: Source<'_>,
         now: Instant,
     ) -> (u8, Option<(u16, u32)>) {
         self.stats.blocks.fetch_add(1, Ordering::Relaxed);
-        let key = BodyKey::new(src, req.method, req.path.segments());
+        let key = BodyKey::new(src.origin(), req.method, req.path.segments());
         // The answer echoes the block (section 2.3).
         let echo = Some((option::BLOCK1, block.value()));
         match self.assemblies.receive(key, block, req.size1, payload, now) {
@@ -367,15 +443,22 @@ impl Uplink {
     fn topic_for(
         &mut self,
         req: &request::Request,
-        src: SocketAddr,
+        src: Source<'_>,
         access: Access,
     ) -> Result<Delivery, u8> {
         let path = req.path.segments();
+        let identity = src.identity.map(|i| &*i.name);
         match self.mapper.direct_topic(path, &mut self.topic) {
-            Some(Ok(())) if self.mapper.allows(src.ip(), &self.topic, access) => Ok(Delivery {
-                qos: 0,
-                retain: false,
-            }),
+            Some(Ok(()))
+                if self
+                    .mapper
+                    .allows(src.addr.ip(), identity, &self.topic, access) =>
+            {
+                Ok(Delivery {
+                    qos: 0,
+                    retain: false,
+                })
+            }
             Some(Ok(())) => {
                 self.stats.forbidden.fetch_add(1, Ordering::Relaxed);
                 Err(code::FORBIDDEN)
@@ -386,7 +469,12 @@ impl Uplink {
                     Access::Publish => req.method,
                     Access::Subscribe => code::POST,
                 };
-                let mreq = mapping::Request { src, method, path };
+                let mreq = mapping::Request {
+                    src: src.addr,
+                    identity,
+                    method,
+                    path,
+                };
                 self.mapper
                     .map(&mreq, &mut self.topic)
                     .map_err(|_| code::BAD_REQUEST)
@@ -395,7 +483,7 @@ impl Uplink {
     }
 
     /// Publishes a POST/PUT body; returns the response code.
-    fn publish(&mut self, payload: &[u8], req: &request::Request, src: SocketAddr) -> u8 {
+    fn publish(&mut self, payload: &[u8], req: &request::Request, src: Source<'_>) -> u8 {
         let delivery = match self.topic_for(req, src, Access::Publish) {
             Ok(d) => d,
             Err(code) => return code,
@@ -445,7 +533,7 @@ impl Uplink {
         &mut self,
         msg: &Message,
         req: &request::Request,
-        src: SocketAddr,
+        src: Source<'_>,
         out: &mut Vec<u8>,
     ) -> bool {
         let (found, observing) = match self.topic_for(req, src, Access::Subscribe) {
@@ -458,8 +546,10 @@ impl Uplink {
                 // Only a 2.05 of a first block registers (RFC 7641
                 // section 4.1; RFC 7959 section 3.4), and it always is one.
                 let first_block = req.block2.is_none_or(|b| b.num == 0);
-                let observing = if first_block {
-                    self.observe(req.observe, msg.token, src, m.as_ref())
+                // (Notifications to DTLS peers would need their sessions:
+                // not yet, so their registrations are declined.)
+                let observing = if first_block && src.identity.is_none() {
+                    self.observe(req.observe, msg.token, src.addr, m.as_ref())
                 } else {
                     None
                 };

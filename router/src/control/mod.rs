@@ -175,6 +175,22 @@ impl Control {
                 let watches = relations.watches.lock().unwrap().list(now);
                 Ok(json!({ "observers": observers, "watches": watches }))
             }
+            "dtls.ls" => {
+                let _: Empty = args(args_value, command)?;
+                let now = std::time::SystemTime::now();
+                let sessions: Vec<Value> = self
+                    .running
+                    .dtls_sessions
+                    .list()
+                    .into_iter()
+                    .map(|s| {
+                        let mut v = serde_json::to_value(&s).unwrap();
+                        v["age_s"] = json!(now.duration_since(s.since).unwrap_or_default().as_secs());
+                        v
+                    })
+                    .collect();
+                Ok(json!({ "sessions": sessions }))
+            }
             "upstream.ls" => {
                 let _: Empty = args(args_value, command)?;
                 Ok(self.upstreams())
@@ -196,7 +212,7 @@ impl Control {
                 "unknown_command",
                 format!(
                     "unknown command {other:?}; known: status, peer.add, peer.rm, peer.ls, peer.import, \
-                     route.add, route.rm, route.ls, upstream.ls, observe.ls, stats, config.save, config.reload"
+                     route.add, route.rm, route.ls, upstream.ls, observe.ls, dtls.ls, stats, config.save, config.reload"
                 ),
                 Some("command"),
             )),
@@ -346,6 +362,10 @@ impl Control {
             .iter()
             .map(|p| {
                 let mut v = serde_json::to_value(p).unwrap();
+                // A key never leaves the daemon: `peer ls` says one is set.
+                if p.psk_hex.is_some() {
+                    v["psk_hex"] = json!("(set)");
+                }
                 if let Some(fp) = &self.running.fastpath {
                     if let Some(id) = fp.tables().peer_id(&p.name) {
                         if let Ok(c) = fp.peer_counters(id) {
@@ -441,6 +461,7 @@ impl Control {
         out["process"] = counters_json(crate::process::snapshot()).into();
         out["coap"] = counters_json(self.running.uplink.snapshot()).into();
         out["downlink"] = counters_json(self.running.downlink.snapshot()).into();
+        out["dtls"] = counters_json(self.running.dtls.snapshot()).into();
         for (section, listener) in [
             ("control", &self.running.control_socket),
             ("metrics_http", &self.running.metrics_http),
@@ -497,6 +518,9 @@ fn restart_only_changes(current: &Config, new: &Config) -> Vec<&'static str> {
     if new.coap_listen != current.coap_listen || new.coap != current.coap {
         restart.push("coap");
     }
+    if new.coaps_listen != current.coaps_listen || new.dtls != current.dtls {
+        restart.push("dtls");
+    }
     if new.interfaces != current.interfaces
         || new.xdp_mode != current.xdp_mode
         || new.persist != current.persist
@@ -533,6 +557,8 @@ fn restart_only_changes(current: &Config, new: &Config) -> Vec<&'static str> {
 fn keep_restart_only_settings(current: &Config, new: Config) -> Config {
     Config {
         coap_listen: current.coap_listen.clone(),
+        coaps_listen: current.coaps_listen.clone(),
+        dtls: current.dtls.clone(),
         coap: current.coap.clone(),
         mqtt: current.mqtt.clone(),
         interfaces: current.interfaces.clone(),

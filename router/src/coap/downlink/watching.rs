@@ -476,6 +476,7 @@ impl Downlink {
         let segments: Vec<&str> = path.split('/').collect();
         let req = mapping::Request {
             src,
+            identity: None,
             method: code::POST,
             path: &segments,
         };

@@ -22,6 +22,9 @@ use socket2::{Domain, Protocol, Socket, Type};
 
 use crate::coap::uplink::Uplink;
 
+mod secure;
+pub use secure::SecureWorker;
+
 /// Datagrams per recvmmsg/sendmmsg call.
 const BATCH: usize = 32;
 /// How often a worker wakes up to check for shutdown when idle.
@@ -159,6 +162,25 @@ impl Batch {
     }
 }
 
+impl Batch {
+    /// Points header `i` at `datagram`, to be sent to `to`.
+    fn point(&mut self, i: usize, to: &SocketAddr, datagram: &mut [u8]) {
+        let len = write_addr(to, &mut self.addrs[i]);
+        self.iovs[i] = libc::iovec {
+            iov_base: datagram.as_mut_ptr().cast(),
+            iov_len: datagram.len(),
+        };
+        let h = &mut self.hdrs[i].msg_hdr;
+        h.msg_name = (&mut self.addrs[i] as *mut libc::sockaddr_storage).cast();
+        h.msg_namelen = len;
+        h.msg_iov = &mut self.iovs[i];
+        h.msg_iovlen = 1;
+        h.msg_control = std::ptr::null_mut();
+        h.msg_controllen = 0;
+        h.msg_flags = 0;
+    }
+}
+
 fn serve(
     socket: &UdpSocket,
     uplink: &mut Uplink,
@@ -267,5 +289,31 @@ fn socket_addr(s: &libc::sockaddr_storage) -> Option<SocketAddr> {
             )))
         }
         _ => None,
+    }
+}
+
+/// Writes `addr` into `s`; the length of the sockaddr written.
+fn write_addr(addr: &SocketAddr, s: &mut libc::sockaddr_storage) -> libc::socklen_t {
+    match addr {
+        SocketAddr::V4(a) => {
+            // SAFETY: sockaddr_storage is large and aligned enough for any sockaddr.
+            let sin =
+                unsafe { &mut *(s as *mut libc::sockaddr_storage).cast::<libc::sockaddr_in>() };
+            sin.sin_family = libc::AF_INET as libc::sa_family_t;
+            sin.sin_port = a.port().to_be();
+            sin.sin_addr.s_addr = u32::from(*a.ip()).to_be();
+            size_of::<libc::sockaddr_in>() as libc::socklen_t
+        }
+        SocketAddr::V6(a) => {
+            // SAFETY: as above.
+            let sin6 =
+                unsafe { &mut *(s as *mut libc::sockaddr_storage).cast::<libc::sockaddr_in6>() };
+            sin6.sin6_family = libc::AF_INET6 as libc::sa_family_t;
+            sin6.sin6_port = a.port().to_be();
+            sin6.sin6_addr.s6_addr = a.ip().octets();
+            sin6.sin6_flowinfo = a.flowinfo();
+            sin6.sin6_scope_id = a.scope_id();
+            size_of::<libc::sockaddr_in6>() as libc::socklen_t
+        }
     }
 }

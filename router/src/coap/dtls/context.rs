@@ -1,0 +1,115 @@
+//! The OpenSSL context every DTLS session of a worker is made from: the
+//! cipher suites, the pre-shared keys of the configured peers, and the
+//! stateless cookies of RFC 6347 section 4.2.1.
+
+use std::net::SocketAddr;
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, OnceLock};
+
+use openssl::error::ErrorStack;
+use openssl::hash::MessageDigest;
+use openssl::memcmp;
+use openssl::pkey::{PKey, Private};
+use openssl::sign::Signer;
+use openssl::ssl::{
+    Ssl, SslContext, SslContextBuilder, SslMethod, SslMode, SslOptions, SslRef,
+    SslSessionCacheMode, SslVersion,
+};
+
+use super::DtlsStats;
+use crate::mapping::SharedMapper;
+
+/// AEAD suites only, the mandatory one first: RFC 7252 section 9.1.3.1
+/// makes TLS_PSK_WITH_AES_128_CCM_8 mandatory in PreSharedKey mode (RFC
+/// 7925 section 4.2 for constrained devices); section 9.1.3.2 makes
+/// TLS_ECDHE_ECDSA_WITH_AES_128_CCM_8 mandatory with certificates.
+const CIPHERS: &str = "PSK-AES128-CCM8:PSK-AES128-CCM:PSK-AES128-GCM-SHA256:\
+    ECDHE-PSK-CHACHA20-POLY1305:ECDHE-ECDSA-AES128-CCM8:ECDHE-ECDSA-AES128-GCM-SHA256:\
+    ECDHE-ECDSA-CHACHA20-POLY1305";
+
+/// Cookie length: a truncated HMAC-SHA256 (RFC 6347 allows up to 255).
+const COOKIE_LEN: usize = 16;
+
+/// The address the listener is answering, for the cookie callbacks (set on
+/// the listener before each `DTLSv1_listen`).
+pub fn peer_index() -> openssl::ex_data::Index<Ssl, SocketAddr> {
+    static INDEX: OnceLock<openssl::ex_data::Index<Ssl, SocketAddr>> = OnceLock::new();
+    *INDEX.get_or_init(|| Ssl::new_ex_index().expect("OpenSSL ex_data index"))
+}
+
+/// Builds the server context. Pre-shared keys are looked up in the current
+/// mapper at each handshake, so peers added or changed at run time are
+/// known at once.
+pub fn server(mappers: Arc<SharedMapper>, stats: Arc<DtlsStats>) -> Result<SslContext, ErrorStack> {
+    let mut b = SslContext::builder(SslMethod::dtls())?;
+    common(&mut b)?;
+    let stats_psk = stats.clone();
+    b.set_psk_server_callback(move |_ssl, identity, key_out| {
+        let (_, mapper) = mappers.load();
+        match identity.and_then(|id| mapper.psk(id)) {
+            Some((_, key)) if key.len() <= key_out.len() => {
+                key_out[..key.len()].copy_from_slice(key);
+                Ok(key.len())
+            }
+            // OpenSSL answers unknown_psk_identity (RFC 4279 section 2).
+            _ => {
+                stats_psk.unknown_identity.fetch_add(1, Ordering::Relaxed);
+                Err(ErrorStack::get())
+            }
+        }
+    });
+    // The cookie binds the client's address (RFC 6347 section 4.2.1): a
+    // spoofed source never sees it, so it never gets a session.
+    let key = cookie_key()?;
+    let verify_key = key.clone();
+    b.set_cookie_generate_cb(move |ssl, out| {
+        let n = cookie(&key, ssl, out)?;
+        stats.hello_verify.fetch_add(1, Ordering::Relaxed);
+        Ok(n)
+    });
+    b.set_cookie_verify_cb(move |ssl, given| {
+        let mut expected = [0u8; COOKIE_LEN];
+        matches!(cookie(&verify_key, ssl, &mut expected), Ok(n) if n == given.len() && memcmp::eq(&expected, given))
+    });
+    // Resumption by session ID (RFC 5246 section 7.4.1.2): a device back
+    // within the cache's lifetime skips the key exchange.
+    b.set_session_id_context(b"m2m-router coaps")?;
+    b.set_session_cache_mode(SslSessionCacheMode::SERVER);
+    Ok(b.build())
+}
+
+/// What client and server contexts share.
+fn common(b: &mut SslContextBuilder) -> Result<(), ErrorStack> {
+    b.set_min_proto_version(Some(SslVersion::DTLS1_2))?;
+    // CCM_8's 64-bit tag puts the mandatory suites below OpenSSL 3's
+    // default security level 1.
+    b.set_security_level(0);
+    b.set_cipher_list(CIPHERS)?;
+    // The MTU is set per object: the BIO is not a socket to ask.
+    b.set_options(SslOptions::NO_QUERY_MTU | SslOptions::NO_RENEGOTIATION);
+    // Sessions at rest keep no read/write buffers (~34 KiB each otherwise).
+    b.set_mode(SslMode::RELEASE_BUFFERS);
+    Ok(())
+}
+
+fn cookie_key() -> Result<PKey<Private>, ErrorStack> {
+    let mut secret = [0u8; 32];
+    openssl::rand::rand_bytes(&mut secret)?;
+    PKey::hmac(&secret)
+}
+
+fn cookie(key: &PKey<Private>, ssl: &SslRef, out: &mut [u8]) -> Result<usize, ErrorStack> {
+    let Some(addr) = ssl.ex_data(peer_index()) else {
+        return Err(ErrorStack::get());
+    };
+    let mut signer = Signer::new(MessageDigest::sha256(), key)?;
+    match addr {
+        SocketAddr::V4(a) => signer.update(&a.ip().octets())?,
+        SocketAddr::V6(a) => signer.update(&a.ip().octets())?,
+    }
+    signer.update(&addr.port().to_be_bytes())?;
+    let mac = signer.sign_to_vec()?;
+    let n = COOKIE_LEN.min(out.len());
+    out[..n].copy_from_slice(&mac[..n]);
+    Ok(n)
+}

@@ -1,0 +1,720 @@
+//! CoAP over DTLS 1.2 (RFC 7252 section 9, RFC 6347): the sessions of one
+//! worker, each the peer whose credentials it presented, whatever its
+//! address.
+//!
+//! The library is OpenSSL 3 (Debian's, through the `openssl` crate): it has
+//! the mandatory PSK and ECDHE-ECDSA CCM_8 suites, certificates with chain
+//! checks, session resumption, and `DTLSv1_listen`, which answers a
+//! ClientHello with a stateless cookie (RFC 6347 section 4.2.1) on one
+//! shared object, so nothing is kept for a source until it proved it
+//! receives at its address. Each session is an `SslStream` over a [`Wire`]:
+//! the worker's batched socket does the I/O, the sessions are found by the
+//! datagram's source address (no socket per session).
+//!
+//! Bounds: at most `max_sessions` sessions and `max_handshakes` of them
+//! unfinished; past either, the least recently active is closed (counted).
+//! A handshake unfinished after `handshake_timeout` and a session idle for
+//! `idle_timeout` are closed too.
+
+mod context;
+mod wire;
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::os::raw::c_int;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime};
+
+use foreign_types::ForeignTypeRef;
+use openssl::ssl::{ErrorCode, Ssl, SslContext, SslStream};
+use serde::Serialize;
+
+use crate::mapping::SharedMapper;
+pub use wire::Wire;
+
+/// Record content type of a handshake (RFC 5246 section 6.2.1).
+const HANDSHAKE: u8 = 22;
+/// Largest plaintext of one record (RFC 6347 section 4.1.1).
+const MAX_PLAINTEXT: usize = 16384;
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct DtlsSettings {
+    pub max_sessions: usize,
+    pub max_handshakes: usize,
+    pub handshake_timeout: Duration,
+    pub idle_timeout: Duration,
+    /// Largest datagram a session sends (records of a flight are split to
+    /// fit; RFC 6347 section 4.1.1.1).
+    pub mtu: u32,
+}
+
+impl Default for DtlsSettings {
+    fn default() -> Self {
+        DtlsSettings {
+            max_sessions: 10_000,
+            max_handshakes: 1_000,
+            handshake_timeout: Duration::from_secs(30),
+            idle_timeout: Duration::from_secs(3600),
+            mtu: 1280 - 48,
+        }
+    }
+}
+
+/// DTLS counters, shared by the workers.
+#[derive(Debug, Default)]
+pub struct DtlsStats {
+    /// HelloVerifyRequests sent: ClientHellos without a valid cookie.
+    pub hello_verify: AtomicU64,
+    pub handshakes: AtomicU64,
+    /// Handshakes that ended in an alert or a protocol error.
+    pub handshake_failures: AtomicU64,
+    /// PSK identities no peer has (a subset of the failures).
+    pub unknown_identity: AtomicU64,
+    pub handshake_timeouts: AtomicU64,
+    /// Sessions closed to stay within the bounds.
+    pub evicted: AtomicU64,
+    pub idle_closed: AtomicU64,
+    /// Sessions closed because their peer or its key changed.
+    pub revoked: AtomicU64,
+    /// Closed by the device (close_notify) or by a fatal alert after the
+    /// handshake.
+    pub closed_by_peer: AtomicU64,
+    /// Datagrams from a source with no session that were not a
+    /// ClientHello (a session closed on our side, or noise).
+    pub no_session: AtomicU64,
+    pub sessions: AtomicU64,
+    pub handshaking: AtomicU64,
+}
+
+impl DtlsStats {
+    /// The snapshot's names that are gauges; the rest only grow.
+    pub const GAUGES: &'static [&'static str] = &["sessions", "handshaking"];
+
+    pub fn snapshot(&self) -> Vec<(&'static str, u64)> {
+        let f = |a: &AtomicU64| a.load(Ordering::Relaxed);
+        vec![
+            ("hello_verify", f(&self.hello_verify)),
+            ("handshakes", f(&self.handshakes)),
+            ("handshake_failures", f(&self.handshake_failures)),
+            ("unknown_identity", f(&self.unknown_identity)),
+            ("handshake_timeouts", f(&self.handshake_timeouts)),
+            ("evicted", f(&self.evicted)),
+            ("idle_closed", f(&self.idle_closed)),
+            ("revoked", f(&self.revoked)),
+            ("closed_by_peer", f(&self.closed_by_peer)),
+            ("no_session", f(&self.no_session)),
+            ("sessions", f(&self.sessions)),
+            ("handshaking", f(&self.handshaking)),
+        ]
+    }
+}
+
+/// One side of a session: the worker's socket it arrived on (an index into
+/// the worker's sockets) and the device's address.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct Link {
+    pub local: usize,
+    pub remote: SocketAddr,
+}
+
+/// A datagram to send, and where.
+pub type Outgoing = (Link, Vec<u8>);
+
+/// An established session, as `ctl dtls ls` shows it.
+#[derive(Clone, Debug, Serialize)]
+pub struct SessionInfo {
+    pub peer: String,
+    pub address: SocketAddr,
+    pub cipher: String,
+    pub resumed: bool,
+    #[serde(skip)]
+    pub since: SystemTime,
+}
+
+/// The established sessions of all workers, by address.
+#[derive(Debug, Default)]
+pub struct Sessions(Mutex<HashMap<Link, SessionInfo>>);
+
+impl Sessions {
+    pub fn list(&self) -> Vec<SessionInfo> {
+        let mut all: Vec<_> = self.0.lock().unwrap().values().cloned().collect();
+        all.sort_by(|a, b| a.peer.cmp(&b.peer).then(a.address.cmp(&b.address)));
+        all
+    }
+}
+
+/// The peer a session's credentials named.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Identity {
+    pub name: Arc<str>,
+    /// The same number for every session of the peer on this worker, so
+    /// duplicate detection and block assembly follow the peer across
+    /// addresses (`coap::Origin::Peer`).
+    pub key: u32,
+}
+
+struct Session {
+    stream: SslStream<Wire>,
+    /// The peer its credentials named, once the handshake is done.
+    peer: Option<Identity>,
+    /// The PSK identity it was admitted with, to notice a key change.
+    identity: Vec<u8>,
+    started: Instant,
+    last_active: Instant,
+}
+
+/// What one received datagram gave.
+#[derive(Debug, Default)]
+pub struct Received {
+    /// Decrypted application data (CoAP messages), in order, from the peer.
+    pub messages: Vec<Vec<u8>>,
+    /// The session's peer, when it is established.
+    pub peer: Option<Identity>,
+}
+
+/// The DTLS sessions of one worker.
+pub struct Server {
+    ctx: SslContext,
+    /// The object `DTLSv1_listen` runs on; it becomes the session of the
+    /// first source that returns a valid cookie, and a fresh one replaces it.
+    listener: SslStream<Wire>,
+    sessions: HashMap<Link, Session>,
+    handshaking: usize,
+    settings: DtlsSettings,
+    mappers: Arc<SharedMapper>,
+    mapper_generation: u64,
+    stats: Arc<DtlsStats>,
+    registry: Arc<Sessions>,
+    /// Peer names numbered for `Identity::key`. Only configured peers
+    /// authenticate, so it grows with the operator's peers, not with input.
+    keys: HashMap<Arc<str>, u32>,
+    plaintext: Vec<u8>,
+}
+
+/// OpenSSL's `BIO_ADDR`, opaque here.
+#[repr(C)]
+struct BioAddr {
+    _opaque: [u8; 0],
+}
+
+// The calls the openssl crate does not wrap (libssl and libcrypto, which
+// openssl-sys links).
+extern "C" {
+    fn DTLSv1_listen(s: *mut openssl_sys::SSL, client: *mut BioAddr) -> c_int;
+    fn BIO_ADDR_new() -> *mut BioAddr;
+    fn BIO_ADDR_free(a: *mut BioAddr);
+}
+/// `DTLSv1_handle_timeout` is this `SSL_ctrl` (openssl/ssl.h).
+const DTLS_CTRL_HANDLE_TIMEOUT: c_int = 74;
+
+impl Server {
+    pub fn new(
+        settings: DtlsSettings,
+        mappers: Arc<SharedMapper>,
+        stats: Arc<DtlsStats>,
+        registry: Arc<Sessions>,
+    ) -> anyhow::Result<Server> {
+        let ctx = context::server(mappers.clone(), stats.clone())?;
+        let listener = new_stream(&ctx, settings.mtu)?;
+        let mapper_generation = mappers.generation();
+        Ok(Server {
+            ctx,
+            listener,
+            sessions: HashMap::new(),
+            handshaking: 0,
+            settings,
+            mappers,
+            mapper_generation,
+            stats,
+            registry,
+            keys: HashMap::new(),
+            plaintext: vec![0; MAX_PLAINTEXT],
+        })
+    }
+
+    /// Handles one datagram from `src`: datagrams to send back go to `out`
+    /// (with their destination), decrypted messages to the result.
+    pub fn receive(
+        &mut self,
+        src: Link,
+        dgram: &[u8],
+        now: Instant,
+        out: &mut Vec<Outgoing>,
+    ) -> Received {
+        self.revalidate();
+        let mut received = Received::default();
+        let Some(session) = self.sessions.get_mut(&src) else {
+            if dgram.first() == Some(&HANDSHAKE) {
+                self.listen(src, dgram, now, out);
+            } else {
+                self.stats.no_session.fetch_add(1, Ordering::Relaxed);
+            }
+            return received;
+        };
+        session.last_active = now;
+        if !session.stream.get_mut().push(dgram) {
+            return received;
+        }
+        let outcome = self.advance(src, &mut received);
+        self.flush(src, out);
+        if let Err(reason) = outcome {
+            self.close(src, reason);
+        }
+        received
+    }
+
+    /// Encrypts `message` for the session at `dst`; false when there is no
+    /// established session there.
+    pub fn send(&mut self, dst: Link, message: &[u8], out: &mut Vec<Outgoing>) -> bool {
+        let Some(s) = self.sessions.get_mut(&dst) else {
+            return false;
+        };
+        if s.peer.is_none() || s.stream.ssl_write(message).is_err() {
+            return false;
+        }
+        self.flush(dst, out);
+        true
+    }
+
+    /// Retransmits handshake flights whose timer ran out (RFC 6347 section
+    /// 4.2.4), and closes handshakes past their timeout and idle sessions.
+    /// Call about once a second.
+    pub fn sweep(&mut self, now: Instant, out: &mut Vec<Outgoing>) {
+        self.revalidate();
+        let mut closing = Vec::new();
+        for (addr, s) in &mut self.sessions {
+            if s.peer.is_none() {
+                if now.duration_since(s.started) > self.settings.handshake_timeout {
+                    closing.push((*addr, Close::HandshakeTimeout));
+                    continue;
+                }
+                // SAFETY: a valid SSL object; the call takes no pointer.
+                unsafe {
+                    openssl_sys::SSL_ctrl(
+                        s.stream.ssl().as_ptr(),
+                        DTLS_CTRL_HANDLE_TIMEOUT,
+                        0,
+                        std::ptr::null_mut(),
+                    );
+                }
+                out.extend(s.stream.get_mut().take_output().map(|d| (*addr, d)));
+            } else if now.duration_since(s.last_active) > self.settings.idle_timeout {
+                closing.push((*addr, Close::Idle));
+            }
+        }
+        for (addr, reason) in closing {
+            if reason == Close::Idle {
+                // A close_notify, so the device knows to shake hands again
+                // rather than send into a session we forgot.
+                if let Some(s) = self.sessions.get_mut(&addr) {
+                    let _ = s.stream.shutdown();
+                }
+                self.flush(addr, out);
+            }
+            self.close(addr, reason);
+        }
+    }
+
+    /// The peer of the established session at `addr`.
+    pub fn peer(&self, link: &Link) -> Option<&Identity> {
+        self.sessions.get(link).and_then(|s| s.peer.as_ref())
+    }
+
+    /// Runs `DTLSv1_listen` on a ClientHello from a source without a
+    /// session: a HelloVerifyRequest without a valid cookie, a new session
+    /// with one.
+    fn listen(&mut self, src: Link, dgram: &[u8], now: Instant, out: &mut Vec<Outgoing>) {
+        let wire = self.listener.get_mut();
+        wire.clear();
+        wire.push(dgram);
+        // SAFETY: the listener's SSL object is valid and owned here; the
+        // cookie callbacks read this address from it.
+        let ssl = unsafe { openssl::ssl::SslRef::from_ptr_mut(self.listener.ssl().as_ptr()) };
+        ssl.set_ex_data(context::peer_index(), src.remote);
+        // SAFETY: valid SSL object and BIO_ADDR, freed below.
+        let verified = unsafe {
+            let client = BIO_ADDR_new();
+            let r = DTLSv1_listen(self.listener.ssl().as_ptr(), client);
+            BIO_ADDR_free(client);
+            r
+        };
+        out.extend(self.listener.get_mut().take_output().map(|d| (src, d)));
+        match verified {
+            1 => {}
+            0 => return, // answered with a HelloVerifyRequest, or noise
+            _ => {
+                // A fatal error leaves the object unusable.
+                openssl::error::ErrorStack::get();
+                if let Ok(fresh) = new_stream(&self.ctx, self.settings.mtu) {
+                    self.listener = fresh;
+                }
+                return;
+            }
+        }
+        let Ok(fresh) = new_stream(&self.ctx, self.settings.mtu) else {
+            return;
+        };
+        let mut stream = std::mem::replace(&mut self.listener, fresh);
+        stream.get_mut().unread(dgram.to_vec());
+        self.make_room();
+        self.sessions.insert(
+            src,
+            Session {
+                stream,
+                peer: None,
+                identity: Vec::new(),
+                started: now,
+                last_active: now,
+            },
+        );
+        self.handshaking += 1;
+        self.stats.handshaking.fetch_add(1, Ordering::Relaxed);
+        let mut ignored = Received::default();
+        let outcome = self.advance(src, &mut ignored);
+        self.flush(src, out);
+        if let Err(reason) = outcome {
+            self.close(src, reason);
+        }
+    }
+
+    /// Moves the session at `src` on with what its wire holds: the
+    /// handshake, then application data.
+    fn advance(&mut self, src: Link, received: &mut Received) -> Result<(), Close> {
+        let s = self.sessions.get_mut(&src).expect("the caller found it");
+        if s.peer.is_none() {
+            match s.stream.do_handshake() {
+                Ok(()) => {
+                    let (_, mapper) = self.mappers.load();
+                    let identity = s.stream.ssl().psk_identity().unwrap_or_default().to_vec();
+                    let Some((peer, _)) = mapper.psk(&identity) else {
+                        return Err(Close::Revoked);
+                    };
+                    let name: Arc<str> = Arc::from(peer.name.as_str());
+                    let next = self.keys.len() as u32;
+                    let key = *self.keys.entry(name.clone()).or_insert(next);
+                    let peer = Identity { name, key };
+                    s.peer = Some(peer.clone());
+                    s.identity = identity;
+                    self.handshaking -= 1;
+                    self.stats.handshaking.fetch_sub(1, Ordering::Relaxed);
+                    self.stats.handshakes.fetch_add(1, Ordering::Relaxed);
+                    self.stats.sessions.fetch_add(1, Ordering::Relaxed);
+                    let ssl = s.stream.ssl();
+                    let info = SessionInfo {
+                        peer: peer.name.to_string(),
+                        address: src.remote,
+                        cipher: ssl
+                            .current_cipher()
+                            .map_or_else(String::new, |c| c.name().to_owned()),
+                        resumed: ssl.session_reused(),
+                        since: SystemTime::now(),
+                    };
+                    self.registry.0.lock().unwrap().insert(src, info);
+                    tracing::debug!(src = %src.remote, peer = %peer.name, "DTLS session established");
+                }
+                Err(e) if e.code() == ErrorCode::WANT_READ => return Ok(()),
+                Err(e) => {
+                    tracing::debug!(src = %src.remote, error = %e, "DTLS handshake failed");
+                    return Err(Close::HandshakeFailed);
+                }
+            }
+        }
+        received.peer = s.peer.clone();
+        loop {
+            match s.stream.ssl_read(&mut self.plaintext) {
+                Ok(n) => received.messages.push(self.plaintext[..n].to_vec()),
+                Err(e) if e.code() == ErrorCode::WANT_READ => return Ok(()),
+                Err(e) if e.code() == ErrorCode::ZERO_RETURN => return Err(Close::ByPeer),
+                Err(_) => return Err(Close::ByPeer),
+            }
+        }
+    }
+
+    fn flush(&mut self, addr: Link, out: &mut Vec<Outgoing>) {
+        if let Some(s) = self.sessions.get_mut(&addr) {
+            out.extend(s.stream.get_mut().take_output().map(|d| (addr, d)));
+        }
+    }
+
+    /// Closes the least recently active session when a new one would pass
+    /// a bound (a handshake only displaces handshakes while they are at
+    /// their own bound).
+    fn make_room(&mut self) {
+        let victim = if self.handshaking >= self.settings.max_handshakes {
+            self.sessions
+                .iter()
+                .filter(|(_, s)| s.peer.is_none())
+                .min_by_key(|(_, s)| s.last_active)
+        } else if self.sessions.len() >= self.settings.max_sessions {
+            self.sessions.iter().min_by_key(|(_, s)| s.last_active)
+        } else {
+            None
+        };
+        if let Some((&addr, _)) = victim {
+            self.close(addr, Close::Evicted);
+        }
+    }
+
+    /// After a config change: a session whose peer is gone, or whose key
+    /// or identity changed, is closed (the device shakes hands again).
+    fn revalidate(&mut self) {
+        let generation = self.mappers.generation();
+        if generation == self.mapper_generation {
+            return;
+        }
+        self.mapper_generation = generation;
+        let (_, mapper) = self.mappers.load();
+        let stale: Vec<Link> = self
+            .sessions
+            .iter()
+            .filter(|(_, s)| {
+                s.peer.as_ref().is_some_and(|peer| {
+                    mapper
+                        .psk(&s.identity)
+                        .is_none_or(|(p, _)| *p.name != *peer.name)
+                })
+            })
+            .map(|(a, _)| *a)
+            .collect();
+        for addr in stale {
+            self.close(addr, Close::Revoked);
+        }
+    }
+
+    fn close(&mut self, addr: Link, reason: Close) {
+        let Some(s) = self.sessions.remove(&addr) else {
+            return;
+        };
+        if s.peer.is_some() {
+            self.stats.sessions.fetch_sub(1, Ordering::Relaxed);
+            self.registry.0.lock().unwrap().remove(&addr);
+        } else {
+            self.handshaking -= 1;
+            self.stats.handshaking.fetch_sub(1, Ordering::Relaxed);
+        }
+        let counter = match reason {
+            Close::HandshakeFailed => &self.stats.handshake_failures,
+            Close::HandshakeTimeout => &self.stats.handshake_timeouts,
+            Close::Evicted => &self.stats.evicted,
+            Close::Idle => &self.stats.idle_closed,
+            Close::Revoked => &self.stats.revoked,
+            Close::ByPeer => &self.stats.closed_by_peer,
+        };
+        counter.fetch_add(1, Ordering::Relaxed);
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let addrs: Vec<_> = self.sessions.keys().copied().collect();
+        for addr in addrs {
+            if let Some(s) = self.sessions.remove(&addr) {
+                if s.peer.is_some() {
+                    self.stats.sessions.fetch_sub(1, Ordering::Relaxed);
+                    self.registry.0.lock().unwrap().remove(&addr);
+                } else {
+                    self.stats.handshaking.fetch_sub(1, Ordering::Relaxed);
+                }
+            }
+        }
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Close {
+    HandshakeFailed,
+    HandshakeTimeout,
+    Evicted,
+    Idle,
+    Revoked,
+    ByPeer,
+}
+
+fn new_stream(ctx: &SslContext, mtu: u32) -> Result<SslStream<Wire>, openssl::error::ErrorStack> {
+    let mut ssl = Ssl::new(ctx)?;
+    ssl.set_mtu(mtu)?;
+    ssl.set_accept_state();
+    SslStream::new(ssl, Wire::default())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::Config;
+    use crate::mapping::Mapper;
+    use openssl::ssl::SslMethod;
+
+    const DEVICE: &str = "10.0.0.7:40000";
+
+    fn server(settings: DtlsSettings) -> (Server, Arc<DtlsStats>, Arc<Sessions>) {
+        let config = Config::parse(
+            "[[peer]]\nname = \"meter\"\npsk_identity = \"meter-1\"\npsk_hex = \"00112233445566778899aabbccddeeff\"\n",
+        )
+        .unwrap();
+        let mappers = SharedMapper::new(Mapper::from_config(&config));
+        let stats = Arc::new(DtlsStats::default());
+        let registry = Arc::new(Sessions::default());
+        let s = Server::new(settings, mappers, stats.clone(), registry.clone()).unwrap();
+        (s, stats, registry)
+    }
+
+    /// An OpenSSL PSK client over a wire of its own.
+    fn client(identity: &'static str, key: &'static [u8]) -> SslStream<Wire> {
+        let mut b = SslContext::builder(SslMethod::dtls()).unwrap();
+        b.set_security_level(0);
+        b.set_cipher_list("PSK-AES128-CCM8").unwrap();
+        b.set_options(openssl::ssl::SslOptions::NO_QUERY_MTU);
+        b.set_psk_client_callback(move |_, _, id_out, key_out| {
+            id_out[..identity.len()].copy_from_slice(identity.as_bytes());
+            id_out[identity.len()] = 0;
+            key_out[..key.len()].copy_from_slice(key);
+            Ok(key.len())
+        });
+        let mut ssl = Ssl::new(&b.build()).unwrap();
+        ssl.set_mtu(1200).unwrap();
+        ssl.set_connect_state();
+        SslStream::new(ssl, Wire::default()).unwrap()
+    }
+
+    /// Runs the handshake, each side's datagrams delivered to the other,
+    /// until the client is done or gives up; the datagrams the client sent.
+    fn link(addr: &str) -> Link {
+        Link {
+            local: 0,
+            remote: addr.parse().unwrap(),
+        }
+    }
+
+    fn handshake(server: &mut Server, c: &mut SslStream<Wire>, src: Link) -> bool {
+        let now = Instant::now();
+        for _ in 0..10 {
+            let done = c.do_handshake();
+            let sent: Vec<_> = c.get_mut().take_output().collect();
+            let mut back = Vec::new();
+            for d in &sent {
+                server.receive(src, d, now, &mut back);
+            }
+            for (to, d) in back {
+                assert_eq!(to, src);
+                c.get_mut().push(&d);
+            }
+            match done {
+                Ok(()) => return true,
+                Err(e) if e.code() == ErrorCode::WANT_READ => continue,
+                Err(_) => return false,
+            }
+        }
+        false
+    }
+
+    #[test]
+    fn a_psk_client_gets_a_cookie_then_a_session_named_by_its_identity() {
+        let (mut s, stats, registry) = server(DtlsSettings::default());
+        let mut c = client(
+            "meter-1",
+            &[
+                0x00, 0x11, 0x22, 0x33, 0x44, 0x55, 0x66, 0x77, 0x88, 0x99, 0xaa, 0xbb, 0xcc, 0xdd,
+                0xee, 0xff,
+            ],
+        );
+        let src = link(DEVICE);
+        assert!(handshake(&mut s, &mut c, src), "the handshake completes");
+        // The client's first flight may still be in flight: pump once more.
+        let mut back = Vec::new();
+        c.ssl_write(b"coap message").unwrap();
+        let mut got = Received::default();
+        for d in c.get_mut().take_output().collect::<Vec<_>>() {
+            let r = s.receive(src, &d, Instant::now(), &mut back);
+            got.messages.extend(r.messages);
+            got.peer = got.peer.or(r.peer);
+        }
+        assert_eq!(got.messages, vec![b"coap message".to_vec()]);
+        assert_eq!(got.peer.map(|p| p.name), Some(Arc::from("meter")));
+        assert_eq!(
+            stats.hello_verify.load(Ordering::Relaxed),
+            1,
+            "one cookie round"
+        );
+        assert_eq!(stats.handshakes.load(Ordering::Relaxed), 1);
+        assert_eq!(stats.sessions.load(Ordering::Relaxed), 1);
+        let listed = registry.list();
+        assert_eq!(listed.len(), 1);
+        assert_eq!(listed[0].peer, "meter");
+        assert!(listed[0].cipher.contains("CCM8"), "{}", listed[0].cipher);
+        // And back: the answer is encrypted for the device.
+        let mut out = Vec::new();
+        assert!(s.send(src, b"answer", &mut out));
+        for (_, d) in out {
+            c.get_mut().push(&d);
+        }
+        let mut buf = [0u8; 64];
+        let n = c.ssl_read(&mut buf).unwrap();
+        assert_eq!(&buf[..n], b"answer");
+    }
+
+    #[test]
+    fn a_wrong_key_or_an_unknown_identity_gets_no_session() {
+        let (mut s, stats, _) = server(DtlsSettings::default());
+        let src = link(DEVICE);
+        let mut wrong = client("meter-1", &[1; 16]);
+        assert!(!handshake(&mut s, &mut wrong, src));
+        assert!(s.peer(&src).is_none());
+        let mut unknown = client("nobody", &[1; 16]);
+        let other = link("10.0.0.8:40000");
+        assert!(!handshake(&mut s, &mut unknown, other));
+        assert!(s.peer(&other).is_none());
+        assert_eq!(stats.unknown_identity.load(Ordering::Relaxed), 1);
+        assert_eq!(stats.handshake_failures.load(Ordering::Relaxed), 1);
+        // A Finished under the wrong key does not decrypt, and DTLS drops
+        // such records silently (RFC 6347 section 4.1.2.7): the handshake
+        // ends at its timeout.
+        assert_eq!(stats.handshaking.load(Ordering::Relaxed), 1);
+        let later = Instant::now() + DtlsSettings::default().handshake_timeout * 2;
+        s.sweep(later, &mut Vec::new());
+        assert_eq!(stats.handshake_timeouts.load(Ordering::Relaxed), 1);
+        assert_eq!(stats.handshakes.load(Ordering::Relaxed), 0);
+        assert_eq!(stats.handshaking.load(Ordering::Relaxed), 0);
+    }
+
+    #[test]
+    fn a_client_hello_without_cookie_keeps_no_state() {
+        let (mut s, stats, _) = server(DtlsSettings::default());
+        for port in 0..1000u16 {
+            let mut c = client("meter-1", &[1; 16]);
+            let _ = c.do_handshake();
+            let hello = c.get_mut().take_output().next().unwrap();
+            let mut back = Vec::new();
+            s.receive(
+                link(&format!("10.1.0.1:{port}")),
+                &hello,
+                Instant::now(),
+                &mut back,
+            );
+            assert_eq!(back.len(), 1, "a HelloVerifyRequest");
+        }
+        assert_eq!(s.sessions.len(), 0);
+        assert_eq!(stats.hello_verify.load(Ordering::Relaxed), 1000);
+    }
+
+    #[test]
+    fn sessions_stay_within_their_bounds() {
+        let settings = DtlsSettings {
+            max_sessions: 3,
+            max_handshakes: 2,
+            ..DtlsSettings::default()
+        };
+        let (mut s, stats, _) = server(settings);
+        let key: &'static [u8] = &[
+            0x00, 0x11, 0x22, 0x33, 0x44, 0x55, 0x66, 0x77, 0x88, 0x99, 0xaa, 0xbb, 0xcc, 0xdd,
+            0xee, 0xff,
+        ];
+        for port in 1..=5u16 {
+            let mut c = client("meter-1", key);
+            assert!(handshake(&mut s, &mut c, link(&format!("10.0.0.7:{port}"))));
+            assert!(s.sessions.len() <= 3);
+        }
+        assert_eq!(stats.evicted.load(Ordering::Relaxed), 2);
+        assert_eq!(stats.sessions.load(Ordering::Relaxed), 3);
+    }
+}

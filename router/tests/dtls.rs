@@ -1,0 +1,342 @@
+//! CoAP over DTLS end to end (RFC 7252 section 9): libcoap's
+//! `coap-client-openssl` and `coap-client-gnutls` as devices with pre-shared
+//! keys, and the test kit's own DTLS client where the test must choose the
+//! messages; `mosquitto_sub` on the embedded broker.
+//!
+//! Privileged: needs root (network namespaces).
+
+use std::net::{IpAddr, SocketAddr};
+use std::time::Duration;
+
+use m2m_router::coap::message::{code, Message};
+use m2m_router_tests::daemon::Daemon;
+use m2m_router_tests::dtls::DtlsClient;
+use m2m_router_tests::mqtt::MosquittoSub;
+use m2m_router_tests::netns::{wait_for, Topology, DEADLINE, DEV_V4, DEV_V6, GW_V4, GW_V6};
+use m2m_router_tests::packet::coap_post;
+use m2m_router_tests::{require_root, TempPath};
+
+const BIN: &str = env!("CARGO_BIN_EXE_m2m-router");
+const IDENTITY: &str = "meter-1";
+/// libcoap's `-k` takes the key as text; the config has its bytes in hex.
+const KEY: &str = "meter-secret-0123";
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// Peer "meter" is known by its PSK only (no prefix): whatever address a
+/// session comes from, it is "meter". Peer "valve" sends from the device
+/// side's address 0 and must use DTLS.
+fn config(extra: &str) -> String {
+    format!(
+        r#"
+        [defaults]
+        rate = "unlimited"
+        [coap]
+        listen_dtls = ["0.0.0.0:5684", "[::]:5684"]
+        [dtls]
+        handshake_timeout_s = 3
+        [[peer]]
+        name = "meter"
+        psk_identity = "{IDENTITY}"
+        psk_hex = "{}"
+        [[peer]]
+        name = "valve"
+        prefix = ["{}/32"]
+        psk_identity = "valve-1"
+        psk_hex = "00112233445566778899aabbccddeeff"
+        require_dtls = true
+        {extra}
+        "#,
+        hex(KEY.as_bytes()),
+        DEV_V4[0],
+    )
+}
+
+struct Gateway {
+    topo: Topology,
+    daemon: Daemon,
+    _config: TempPath,
+}
+
+impl Gateway {
+    fn start(tag: &str) -> Gateway {
+        require_root();
+        let topo = Topology::new(tag);
+        let config = TempPath::with_contents(&format!("dtls-{tag}"), "toml", config(""));
+        let daemon = Daemon::on_gateway(&topo.gw, BIN, config.as_str());
+        Gateway {
+            topo,
+            daemon,
+            _config: config,
+        }
+    }
+
+    /// libcoap's client `program` in the device namespace, from `src`;
+    /// its PDU trace (-v 6).
+    fn coap_client(&self, program: &str, src: IpAddr, args: &[&str]) -> String {
+        let out = self
+            .topo
+            .dev
+            .command(program)
+            .args(["-B", "5", "-v", "6", "-a", &src.to_string()])
+            .args(args)
+            .output()
+            .unwrap_or_else(|e| panic!("{program} (Debian package libcoap3-bin): {e}"));
+        format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        )
+    }
+
+    fn dtls(&self, name: &str) -> u64 {
+        self.daemon.counter("dtls", name)
+    }
+
+    /// A session of the test kit's client from `src` to the CoAPS port.
+    fn session(&self, src: IpAddr, identity: &str, key: &[u8]) -> Result<DtlsClient, String> {
+        let sock = self.topo.device_socket(src);
+        let dst: IpAddr = if src.is_ipv4() {
+            GW_V4.into()
+        } else {
+            GW_V6.into()
+        };
+        sock.connect(SocketAddr::new(dst, 5684)).unwrap();
+        DtlsClient::connect_psk(sock, identity, key, DEADLINE)
+    }
+}
+
+/// The issue's interop case: both libcoap builds POST over coaps:// with
+/// `-u IDENTITY -k KEY`, over IPv4 and IPv6, from addresses no peer has:
+/// each message is acknowledged and published under the peer the identity
+/// names; a GET over DTLS reads the value back.
+#[test]
+fn libcoap_psk_clients_publish_under_the_peer_their_identity_names() {
+    let gw = Gateway::start("psk");
+    let mut sub = MosquittoSub::start(&gw.topo.gw, &["m2m/#"], &[]);
+    let cases = [
+        (
+            "coap-client-openssl",
+            IpAddr::from(DEV_V4[1]),
+            format!("coaps://{GW_V4}"),
+        ),
+        (
+            "coap-client-gnutls",
+            IpAddr::from(DEV_V4[2]),
+            format!("coaps://{GW_V4}"),
+        ),
+        (
+            "coap-client-openssl",
+            IpAddr::from(DEV_V6[1]),
+            format!("coaps://[{GW_V6}]"),
+        ),
+    ];
+    for (i, (program, src, base)) in cases.iter().enumerate() {
+        let uri = format!("{base}/sensors/s{i}");
+        let payload = format!("{program}-{i}");
+        let trace = gw.coap_client(
+            program,
+            *src,
+            &[
+                "-u", IDENTITY, "-k", KEY, "-m", "post", "-e", &payload, &uri,
+            ],
+        );
+        assert!(
+            trace.contains("t:ACK c:2.04"),
+            "{program} from {src}: no 2.04\n{trace}"
+        );
+    }
+    let mut got: Vec<(String, String)> = sub
+        .take(cases.len())
+        .into_iter()
+        .map(|r| (r.topic, r.payload))
+        .collect();
+    got.sort();
+    assert_eq!(
+        got,
+        vec![
+            (
+                "m2m/meter/sensors/s0".into(),
+                "coap-client-openssl-0".into()
+            ),
+            ("m2m/meter/sensors/s1".into(), "coap-client-gnutls-1".into()),
+            (
+                "m2m/meter/sensors/s2".into(),
+                "coap-client-openssl-2".into()
+            ),
+        ]
+    );
+    assert_eq!(sub.fence(), vec![], "published more than once");
+    let trace = gw.coap_client(
+        "coap-client-gnutls",
+        DEV_V4[3].into(),
+        &[
+            "-u",
+            IDENTITY,
+            "-k",
+            KEY,
+            "-m",
+            "get",
+            &format!("coaps://{GW_V4}/sensors/s0"),
+        ],
+    );
+    assert!(
+        trace.contains("c:2.05") && trace.contains("coap-client-openssl-0"),
+        "{trace}"
+    );
+    assert!(gw.dtls("handshakes") >= 4, "{}", gw.dtls("handshakes"));
+    assert!(
+        gw.dtls("hello_verify") >= 4,
+        "every handshake began with a cookie"
+    );
+    gw.daemon.stop();
+}
+
+/// A wrong key fails the handshake and an unknown identity is refused:
+/// nothing is published, and each failure is counted.
+#[test]
+fn a_wrong_key_or_an_unknown_identity_publishes_nothing() {
+    let gw = Gateway::start("badkey");
+    let mut sub = MosquittoSub::start(&gw.topo.gw, &["m2m/#"], &[]);
+    let uri = format!("coaps://{GW_V4}/sensors/temp");
+    let src = IpAddr::from(DEV_V4[1]);
+    let trace = gw.coap_client(
+        "coap-client-openssl",
+        src,
+        &[
+            "-u",
+            IDENTITY,
+            "-k",
+            "not-the-key",
+            "-m",
+            "post",
+            "-e",
+            "x",
+            &uri,
+        ],
+    );
+    assert!(
+        !trace.contains("c:2.04"),
+        "a wrong key was accepted:\n{trace}"
+    );
+    let trace = gw.coap_client(
+        "coap-client-gnutls",
+        src,
+        &["-u", "nobody", "-k", KEY, "-m", "post", "-e", "y", &uri],
+    );
+    assert!(
+        !trace.contains("c:2.04"),
+        "an unknown identity was accepted:\n{trace}"
+    );
+    assert!(
+        wait_for(DEADLINE, || gw.dtls("unknown_identity") >= 1),
+        "the unknown identity was not counted"
+    );
+    // A Finished under the wrong key does not decrypt; DTLS drops such
+    // records silently (RFC 6347 section 4.1.2.7), so that handshake ends
+    // by an alert from the client or at dtls.handshake_timeout_s.
+    assert!(
+        wait_for(DEADLINE, || gw.dtls("handshake_failures")
+            + gw.dtls("handshake_timeouts")
+            >= 2),
+        "failures {} timeouts {}",
+        gw.dtls("handshake_failures"),
+        gw.dtls("handshake_timeouts")
+    );
+    assert_eq!(gw.dtls("handshakes"), 0);
+    assert!(wait_for(DEADLINE, || gw.dtls("handshaking") == 0));
+    assert_eq!(sub.fence(), vec![], "nothing is published");
+    gw.daemon.stop();
+}
+
+/// The same identity from a new address (IPv4, then IPv6) and port stays
+/// one peer: a message repeated over the second session with the first's
+/// Message ID is answered from the duplicate cache, not published again,
+/// and the peer's messages arrive in order. `ctl dtls ls` lists both
+/// sessions under the peer's name.
+#[test]
+fn one_identity_from_two_addresses_is_one_peer() {
+    let gw = Gateway::start("roam");
+    let mut sub = MosquittoSub::start(&gw.topo.gw, &["m2m/meter/#"], &[]);
+    let mut first = gw
+        .session(DEV_V4[1].into(), IDENTITY, KEY.as_bytes())
+        .expect("first session");
+    let answer = first
+        .exchange(&coap_post(7, b"one"), DEADLINE)
+        .expect("an answer");
+    assert_eq!(Message::decode(&answer).unwrap().code, code::CHANGED);
+    let mut second = gw
+        .session(DEV_V6[1].into(), IDENTITY, KEY.as_bytes())
+        .expect("second session");
+    let listed = gw.daemon.ctl_json(&["dtls", "ls"]);
+    let sessions = listed["sessions"].as_array().unwrap();
+    assert_eq!(sessions.len(), 2, "{listed}");
+    for s in sessions {
+        assert_eq!(s["peer"], "meter", "{listed}");
+        assert!(s["cipher"].as_str().unwrap().contains("CCM8"), "{listed}");
+    }
+    let duplicates = gw.daemon.counter("coap", "duplicates");
+    // The device lost the first ACK and moved: it sends MID 7 again.
+    let answer = second
+        .exchange(&coap_post(7, b"one"), DEADLINE)
+        .expect("an answer");
+    assert_eq!(Message::decode(&answer).unwrap().code, code::CHANGED);
+    assert_eq!(gw.daemon.counter("coap", "duplicates"), duplicates + 1);
+    for (mid, payload) in [(8u16, "two"), (9, "three")] {
+        let answer = second
+            .exchange(&coap_post(mid, payload.as_bytes()), DEADLINE)
+            .expect("an answer");
+        assert_eq!(Message::decode(&answer).unwrap().code, code::CHANGED);
+    }
+    let got: Vec<String> = sub.take(3).into_iter().map(|r| r.payload).collect();
+    assert_eq!(got, vec!["one", "two", "three"]);
+    assert_eq!(sub.fence(), vec![], "published once each");
+    first.close();
+    second.close();
+    assert!(
+        wait_for(DEADLINE, || gw.dtls("sessions") == 0),
+        "close_notify ends the sessions"
+    );
+    gw.daemon.stop();
+}
+
+/// A peer with `require_dtls` is not its address: its plain CoAP is
+/// dropped and counted, its DTLS session is served.
+#[test]
+fn a_peer_that_must_use_dtls_is_not_served_in_plain_coap() {
+    let gw = Gateway::start("require");
+    let mut sub = MosquittoSub::start(&gw.topo.gw, &["m2m/#"], &[]);
+    let sock = gw.topo.device_socket(DEV_V4[0].into());
+    sock.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
+    let gw_plain = SocketAddr::new(GW_V4.into(), 5683);
+    sock.send_to(&coap_post(1, b"plain"), gw_plain).unwrap();
+    assert!(
+        wait_for(DEADLINE, || gw.daemon.counter("coap", "insecure") >= 1),
+        "plain CoAP from a require_dtls peer was not refused"
+    );
+    let mut buf = [0u8; 64];
+    assert!(sock.recv_from(&mut buf).is_err(), "no answer in plain CoAP");
+    let mut session = gw
+        .session(
+            DEV_V4[0].into(),
+            "valve-1",
+            &[
+                0x00, 0x11, 0x22, 0x33, 0x44, 0x55, 0x66, 0x77, 0x88, 0x99, 0xaa, 0xbb, 0xcc, 0xdd,
+                0xee, 0xff,
+            ],
+        )
+        .expect("session");
+    let answer = session
+        .exchange(&coap_post(2, b"secure"), DEADLINE)
+        .expect("an answer");
+    assert_eq!(Message::decode(&answer).unwrap().code, code::CHANGED);
+    let got = sub.take(1);
+    assert_eq!(
+        (got[0].topic.as_str(), got[0].payload.as_str()),
+        ("m2m/valve/sensors/temp", "secure")
+    );
+    assert_eq!(sub.fence(), vec![]);
+    gw.daemon.stop();
+}
