@@ -27,7 +27,10 @@ fuzz_target!(|frame: &[u8]| {
         assert!(
             matches!(
                 verdict.reason,
-                Reason::Accept | Reason::DropDenied | Reason::DropUnknownPeer
+                Reason::Accept
+                    | Reason::DropDenied
+                    | Reason::DropUnknownPeer
+                    | Reason::DropRequiresDtls
             ),
             "{verdict:?} names a peer"
         );

@@ -11,10 +11,15 @@
 //!    bounded walk of extension headers). Anything else passes.
 //! 2. Not UDP, a later fragment, or not to a CoAP port: passes untouched.
 //! 3. First fragments and length disagreements are dropped.
-//! 4. The CoAP header (RFC 7252 section 3) is validated.
-//! 5. The source address selects the peer policy: deny, or a rate limit.
+//! 4. The CoAP header (RFC 7252 section 3) is validated; on a CoAPS port,
+//!    the DTLS records instead (RFC 6347 section 4.1), and a ClientHello is
+//!    held to its per-source rate.
+//! 5. The source address selects the peer policy: deny, DTLS only, or a
+//!    rate limit.
 
-use crate::maps::{v4_mapped, PeerPolicy, POLICY_DENY, UNKNOWN_PEER_ID};
+use crate::maps::{
+    v4_mapped, PeerPolicy, POLICY_DENY, POLICY_REQUIRE_DTLS, PORT_COAP, PORT_COAPS, UNKNOWN_PEER_ID,
+};
 use crate::proto::*;
 use crate::reason::Reason;
 
@@ -32,15 +37,20 @@ pub enum RateKey {
     Peer(u32),
     /// An unknown source: one bucket per address (IPv4 mapped into IPv6).
     Unknown([u8; 16]),
+    /// The ClientHellos of one source address (IPv4 mapped into IPv6).
+    Hello([u8; 16]),
 }
 
 /// The configuration the classifier consults (the BPF maps, in the kernel).
 pub trait Policy {
-    fn is_coap_port(&self, port: u16) -> bool;
+    /// [`PORT_COAP`], [`PORT_COAPS`], or 0 for a port not guarded.
+    fn port_kind(&self, port: u16) -> u32;
     /// Longest-prefix match of the source among configured peers.
     fn lookup(&self, src: Source) -> Option<PeerPolicy>;
     /// Policy for sources no peer prefix covers.
     fn default_policy(&self) -> PeerPolicy;
+    /// The rate of ClientHellos per source on CoAPS ports.
+    fn hello_policy(&self) -> PeerPolicy;
 }
 
 /// The outcome for one frame.
@@ -62,15 +72,33 @@ impl Verdict {
 }
 
 /// Classifies one Ethernet frame. `admit` is the rate limiter: it is asked
-/// only for allowed, well-formed CoAP and says whether the packet conforms.
+/// only for well-formed ClientHellos (their per-source rate) and allowed,
+/// well-formed CoAP, and says whether the packet conforms.
 pub fn classify(
     frame: &[u8],
     policy: &impl Policy,
-    admit: impl FnOnce(RateKey, &PeerPolicy) -> bool,
+    mut admit: impl FnMut(RateKey, &PeerPolicy) -> bool,
 ) -> Verdict {
-    match udp_datagram(frame, policy).and_then(|d| check_coap(frame, d)) {
-        Ok(src) => apply_policy(src, policy, admit),
+    let checked = udp_datagram(frame, policy).and_then(|d| {
+        if d.port_kind != PORT_COAPS {
+            return check_coap(frame, d);
+        }
+        let hello = check_dtls(frame, d)?;
+        if hello && !admit(RateKey::Hello(mapped(d.src)), &policy.hello_policy()) {
+            return Err(Reason::DropHelloRateLimited);
+        }
+        Ok(d)
+    });
+    match checked {
+        Ok(d) => apply_policy(d, policy, admit),
         Err(reason) => Verdict::of(reason),
+    }
+}
+
+fn mapped(src: Source) -> [u8; 16] {
+    match src {
+        Source::V4(a) => v4_mapped(a),
+        Source::V6(a) => a,
     }
 }
 
@@ -78,6 +106,7 @@ pub fn classify(
 #[derive(Clone, Copy)]
 struct Datagram {
     src: Source,
+    port_kind: u32,
     udp_off: usize,
     udp_len: usize,
 }
@@ -214,7 +243,8 @@ fn udp_datagram(frame: &[u8], policy: &impl Policy) -> Result<Datagram, Reason> 
             Reason::PassNotIp
         });
     };
-    if !policy.is_coap_port(dst_port) {
+    let port_kind = policy.port_kind(dst_port);
+    if port_kind != PORT_COAP && port_kind != PORT_COAPS {
         return Err(Reason::PassNotCoapPort);
     }
     if ip.first_fragment {
@@ -226,13 +256,64 @@ fn udp_datagram(frame: &[u8], policy: &impl Policy) -> Result<Datagram, Reason> 
     }
     Ok(Datagram {
         src: ip.src,
+        port_kind,
         udp_off: ip.l4_off,
         udp_len,
     })
 }
 
+/// Step 4 on a CoAPS port: DTLS records, RFC 6347 section 4.1. Each record
+/// has a content type DTLS knows, version 1.2 (1.0 allowed in a
+/// ClientHello's record), and a length within the datagram; the records,
+/// at most [`DTLS_MAX_RECORDS`], fill it exactly. A tls12_cid record (RFC
+/// 9146) has its length after a connection ID of negotiated size, which the
+/// fast path does not know: it must be the datagram's last record. Returns
+/// whether the first record is a ClientHello (epoch 0, handshake type 1).
+fn check_dtls(frame: &[u8], d: Datagram) -> Result<bool, Reason> {
+    let end = d.udp_off + d.udp_len;
+    let mut off = d.udp_off + UDP_HLEN;
+    let mut hello = false;
+    for i in 0..DTLS_MAX_RECORDS {
+        if end - off < DTLS_RECORD_HLEN {
+            return Err(Reason::DropBadDtlsRecord);
+        }
+        let ctype = frame[off];
+        let version = u16::from_be_bytes([frame[off + 1], frame[off + 2]]);
+        let epoch = u16::from_be_bytes([frame[off + 3], frame[off + 4]]);
+        let len = usize::from(u16::from_be_bytes([frame[off + 11], frame[off + 12]]));
+        if !dtls_content_type_valid(ctype) {
+            return Err(Reason::DropBadDtlsRecord);
+        }
+        let client_hello = ctype == DTLS_HANDSHAKE
+            && epoch == 0
+            && len > 0
+            && frame.get(off + DTLS_RECORD_HLEN) == Some(&DTLS_CLIENT_HELLO);
+        if version != DTLS_1_2 && !(version == DTLS_1_0 && client_hello) {
+            return Err(Reason::DropBadDtlsRecord);
+        }
+        if i == 0 {
+            hello = client_hello;
+        }
+        if ctype == DTLS_CID {
+            return Ok(hello);
+        }
+        if end - off - DTLS_RECORD_HLEN < len {
+            return Err(Reason::DropBadDtlsRecord);
+        }
+        off += DTLS_RECORD_HLEN + len;
+        if off == end {
+            return Ok(hello);
+        }
+        // (No frame XDP sees is this long; the kernel side needs the bound.)
+        if off > DTLS_MAX_OFFSET {
+            return Err(Reason::DropBadDtlsRecord);
+        }
+    }
+    Err(Reason::DropBadDtlsRecord)
+}
+
 /// Step 4: the CoAP header, RFC 7252 section 3.
-fn check_coap(frame: &[u8], d: Datagram) -> Result<Source, Reason> {
+fn check_coap(frame: &[u8], d: Datagram) -> Result<Datagram, Reason> {
     let coap_off = d.udp_off + UDP_HLEN;
     let coap_len = d.udp_len - UDP_HLEN;
     if coap_len < COAP_HLEN {
@@ -256,15 +337,16 @@ fn check_coap(frame: &[u8], d: Datagram) -> Result<Source, Reason> {
     if coap_len < COAP_HLEN + usize::from(token_len) {
         return Err(Reason::DropTruncated);
     }
-    Ok(d.src)
+    Ok(d)
 }
 
 /// Step 5.
 fn apply_policy(
-    src: Source,
+    d: Datagram,
     policy: &impl Policy,
-    admit: impl FnOnce(RateKey, &PeerPolicy) -> bool,
+    mut admit: impl FnMut(RateKey, &PeerPolicy) -> bool,
 ) -> Verdict {
+    let src = d.src;
     let (rule, key, denied) = match policy.lookup(src) {
         Some(p) => (p, RateKey::Peer(p.peer_id), Reason::DropDenied),
         None => {
@@ -279,6 +361,8 @@ fn apply_policy(
     };
     let reason = if rule.action == POLICY_DENY {
         denied
+    } else if rule.action == POLICY_REQUIRE_DTLS && d.port_kind != PORT_COAPS {
+        Reason::DropRequiresDtls
     } else if admit(key, &rule) {
         Reason::Accept
     } else {

@@ -15,8 +15,18 @@ pub const PEERS_V6: [&str; 2] = ["PEERS_V6_0", "PEERS_V6_1"];
 /// Array of two [`PeerPolicy`], one per copy: what applies to sources in
 /// neither trie.
 pub const DEFAULT_POLICY: &str = "DEFAULT_POLICY";
-/// Array indexed by UDP port (host order): nonzero marks a CoAP port.
+/// Array indexed by UDP port (host order): [`PORT_COAP`] or [`PORT_COAPS`]
+/// marks a port the fast path guards; 0 any other.
 pub const COAP_PORTS: &str = "COAP_PORTS";
+pub const PORT_COAP: u32 = 1;
+/// CoAP over DTLS: the datagrams are DTLS records.
+pub const PORT_COAPS: u32 = 2;
+/// Array of one [`PeerPolicy`]: the rate of ClientHellos per source on the
+/// CoAPS ports (its `peer_id` and `action` unused).
+pub const HELLO_POLICY: &str = "HELLO_POLICY";
+/// LRU hash of sources (IPv4 as ::ffff:a.b.c.d) -> GCRA state of their
+/// ClientHellos.
+pub const HELLO_RATE: &str = "HELLO_RATE";
 /// Array indexed by peer id: the peer's GCRA state (see `rate`), shared by
 /// all CPUs and updated with compare-and-swap.
 pub const PEER_RATE: &str = "PEER_RATE";
@@ -29,7 +39,7 @@ pub const VERDICTS: &str = "VERDICTS";
 pub const PEER_STATS: &str = "PEER_STATS";
 
 /// Every map above: what a persisted fast path pins and adopts.
-pub const ALL: [&str; 11] = [
+pub const ALL: [&str; 13] = [
     ACTIVE_TABLES,
     PEERS_V4[0],
     PEERS_V4[1],
@@ -41,6 +51,8 @@ pub const ALL: [&str; 11] = [
     UNKNOWN_RATE,
     VERDICTS,
     PEER_STATS,
+    HELLO_POLICY,
+    HELLO_RATE,
 ];
 
 /// Peer ids run from 1 to `MAX_PEERS - 1`; id 0 stands for unknown sources.
@@ -55,6 +67,8 @@ pub const PORT_COUNT: u32 = 65_536;
 /// `PeerPolicy::action` values.
 pub const POLICY_ALLOW: u32 = 0;
 pub const POLICY_DENY: u32 = 1;
+/// Allowed on CoAPS ports only: its plain CoAP is dropped.
+pub const POLICY_REQUIRE_DTLS: u32 = 2;
 
 /// What the fast path does with a peer's well-formed CoAP.
 #[repr(C)]
@@ -66,7 +80,7 @@ pub struct PeerPolicy {
     pub burst_ns: u64,
     /// Index into `PEER_RATE` and `PEER_STATS`.
     pub peer_id: u32,
-    /// [`POLICY_ALLOW`] or [`POLICY_DENY`].
+    /// [`POLICY_ALLOW`], [`POLICY_DENY`] or [`POLICY_REQUIRE_DTLS`].
     pub action: u32,
 }
 

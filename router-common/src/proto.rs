@@ -40,6 +40,30 @@ pub const COAP_VERSION: u8 = 1;
 pub const COAP_MAX_TOKEN_LEN: u8 = 8;
 pub const COAP_DEFAULT_PORT: u16 = 5683;
 
+/// DTLS 1.2 records (RFC 6347 section 4.1): type, version, epoch, sequence
+/// number, length.
+pub const DTLS_RECORD_HLEN: usize = 13;
+/// Records the fast path walks in one datagram (a handshake flight packs a
+/// few; more is not a device's traffic).
+pub const DTLS_MAX_RECORDS: usize = 8;
+/// Where in a frame the next record may start (the verifier's bound on
+/// packet offsets is 64 KiB).
+pub const DTLS_MAX_OFFSET: usize = 0xfff0;
+pub const DTLS_1_2: u16 = 0xfefd;
+/// DTLS 1.0: what a ClientHello's record may carry (RFC 6347 section 4.2.1
+/// lets a client use it before the version is negotiated).
+pub const DTLS_1_0: u16 = 0xfeff;
+/// Content types: change_cipher_spec, alert, handshake, application_data
+/// (RFC 5246 section 6.2.1), and tls12_cid (RFC 9146).
+pub const DTLS_HANDSHAKE: u8 = 22;
+pub const DTLS_CID: u8 = 25;
+/// Handshake type of a ClientHello (RFC 5246 section 7.4).
+pub const DTLS_CLIENT_HELLO: u8 = 1;
+
+pub const fn dtls_content_type_valid(t: u8) -> bool {
+    matches!(t, 20..=23 | DTLS_CID)
+}
+
 /// Whether a CoAP code class (the top 3 bits of the Code byte) can occur:
 /// 0 request/Empty, 2 success, 4 client error, 5 server error (section 12.1).
 pub const fn coap_code_class_valid(code: u8) -> bool {

@@ -83,9 +83,19 @@ reasons! {
     /// (`proto::MAX_IPV6_EXT_HEADERS`). Dropped rather than passed: passing it
     /// would let any peer bypass the policy by prepending headers.
     DropHeaderChain = 16, "drop_header_chain", Drop;
+    /// Plain CoAP from a peer with `require_dtls`: its address is no proof
+    /// of who it is; only its DTLS sessions are it.
+    DropRequiresDtls = 17, "drop_requires_dtls", Drop;
+    /// On a CoAPS port, not DTLS 1.2 records: an unknown content type, a
+    /// version other than 1.2 (1.0 in a ClientHello), or record lengths that
+    /// do not add up to the datagram (RFC 6347 section 4.1).
+    DropBadDtlsRecord = 18, "drop_bad_dtls_record", Drop;
+    /// A ClientHello over the per-source rate (`[dtls] hello_rate`): each
+    /// costs the gateway a cookie, and a handshake after it.
+    DropHelloRateLimited = 19, "drop_hello_rate_limited", Drop;
 }
 
 /// Number of reasons: the size of the `VERDICTS` counter array.
-pub const REASON_COUNT: u32 = 17;
+pub const REASON_COUNT: u32 = 20;
 
 const _: () = assert!(Reason::ALL.len() as u32 == REASON_COUNT);

@@ -7,16 +7,29 @@
 //! verifies them (the kernel does, after XDP_PASS).
 
 use router_common::classify::{classify, Policy, RateKey, Source, Verdict};
-use router_common::maps::{PeerPolicy, POLICY_ALLOW, POLICY_DENY, UNKNOWN_PEER_ID};
+use router_common::maps::{
+    PeerPolicy, POLICY_ALLOW, POLICY_DENY, POLICY_REQUIRE_DTLS, PORT_COAP, PORT_COAPS,
+    UNKNOWN_PEER_ID,
+};
 use router_common::reason::Reason;
 
 /// 192.0.2.1 and 2001:db8::1 are peer 1 (allowed), 192.0.2.66 is peer 3
-/// (denied); other sources are unknown and allowed. CoAP on 5683 only.
+/// (denied), 192.0.2.77 is peer 4 (DTLS only); other sources are unknown
+/// and allowed. CoAP on 5683, CoAP
+/// over DTLS on 5684.
 struct TestPolicy;
 
 impl Policy for TestPolicy {
-    fn is_coap_port(&self, port: u16) -> bool {
-        port == 5683
+    fn port_kind(&self, port: u16) -> u32 {
+        match port {
+            5683 => PORT_COAP,
+            5684 => PORT_COAPS,
+            _ => 0,
+        }
+    }
+
+    fn hello_policy(&self) -> PeerPolicy {
+        self.default_policy()
     }
 
     fn lookup(&self, src: Source) -> Option<PeerPolicy> {
@@ -29,6 +42,7 @@ impl Policy for TestPolicy {
         match src {
             Source::V4([192, 0, 2, 1]) => Some(peer(1, POLICY_ALLOW)),
             Source::V4([192, 0, 2, 66]) => Some(peer(3, POLICY_DENY)),
+            Source::V4([192, 0, 2, 77]) => Some(peer(4, POLICY_REQUIRE_DTLS)),
             Source::V6(a) if a == V6_SRC => Some(peer(1, POLICY_ALLOW)),
             _ => None,
         }
@@ -242,7 +256,7 @@ fn rfc768_lengths_must_agree_with_ip() {
     frame.extend(udp(5683, 8 + coap.len() + 1, coap));
     assert_eq!(run(&frame).reason, Reason::DropBadLength);
     // Another port is not the fast path's business.
-    let other = v4_frame([192, 0, 2, 1], 5684, coap);
+    let other = v4_frame([192, 0, 2, 1], 5690, coap);
     assert_eq!(run(&other).reason, Reason::PassNotCoapPort);
 }
 
@@ -274,4 +288,109 @@ fn rfc8200_extension_headers() {
     assert_eq!(run(&v6_frame(44, &first)).reason, Reason::DropFragment);
     let later = [17, 0, 0, 8, 0, 0, 0, 9]; // offset 1 (8 bytes)
     assert_eq!(run(&v6_frame(44, &later)).reason, Reason::PassLaterFragment);
+}
+
+/// A DTLS record (RFC 6347 section 4.1): type, version, epoch, 48-bit
+/// sequence number, length, fragment.
+fn record(content_type: u8, version: u16, epoch: u16, fragment: &[u8]) -> Vec<u8> {
+    let mut r = vec![content_type];
+    r.extend_from_slice(&version.to_be_bytes());
+    r.extend_from_slice(&epoch.to_be_bytes());
+    r.extend_from_slice(&[0, 0, 0, 0, 0, 1]);
+    r.extend_from_slice(&(fragment.len() as u16).to_be_bytes());
+    r.extend_from_slice(fragment);
+    r
+}
+
+/// The start of a ClientHello handshake message (RFC 6347 section 4.2.2):
+/// msg_type 1, then the length, message_seq, fragment offset and length.
+const CLIENT_HELLO: &[u8] = &[1, 0, 0, 0x2f, 0, 0, 0, 0, 0, 0, 0, 0x2f, 0xfe, 0xfd];
+
+#[test]
+fn rfc6347_records_on_a_coaps_port() {
+    let dtls = |records: &[Vec<u8>]| v4_frame([192, 0, 2, 1], 5684, &records.concat());
+    let accepted = verdict(Reason::Accept, Some(1));
+    // A ClientHello in DTLS 1.0 and 1.2 records (section 4.2.1 allows either
+    // before the version is negotiated); application data in 1.2.
+    for version in [0xfeff, 0xfefd] {
+        assert_eq!(
+            run(&dtls(&[record(22, version, 0, CLIENT_HELLO)])),
+            accepted
+        );
+    }
+    assert_eq!(run(&dtls(&[record(23, 0xfefd, 1, &[0xaa; 40])])), accepted);
+    // A flight: several records in one datagram (section 4.1.1).
+    let flight = [
+        record(22, 0xfefd, 0, &[2; 20]),
+        record(20, 0xfefd, 0, &[1]),
+        record(22, 0xfefd, 1, &[0x55; 30]),
+    ];
+    assert_eq!(run(&dtls(&flight)), accepted);
+    // A tls12_cid record (RFC 9146 section 4): its length follows a
+    // connection ID of negotiated size, so it ends the datagram.
+    assert_eq!(run(&dtls(&[record(25, 0xfefd, 1, &[7; 24])])), accepted);
+    let bad = verdict(Reason::DropBadDtlsRecord, None);
+    // Only ClientHellos may say DTLS 1.0; TLS 1.2 (0x0303) is not DTLS.
+    assert_eq!(run(&dtls(&[record(23, 0xfeff, 1, &[0; 8])])), bad);
+    assert_eq!(run(&dtls(&[record(22, 0x0303, 0, CLIENT_HELLO)])), bad);
+    // Content types DTLS does not have (24 heartbeat is not one we take).
+    for t in [0, 19, 24, 26, 255] {
+        assert_eq!(
+            run(&dtls(&[record(t, 0xfefd, 0, &[0; 8])])),
+            bad,
+            "type {t}"
+        );
+    }
+    // Lengths that do not add up: a record longer than the datagram, bytes
+    // after the last record, a header cut short.
+    let mut long = record(23, 0xfefd, 1, &[0; 8]);
+    long[12] = 9;
+    assert_eq!(run(&dtls(&[long])), bad);
+    let mut trailing = record(23, 0xfefd, 1, &[0; 8]);
+    trailing.push(0);
+    assert_eq!(run(&dtls(&[trailing])), bad);
+    assert_eq!(
+        run(&dtls(&[record(23, 0xfefd, 1, &[])[..12].to_vec()])),
+        bad
+    );
+    assert_eq!(run(&dtls(&[])), bad, "an empty datagram is no record");
+    // Plain CoAP on the CoAPS port is not DTLS; DTLS on the CoAP port is
+    // not CoAP (its first byte 22 says CoAP version 0).
+    assert_eq!(run(&v4_frame([192, 0, 2, 1], 5684, GET_TEMPERATURE)), bad);
+    assert_eq!(
+        run(&v4_frame(
+            [192, 0, 2, 1],
+            5683,
+            &record(22, 0xfefd, 0, CLIENT_HELLO)
+        )),
+        verdict(Reason::DropBadVersion, None)
+    );
+    // The per-source ClientHello rate is asked of ClientHellos only.
+    let mut asked = Vec::new();
+    let over = classify(
+        &dtls(&[record(22, 0xfefd, 0, CLIENT_HELLO)]),
+        &TestPolicy,
+        |key, _| {
+            asked.push(key);
+            !matches!(key, RateKey::Hello(_))
+        },
+    );
+    assert_eq!(over, verdict(Reason::DropHelloRateLimited, None));
+    let mut mapped = [0u8; 16];
+    mapped[10..].copy_from_slice(&[0xff, 0xff, 192, 0, 2, 1]);
+    assert_eq!(asked, vec![RateKey::Hello(mapped)]);
+}
+
+#[test]
+fn a_peer_that_must_use_dtls_is_dropped_in_plain_coap_only() {
+    let src = [192, 0, 2, 77];
+    assert_eq!(
+        run(&v4_frame(src, 5683, GET_TEMPERATURE)),
+        verdict(Reason::DropRequiresDtls, Some(4))
+    );
+    let hello = record(22, 0xfefd, 0, CLIENT_HELLO);
+    assert_eq!(
+        run(&v4_frame(src, 5684, &hello)),
+        verdict(Reason::Accept, Some(4))
+    );
 }

@@ -23,7 +23,7 @@ use aya_ebpf::maps::{Array, LpmTrie, LruHashMap, PerCpuArray};
 use aya_ebpf::programs::XdpContext;
 use router_common::maps::{
     v4_mapped, Counter, PeerCounters, PeerPolicy, MAX_PEERS, MAX_PREFIXES, MAX_UNKNOWN_SOURCES,
-    POLICY_DENY, PORT_COUNT, UNKNOWN_PEER_ID,
+    POLICY_DENY, POLICY_REQUIRE_DTLS, PORT_COAP, PORT_COAPS, PORT_COUNT, UNKNOWN_PEER_ID,
 };
 use router_common::proto::*;
 use router_common::rate::gcra_admit;
@@ -49,6 +49,10 @@ static PEER_RATE: Array<u64> = Array::with_max_entries(MAX_PEERS, 0);
 #[map(name = "UNKNOWN_RATE")]
 static UNKNOWN_RATE: LruHashMap<[u8; 16], u64> =
     LruHashMap::with_max_entries(MAX_UNKNOWN_SOURCES, 0);
+#[map(name = "HELLO_POLICY")]
+static HELLO_POLICY: Array<PeerPolicy> = Array::with_max_entries(1, 0);
+#[map(name = "HELLO_RATE")]
+static HELLO_RATE: LruHashMap<[u8; 16], u64> = LruHashMap::with_max_entries(MAX_UNKNOWN_SOURCES, 0);
 #[map(name = "VERDICTS")]
 static VERDICTS: PerCpuArray<Counter> = PerCpuArray::with_max_entries(REASON_COUNT, 0);
 #[map(name = "PEER_STATS")]
@@ -162,10 +166,10 @@ fn classify(ctx: &XdpContext) -> Result<(Reason, u32), Reason> {
             Reason::PassNotIp
         });
     };
-    match COAP_PORTS.get(u32::from(dst_port)) {
-        Some(&flag) if flag != 0 => {}
+    let port_kind = match COAP_PORTS.get(u32::from(dst_port)) {
+        Some(&kind) if kind == PORT_COAP || kind == PORT_COAPS => kind,
         _ => return Err(Reason::PassNotCoapPort),
-    }
+    };
     if ip.first_fragment {
         return Err(Reason::DropFragment);
     }
@@ -173,8 +177,68 @@ fn classify(ctx: &XdpContext) -> Result<(Reason, u32), Reason> {
     if frame_len < ip.l4_off + UDP_HLEN || udp_len < UDP_HLEN || ip.l4_len != udp_len {
         return Err(Reason::DropBadLength);
     }
-    check_coap(ctx, ip.l4_off + UDP_HLEN, udp_len - UDP_HLEN)?;
-    Ok(apply_policy(ip.src))
+    if port_kind == PORT_COAPS {
+        let hello = check_dtls(ctx, ip.l4_off + UDP_HLEN, ip.l4_off + udp_len)?;
+        if hello && !admit_hello(&mapped(ip.src)) {
+            return Err(Reason::DropHelloRateLimited);
+        }
+    } else {
+        check_coap(ctx, ip.l4_off + UDP_HLEN, udp_len - UDP_HLEN)?;
+    }
+    Ok(apply_policy(ip.src, port_kind))
+}
+
+#[inline(always)]
+fn mapped(src: Source) -> [u8; 16] {
+    match src {
+        Source::V4(a) => v4_mapped(a),
+        Source::V6(a) => a,
+    }
+}
+
+/// DTLS records from `off` to `end` (the reference's `check_dtls`); whether
+/// the first is a ClientHello.
+#[inline(always)]
+fn check_dtls(ctx: &XdpContext, mut off: usize, end: usize) -> Result<bool, Reason> {
+    let mut hello = false;
+    for i in 0..DTLS_MAX_RECORDS {
+        if end - off < DTLS_RECORD_HLEN {
+            return Err(Reason::DropBadDtlsRecord);
+        }
+        let h: [u8; DTLS_RECORD_HLEN] = load(ctx, off).ok_or(Reason::DropBadDtlsRecord)?;
+        let version = u16::from_be_bytes([h[1], h[2]]);
+        let len = usize::from(u16::from_be_bytes([h[11], h[12]]));
+        if !dtls_content_type_valid(h[0]) {
+            return Err(Reason::DropBadDtlsRecord);
+        }
+        let client_hello = h[0] == DTLS_HANDSHAKE
+            && h[3] == 0
+            && h[4] == 0
+            && len > 0
+            && load::<u8>(ctx, off + DTLS_RECORD_HLEN) == Some(DTLS_CLIENT_HELLO);
+        if version != DTLS_1_2 && !(version == DTLS_1_0 && client_hello) {
+            return Err(Reason::DropBadDtlsRecord);
+        }
+        if i == 0 {
+            hello = client_hello;
+        }
+        if h[0] == DTLS_CID {
+            return Ok(hello);
+        }
+        if end - off - DTLS_RECORD_HLEN < len {
+            return Err(Reason::DropBadDtlsRecord);
+        }
+        off += DTLS_RECORD_HLEN + len;
+        if off == end {
+            return Ok(hello);
+        }
+        // The verifier learns a packet pointer's range only for offsets
+        // below 64 KiB (MAX_PACKET_OFF); the reference has the same check.
+        if off > DTLS_MAX_OFFSET {
+            return Err(Reason::DropBadDtlsRecord);
+        }
+    }
+    Err(Reason::DropBadDtlsRecord)
 }
 
 #[inline(always)]
@@ -303,7 +367,7 @@ fn check_coap(ctx: &XdpContext, off: usize, coap_len: usize) -> Result<(), Reaso
 }
 
 #[inline(always)]
-fn apply_policy(src: Source) -> (Reason, u32) {
+fn apply_policy(src: Source, port_kind: u32) -> (Reason, u32) {
     // Read once: every lookup of this packet uses the same copy.
     let copy = ACTIVE_TABLES.get(0).map_or(0, |&c| c & 1);
     let found = match (src, copy) {
@@ -315,6 +379,8 @@ fn apply_policy(src: Source) -> (Reason, u32) {
     if let Some(rule) = found {
         let reason = if rule.action == POLICY_DENY {
             Reason::DropDenied
+        } else if rule.action == POLICY_REQUIRE_DTLS && port_kind != PORT_COAPS {
+            Reason::DropRequiresDtls
         } else if admit_peer(rule) {
             Reason::Accept
         } else {
@@ -352,16 +418,30 @@ fn admit_peer(rule: &PeerPolicy) -> bool {
 
 #[inline(always)]
 fn admit_unknown(rule: &PeerPolicy, addr: &[u8; 16]) -> bool {
+    admit_source(&UNKNOWN_RATE, rule, addr)
+}
+
+#[inline(always)]
+fn admit_hello(addr: &[u8; 16]) -> bool {
+    match HELLO_POLICY.get(0) {
+        Some(rule) => admit_source(&HELLO_RATE, rule, addr),
+        None => true,
+    }
+}
+
+/// The rate of one source, its state in `states`.
+#[inline(always)]
+fn admit_source(states: &LruHashMap<[u8; 16], u64>, rule: &PeerPolicy, addr: &[u8; 16]) -> bool {
     if rule.interval_ns == 0 {
         return true;
     }
-    let state = match UNKNOWN_RATE.get_ptr_mut(addr) {
+    let state = match states.get_ptr_mut(addr) {
         Some(state) => state,
         None => {
             // A new source starts with TAT 0: a full burst. NOEXIST keeps a
             // concurrent insert by another CPU from being overwritten.
-            let _ = UNKNOWN_RATE.insert(addr, &0, u64::from(BPF_NOEXIST));
-            match UNKNOWN_RATE.get_ptr_mut(addr) {
+            let _ = states.insert(addr, &0, u64::from(BPF_NOEXIST));
+            match states.get_ptr_mut(addr) {
                 Some(state) => state,
                 None => return false,
             }

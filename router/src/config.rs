@@ -9,6 +9,7 @@ use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::str::FromStr;
+use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 use thiserror::Error;
@@ -67,6 +68,10 @@ pub struct DtlsSection {
     pub handshake_timeout_s: Option<u64>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub idle_timeout_s: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub hello_rate: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub hello_burst: Option<u32>,
 }
 
 #[derive(Clone, Debug, Default, Deserialize, Serialize)]
@@ -576,12 +581,47 @@ pub struct DownlinkSettings {
     pub queue_per_peer: usize,
 }
 
+/// `[dtls]`: CoAP over DTLS sessions.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct DtlsSettings {
+    pub max_sessions: usize,
+    pub max_handshakes: usize,
+    pub handshake_timeout: Duration,
+    pub idle_timeout: Duration,
+    /// Largest datagram a session sends (records of a flight are split to
+    /// fit; RFC 6347 section 4.1.1.1).
+    pub mtu: u32,
+    /// ClientHellos per second from one source on the CoAPS ports, and the
+    /// burst: more are dropped in XDP (`drop_hello_rate_limited`).
+    pub hello_rate: Rate,
+    pub hello_burst: u32,
+}
+
+impl Default for DtlsSettings {
+    fn default() -> Self {
+        DtlsSettings {
+            max_sessions: 10_000,
+            max_handshakes: 1_000,
+            handshake_timeout: Duration::from_secs(30),
+            idle_timeout: Duration::from_secs(3600),
+            mtu: 1280 - 48,
+            hello_rate: Rate(Some(DEFAULT_HELLO_RATE)),
+            hello_burst: DEFAULT_HELLO_BURST,
+        }
+    }
+}
+
+/// A device's handshake takes two ClientHellos (the second with the
+/// cookie), three or four with retransmissions.
+pub const DEFAULT_HELLO_RATE: u32 = 10;
+pub const DEFAULT_HELLO_BURST: u32 = 20;
+
 #[derive(Clone, Debug)]
 pub struct Config {
     pub coap_listen: Vec<SocketAddr>,
     /// CoAP over DTLS; empty: none.
     pub coaps_listen: Vec<SocketAddr>,
-    pub dtls: crate::coap::dtls::DtlsSettings,
+    pub dtls: DtlsSettings,
     pub coap: CoapTuning,
     pub mqtt: MqttSettings,
     pub interfaces: Vec<String>,
@@ -639,6 +679,14 @@ impl Config {
     }
 
     /// The CoAP ports the fast path guards: those of the listen addresses.
+    /// The CoAPS ports the fast path guards: those of `listen_dtls`.
+    pub fn coaps_ports(&self) -> Vec<u16> {
+        let mut ports: Vec<u16> = self.coaps_listen.iter().map(SocketAddr::port).collect();
+        ports.sort_unstable();
+        ports.dedup();
+        ports
+    }
+
     pub fn coap_ports(&self) -> Vec<u16> {
         let mut ports: Vec<u16> = self.coap_listen.iter().map(SocketAddr::port).collect();
         ports.sort_unstable();
@@ -1197,8 +1245,8 @@ fn read_key_file(path: &Path) -> Result<Vec<u8>, String> {
     std::fs::read(path).map_err(|e| format!("{}: {e}", path.display()))
 }
 
-fn dtls_settings(d: &DtlsSection) -> Result<crate::coap::dtls::DtlsSettings, ConfigError> {
-    let defaults = crate::coap::dtls::DtlsSettings::default();
+fn dtls_settings(d: &DtlsSection) -> Result<DtlsSettings, ConfigError> {
+    let defaults = DtlsSettings::default();
     let secs = |field: &str, v: Option<u64>, default: std::time::Duration| {
         positive(field, v.map(|v| v as usize), default.as_secs() as usize)
             .map(|s| std::time::Duration::from_secs(s as u64))
@@ -1215,7 +1263,10 @@ fn dtls_settings(d: &DtlsSection) -> Result<crate::coap::dtls::DtlsSettings, Con
             "more than dtls.max_sessions, which counts handshakes too",
         ));
     }
-    Ok(crate::coap::dtls::DtlsSettings {
+    if d.hello_burst == Some(0) {
+        return Err(invalid("dtls.hello_burst", "must be at least 1"));
+    }
+    Ok(DtlsSettings {
         max_sessions,
         max_handshakes,
         handshake_timeout: secs(
@@ -1229,6 +1280,13 @@ fn dtls_settings(d: &DtlsSection) -> Result<crate::coap::dtls::DtlsSettings, Con
             defaults.idle_timeout,
         )?,
         mtu: defaults.mtu,
+        hello_rate: d
+            .hello_rate
+            .as_deref()
+            .map(|r| parse_field("dtls.hello_rate", r))
+            .transpose()?
+            .unwrap_or(defaults.hello_rate),
+        hello_burst: d.hello_burst.unwrap_or(defaults.hello_burst),
     })
 }
 

@@ -303,7 +303,8 @@ fn one_identity_from_two_addresses_is_one_peer() {
 }
 
 /// A peer with `require_dtls` is not its address: its plain CoAP is
-/// dropped and counted, its DTLS session is served.
+/// dropped by XDP with a reason of its own (never reaching the workers),
+/// its DTLS session is served.
 #[test]
 fn a_peer_that_must_use_dtls_is_not_served_in_plain_coap() {
     let gw = Gateway::start("require");
@@ -312,12 +313,22 @@ fn a_peer_that_must_use_dtls_is_not_served_in_plain_coap() {
     sock.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
     let gw_plain = SocketAddr::new(GW_V4.into(), 5683);
     sock.send_to(&coap_post(1, b"plain"), gw_plain).unwrap();
+    let dropped = || {
+        gw.daemon.ctl_json(&["stats"])["verdicts"]["drop_requires_dtls"]["packets"]
+            .as_u64()
+            .unwrap_or(0)
+    };
     assert!(
-        wait_for(DEADLINE, || gw.daemon.counter("coap", "insecure") >= 1),
-        "plain CoAP from a require_dtls peer was not refused"
+        wait_for(DEADLINE, || dropped() >= 1),
+        "plain CoAP from a require_dtls peer was not dropped in XDP"
     );
     let mut buf = [0u8; 64];
     assert!(sock.recv_from(&mut buf).is_err(), "no answer in plain CoAP");
+    assert_eq!(
+        gw.daemon.counter("coap", "received"),
+        0,
+        "it never reached a worker"
+    );
     let mut session = gw
         .session(
             DEV_V4[0].into(),

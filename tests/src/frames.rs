@@ -75,6 +75,62 @@ fn messages() -> Vec<Vec<u8>> {
     m
 }
 
+/// The CoAPS port of the differential test's configs (`listen_dtls`).
+pub const COAPS_PORT: u16 = 5690;
+
+/// A DTLS record (RFC 6347 section 4.1).
+fn dtls_record(content_type: u8, version: u16, epoch: u16, fragment: &[u8]) -> Vec<u8> {
+    let mut r = vec![content_type];
+    r.extend_from_slice(&version.to_be_bytes());
+    r.extend_from_slice(&epoch.to_be_bytes());
+    r.extend_from_slice(&[0, 0, 0, 0, 0, 7]);
+    r.extend_from_slice(&(fragment.len() as u16).to_be_bytes());
+    r.extend_from_slice(fragment);
+    r
+}
+
+/// DTLS datagrams: ClientHellos (record versions 1.0 and 1.2), application
+/// data, a flight of several records, a tls12_cid record, and each record
+/// error the fast path must catch.
+fn dtls_datagrams() -> Vec<Vec<u8>> {
+    let hello: Vec<u8> = [
+        &[1u8, 0, 0, 0x30, 0, 0, 0, 0, 0, 0, 0, 0x30, 0xfe, 0xfd][..],
+        &[0x11; 48],
+    ]
+    .concat();
+    let mut d = vec![
+        dtls_record(22, 0xfeff, 0, &hello),
+        dtls_record(22, 0xfefd, 0, &hello),
+        dtls_record(23, 0xfefd, 1, &[0x42; 64]),
+        [
+            dtls_record(22, 0xfefd, 0, &[2; 40]),
+            dtls_record(20, 0xfefd, 0, &[1]),
+            dtls_record(22, 0xfefd, 1, &[0x33; 40]),
+        ]
+        .concat(),
+        dtls_record(21, 0xfefd, 1, &[0x44; 26]),
+        dtls_record(25, 0xfefd, 1, &[0x66; 30]),
+        // Errors: 1.0 outside a ClientHello, not DTLS at all, unknown types,
+        // lengths over and under the datagram, too many records, empty.
+        dtls_record(23, 0xfeff, 1, &[0; 16]),
+        dtls_record(22, 0x0303, 0, &hello),
+        dtls_record(24, 0xfefd, 1, &[0; 8]),
+        dtls_record(26, 0xfefd, 1, &[0; 8]),
+        (0..9)
+            .flat_map(|_| dtls_record(23, 0xfefd, 1, &[1]))
+            .collect(),
+        vec![],
+    ];
+    let mut over = dtls_record(23, 0xfefd, 1, &[0; 16]);
+    over[12] = 17;
+    d.push(over);
+    let mut under = dtls_record(23, 0xfefd, 1, &[0; 16]);
+    under[12] = 15;
+    d.push(under);
+    d.push(dtls_record(23, 0xfefd, 1, &[])[..10].to_vec());
+    d
+}
+
 /// Ways of carrying the datagram: plain, VLAN, Q-in-Q, IPv4 options, IPv6
 /// extension headers (of the minimum and longer lengths, AH among them).
 fn encapsulations(frame: &UdpFrame) -> Vec<UdpFrame> {
@@ -194,6 +250,19 @@ pub fn corpus() -> Vec<Vec<u8>> {
     for src in SOURCES {
         let src: IpAddr = src.parse().unwrap();
         frames.extend(framing_cases(src));
+        // DTLS on the CoAPS port, and on a CoAP port (where it is no CoAP);
+        // CoAP on the CoAPS port.
+        let crossed = dtls_datagrams()
+            .into_iter()
+            .map(|d| (d, COAPS_PORT))
+            .chain(dtls_datagrams().into_iter().take(3).map(|d| (d, 5683)))
+            .chain(messages().into_iter().take(3).map(|m| (m, COAPS_PORT)));
+        for (i, (datagram, port)) in crossed.enumerate() {
+            let base = UdpFrame::new(src, dst_for(src), 41000 + i as u16, port, datagram);
+            for f in encapsulations(&base) {
+                valid.push(f.build());
+            }
+        }
         for (i, msg) in messages().into_iter().enumerate() {
             let port = [5683, 5684][i % 2];
             let base = UdpFrame::new(src, dst_for(src), 40000 + i as u16, port, msg);

@@ -7,7 +7,9 @@
 //!
 //! The policy changes under the corpus: four configurations in turn, the
 //! first loaded, the others applied live (so both copies of the tables are
-//! read): nested allow/deny prefixes, /0, peers removed and their ids given
+//! read): nested allow/deny prefixes, /0, a peer that must use DTLS (and
+//! DTLS records on a CoAPS port, ClientHellos rate-limited per source),
+//! peers removed and their ids given
 //! to new ones, rate-limited peers and unknown sources.
 //!
 //! The rate limiter is compared under a clock both sides agree on: every
@@ -45,7 +47,8 @@ fn peer(name: &str, prefixes: &[&str], extra: &str) -> String {
 fn configs() -> Vec<Config> {
     let head = |unknown: &str, rate: &str| {
         format!(
-            "[coap]\nlisten = [\"0.0.0.0:5683\", \"[::]:5684\"]\n\
+            "[coap]\nlisten = [\"0.0.0.0:5683\", \"[::]:5684\"]\nlisten_dtls = [\"0.0.0.0:5690\"]\n\
+             [dtls]\nhello_rate = \"1/s\"\nhello_burst = 3\n\
              [defaults]\nunknown_peers = \"{unknown}\"\nrate = \"{rate}\"\nburst = 2\n"
         )
     };
@@ -67,6 +70,12 @@ fn configs() -> Vec<Config> {
         "deny = true",
     );
     let denied = peer("denied", &["10.0.1.0/24", "fd00:2::/64"], "deny = true");
+    // DTLS only: its plain CoAP is dropped with a reason of its own.
+    let secure = peer(
+        "secure",
+        &["10.0.0.1/32", "fd00:1::1/128"],
+        "psk_identity = \"secure\"\npsk_hex = \"0011\"\nrequire_dtls = true",
+    );
     let metered = |rate: &str, burst: u32| {
         peer(
             "metered",
@@ -75,7 +84,7 @@ fn configs() -> Vec<Config> {
         )
     };
     let first = format!(
-        "{}{allowed}{}{denied_host}{denied}{}",
+        "{}{allowed}{}{denied_host}{denied}{secure}{}",
         head("allow", "1/s"),
         nested("nested"),
         metered("1/s", 3)
@@ -119,6 +128,7 @@ fn hourly(mut tables: PolicyTables) -> PolicyTables {
         }
     };
     slow(&mut tables.default_policy);
+    slow(&mut tables.hello_policy);
     for (_, p) in &mut tables.prefixes {
         slow(p);
     }

@@ -872,6 +872,57 @@ mod tests {
         Block { num, more, szx }.value()
     }
 
+    /// Where XDP is off, the uplink itself refuses a require_dtls peer's
+    /// plain CoAP; its DTLS session, from any address, is served as it.
+    #[test]
+    fn a_peer_that_must_use_dtls_is_not_its_address() {
+        let config = Config::parse(
+            "[[peer]]\nname = \"valve\"\nprefix = [\"10.9.0.1/32\"]\npsk_identity = \"v\"\npsk_hex = \"00\"\nrequire_dtls = true",
+        )
+        .unwrap();
+        let stats = Arc::new(UplinkStats::default());
+        let mappers = SharedMapper::new(Mapper::from_config(&config));
+        let broker = Broker::new(BrokerConfig::default());
+        let mut u = Uplink::new(
+            UplinkConfig::default(),
+            mappers,
+            broker.clone(),
+            stats.clone(),
+        );
+        let mut datagram = Vec::new();
+        message::encode(
+            &mut datagram,
+            CON,
+            code::POST,
+            1,
+            &[1],
+            &[(option::URI_PATH, b"log")],
+            b"x",
+        );
+        let mut out = Vec::new();
+        assert!(!u.handle(&datagram, false, DEVICE, Instant::now(), &mut out));
+        assert_eq!(stats.insecure.load(Ordering::Relaxed), 1);
+        assert_eq!(stats.published.load(Ordering::Relaxed), 0);
+        let identity = Identity {
+            name: Arc::from("valve"),
+            key: 0,
+        };
+        let elsewhere = SocketAddr::from(([192, 0, 2, 9], 5000));
+        assert!(u.handle_secure(&datagram, elsewhere, &identity, Instant::now(), &mut out));
+        assert!(message::is_response_with(&out, code::CHANGED));
+        assert!(
+            broker.last_value(b"m2m/valve/log").is_some(),
+            "published as the peer"
+        );
+        // A session of a peer removed since it was made is not served.
+        let gone = Identity {
+            name: Arc::from("gone"),
+            key: 1,
+        };
+        assert!(!u.handle_secure(&datagram, elsewhere, &gone, Instant::now(), &mut out));
+        assert_eq!(stats.insecure.load(Ordering::Relaxed), 2);
+    }
+
     #[test]
     fn a_body_sent_in_blocks_is_published_whole_and_read_back_in_blocks() {
         let (mut u, stats) = uplink(UplinkConfig::default());

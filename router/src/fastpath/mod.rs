@@ -253,11 +253,11 @@ impl Fastpath {
     ) -> Result<(), FastpathError> {
         let mut ports: Array<_, u32> = self.map_mut(names::COAP_PORTS)?;
         for port in 0..names::PORT_COUNT {
-            let want = u32::from(tables.coap_ports.contains(&(port as u16)));
             ports
-                .set(port, want, 0)
+                .set(port, tables.port_value(port as u16), 0)
                 .map_err(|source| map_error(names::COAP_PORTS, source))?;
         }
+        self.set_hello_policy(&tables)?;
         let active: Array<_, u32> = self.map(names::ACTIVE_TABLES)?;
         let active = active
             .get(&0, 0)
@@ -321,14 +321,22 @@ impl Fastpath {
         self.persisted.as_ref().map(|p| p.pins.path())
     }
 
+    fn set_hello_policy(&mut self, tables: &PolicyTables) -> Result<(), FastpathError> {
+        let mut hello: Array<_, PeerPolicy> = self.map_mut(names::HELLO_POLICY)?;
+        hello
+            .set(0, tables.hello_policy, 0)
+            .map_err(|source| map_error(names::HELLO_POLICY, source))
+    }
+
     /// Writes the tables into both copies of the freshly created maps.
     fn install(&mut self, tables: PolicyTables) -> Result<(), FastpathError> {
         let mut ports: Array<_, u32> = self.map_mut(names::COAP_PORTS)?;
-        for &port in &tables.coap_ports {
+        for &port in tables.coap_ports.iter().chain(&tables.coaps_ports) {
             ports
-                .set(u32::from(port), 1, 0)
+                .set(u32::from(port), tables.port_value(port), 0)
                 .map_err(|source| map_error(names::COAP_PORTS, source))?;
         }
+        self.set_hello_policy(&tables)?;
         let empty = PolicyTables::default();
         for copy in 0..2 {
             self.write_changes(copy, &empty, &tables)?;

@@ -8,15 +8,21 @@ use std::collections::{HashMap, HashSet};
 use std::net::IpAddr;
 
 use router_common::classify::{Policy, Source};
-use router_common::maps::{PeerPolicy, MAX_PEERS, POLICY_ALLOW, POLICY_DENY, UNKNOWN_PEER_ID};
+use router_common::maps::{
+    PeerPolicy, MAX_PEERS, POLICY_ALLOW, POLICY_DENY, POLICY_REQUIRE_DTLS, PORT_COAP, PORT_COAPS,
+    UNKNOWN_PEER_ID,
+};
 use router_common::rate::gcra_params;
 
 use crate::config::{Config, Prefix, Rate, UnknownPeers};
 
 #[derive(Clone, Debug, Default)]
 pub struct PolicyTables {
-    /// UDP ports the fast path treats as CoAP.
+    /// UDP ports the fast path treats as CoAP, and as CoAP over DTLS.
     pub coap_ports: Vec<u16>,
+    pub coaps_ports: Vec<u16>,
+    /// The rate of ClientHellos per source on the CoAPS ports.
+    pub hello_policy: PeerPolicy,
     /// Applies to sources no peer prefix covers.
     pub default_policy: PeerPolicy,
     /// Every peer prefix with its policy.
@@ -63,7 +69,13 @@ impl PolicyTables {
                 interval_ns,
                 burst_ns,
                 peer_id: id,
-                action: if peer.deny { POLICY_DENY } else { POLICY_ALLOW },
+                action: if peer.deny {
+                    POLICY_DENY
+                } else if peer.require_dtls {
+                    POLICY_REQUIRE_DTLS
+                } else {
+                    POLICY_ALLOW
+                },
             };
             prefixes.extend(peer.prefixes.iter().map(|p| (*p, policy)));
             peer_names[id as usize] = peer.name.clone();
@@ -74,13 +86,26 @@ impl PolicyTables {
             .map(|p| p.name.clone())
             .zip(ids)
             .collect();
+        let (interval_ns, burst_ns) = rate_params(config.dtls.hello_rate, config.dtls.hello_burst);
         Ok(PolicyTables {
             coap_ports: config.coap_ports(),
+            coaps_ports: config.coaps_ports(),
+            hello_policy: PeerPolicy {
+                interval_ns,
+                burst_ns,
+                peer_id: UNKNOWN_PEER_ID,
+                action: POLICY_ALLOW,
+            },
             default_policy,
             prefixes,
             peer_names,
             ids,
         })
+    }
+
+    /// What `COAP_PORTS` holds for `port`.
+    pub fn port_value(&self, port: u16) -> u32 {
+        self.port_kind(port)
     }
 
     pub fn peer_name(&self, peer_id: u32) -> &str {
@@ -139,8 +164,18 @@ fn assign_ids(config: &Config, previous: Option<&PolicyTables>) -> Result<Vec<u3
 /// The reference side of the differential tests: a linear longest-prefix
 /// match, as obviously right as it is slow.
 impl Policy for PolicyTables {
-    fn is_coap_port(&self, port: u16) -> bool {
-        self.coap_ports.contains(&port)
+    fn port_kind(&self, port: u16) -> u32 {
+        if self.coap_ports.contains(&port) {
+            PORT_COAP
+        } else if self.coaps_ports.contains(&port) {
+            PORT_COAPS
+        } else {
+            0
+        }
+    }
+
+    fn hello_policy(&self) -> PeerPolicy {
+        self.hello_policy
     }
 
     fn lookup(&self, src: Source) -> Option<PeerPolicy> {

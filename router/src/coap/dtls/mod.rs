@@ -24,12 +24,13 @@ use std::net::SocketAddr;
 use std::os::raw::c_int;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant, SystemTime};
+use std::time::{Instant, SystemTime};
 
 use foreign_types::ForeignTypeRef;
 use openssl::ssl::{ErrorCode, Ssl, SslContext, SslStream};
 use serde::Serialize;
 
+use crate::config::DtlsSettings;
 use crate::mapping::SharedMapper;
 pub use wire::Wire;
 
@@ -37,29 +38,6 @@ pub use wire::Wire;
 const HANDSHAKE: u8 = 22;
 /// Largest plaintext of one record (RFC 6347 section 4.1.1).
 const MAX_PLAINTEXT: usize = 16384;
-
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct DtlsSettings {
-    pub max_sessions: usize,
-    pub max_handshakes: usize,
-    pub handshake_timeout: Duration,
-    pub idle_timeout: Duration,
-    /// Largest datagram a session sends (records of a flight are split to
-    /// fit; RFC 6347 section 4.1.1.1).
-    pub mtu: u32,
-}
-
-impl Default for DtlsSettings {
-    fn default() -> Self {
-        DtlsSettings {
-            max_sessions: 10_000,
-            max_handshakes: 1_000,
-            handshake_timeout: Duration::from_secs(30),
-            idle_timeout: Duration::from_secs(3600),
-            mtu: 1280 - 48,
-        }
-    }
-}
 
 /// DTLS counters, shared by the workers.
 #[derive(Debug, Default)]
