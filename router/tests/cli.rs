@@ -29,7 +29,7 @@ fn check_config_accepts_the_example_and_names_bad_fields() {
         "{}",
         String::from_utf8_lossy(&ok.stderr)
     );
-    assert!(String::from_utf8_lossy(&ok.stdout).contains("ok: 1 peers, 1 routes, 1 upstreams"));
+    assert!(String::from_utf8_lossy(&ok.stdout).contains("ok: 2 peers, 1 routes, 1 upstreams"));
 
     for (text, field) in [
         (

@@ -163,6 +163,24 @@ impl Batch {
 }
 
 impl Batch {
+    /// One recvmmsg into buffers of `len` bytes: the datagrams received, or
+    /// -1 (errno says why).
+    fn receive(&mut self, fd: i32, len: usize, flags: i32) -> isize {
+        for i in 0..BATCH {
+            self.arm(i, len);
+        }
+        // SAFETY: every header points at live buffers of the lengths given.
+        unsafe {
+            libc::recvmmsg(
+                fd,
+                self.hdrs.as_mut_ptr(),
+                BATCH as u32,
+                flags,
+                std::ptr::null_mut(),
+            ) as isize
+        }
+    }
+
     /// Points header `i` at `datagram`, to be sent to `to`.
     fn point(&mut self, i: usize, to: &SocketAddr, datagram: &mut [u8]) {
         let len = write_addr(to, &mut self.addrs[i]);
@@ -193,19 +211,7 @@ fn serve(
     let mut replies: Vec<Vec<u8>> = (0..BATCH).map(|_| Vec::with_capacity(256)).collect();
     let mut last_sweep = Instant::now();
     while !stop.load(Ordering::Relaxed) {
-        for i in 0..BATCH {
-            rx.arm(i, max_datagram);
-        }
-        // SAFETY: every header points at live buffers of the lengths given.
-        let n = unsafe {
-            libc::recvmmsg(
-                fd,
-                rx.hdrs.as_mut_ptr(),
-                BATCH as u32,
-                libc::MSG_WAITFORONE,
-                std::ptr::null_mut(),
-            )
-        };
+        let n = rx.receive(fd, max_datagram, libc::MSG_WAITFORONE);
         let now = Instant::now();
         if now.duration_since(last_sweep) > Duration::from_secs(1) {
             uplink.sweep(now);

@@ -109,20 +109,7 @@ fn serve(
             if pfd.revents & libc::POLLIN == 0 {
                 continue;
             }
-            let fd = pfd.fd;
-            for i in 0..BATCH {
-                rx.arm(i, max_datagram);
-            }
-            // SAFETY: every header points at live buffers of the lengths given.
-            let n = unsafe {
-                libc::recvmmsg(
-                    fd,
-                    rx.hdrs.as_mut_ptr(),
-                    BATCH as u32,
-                    libc::MSG_DONTWAIT,
-                    std::ptr::null_mut(),
-                )
-            };
+            let n = rx.receive(pfd.fd, max_datagram, libc::MSG_DONTWAIT);
             for i in 0..n.max(0) as usize {
                 let len = rx.hdrs[i].msg_len as usize;
                 let Some(remote) = socket_addr(&rx.addrs[i]) else {

@@ -55,6 +55,10 @@ pub struct DtlsStats {
     pub idle_closed: AtomicU64,
     /// Sessions closed because their peer or its key changed.
     pub revoked: AtomicU64,
+    /// Sessions closed because their peer shook hands again from another
+    /// address (no Connection ID in OpenSSL 3: a device whose address
+    /// changed comes back with a fresh handshake).
+    pub replaced: AtomicU64,
     /// Closed by the device (close_notify) or by a fatal alert after the
     /// handshake.
     pub closed_by_peer: AtomicU64,
@@ -80,6 +84,7 @@ impl DtlsStats {
             ("evicted", f(&self.evicted)),
             ("idle_closed", f(&self.idle_closed)),
             ("revoked", f(&self.revoked)),
+            ("replaced", f(&self.replaced)),
             ("closed_by_peer", f(&self.closed_by_peer)),
             ("no_session", f(&self.no_session)),
             ("sessions", f(&self.sessions)),
@@ -167,6 +172,9 @@ pub struct Server {
     /// Peer names numbered for `Identity::key`. Only configured peers
     /// authenticate, so it grows with the operator's peers, not with input.
     keys: HashMap<Arc<str>, u32>,
+    /// Sessions established by the current datagram: older sessions of
+    /// their peers are closed.
+    established: Vec<(Link, u32)>,
     plaintext: Vec<u8>,
 }
 
@@ -207,6 +215,7 @@ impl Server {
             stats,
             registry,
             keys: HashMap::new(),
+            established: Vec::new(),
             plaintext: vec![0; MAX_PLAINTEXT],
         })
     }
@@ -239,7 +248,30 @@ impl Server {
         if let Err(reason) = outcome {
             self.close(src, reason);
         }
+        self.close_replaced(out);
         received
+    }
+
+    /// Closes the older sessions of a peer that just shook hands again,
+    /// with a close_notify in case the device is still there.
+    fn close_replaced(&mut self, out: &mut Vec<Outgoing>) {
+        while let Some((fresh, key)) = self.established.pop() {
+            let older: Vec<Link> = self
+                .sessions
+                .iter()
+                .filter(|(link, s)| {
+                    **link != fresh && s.peer.as_ref().is_some_and(|p| p.key == key)
+                })
+                .map(|(link, _)| *link)
+                .collect();
+            for link in older {
+                if let Some(s) = self.sessions.get_mut(&link) {
+                    let _ = s.stream.shutdown();
+                }
+                self.flush(link, out);
+                self.close(link, Close::Replaced);
+            }
+        }
     }
 
     /// Encrypts `message` for the session at `dst`; false when there is no
@@ -354,6 +386,7 @@ impl Server {
         if let Err(reason) = outcome {
             self.close(src, reason);
         }
+        self.close_replaced(out);
     }
 
     /// Moves the session at `src` on with what its wire holds: the
@@ -373,6 +406,7 @@ impl Server {
                     let key = *self.keys.entry(name.clone()).or_insert(next);
                     let peer = Identity { name, key };
                     s.peer = Some(peer.clone());
+                    self.established.push((src, key));
                     s.identity = identity;
                     self.handshaking -= 1;
                     self.stats.handshaking.fetch_sub(1, Ordering::Relaxed);
@@ -478,6 +512,7 @@ impl Server {
             Close::Idle => &self.stats.idle_closed,
             Close::Revoked => &self.stats.revoked,
             Close::ByPeer => &self.stats.closed_by_peer,
+            Close::Replaced => &self.stats.replaced,
         };
         counter.fetch_add(1, Ordering::Relaxed);
     }
@@ -507,6 +542,7 @@ enum Close {
     Idle,
     Revoked,
     ByPeer,
+    Replaced,
 }
 
 fn new_stream(ctx: &SslContext, mtu: u32) -> Result<SslStream<Wire>, openssl::error::ErrorStack> {
@@ -526,10 +562,16 @@ mod tests {
     const DEVICE: &str = "10.0.0.7:40000";
 
     fn server(settings: DtlsSettings) -> (Server, Arc<DtlsStats>, Arc<Sessions>) {
-        let config = Config::parse(
+        // "meter" is meter-1; "m2" to "m5" are m2 to m5, all with one key.
+        let mut text = String::from(
             "[[peer]]\nname = \"meter\"\npsk_identity = \"meter-1\"\npsk_hex = \"00112233445566778899aabbccddeeff\"\n",
-        )
-        .unwrap();
+        );
+        for i in 2..=5 {
+            text += &format!(
+                "[[peer]]\nname = \"m{i}\"\npsk_identity = \"m{i}\"\npsk_hex = \"00112233445566778899aabbccddeeff\"\n"
+            );
+        }
+        let config = Config::parse(&text).unwrap();
         let mappers = SharedMapper::new(Mapper::from_config(&config));
         let stats = Arc::new(DtlsStats::default());
         let registry = Arc::new(Sessions::default());
@@ -687,12 +729,14 @@ mod tests {
             0x00, 0x11, 0x22, 0x33, 0x44, 0x55, 0x66, 0x77, 0x88, 0x99, 0xaa, 0xbb, 0xcc, 0xdd,
             0xee, 0xff,
         ];
-        for port in 1..=5u16 {
-            let mut c = client("meter-1", key);
+        // Five peers, one session each: the two least recently active go.
+        for (port, identity) in ["meter-1", "m2", "m3", "m4", "m5"].into_iter().enumerate() {
+            let mut c = client(identity, key);
             assert!(handshake(&mut s, &mut c, link(&format!("10.0.0.7:{port}"))));
             assert!(s.sessions.len() <= 3);
         }
         assert_eq!(stats.evicted.load(Ordering::Relaxed), 2);
         assert_eq!(stats.sessions.load(Ordering::Relaxed), 3);
+        assert_eq!(stats.replaced.load(Ordering::Relaxed), 0);
     }
 }
