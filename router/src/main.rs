@@ -64,6 +64,9 @@ struct RunArgs {
     /// CoAP listen address (repeatable); its port is guarded by XDP.
     #[arg(long = "coap-listen", value_name = "ADDR")]
     coap_listen: Vec<SocketAddr>,
+    /// CoAP over DTLS listen address (repeatable).
+    #[arg(long = "coaps-listen", value_name = "ADDR")]
+    coaps_listen: Vec<SocketAddr>,
     /// MQTT broker listen address.
     #[arg(long = "mqtt-listen", value_name = "ADDR")]
     mqtt_listen: Option<SocketAddr>,
@@ -282,6 +285,16 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
     }
     if !args.coap_listen.is_empty() {
         c.coap_listen = args.coap_listen;
+    }
+    if !args.coaps_listen.is_empty() {
+        c.coaps_listen = args.coaps_listen;
+    }
+    if let Some(port) = c
+        .coaps_ports()
+        .into_iter()
+        .find(|p| c.coap_ports().contains(p))
+    {
+        anyhow::bail!("port {port} is both a CoAP and a CoAPS listen port");
     }
     if let Some(addr) = args.mqtt_listen {
         c.mqtt.listen = addr;

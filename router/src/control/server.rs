@@ -358,10 +358,15 @@ async fn read_request(
 
 /// A short, log-friendly view of a request's arguments (a bulk import's
 /// 100,000 peers are counted, not printed).
+/// What the log says of a request's arguments: short, and never a key.
 fn summary(args: &Value) -> String {
     match args.get("peers").and_then(Value::as_array) {
         Some(peers) => format!("{} peers", peers.len()),
         None => {
+            let mut args = args.clone();
+            if let Some(key) = args.get_mut("psk_hex") {
+                *key = Value::from("(set)");
+            }
             let s = args.to_string();
             if s.len() > 200 {
                 format!(
@@ -424,4 +429,20 @@ fn response(id: Value, outcome: Result<Value, ApiError>) -> String {
         serde_json::to_string(&Response { id, result, error }).expect("responses serialise");
     line.push('\n');
     line
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_log_never_shows_a_key() {
+        let args = serde_json::json!({ "name": "v", "psk_identity": "v-1", "psk_hex": "0011aabb" });
+        let logged = summary(&args);
+        assert!(!logged.contains("0011aabb"), "{logged}");
+        assert!(
+            logged.contains("v-1") && logged.contains("(set)"),
+            "{logged}"
+        );
+    }
 }
