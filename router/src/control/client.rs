@@ -149,6 +149,26 @@ fn human(command: &str, v: &Value) -> String {
                 ));
             }
         }
+        "dtls.ls" => {
+            out.push_str(&format!(
+                "{:<16} {:<40} {:<28} {:<7} {:>8}\n",
+                "PEER", "ADDRESS", "CIPHER", "RESUMED", "AGE_S"
+            ));
+            for s in v["sessions"].as_array().into_iter().flatten() {
+                out.push_str(&format!(
+                    "{:<16} {:<40} {:<28} {:<7} {:>8}\n",
+                    s["peer"].as_str().unwrap_or(""),
+                    s["address"].as_str().unwrap_or(""),
+                    s["cipher"].as_str().unwrap_or(""),
+                    if s["resumed"].as_bool().unwrap_or(false) {
+                        "yes"
+                    } else {
+                        ""
+                    },
+                    s["age_s"].as_u64().unwrap_or(0),
+                ));
+            }
+        }
         _ => flatten("", v, &mut out),
     }
     out
@@ -178,5 +198,28 @@ fn flatten(prefix: &str, v: &Value, out: &mut String) {
         }
         Value::String(s) => out.push_str(&format!("{prefix:<44} {s}\n")),
         other => out.push_str(&format!("{prefix:<44} {other}\n")),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn dtls_sessions_are_a_table() {
+        let v = serde_json::json!({ "sessions": [
+            { "peer": "meter", "address": "[fd77::1]:40000", "cipher": "PSK-AES128-CCM8", "resumed": true, "age_s": 12 }
+        ]});
+        let table = human("dtls.ls", &v);
+        let lines: Vec<&str> = table.lines().collect();
+        assert!(
+            lines[0].starts_with("PEER") && lines[0].contains("CIPHER"),
+            "{table}"
+        );
+        let row: Vec<&str> = lines[1].split_whitespace().collect();
+        assert_eq!(
+            row,
+            ["meter", "[fd77::1]:40000", "PSK-AES128-CCM8", "yes", "12"]
+        );
     }
 }
