@@ -21,6 +21,7 @@ use aya::programs::{
     ProgramError, TestRun, TestRunOptions, TestRunResult, Xdp, XdpMode as AyaXdpMode,
 };
 use aya::{Ebpf, EbpfError, EbpfLoader};
+use router_common::classify::Policy as _;
 use router_common::maps::{self as names, Counter, PeerCounters, PeerPolicy, MAX_PEERS};
 use router_common::reason::Reason;
 use thiserror::Error;
@@ -254,7 +255,7 @@ impl Fastpath {
         let mut ports: Array<_, u32> = self.map_mut(names::COAP_PORTS)?;
         for port in 0..names::PORT_COUNT {
             ports
-                .set(port, tables.port_value(port as u16), 0)
+                .set(port, tables.port_kind(port as u16), 0)
                 .map_err(|source| map_error(names::COAP_PORTS, source))?;
         }
         self.set_hello_policy(&tables)?;
@@ -333,7 +334,7 @@ impl Fastpath {
         let mut ports: Array<_, u32> = self.map_mut(names::COAP_PORTS)?;
         for &port in tables.coap_ports.iter().chain(&tables.coaps_ports) {
             ports
-                .set(u32::from(port), tables.port_value(port), 0)
+                .set(u32::from(port), tables.port_kind(port), 0)
                 .map_err(|source| map_error(names::COAP_PORTS, source))?;
         }
         self.set_hello_policy(&tables)?;

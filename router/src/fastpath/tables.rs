@@ -103,11 +103,6 @@ impl PolicyTables {
         })
     }
 
-    /// What `COAP_PORTS` holds for `port`.
-    pub fn port_value(&self, port: u16) -> u32 {
-        self.port_kind(port)
-    }
-
     pub fn peer_name(&self, peer_id: u32) -> &str {
         match self.peer_names.get(peer_id as usize) {
             Some(name) if !name.is_empty() => name,

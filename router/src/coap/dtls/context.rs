@@ -12,8 +12,7 @@ use openssl::memcmp;
 use openssl::pkey::{PKey, Private};
 use openssl::sign::Signer;
 use openssl::ssl::{
-    Ssl, SslContext, SslContextBuilder, SslMethod, SslMode, SslOptions, SslRef,
-    SslSessionCacheMode, SslVersion,
+    Ssl, SslContext, SslMethod, SslMode, SslOptions, SslRef, SslSessionCacheMode, SslVersion,
 };
 
 use super::DtlsStats;
@@ -42,7 +41,15 @@ pub fn peer_index() -> openssl::ex_data::Index<Ssl, SocketAddr> {
 /// known at once.
 pub fn server(mappers: Arc<SharedMapper>, stats: Arc<DtlsStats>) -> Result<SslContext, ErrorStack> {
     let mut b = SslContext::builder(SslMethod::dtls())?;
-    common(&mut b)?;
+    b.set_min_proto_version(Some(SslVersion::DTLS1_2))?;
+    // CCM_8's 64-bit tag puts the mandatory suites below OpenSSL 3's
+    // default security level 1.
+    b.set_security_level(0);
+    b.set_cipher_list(CIPHERS)?;
+    // The MTU is set per object: the BIO is not a socket to ask.
+    b.set_options(SslOptions::NO_QUERY_MTU | SslOptions::NO_RENEGOTIATION);
+    // Sessions at rest keep no read/write buffers (~34 KiB each otherwise).
+    b.set_mode(SslMode::RELEASE_BUFFERS);
     let stats_psk = stats.clone();
     b.set_psk_server_callback(move |_ssl, identity, key_out| {
         let (_, mapper) = mappers.load();
@@ -76,20 +83,6 @@ pub fn server(mappers: Arc<SharedMapper>, stats: Arc<DtlsStats>) -> Result<SslCo
     b.set_session_id_context(b"m2m-router coaps")?;
     b.set_session_cache_mode(SslSessionCacheMode::SERVER);
     Ok(b.build())
-}
-
-/// What client and server contexts share.
-fn common(b: &mut SslContextBuilder) -> Result<(), ErrorStack> {
-    b.set_min_proto_version(Some(SslVersion::DTLS1_2))?;
-    // CCM_8's 64-bit tag puts the mandatory suites below OpenSSL 3's
-    // default security level 1.
-    b.set_security_level(0);
-    b.set_cipher_list(CIPHERS)?;
-    // The MTU is set per object: the BIO is not a socket to ask.
-    b.set_options(SslOptions::NO_QUERY_MTU | SslOptions::NO_RENEGOTIATION);
-    // Sessions at rest keep no read/write buffers (~34 KiB each otherwise).
-    b.set_mode(SslMode::RELEASE_BUFFERS);
-    Ok(())
 }
 
 fn cookie_key() -> Result<PKey<Private>, ErrorStack> {

@@ -495,15 +495,8 @@ impl Server {
     }
 
     fn close(&mut self, addr: Link, reason: Close) {
-        let Some(s) = self.sessions.remove(&addr) else {
+        if !self.forget(addr) {
             return;
-        };
-        if s.peer.is_some() {
-            self.stats.sessions.fetch_sub(1, Ordering::Relaxed);
-            self.registry.0.lock().unwrap().remove(&addr);
-        } else {
-            self.handshaking -= 1;
-            self.stats.handshaking.fetch_sub(1, Ordering::Relaxed);
         }
         let counter = match reason {
             Close::HandshakeFailed => &self.stats.handshake_failures,
@@ -516,20 +509,29 @@ impl Server {
         };
         counter.fetch_add(1, Ordering::Relaxed);
     }
+
+    /// Removes a session and its share of the gauges and the registry;
+    /// whether there was one.
+    fn forget(&mut self, addr: Link) -> bool {
+        let Some(s) = self.sessions.remove(&addr) else {
+            return false;
+        };
+        if s.peer.is_some() {
+            self.stats.sessions.fetch_sub(1, Ordering::Relaxed);
+            self.registry.0.lock().unwrap().remove(&addr);
+        } else {
+            self.handshaking -= 1;
+            self.stats.handshaking.fetch_sub(1, Ordering::Relaxed);
+        }
+        true
+    }
 }
 
 impl Drop for Server {
     fn drop(&mut self) {
         let addrs: Vec<_> = self.sessions.keys().copied().collect();
         for addr in addrs {
-            if let Some(s) = self.sessions.remove(&addr) {
-                if s.peer.is_some() {
-                    self.stats.sessions.fetch_sub(1, Ordering::Relaxed);
-                    self.registry.0.lock().unwrap().remove(&addr);
-                } else {
-                    self.stats.handshaking.fetch_sub(1, Ordering::Relaxed);
-                }
-            }
+            self.forget(addr);
         }
     }
 }
@@ -715,6 +717,79 @@ mod tests {
         }
         assert_eq!(s.sessions.len(), 0);
         assert_eq!(stats.hello_verify.load(Ordering::Relaxed), 1000);
+    }
+
+    /// Garbage from many sources: truncated and oversized records,
+    /// handshake records that are no ClientHello, a ClientHello with a
+    /// forged cookie. Nothing panics, no state is kept, nothing decrypts.
+    #[test]
+    fn garbage_keeps_no_state() {
+        let (mut s, stats, _) = server(DtlsSettings::default());
+        let mut c = client("meter-1", &[1; 16]);
+        let _ = c.do_handshake();
+        let hello = c.get_mut().take_output().next().unwrap();
+        let mut forged = hello.clone();
+        // The cookie length follows version, random and session id (RFC
+        // 6347 section 4.2.1): say 16 bytes of cookie that are not ours.
+        let cookie_at = 13 + 12 + 2 + 32;
+        let sid = forged[cookie_at] as usize;
+        forged[cookie_at + 1 + sid] = 16;
+        forged.splice(cookie_at + 2 + sid..cookie_at + 2 + sid, [0u8; 16]);
+        // Lengths grown to match: the record's, the message's, the fragment's.
+        let grow = |bytes: &mut [u8]| {
+            let n = bytes.iter().fold(0u32, |n, b| n << 8 | u32::from(*b)) + 16;
+            let len = bytes.len();
+            for (i, b) in bytes.iter_mut().enumerate() {
+                *b = (n >> (8 * (len - 1 - i))) as u8;
+            }
+        };
+        grow(&mut forged[11..13]);
+        grow(&mut forged[14..17]);
+        grow(&mut forged[22..25]);
+        let mut back = Vec::new();
+        s.receive(link("10.2.0.9:9"), &forged, Instant::now(), &mut back);
+        assert_eq!(
+            back.len(),
+            1,
+            "a forged cookie is answered with a fresh one"
+        );
+        assert_eq!(
+            back[0].1[13], 3,
+            "HelloVerifyRequest (RFC 6347 section 4.2.1)"
+        );
+        let mut inputs: Vec<Vec<u8>> = vec![vec![], vec![22], vec![23; 13], vec![22; 2000], forged];
+        inputs.extend((1..hello.len()).map(|n| hello[..n].to_vec()));
+        let mut x: u32 = 1;
+        for len in [1usize, 14, 100, 1500, 70_000] {
+            let junk: Vec<u8> = (0..len)
+                .map(|_| {
+                    x ^= x << 13;
+                    x ^= x >> 17;
+                    x ^= x << 5;
+                    x as u8
+                })
+                .collect();
+            inputs.push(junk.clone());
+            let mut typed = junk;
+            typed[0] = 22;
+            inputs.push(typed);
+        }
+        let mut out = Vec::new();
+        for (i, dgram) in inputs.iter().enumerate() {
+            let r = s.receive(
+                link(&format!("10.2.0.1:{}", 1000 + i)),
+                dgram,
+                Instant::now(),
+                &mut out,
+            );
+            assert!(r.messages.is_empty() && r.peer.is_none());
+        }
+        assert_eq!(s.sessions.len(), 0, "nothing without a valid cookie");
+        assert_eq!(stats.handshaking.load(Ordering::Relaxed), 0);
+        assert!(
+            stats.no_session.load(Ordering::Relaxed) >= 2,
+            "non-handshake records are counted"
+        );
     }
 
     #[test]
