@@ -72,6 +72,14 @@ pub struct DtlsSection {
     pub hello_rate: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub hello_burst: Option<u32>,
+    /// Certificate mode: the gateway's certificate chain and its key (PEM),
+    /// and the CAs a device's certificate must chain to.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub certificate: Option<PathBuf>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub private_key: Option<PathBuf>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub ca_file: Option<PathBuf>,
 }
 
 #[derive(Clone, Debug, Default, Deserialize, Serialize)]
@@ -243,6 +251,10 @@ pub struct PeerSection {
     pub psk_hex: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub psk_file: Option<PathBuf>,
+    /// The name (subject CN or a DNS, URI or email SAN) of the client
+    /// certificate the peer presents over DTLS in certificate mode.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub cert_name: Option<String>,
     /// Plain CoAP from the peer's prefixes is dropped: only its DTLS
     /// sessions are it.
     #[serde(default, skip_serializing_if = "is_false")]
@@ -451,6 +463,8 @@ pub struct Peer {
     /// Its DTLS pre-shared key: a session that presents the identity is
     /// this peer, whatever its address.
     pub psk: Option<Psk>,
+    /// Its client certificate's name, in certificate mode.
+    pub cert_name: Option<String>,
     pub require_dtls: bool,
 }
 
@@ -473,6 +487,9 @@ impl std::fmt::Debug for Psk {
 /// asks for at least 16-byte keys; OpenSSL takes at most 512).
 const MAX_PSK_IDENTITY: usize = 128;
 const MAX_PSK_KEY: usize = 64;
+/// An X.509 CN is at most 64 characters (RFC 5280 appendix A); a SAN may
+/// be longer.
+const MAX_CERT_NAME: usize = 255;
 
 #[derive(Clone, Debug)]
 pub struct Route {
@@ -595,6 +612,40 @@ pub struct DtlsSettings {
     /// burst: more are dropped in XDP (`drop_hello_rate_limited`).
     pub hello_rate: Rate,
     pub hello_burst: u32,
+    /// Certificate mode, when configured.
+    pub certificates: Option<Certificates>,
+}
+
+/// Certificate mode (RFC 7252 section 9.1.3.3): the gateway's chain and
+/// key, and the CAs a device's certificate must chain to. Loaded and
+/// checked with the config, so `check-config` finds what a handshake would.
+#[derive(Clone)]
+pub struct Certificates {
+    /// The gateway's certificate first, then its intermediates.
+    pub chain: Vec<openssl::x509::X509>,
+    pub key: openssl::pkey::PKey<openssl::pkey::Private>,
+    pub cas: Vec<openssl::x509::X509>,
+    /// The files and their bytes: a reload that finds them changed
+    /// restarts the DTLS workers.
+    files: Vec<(PathBuf, Vec<u8>)>,
+}
+
+impl PartialEq for Certificates {
+    fn eq(&self, other: &Self) -> bool {
+        self.files == other.files
+    }
+}
+
+impl Eq for Certificates {}
+
+impl std::fmt::Debug for Certificates {
+    /// The files' names, never the key.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let names: Vec<_> = self.files.iter().map(|(p, _)| p.display()).collect();
+        f.debug_struct("Certificates")
+            .field("files", &names)
+            .finish_non_exhaustive()
+    }
 }
 
 impl Default for DtlsSettings {
@@ -607,6 +658,7 @@ impl Default for DtlsSettings {
             mtu: 1280 - 48,
             hello_rate: Rate(Some(DEFAULT_HELLO_RATE)),
             hello_burst: DEFAULT_HELLO_BURST,
+            certificates: None,
         }
     }
 }
@@ -1034,6 +1086,14 @@ impl ConfigFile {
         }
 
         let peers = validate_peers(self.peer)?;
+        if let Some(i) = peers.iter().position(|p| p.cert_name.is_some()) {
+            if dtls.certificates.is_none() {
+                return Err(invalid(
+                    format!("peer[{i}].cert_name"),
+                    "certificate mode needs dtls.certificate, dtls.private_key and dtls.ca_file",
+                ));
+            }
+        }
         let routes = validate_routes(self.route, &peers)?;
         let upstreams = validate_upstreams(self.upstream)?;
         let d = self.downlink;
@@ -1107,21 +1167,23 @@ fn validate_peers(sections: Vec<PeerSection>) -> Result<Vec<Peer>, ConfigError> 
     let mut names = HashMap::new();
     let mut owners: HashMap<Prefix, String> = HashMap::new();
     let mut identities: HashMap<Vec<u8>, String> = HashMap::new();
+    let mut cert_names: HashMap<String, String> = HashMap::new();
     let mut peers = Vec::with_capacity(sections.len());
     for (i, p) in sections.into_iter().enumerate() {
         let at = |key: &str| format!("peer[{i}].{key}");
         name(&at("name"), &p.name, &mut names, i)?;
         let psk = psk(&at, &p)?;
-        if p.prefix.is_empty() && psk.is_none() {
+        let credentials = psk.is_some() || p.cert_name.is_some();
+        if p.prefix.is_empty() && !credentials {
             return Err(invalid(
                 at("prefix"),
-                "a peer needs at least one prefix, or DTLS credentials (psk_identity)",
+                "a peer needs at least one prefix, or DTLS credentials (psk_identity or cert_name)",
             ));
         }
-        if p.require_dtls && psk.is_none() {
+        if p.require_dtls && !credentials {
             return Err(invalid(
                 at("require_dtls"),
-                "a peer that must use DTLS needs its credentials (psk_identity)",
+                "a peer that must use DTLS needs its credentials (psk_identity or cert_name)",
             ));
         }
         if let Some(k) = &psk {
@@ -1129,6 +1191,20 @@ fn validate_peers(sections: Vec<PeerSection>) -> Result<Vec<Peer>, ConfigError> 
                 return Err(invalid(
                     at("psk_identity"),
                     format!("already the identity of peer {other:?}"),
+                ));
+            }
+        }
+        if let Some(cert_name) = &p.cert_name {
+            if cert_name.is_empty() || cert_name.len() > MAX_CERT_NAME {
+                return Err(invalid(
+                    at("cert_name"),
+                    format!("1 to {MAX_CERT_NAME} bytes"),
+                ));
+            }
+            if let Some(other) = cert_names.insert(cert_name.clone(), p.name.clone()) {
+                return Err(invalid(
+                    at("cert_name"),
+                    format!("already the certificate name of peer {other:?}"),
                 ));
             }
         }
@@ -1171,6 +1247,7 @@ fn validate_peers(sections: Vec<PeerSection>) -> Result<Vec<Peer>, ConfigError> 
             deny: p.deny,
             burst: p.burst,
             psk,
+            cert_name: p.cert_name,
             require_dtls: p.require_dtls,
         });
     }
@@ -1287,7 +1364,79 @@ fn dtls_settings(d: &DtlsSection) -> Result<DtlsSettings, ConfigError> {
             .transpose()?
             .unwrap_or(defaults.hello_rate),
         hello_burst: d.hello_burst.unwrap_or(defaults.hello_burst),
+        certificates: certificates(d)?,
     })
+}
+
+/// `[dtls] certificate`, `private_key` and `ca_file`: all three or none.
+fn certificates(d: &DtlsSection) -> Result<Option<Certificates>, ConfigError> {
+    use openssl::pkey::{Id, PKey};
+    use openssl::x509::X509;
+    let (cert, key, ca) = match (&d.certificate, &d.private_key, &d.ca_file) {
+        (None, None, None) => return Ok(None),
+        (Some(c), Some(k), Some(a)) => (c, k, a),
+        (c, k, _) => {
+            let missing = if c.is_none() {
+                "dtls.certificate"
+            } else if k.is_none() {
+                "dtls.private_key"
+            } else {
+                "dtls.ca_file"
+            };
+            return Err(invalid(
+                missing,
+                "certificate mode needs dtls.certificate, dtls.private_key and dtls.ca_file",
+            ));
+        }
+    };
+    let read = |field: &str, path: &Path| {
+        std::fs::read(path).map_err(|e| invalid(field, format!("{}: {e}", path.display())))
+    };
+    let pem_certs = |field: &str, path: &Path, bytes: &[u8]| match X509::stack_from_pem(bytes) {
+        Ok(certs) if !certs.is_empty() => Ok(certs),
+        Ok(_) => Err(invalid(
+            field,
+            format!("{}: no PEM certificate in it", path.display()),
+        )),
+        Err(e) => Err(invalid(field, format!("{}: {e}", path.display()))),
+    };
+    let cert_bytes = read("dtls.certificate", cert)?;
+    let chain = pem_certs("dtls.certificate", cert, &cert_bytes)?;
+    let key_bytes = read_key_file(key).map_err(|m| invalid("dtls.private_key", m))?;
+    let private = PKey::private_key_from_pem(&key_bytes)
+        .map_err(|e| invalid("dtls.private_key", format!("{}: {e}", key.display())))?;
+    // The suites of certificate mode sign with ECDSA (RFC 7252 section
+    // 9.1.3.3: TLS_ECDHE_ECDSA_WITH_AES_128_CCM_8).
+    if private.id() != Id::EC {
+        return Err(invalid(
+            "dtls.private_key",
+            format!(
+                "{}: an ECDSA key is needed (TLS_ECDHE_ECDSA suites, RFC 7252 section 9.1.3.3)",
+                key.display()
+            ),
+        ));
+    }
+    let matches = chain[0]
+        .public_key()
+        .is_ok_and(|public| public.public_eq(&private));
+    if !matches {
+        return Err(invalid(
+            "dtls.private_key",
+            format!("{}: not the key of {}", key.display(), cert.display()),
+        ));
+    }
+    let ca_bytes = read("dtls.ca_file", ca)?;
+    let cas = pem_certs("dtls.ca_file", ca, &ca_bytes)?;
+    Ok(Some(Certificates {
+        chain,
+        key: private,
+        cas,
+        files: vec![
+            (cert.clone(), cert_bytes),
+            (key.clone(), key_bytes),
+            (ca.clone(), ca_bytes),
+        ],
+    }))
 }
 
 fn validate_routes(sections: Vec<RouteSection>, peers: &[Peer]) -> Result<Vec<Route>, ConfigError> {
@@ -1546,6 +1695,109 @@ mod tests {
         std::fs::set_permissions(&file, std::fs::Permissions::from_mode(0o600)).unwrap();
         let c = Config::parse(&text).unwrap();
         assert_eq!(c.peers[0].psk.as_ref().unwrap().key, b"raw key bytes");
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    /// A self-signed certificate for `cn` and its key, as PEM.
+    fn self_signed(cn: &str, key: &openssl::pkey::PKey<openssl::pkey::Private>) -> Vec<u8> {
+        let mut name = openssl::x509::X509NameBuilder::new().unwrap();
+        name.append_entry_by_text("CN", cn).unwrap();
+        let name = name.build();
+        let mut b = openssl::x509::X509::builder().unwrap();
+        b.set_subject_name(&name).unwrap();
+        b.set_issuer_name(&name).unwrap();
+        b.set_pubkey(key).unwrap();
+        b.set_not_before(&openssl::asn1::Asn1Time::days_from_now(0).unwrap())
+            .unwrap();
+        b.set_not_after(&openssl::asn1::Asn1Time::days_from_now(1).unwrap())
+            .unwrap();
+        b.sign(key, openssl::hash::MessageDigest::sha256()).unwrap();
+        b.build().to_pem().unwrap()
+    }
+
+    #[test]
+    fn certificate_mode_is_checked_before_any_handshake() {
+        use openssl::ec::{EcGroup, EcKey};
+        use openssl::pkey::PKey;
+        use std::os::unix::fs::PermissionsExt;
+        let dir = std::env::temp_dir().join(format!("m2m-certs-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let group = EcGroup::from_curve_name(openssl::nid::Nid::X9_62_PRIME256V1).unwrap();
+        let ec = || PKey::from_ec_key(EcKey::generate(&group).unwrap()).unwrap();
+        let (key, other) = (ec(), ec());
+        let rsa = PKey::from_rsa(openssl::rsa::Rsa::generate(2048).unwrap()).unwrap();
+        let file = |name: &str, bytes: &[u8], mode: u32| {
+            let path = dir.join(name);
+            std::fs::write(&path, bytes).unwrap();
+            std::fs::set_permissions(&path, std::fs::Permissions::from_mode(mode)).unwrap();
+            path.display().to_string()
+        };
+        let cert = file("gw.crt", &self_signed("gw", &key), 0o644);
+        let good_key = file("gw.key", &key.private_key_to_pem_pkcs8().unwrap(), 0o600);
+        let open_key = file("open.key", &key.private_key_to_pem_pkcs8().unwrap(), 0o644);
+        let wrong_key = file(
+            "other.key",
+            &other.private_key_to_pem_pkcs8().unwrap(),
+            0o600,
+        );
+        let rsa_cert = file("rsa.crt", &self_signed("gw", &rsa), 0o644);
+        let rsa_key = file("rsa.key", &rsa.private_key_to_pem_pkcs8().unwrap(), 0o600);
+        let empty = file("empty.pem", b"no PEM here", 0o644);
+        let dtls = |c: &str, k: &str, ca: &str| {
+            format!("[dtls]\ncertificate = \"{c}\"\nprivate_key = \"{k}\"\nca_file = \"{ca}\"\n")
+        };
+        let peer = "[[peer]]\nname = \"s\"\ncert_name = \"s.example\"\nrequire_dtls = true\n";
+        let c = Config::parse(&(dtls(&cert, &good_key, &cert) + peer)).unwrap();
+        let certificates = c.dtls.certificates.as_ref().unwrap();
+        assert_eq!((certificates.chain.len(), certificates.cas.len()), (1, 1));
+        assert_eq!(c.peers[0].cert_name.as_deref(), Some("s.example"));
+        assert!(
+            !format!("{certificates:?}").contains("PRIVATE"),
+            "Debug never shows the key"
+        );
+        let error = |text: String| match Config::parse(&text) {
+            Err(ConfigError::Invalid { field, message }) => (field, message),
+            other => panic!("expected an error, got {other:?}"),
+        };
+        for (text, field, says) in [
+            (
+                format!("[dtls]\ncertificate = \"{cert}\""),
+                "dtls.private_key",
+                "needs",
+            ),
+            (dtls(&cert, &open_key, &cert), "dtls.private_key", "644"),
+            (
+                dtls(&cert, &wrong_key, &cert),
+                "dtls.private_key",
+                "not the key of",
+            ),
+            (
+                dtls(&rsa_cert, &rsa_key, &cert),
+                "dtls.private_key",
+                "ECDSA",
+            ),
+            (dtls(&empty, &good_key, &cert), "dtls.certificate", "no PEM"),
+            (dtls(&cert, &good_key, &empty), "dtls.ca_file", "empty.pem"),
+            (
+                dtls(&cert, &good_key, "/nonexistent.pem"),
+                "dtls.ca_file",
+                "nonexistent",
+            ),
+            (
+                peer.to_string(),
+                "peer[0].cert_name",
+                "certificate mode needs",
+            ),
+            (
+                dtls(&cert, &good_key, &cert) + peer + &peer.replace("\"s\"", "\"t\""),
+                "peer[1].cert_name",
+                "already",
+            ),
+        ] {
+            let (got_field, message) = error(text.clone());
+            assert_eq!(got_field, field, "{text}");
+            assert!(message.contains(says), "{field}: {message}");
+        }
         std::fs::remove_dir_all(&dir).unwrap();
     }
 

@@ -147,6 +147,10 @@ enum PeerCommand {
         /// Its key: the raw bytes of a file only its owner (and group) can read.
         #[arg(long, value_name = "PATH")]
         psk_file: Option<PathBuf>,
+        /// The name (subject CN, or a DNS, URI or email SAN) of the client
+        /// certificate the peer presents over DTLS (certificate mode).
+        #[arg(long, value_name = "NAME")]
+        cert_name: Option<String>,
         /// Drop the peer's plain CoAP: only its DTLS sessions are it.
         #[arg(long)]
         require_dtls: bool,
@@ -326,6 +330,7 @@ fn ctl_request(command: CtlCommand) -> anyhow::Result<(&'static str, Value)> {
             psk_identity,
             psk_hex,
             psk_file,
+            cert_name,
             require_dtls,
         }) => {
             let mut args = json!({ "name": name, "prefix": prefixes, "deny": deny, "require_dtls": require_dtls });
@@ -334,6 +339,9 @@ fn ctl_request(command: CtlCommand) -> anyhow::Result<(&'static str, Value)> {
             }
             if let Some(hex) = psk_hex {
                 args["psk_hex"] = json!(hex);
+            }
+            if let Some(cert_name) = cert_name {
+                args["cert_name"] = json!(cert_name);
             }
             if let Some(file) = psk_file {
                 // The daemon reads it: a relative path means nothing there.

@@ -30,6 +30,8 @@ pub struct PeerInfo {
     pub observe: Vec<String>,
     /// Its DTLS pre-shared key, if it has one.
     pub psk: Option<crate::config::Psk>,
+    /// Its client certificate's name, in certificate mode.
+    pub cert_name: Option<String>,
     /// Its plain CoAP is dropped; only its DTLS sessions are it.
     pub require_dtls: bool,
 }
@@ -197,6 +199,7 @@ pub struct Mapper {
     infos: Vec<PeerInfo>,
     by_name: HashMap<String, u32>,
     by_psk_identity: HashMap<Vec<u8>, u32>,
+    by_cert_name: HashMap<String, u32>,
     requires_dtls: bool,
     routes: Vec<Route>,
     default_topic: Template,
@@ -236,6 +239,7 @@ impl Mapper {
                 subscribe: with_peer(&p.subscribe, &p.name),
                 observe: p.observe.clone(),
                 psk: p.psk.clone(),
+                cert_name: p.cert_name.clone(),
                 require_dtls: p.require_dtls,
             });
         }
@@ -277,12 +281,18 @@ impl Mapper {
             .enumerate()
             .filter_map(|(i, p)| Some((p.psk.as_ref()?.identity.clone(), i as u32)))
             .collect();
+        let by_cert_name = infos
+            .iter()
+            .enumerate()
+            .filter_map(|(i, p)| Some((p.cert_name.clone()?, i as u32)))
+            .collect();
         Mapper {
             requires_dtls: infos.iter().any(|p| p.require_dtls),
             peers,
             infos,
             by_name,
             by_psk_identity,
+            by_cert_name,
             routes,
             default_topic: config.defaults.topic.clone(),
             default_publish: config.defaults.publish.clone(),
@@ -374,6 +384,15 @@ impl Mapper {
     pub fn psk(&self, identity: &[u8]) -> Option<(&PeerInfo, &[u8])> {
         let peer = &self.infos[*self.by_psk_identity.get(identity)? as usize];
         Some((peer, &peer.psk.as_ref()?.key))
+    }
+
+    /// The peer one of a client certificate's names names (the first
+    /// that does).
+    pub fn certificate<'n>(&self, names: impl IntoIterator<Item = &'n str>) -> Option<&PeerInfo> {
+        names
+            .into_iter()
+            .find_map(|n| self.by_cert_name.get(n))
+            .map(|&i| &self.infos[i as usize])
     }
 
     /// Whether some peer must use DTLS (its plain CoAP is dropped).

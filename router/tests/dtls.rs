@@ -9,6 +9,7 @@ use std::net::{IpAddr, SocketAddr};
 use std::time::Duration;
 
 use m2m_router::coap::message::{code, Message};
+use m2m_router_tests::certs::{Names, Pki};
 use m2m_router_tests::daemon::Daemon;
 use m2m_router_tests::dtls::DtlsClient;
 use m2m_router_tests::mqtt::MosquittoSub;
@@ -27,8 +28,9 @@ fn hex(bytes: &[u8]) -> String {
 
 /// Peer "meter" is known by its PSK only (no prefix): whatever address a
 /// session comes from, it is "meter". Peer "valve" sends from the device
-/// side's address 0 and must use DTLS.
-fn config(extra: &str) -> String {
+/// side's address 0 and must use DTLS. `dtls` goes in `[dtls]`, `extra`
+/// at the end.
+fn config(dtls: &str, extra: &str) -> String {
     format!(
         r#"
         [defaults]
@@ -37,6 +39,7 @@ fn config(extra: &str) -> String {
         listen_dtls = ["0.0.0.0:5684", "[::]:5684"]
         [dtls]
         handshake_timeout_s = 3
+        {dtls}
         [[peer]]
         name = "meter"
         psk_identity = "{IDENTITY}"
@@ -62,9 +65,15 @@ struct Gateway {
 
 impl Gateway {
     fn start(tag: &str) -> Gateway {
+        Gateway::with(tag, "", "")
+    }
+
+    /// A gateway with `dtls` in the `[dtls]` section and `extra` at the end
+    /// of the config.
+    fn with(tag: &str, dtls: &str, extra: &str) -> Gateway {
         require_root();
         let topo = Topology::new(tag);
-        let config = TempPath::with_contents(&format!("dtls-{tag}"), "toml", config(""));
+        let config = TempPath::with_contents(&format!("dtls-{tag}"), "toml", config(dtls, extra));
         let daemon = Daemon::on_gateway(&topo.gw, BIN, config.as_str());
         Gateway {
             topo,
@@ -97,6 +106,11 @@ impl Gateway {
 
     /// A session of the test kit's client from `src` to the CoAPS port.
     fn session(&self, src: IpAddr, identity: &str, key: &[u8]) -> Result<DtlsClient, String> {
+        DtlsClient::connect_psk(self.coaps_socket(src), identity, key, DEADLINE)
+    }
+
+    /// A device socket at `src` connected to the CoAPS port.
+    fn coaps_socket(&self, src: IpAddr) -> std::net::UdpSocket {
         let sock = self.topo.device_socket(src);
         let dst: IpAddr = if src.is_ipv4() {
             GW_V4.into()
@@ -104,7 +118,7 @@ impl Gateway {
             GW_V6.into()
         };
         sock.connect(SocketAddr::new(dst, 5684)).unwrap();
-        DtlsClient::connect_psk(sock, identity, key, DEADLINE)
+        sock
     }
 }
 
@@ -402,5 +416,196 @@ fn a_body_in_blocks_over_dtls_arrives_whole() {
     );
     assert_eq!(sub.fence(), vec![], "published once");
     assert!(gw.daemon.counter("coap", "blocks") >= 80);
+    gw.daemon.stop();
+}
+
+/// Certificate mode (RFC 7252 section 9.1.3.3): a device is the peer whose
+/// `cert_name` its certificate names (subject CN or a SAN), whatever its
+/// address. libcoap's OpenSSL client with `-c -j -C` publishes under its
+/// peer over IPv4 and IPv6, checking the gateway's certificate; the kit's
+/// client, named by a URI SAN, publishes, and resumes its session from a
+/// new address without a new key exchange. A certificate from another CA,
+/// or one whose names no peer has, gets no session and publishes nothing;
+/// a peer added at run time with `--cert-name` is known at once.
+#[test]
+fn certificate_mode_names_the_peer_by_its_certificate() {
+    let pki = Pki::new("dtls-cert");
+    let gateway = pki.issue(
+        &GW_V4.to_string(),
+        &Names {
+            ip: &[&GW_V4.to_string(), &GW_V6.to_string()],
+            ..Names::default()
+        },
+    );
+    let sensor = pki.issue("sensor-7.example", &Names::default());
+    let valve = pki.issue(
+        "valve device",
+        &Names {
+            uri: &["urn:dev:ops:valve-2"],
+            ..Names::default()
+        },
+    );
+    let stranger = pki.issue("stranger.example", &Names::default());
+    let late = pki.issue("late.example", &Names::default());
+    let foreign = Pki::new("dtls-foreign").issue("sensor-7.example", &Names::default());
+    let gw = Gateway::with(
+        "cert",
+        &format!(
+            "certificate = \"{}\"\nprivate_key = \"{}\"\nca_file = \"{}\"",
+            gateway.cert_file.as_str(),
+            gateway.key_file.as_str(),
+            pki.ca.cert_file.as_str()
+        ),
+        r#"
+        [[peer]]
+        name = "sensor"
+        cert_name = "sensor-7.example"
+        [[peer]]
+        name = "valve2"
+        cert_name = "urn:dev:ops:valve-2"
+        "#,
+    );
+    let mut sub = MosquittoSub::start(&gw.topo.gw, &["m2m/#"], &[]);
+    for (i, (src, base)) in [
+        (IpAddr::from(DEV_V4[1]), format!("coaps://{GW_V4}")),
+        (IpAddr::from(DEV_V6[1]), format!("coaps://[{GW_V6}]")),
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let trace = gw.coap_client(
+            "coap-client-openssl",
+            src,
+            &[
+                "-c",
+                sensor.cert_file.as_str(),
+                "-j",
+                sensor.key_file.as_str(),
+                "-C",
+                pki.ca.cert_file.as_str(),
+                "-m",
+                "post",
+                "-e",
+                &format!("libcoap-{i}"),
+                &format!("{base}/temp/t{i}"),
+            ],
+        );
+        assert!(
+            trace.contains("t:ACK c:2.04"),
+            "from {src}: no 2.04\n{trace}"
+        );
+    }
+    let mut got: Vec<(String, String)> = sub
+        .take(2)
+        .into_iter()
+        .map(|r| (r.topic, r.payload))
+        .collect();
+    got.sort();
+    assert_eq!(
+        got,
+        vec![
+            ("m2m/sensor/temp/t0".into(), "libcoap-0".into()),
+            ("m2m/sensor/temp/t1".into(), "libcoap-1".into()),
+        ]
+    );
+
+    // The kit's client: named by its URI SAN, then resumed elsewhere.
+    let ca = &pki.ca.cert;
+    let mut first = DtlsClient::connect_certificate(
+        gw.coaps_socket(DEV_V4[2].into()),
+        &valve,
+        ca,
+        None,
+        DEADLINE,
+    )
+    .expect("a session for valve2's certificate");
+    let answer = first
+        .exchange(&coap_post(1, b"full"), DEADLINE)
+        .expect("an answer");
+    assert_eq!(Message::decode(&answer).unwrap().code, code::CHANGED);
+    let session = first.session().expect("a session to resume");
+    first.close();
+    let handshakes = gw.dtls("handshakes");
+    let mut resumed = DtlsClient::connect_certificate(
+        gw.coaps_socket(DEV_V6[2].into()),
+        &valve,
+        ca,
+        Some(&session),
+        DEADLINE,
+    )
+    .expect("a resumed session");
+    assert!(resumed.resumed(), "the gateway resumed the session");
+    let answer = resumed
+        .exchange(&coap_post(2, b"resumed"), DEADLINE)
+        .expect("an answer");
+    assert_eq!(Message::decode(&answer).unwrap().code, code::CHANGED);
+    assert_eq!(gw.dtls("handshakes"), handshakes + 1);
+    let listed = gw.daemon.ctl_json(&["dtls", "ls"]);
+    let sessions = listed["sessions"].as_array().unwrap();
+    let valve_session = sessions
+        .iter()
+        .find(|s| s["peer"] == "valve2")
+        .unwrap_or_else(|| panic!("{listed}"));
+    assert_eq!(valve_session["resumed"], true, "{listed}");
+    assert!(
+        valve_session["cipher"]
+            .as_str()
+            .unwrap()
+            .starts_with("ECDHE-ECDSA"),
+        "{listed}"
+    );
+    let got: Vec<(String, String)> = sub
+        .take(2)
+        .into_iter()
+        .map(|r| (r.topic, r.payload))
+        .collect();
+    assert_eq!(
+        got,
+        vec![
+            ("m2m/valve2/sensors/temp".into(), "full".into()),
+            ("m2m/valve2/sensors/temp".into(), "resumed".into()),
+        ]
+    );
+
+    // Refused: a name no peer has, a CA the gateway does not trust.
+    let failures = gw.dtls("handshake_failures");
+    let unknown = gw.dtls("unknown_identity");
+    for (device, src) in [
+        (&stranger, IpAddr::from(DEV_V4[3])),
+        (&foreign, DEV_V6[3].into()),
+    ] {
+        let refused =
+            DtlsClient::connect_certificate(gw.coaps_socket(src), device, ca, None, DEADLINE);
+        assert!(
+            refused.is_err(),
+            "{} got a session",
+            device.cert_file.display()
+        );
+    }
+    assert_eq!(gw.dtls("unknown_identity"), unknown + 1, "the stranger");
+    assert!(
+        wait_for(DEADLINE, || gw.dtls("handshake_failures") == failures + 2),
+        "both refusals counted as failures: {}",
+        gw.dtls("handshake_failures") - failures
+    );
+
+    // A peer added at run time is known at the next handshake.
+    gw.daemon
+        .ctl_json(&["peer", "add", "latecomer", "--cert-name", "late.example"]);
+    let mut client = DtlsClient::connect_certificate(
+        gw.coaps_socket(DEV_V4[3].into()),
+        &late,
+        ca,
+        None,
+        DEADLINE,
+    )
+    .expect("a session for the peer added at run time");
+    let answer = client
+        .exchange(&coap_post(1, b"late"), DEADLINE)
+        .expect("an answer");
+    assert_eq!(Message::decode(&answer).unwrap().code, code::CHANGED);
+    let got = sub.take(1);
+    assert_eq!(got[0].topic, "m2m/latecomer/sensors/temp");
+    assert_eq!(sub.fence(), vec![], "nothing else was published");
     gw.daemon.stop();
 }

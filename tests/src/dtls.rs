@@ -1,4 +1,5 @@
-//! A DTLS 1.2 PSK client over a UDP socket (OpenSSL, as the router uses):
+//! A DTLS 1.2 client, with a PSK or a certificate, over a UDP socket
+//! (OpenSSL, as the router uses):
 //! a device the tests fully control, to send chosen CoAP messages over a
 //! session (the same Message ID from two sessions, for one).
 
@@ -7,7 +8,13 @@ use std::net::UdpSocket;
 use std::time::{Duration, Instant};
 
 use foreign_types::ForeignTypeRef;
-use openssl::ssl::{ErrorCode, Ssl, SslContext, SslMethod, SslOptions, SslStream};
+use openssl::ssl::{
+    ErrorCode, Ssl, SslContext, SslContextBuilder, SslMethod, SslOptions, SslSession, SslStream,
+    SslVerifyMode,
+};
+use openssl::x509::X509;
+
+use crate::certs::Issued;
 
 /// A connected UDP socket as OpenSSL's datagram BIO: one datagram per read
 /// and per write.
@@ -49,11 +56,7 @@ impl DtlsClient {
         key: &[u8],
         deadline: Duration,
     ) -> Result<DtlsClient, String> {
-        let mut b = SslContext::builder(SslMethod::dtls()).map_err(|e| e.to_string())?;
-        b.set_security_level(0);
-        b.set_cipher_list("PSK-AES128-CCM8")
-            .map_err(|e| e.to_string())?;
-        b.set_options(SslOptions::NO_QUERY_MTU);
+        let mut b = builder("PSK-AES128-CCM8")?;
         let (identity, key) = (identity.to_owned(), key.to_vec());
         b.set_psk_client_callback(move |_, _, id_out, key_out| {
             id_out[..identity.len()].copy_from_slice(identity.as_bytes());
@@ -61,8 +64,43 @@ impl DtlsClient {
             key_out[..key.len()].copy_from_slice(&key);
             Ok(key.len())
         });
-        let mut ssl = Ssl::new(&b.build()).map_err(|e| e.to_string())?;
+        Self::handshake(sock, b.build(), None, deadline)
+    }
+
+    /// Shakes hands with the device certificate `mine` and the mandatory
+    /// TLS_ECDHE_ECDSA_WITH_AES_128_CCM_8 suite, checking the gateway's
+    /// certificate against `ca`; resumes `session` when given (RFC 5246
+    /// section 7.4.1.2).
+    pub fn connect_certificate(
+        sock: UdpSocket,
+        mine: &Issued,
+        ca: &X509,
+        session: Option<&SslSession>,
+        deadline: Duration,
+    ) -> Result<DtlsClient, String> {
+        let mut b = builder("ECDHE-ECDSA-AES128-CCM8")?;
+        b.set_certificate(&mine.cert).map_err(|e| e.to_string())?;
+        b.set_private_key(&mine.key).map_err(|e| e.to_string())?;
+        b.cert_store_mut()
+            .add_cert(ca.clone())
+            .map_err(|e| e.to_string())?;
+        b.set_verify(SslVerifyMode::PEER);
+        Self::handshake(sock, b.build(), session, deadline)
+    }
+
+    fn handshake(
+        sock: UdpSocket,
+        ctx: SslContext,
+        session: Option<&SslSession>,
+        deadline: Duration,
+    ) -> Result<DtlsClient, String> {
+        let mut ssl = Ssl::new(&ctx).map_err(|e| e.to_string())?;
         ssl.set_mtu(1200).map_err(|e| e.to_string())?;
+        if let Some(session) = session {
+            // SAFETY: the session comes from a context with the same
+            // settings, as SSL_set_session asks.
+            unsafe { ssl.set_session(session) }.map_err(|e| e.to_string())?;
+        }
         ssl.set_connect_state();
         sock.set_read_timeout(Some(Duration::from_millis(200)))
             .map_err(|e| e.to_string())?;
@@ -86,6 +124,16 @@ impl DtlsClient {
                 Err(e) => return Err(format!("DTLS handshake: {e}")),
             }
         }
+    }
+
+    /// The session, to resume it from a new socket.
+    pub fn session(&self) -> Option<SslSession> {
+        self.stream.ssl().session().map(|s| s.to_owned())
+    }
+
+    /// Whether the handshake resumed an earlier session.
+    pub fn resumed(&self) -> bool {
+        self.stream.ssl().session_reused()
     }
 
     pub fn send(&mut self, message: &[u8]) {
@@ -123,4 +171,14 @@ impl DtlsClient {
     pub fn close(mut self) {
         let _ = self.stream.shutdown();
     }
+}
+
+/// A DTLS client context offering only `cipher` (CCM_8 needs security
+/// level 0 in OpenSSL 3).
+fn builder(cipher: &str) -> Result<SslContextBuilder, String> {
+    let mut b = SslContext::builder(SslMethod::dtls()).map_err(|e| e.to_string())?;
+    b.set_security_level(0);
+    b.set_cipher_list(cipher).map_err(|e| e.to_string())?;
+    b.set_options(SslOptions::NO_QUERY_MTU);
+    Ok(b)
 }

@@ -3,6 +3,8 @@
 //! - [`bpffs`]: a bpf file system of the test's own, for pinned XDP state;
 //! - [`netns`]: network namespaces joined by a veth pair, removed on drop,
 //!   and a way to run code inside one;
+//! - [`dtls`], [`certs`]: a DTLS client with a PSK or a certificate, and a
+//!   test PKI that issues certificates;
 //! - [`frames`]: the differential corpus of Ethernet frames;
 //! - [`packet`]: an Ethernet/VLAN/IPv4/IPv6/UDP/CoAP frame builder;
 //! - [`disk`]: a small tmpfs that fills up and gets room back on demand;
@@ -12,6 +14,7 @@
 //! - [`require_root`]: privileged tests fail loudly, never skip.
 
 pub mod bpffs;
+pub mod certs;
 pub mod daemon;
 pub mod disk;
 pub mod dtls;

@@ -1,5 +1,6 @@
 //! The OpenSSL context every DTLS session of a worker is made from: the
-//! cipher suites, the pre-shared keys of the configured peers, and the
+//! cipher suites, the pre-shared keys of the configured peers, the
+//! gateway's certificate and the CAs of its devices' certificates, and the
 //! stateless cookies of RFC 6347 section 4.2.1.
 
 use std::net::SocketAddr;
@@ -9,13 +10,17 @@ use std::sync::{Arc, OnceLock};
 use openssl::error::ErrorStack;
 use openssl::hash::MessageDigest;
 use openssl::memcmp;
+use openssl::nid::Nid;
 use openssl::pkey::{PKey, Private};
 use openssl::sign::Signer;
 use openssl::ssl::{
-    Ssl, SslContext, SslMethod, SslMode, SslOptions, SslRef, SslSessionCacheMode, SslVersion,
+    Ssl, SslContext, SslContextBuilder, SslMethod, SslMode, SslOptions, SslRef,
+    SslSessionCacheMode, SslVerifyMode, SslVersion,
 };
+use openssl::x509::{X509Ref, X509VerifyResult};
 
 use super::DtlsStats;
+use crate::config::Certificates;
 use crate::mapping::SharedMapper;
 
 /// AEAD suites only, the mandatory one first: RFC 7252 section 9.1.3.1
@@ -36,10 +41,14 @@ pub fn peer_index() -> openssl::ex_data::Index<Ssl, SocketAddr> {
     *INDEX.get_or_init(|| Ssl::new_ex_index().expect("OpenSSL ex_data index"))
 }
 
-/// Builds the server context. Pre-shared keys are looked up in the current
-/// mapper at each handshake, so peers added or changed at run time are
-/// known at once.
-pub fn server(mappers: Arc<SharedMapper>, stats: Arc<DtlsStats>) -> Result<SslContext, ErrorStack> {
+/// Builds the server context. Pre-shared keys and certificate names are
+/// looked up in the current mapper at each handshake, so peers added or
+/// changed at run time are known at once.
+pub fn server(
+    mappers: Arc<SharedMapper>,
+    stats: Arc<DtlsStats>,
+    certificates: Option<&Certificates>,
+) -> Result<SslContext, ErrorStack> {
     let mut b = SslContext::builder(SslMethod::dtls())?;
     b.set_min_proto_version(Some(SslVersion::DTLS1_2))?;
     // CCM_8's 64-bit tag puts the mandatory suites below OpenSSL 3's
@@ -50,6 +59,9 @@ pub fn server(mappers: Arc<SharedMapper>, stats: Arc<DtlsStats>) -> Result<SslCo
     b.set_options(SslOptions::NO_QUERY_MTU | SslOptions::NO_RENEGOTIATION);
     // Sessions at rest keep no read/write buffers (~34 KiB each otherwise).
     b.set_mode(SslMode::RELEASE_BUFFERS);
+    if let Some(certificates) = certificates {
+        certificate_mode(&mut b, certificates, mappers.clone(), stats.clone())?;
+    }
     let stats_psk = stats.clone();
     b.set_psk_server_callback(move |_ssl, identity, key_out| {
         let (_, mapper) = mappers.load();
@@ -83,6 +95,74 @@ pub fn server(mappers: Arc<SharedMapper>, stats: Arc<DtlsStats>) -> Result<SslCo
     b.set_session_id_context(b"m2m-router coaps")?;
     b.set_session_cache_mode(SslSessionCacheMode::SERVER);
     Ok(b.build())
+}
+
+/// Certificate mode (RFC 7252 section 9.1.3.3): the gateway shows its
+/// chain, and a device must show a certificate that chains to one of the
+/// CAs and whose name is some peer's `cert_name` (checked during the
+/// handshake, so a device no peer has gets an alert, not a session).
+fn certificate_mode(
+    b: &mut SslContextBuilder,
+    certificates: &Certificates,
+    mappers: Arc<SharedMapper>,
+    stats: Arc<DtlsStats>,
+) -> Result<(), ErrorStack> {
+    let (leaf, intermediates) = certificates
+        .chain
+        .split_first()
+        .expect("config checks the chain has a certificate");
+    b.set_certificate(leaf)?;
+    for cert in intermediates {
+        b.add_extra_chain_cert(cert.clone())?;
+    }
+    b.set_private_key(&certificates.key)?;
+    b.check_private_key()?;
+    for ca in &certificates.cas {
+        b.cert_store_mut().add_cert(ca.clone())?;
+    }
+    b.set_verify_callback(
+        SslVerifyMode::PEER | SslVerifyMode::FAIL_IF_NO_PEER_CERT,
+        move |chain_ok, ctx| {
+            // Depth 0 is the device's own certificate; the CAs above it
+            // only need OpenSSL's verdict.
+            if !chain_ok || ctx.error_depth() > 0 {
+                return chain_ok;
+            }
+            let Some(cert) = ctx.current_cert() else {
+                return false;
+            };
+            let (_, mapper) = mappers.load();
+            let names = certificate_names(cert);
+            if mapper
+                .certificate(names.iter().map(String::as_str))
+                .is_some()
+            {
+                return true;
+            }
+            stats.unknown_identity.fetch_add(1, Ordering::Relaxed);
+            ctx.set_error(X509VerifyResult::APPLICATION_VERIFICATION);
+            false
+        },
+    );
+    Ok(())
+}
+
+/// The names a certificate gives its subject, as `[[peer]] cert_name`
+/// matches them: the subject's common names, then the DNS, URI and email
+/// subject alternative names (RFC 5280 section 4.2.1.6). IP addresses are
+/// left out: an address is what a certificate is there to replace.
+pub fn certificate_names(cert: &X509Ref) -> Vec<String> {
+    let mut names: Vec<String> = cert
+        .subject_name()
+        .entries_by_nid(Nid::COMMONNAME)
+        .filter_map(|e| e.data().to_string().ok())
+        .collect();
+    for alt in cert.subject_alt_names().into_iter().flatten() {
+        if let Some(n) = alt.dnsname().or(alt.uri()).or(alt.email()) {
+            names.push(n.to_owned());
+        }
+    }
+    names
 }
 
 fn cookie_key() -> Result<PKey<Private>, ErrorStack> {

@@ -31,7 +31,7 @@ use openssl::ssl::{ErrorCode, Ssl, SslContext, SslStream};
 use serde::Serialize;
 
 use crate::config::DtlsSettings;
-use crate::mapping::SharedMapper;
+use crate::mapping::{Mapper, PeerInfo, SharedMapper};
 pub use wire::Wire;
 
 /// Record content type of a handshake (RFC 5246 section 6.2.1).
@@ -47,7 +47,9 @@ pub struct DtlsStats {
     pub handshakes: AtomicU64,
     /// Handshakes that ended in an alert or a protocol error.
     pub handshake_failures: AtomicU64,
-    /// PSK identities no peer has (a subset of the failures).
+    /// Credentials no peer has: a PSK identity, or a client certificate
+    /// none of whose names is a peer's `cert_name` (a subset of the
+    /// failures).
     pub unknown_identity: AtomicU64,
     pub handshake_timeouts: AtomicU64,
     /// Sessions closed to stay within the bounds.
@@ -141,8 +143,8 @@ struct Session {
     stream: SslStream<Wire>,
     /// The peer its credentials named, once the handshake is done.
     peer: Option<Identity>,
-    /// The PSK identity it was admitted with, to notice a key change.
-    identity: Vec<u8>,
+    /// What it was admitted with, to notice a change of its peer's.
+    credential: Credential,
     started: Instant,
     last_active: Instant,
 }
@@ -201,7 +203,11 @@ impl Server {
         stats: Arc<DtlsStats>,
         registry: Arc<Sessions>,
     ) -> anyhow::Result<Server> {
-        let ctx = context::server(mappers.clone(), stats.clone())?;
+        let ctx = context::server(
+            mappers.clone(),
+            stats.clone(),
+            settings.certificates.as_ref(),
+        )?;
         let listener = new_stream(&ctx, settings.mtu)?;
         let mapper_generation = mappers.generation();
         Ok(Server {
@@ -373,7 +379,7 @@ impl Server {
             Session {
                 stream,
                 peer: None,
-                identity: Vec::new(),
+                credential: Credential::None,
                 started: now,
                 last_active: now,
             },
@@ -397,8 +403,8 @@ impl Server {
             match s.stream.do_handshake() {
                 Ok(()) => {
                     let (_, mapper) = self.mappers.load();
-                    let identity = s.stream.ssl().psk_identity().unwrap_or_default().to_vec();
-                    let Some((peer, _)) = mapper.psk(&identity) else {
+                    let credential = Credential::of(s.stream.ssl());
+                    let Some(peer) = credential.peer(&mapper) else {
                         return Err(Close::Revoked);
                     };
                     let name: Arc<str> = Arc::from(peer.name.as_str());
@@ -407,7 +413,7 @@ impl Server {
                     let peer = Identity { name, key };
                     s.peer = Some(peer.clone());
                     self.established.push((src, key));
-                    s.identity = identity;
+                    s.credential = credential;
                     self.handshaking -= 1;
                     self.stats.handshaking.fetch_sub(1, Ordering::Relaxed);
                     self.stats.handshakes.fetch_add(1, Ordering::Relaxed);
@@ -482,9 +488,9 @@ impl Server {
             .iter()
             .filter(|(_, s)| {
                 s.peer.as_ref().is_some_and(|peer| {
-                    mapper
-                        .psk(&s.identity)
-                        .is_none_or(|(p, _)| *p.name != *peer.name)
+                    s.credential
+                        .peer(&mapper)
+                        .is_none_or(|p| *p.name != *peer.name)
                 })
             })
             .map(|(a, _)| *a)
@@ -536,6 +542,37 @@ impl Drop for Server {
     }
 }
 
+/// What a session presented in its handshake.
+#[derive(Clone, Debug, PartialEq, Eq)]
+enum Credential {
+    /// Still shaking hands.
+    None,
+    Psk(Vec<u8>),
+    /// A client certificate's names (`context::certificate_names`).
+    Certificate(Vec<String>),
+}
+
+impl Credential {
+    fn of(ssl: &openssl::ssl::SslRef) -> Credential {
+        if let Some(identity) = ssl.psk_identity() {
+            return Credential::Psk(identity.to_vec());
+        }
+        match ssl.peer_certificate() {
+            Some(cert) => Credential::Certificate(context::certificate_names(&cert)),
+            None => Credential::None,
+        }
+    }
+
+    /// The peer these credentials name in `mapper`.
+    fn peer<'m>(&self, mapper: &'m Mapper) -> Option<&'m PeerInfo> {
+        match self {
+            Credential::None => None,
+            Credential::Psk(identity) => mapper.psk(identity).map(|(p, _)| p),
+            Credential::Certificate(names) => mapper.certificate(names.iter().map(String::as_str)),
+        }
+    }
+}
+
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Close {
     HandshakeFailed,
@@ -558,7 +595,6 @@ fn new_stream(ctx: &SslContext, mtu: u32) -> Result<SslStream<Wire>, openssl::er
 mod tests {
     use super::*;
     use crate::config::Config;
-    use crate::mapping::Mapper;
     use openssl::ssl::SslMethod;
 
     const DEVICE: &str = "10.0.0.7:40000";
