@@ -209,11 +209,19 @@ pub fn render(c: &Control) -> String {
         "hello_verify" => "HelloVerifyRequests sent: ClientHellos without a valid cookie.",
         "handshakes" => "DTLS handshakes completed.",
         "handshake_failures" => "DTLS handshakes ended by an alert or a protocol error.",
-        "unknown_identity" => "DTLS handshakes with a PSK identity no peer has.",
+        "unknown_identity" => {
+            "DTLS handshakes with credentials no peer has (PSK identity, certificate names)."
+        }
         "handshake_timeouts" => "DTLS handshakes unfinished at dtls.handshake_timeout_s.",
         "evicted" => "DTLS sessions closed to stay within dtls.max_sessions / max_handshakes.",
         "sessions" => "DTLS sessions established.",
         "handshaking" => "DTLS handshakes under way.",
+        n if n.starts_with("alert_sent_") => {
+            "Fatal DTLS alerts sent, by description (RFC 5246 section 7.2)."
+        }
+        n if n.starts_with("alert_received_") => {
+            "Fatal DTLS alerts received, by description (RFC 5246 section 7.2)."
+        }
         _ => "CoAP over DTLS counter.",
     };
     let process_help = |name: &str| match name {

@@ -588,6 +588,10 @@ fn certificate_mode_names_the_peer_by_its_certificate() {
         "both refusals counted as failures: {}",
         gw.dtls("handshake_failures") - failures
     );
+    // Counted by the alert the gateway sent (RFC 5246 section 7.2).
+    let dtls = &gw.daemon.ctl_json(&["stats"])["dtls"];
+    assert_eq!(dtls["alert_sent_unknown_ca"], 1, "{dtls}");
+    assert_eq!(dtls["alert_sent_handshake_failure"], 1, "{dtls}");
 
     // A peer added at run time is known at the next handshake.
     gw.daemon

@@ -59,6 +59,7 @@ pub fn server(
     b.set_options(SslOptions::NO_QUERY_MTU | SslOptions::NO_RENEGOTIATION);
     // Sessions at rest keep no read/write buffers (~34 KiB each otherwise).
     b.set_mode(SslMode::RELEASE_BUFFERS);
+    super::alerts::count_into(&mut b, stats.clone());
     if let Some(certificates) = certificates {
         certificate_mode(&mut b, certificates, mappers.clone(), stats.clone())?;
     }

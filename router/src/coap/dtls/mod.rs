@@ -16,6 +16,7 @@
 //! A handshake unfinished after `handshake_timeout` and a session idle for
 //! `idle_timeout` are closed too.
 
+mod alerts;
 mod context;
 mod wire;
 
@@ -69,10 +70,14 @@ pub struct DtlsStats {
     pub no_session: AtomicU64,
     pub sessions: AtomicU64,
     pub handshaking: AtomicU64,
+    /// Fatal alerts sent and received, by description.
+    pub alerts: alerts::Alerts,
 }
 
 impl DtlsStats {
-    /// The snapshot's names that are gauges; the rest only grow.
+    /// The snapshot's names that are gauges; the rest only grow (the
+    /// alerts, `alert_sent_<description>` and `alert_received_...`, appear
+    /// once seen).
     pub const GAUGES: &'static [&'static str] = &["sessions", "handshaking"];
 
     pub fn snapshot(&self) -> Vec<(&'static str, u64)> {
@@ -92,6 +97,9 @@ impl DtlsStats {
             ("sessions", f(&self.sessions)),
             ("handshaking", f(&self.handshaking)),
         ]
+        .into_iter()
+        .chain(self.alerts.snapshot())
+        .collect()
     }
 }
 
@@ -724,6 +732,16 @@ mod tests {
         assert!(s.peer(&other).is_none());
         assert_eq!(stats.unknown_identity.load(Ordering::Relaxed), 1);
         assert_eq!(stats.handshake_failures.load(Ordering::Relaxed), 1);
+        let alerts: Vec<_> = stats
+            .snapshot()
+            .into_iter()
+            .filter(|(name, _)| name.starts_with("alert_"))
+            .collect();
+        assert_eq!(
+            alerts,
+            vec![("alert_sent_unknown_psk_identity", 1)],
+            "the unknown identity's alert, and none for the wrong key"
+        );
         // A Finished under the wrong key does not decrypt, and DTLS drops
         // such records silently (RFC 6347 section 4.1.2.7): the handshake
         // ends at its timeout.
