@@ -10,7 +10,9 @@ use tokio::net::TcpListener;
 use tokio::signal::unix::{signal, SignalKind};
 
 use crate::bridge::{self, Bridge};
-use crate::coap::downlink::{Downlink, DownlinkHandle, DownlinkStats, LastSeen, Relations};
+use crate::coap::downlink::{
+    Downlink, DownlinkHandle, DownlinkStats, LastSeen, Relations, Transport,
+};
 use crate::coap::dtls::{self, DtlsStats, Sessions};
 use crate::coap::observe::Sequence;
 use crate::coap::uplink::{Uplink, UplinkConfig, UplinkStats};
@@ -146,9 +148,11 @@ pub fn run(config: Config, raw: ConfigFile, config_path: Option<PathBuf>) -> any
     tracing::info!(addrs = ?config.coap_listen, workers_per_addr = per_address, "CoAP workers listening");
     let dtls_stats = Arc::new(DtlsStats::default());
     let dtls_sessions = Arc::new(Sessions::default());
-    let secure_worker = if config.coaps_listen.is_empty() {
-        None
+    let (secure_worker, outbox) = if config.coaps_listen.is_empty() {
+        (None, None)
     } else {
+        let (outbox, inbox) =
+            dtls::outbox(dtls_stats.clone()).context("the CoAPS worker's downlink queue")?;
         let server = dtls::Server::new(
             config.dtls.clone(),
             mapper.clone(),
@@ -157,10 +161,15 @@ pub fn run(config: Config, raw: ConfigFile, config_path: Option<PathBuf>) -> any
         )
         .context("setting up DTLS")?;
         // DTLS records add at most a header, an explicit nonce and a tag.
-        let worker =
-            SecureWorker::start(&config.coaps_listen, max_datagram + 64, uplink(), server)?;
+        let worker = SecureWorker::start(
+            &config.coaps_listen,
+            max_datagram + 64,
+            uplink(),
+            server,
+            inbox,
+        )?;
         tracing::info!(addrs = ?config.coaps_listen, "CoAPS (DTLS) worker listening");
-        Some(worker)
+        (Some(worker), Some(outbox))
     };
 
     let metrics_listener = runtime
@@ -174,9 +183,12 @@ pub fn run(config: Config, raw: ConfigFile, config_path: Option<PathBuf>) -> any
         broker.clone(),
         mapper.clone(),
         &downlink_handle,
-        workers
-            .senders()
-            .context("cloning the CoAP sockets for the downlink")?,
+        Transport {
+            sockets: workers
+                .senders()
+                .context("cloning the CoAP sockets for the downlink")?,
+            secure: outbox,
+        },
         downlink_stats.clone(),
         relations.clone(),
     );

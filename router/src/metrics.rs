@@ -216,6 +216,13 @@ pub fn render(c: &Control) -> String {
         "evicted" => "DTLS sessions closed to stay within dtls.max_sessions / max_handshakes.",
         "sessions" => "DTLS sessions established.",
         "handshaking" => "DTLS handshakes under way.",
+        "downlink_sent" => {
+            "Downlink messages (commands, notifications, watches) sent over a DTLS session."
+        }
+        "downlink_no_session" => {
+            "Downlink messages for a DTLS device whose session is gone (not sent)."
+        }
+        "outbox_dropped" => "Downlink messages dropped with the CoAPS worker's queue full.",
         n if n.starts_with("alert_sent_") => {
             "Fatal DTLS alerts sent, by description (RFC 5246 section 7.2)."
         }

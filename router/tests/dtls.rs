@@ -8,11 +8,11 @@
 use std::net::{IpAddr, SocketAddr};
 use std::time::Duration;
 
-use m2m_router::coap::message::{code, Message};
+use m2m_router::coap::message::{self, code, option, Message, ACK, CON};
 use m2m_router_tests::certs::{Names, Pki};
 use m2m_router_tests::daemon::Daemon;
 use m2m_router_tests::dtls::DtlsClient;
-use m2m_router_tests::mqtt::MosquittoSub;
+use m2m_router_tests::mqtt::{mosquitto_pub, MosquittoSub};
 use m2m_router_tests::netns::{wait_for, Topology, DEADLINE, DEV_V4, DEV_V6, GW_V4, GW_V6};
 use m2m_router_tests::packet::coap_post;
 use m2m_router_tests::{require_root, TempPath};
@@ -611,5 +611,176 @@ fn certificate_mode_names_the_peer_by_its_certificate() {
     let got = sub.take(1);
     assert_eq!(got[0].topic, "m2m/latecomer/sensors/temp");
     assert_eq!(sub.fence(), vec![], "nothing else was published");
+    gw.daemon.stop();
+}
+
+/// The next message the gateway sends over `session` that `wanted`
+/// accepts (answers to the device's own uplinks come in between).
+fn next_from_gateway(session: &mut DtlsClient, wanted: impl Fn(&Message) -> bool) -> Vec<u8> {
+    let end = std::time::Instant::now() + DEADLINE;
+    while std::time::Instant::now() < end {
+        if let Some(m) = session.receive(Duration::from_secs(1)) {
+            if wanted(&Message::decode(&m).expect("CoAP over the session")) {
+                return m;
+            }
+        }
+    }
+    panic!("nothing the test waited for came over the session");
+}
+
+fn uri_path(m: &Message) -> String {
+    m.options()
+        .filter(|(n, _)| *n == option::URI_PATH)
+        .map(|(_, v)| String::from_utf8_lossy(v).into_owned())
+        .collect::<Vec<_>>()
+        .join("/")
+}
+
+/// Everything the gateway originates reaches a DTLS device over its
+/// session, the device being the peer its PSK names (it has no prefix):
+/// the watch the config asks for registers over the session and its
+/// notifications are published under the peer; an MQTT command arrives as
+/// a CON request and the device's answer is published; the device observes
+/// a topic through the pubsub prefix and gets its notification. Once the
+/// session is closed, a command is not sent in plain CoAP: it is counted
+/// (`dtls.downlink_no_session`) and waits for the device to come back.
+#[test]
+fn commands_notifications_and_watches_reach_a_dtls_device_over_its_session() {
+    const SENSOR_KEY: &[u8] = b"sensor9-secret";
+    let gw = Gateway::with(
+        "downlink",
+        "",
+        &format!(
+            r#"
+            [[peer]]
+            name = "sensor9"
+            psk_identity = "s9"
+            psk_hex = "{}"
+            subscribe = ["plant/{{peer}}/#"]
+            observe = ["sensors/temp"]
+            "#,
+            hex(SENSOR_KEY)
+        ),
+    );
+    let data = MosquittoSub::start(&gw.topo.gw, &["m2m/#"], &[]);
+    let responses = MosquittoSub::start(&gw.topo.gw, &["m2m-resp/#"], &["-F", "%t|%p|%D %P"]);
+    let mut session = gw
+        .session(DEV_V4[1].into(), "s9", SENSOR_KEY)
+        .expect("a session");
+    let answer = session
+        .exchange(&coap_post(1, b"hello"), DEADLINE)
+        .expect("an answer");
+    assert_eq!(Message::decode(&answer).unwrap().code, code::CHANGED);
+    assert_eq!(data.take(1)[0].topic, "m2m/sensor9/sensors/temp");
+
+    // The watch: heard from, the device is registered on over its session.
+    let registration = next_from_gateway(&mut session, |m| {
+        m.code == code::GET && uri_path(m) == "sensors/temp"
+    });
+    let reg = Message::decode(&registration).unwrap();
+    assert_eq!(reg.mtype, CON);
+    let token = reg.token.to_vec();
+    let mut out = Vec::new();
+    let mut seq = [0u8; 4];
+    message::encode(
+        &mut out,
+        ACK,
+        code::CONTENT,
+        reg.mid,
+        &token,
+        &[(option::OBSERVE, message::uint_bytes(1, &mut seq))],
+        b"20.5",
+    );
+    session.send(&out);
+    let got = data.take(1);
+    assert_eq!(
+        (got[0].topic.as_str(), got[0].payload.as_str()),
+        ("m2m/sensor9/sensors/temp", "20.5")
+    );
+    message::encode(
+        &mut out,
+        CON,
+        code::CONTENT,
+        0x7001,
+        &token,
+        &[(option::OBSERVE, message::uint_bytes(2, &mut seq))],
+        b"21.0",
+    );
+    session.send(&out);
+    let ack = next_from_gateway(&mut session, |m| m.mtype == ACK && m.mid == 0x7001);
+    assert_eq!(Message::decode(&ack).unwrap().code, code::EMPTY);
+    assert_eq!(data.take(1)[0].payload, "21.0");
+
+    // A command, and the device's answer.
+    mosquitto_pub(&gw.topo.gw, "m2m-cmd/sensor9/actuators/valve", "open", &[]);
+    let request = next_from_gateway(&mut session, |m| m.code == code::POST);
+    let req = Message::decode(&request).unwrap();
+    assert_eq!(
+        (req.mtype, uri_path(&req).as_str(), req.payload),
+        (CON, "actuators/valve", &b"open"[..])
+    );
+    message::encode(
+        &mut out,
+        ACK,
+        code::CHANGED,
+        req.mid,
+        req.token,
+        &[],
+        b"opened",
+    );
+    session.send(&out);
+    let got = responses.take(1);
+    assert_eq!(
+        (got[0].topic.as_str(), got[0].payload.as_str()),
+        ("m2m-resp/sensor9/actuators/valve", "opened")
+    );
+    assert!(got[0].content_type.contains("coap-code:2.04"), "{got:?}");
+
+    // The device observes a topic it may read.
+    message::encode(
+        &mut out,
+        CON,
+        code::GET,
+        0x7002,
+        &[0xab; 4],
+        &[
+            (option::OBSERVE, &[][..]),
+            (option::URI_PATH, b"ps"),
+            (option::URI_PATH, b"plant"),
+            (option::URI_PATH, b"sensor9"),
+            (option::URI_PATH, b"setpoint"),
+        ],
+        b"",
+    );
+    session.send(&out);
+    let registered = next_from_gateway(&mut session, |m| m.mid == 0x7002);
+    let registered = Message::decode(&registered).unwrap();
+    assert!(
+        registered.options().any(|(n, _)| n == option::OBSERVE),
+        "registered: the answer carries Observe (RFC 7641 section 4.1)"
+    );
+    mosquitto_pub(&gw.topo.gw, "plant/sensor9/setpoint", "18", &[]);
+    let notification = next_from_gateway(&mut session, |m| m.token == [0xab; 4]);
+    let n = Message::decode(&notification).unwrap();
+    assert_eq!((n.code, n.payload), (code::CONTENT, &b"18"[..]));
+    if n.mtype == CON {
+        message::encode(&mut out, ACK, code::EMPTY, n.mid, &[], &[], b"");
+        session.send(&out);
+    }
+    let sent = gw.dtls("downlink_sent");
+    assert!(
+        sent >= 4,
+        "registration, two ACKs, command, notification: {sent}"
+    );
+
+    // No session, no plain CoAP: the command is counted and waits.
+    session.close();
+    assert!(wait_for(DEADLINE, || gw.dtls("sessions") == 0));
+    mosquitto_pub(&gw.topo.gw, "m2m-cmd/sensor9/actuators/valve", "close", &[]);
+    assert!(
+        wait_for(DEADLINE, || gw.dtls("downlink_no_session") >= 1),
+        "the command found no session"
+    );
+    assert_eq!(gw.dtls("downlink_sent"), sent, "nothing else went out");
     gw.daemon.stop();
 }

@@ -26,9 +26,9 @@
 //! to), so the caller decides how many may be outstanding per peer
 //! (NSTART, section 4.7).
 
+use crate::coap::Endpoint;
 use std::collections::HashMap;
 use std::hash::Hash;
-use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
 use super::dedup::{Answer, DedupCache};
@@ -47,10 +47,10 @@ pub struct Client<K> {
     response_timeout: Duration,
     ids: Ids,
     exchanges: HashMap<K, Exchange>,
-    by_mid: HashMap<(SocketAddr, u16), K>,
-    by_token: HashMap<(SocketAddr, Token), K>,
+    by_mid: HashMap<(Endpoint, u16), K>,
+    by_token: HashMap<(Endpoint, Token), K>,
     /// Observe registrations: the tokens whose notifications keep coming.
-    listening: HashMap<(SocketAddr, Token), K>,
+    listening: HashMap<(Endpoint, Token), K>,
     /// Separate CON responses already handed over.
     taken: DedupCache,
     /// The latest Message ID sent to each endpoint, and when. Each endpoint
@@ -58,11 +58,11 @@ pub struct Client<K> {
     /// to anyone, would bring an ID back to a device within
     /// EXCHANGE_LIFETIME once thousands observe one topic (RFC 7252
     /// section 4.4).
-    mids: HashMap<SocketAddr, (u16, Instant)>,
+    mids: HashMap<Endpoint, (u16, Instant)>,
 }
 
 struct Exchange {
-    endpoint: SocketAddr,
+    endpoint: Endpoint,
     mid: u16,
     /// A request's token (its response matches by it); None for a CON
     /// message that is itself a response (a notification).
@@ -126,7 +126,7 @@ impl<K: Clone + Eq + Hash> Client<K> {
     pub fn request(
         &mut self,
         key: K,
-        endpoint: SocketAddr,
+        endpoint: Endpoint,
         method: u8,
         options: &[(u16, &[u8])],
         payload: &[u8],
@@ -152,7 +152,7 @@ impl<K: Clone + Eq + Hash> Client<K> {
     pub fn register(
         &mut self,
         key: K,
-        endpoint: SocketAddr,
+        endpoint: Endpoint,
         token: Option<Token>,
         method: u8,
         options: &[(u16, &[u8])],
@@ -173,7 +173,7 @@ impl<K: Clone + Eq + Hash> Client<K> {
     }
 
     /// A token no exchange or registration with `endpoint` uses.
-    fn new_token(&mut self, endpoint: SocketAddr) -> Token {
+    fn new_token(&mut self, endpoint: Endpoint) -> Token {
         loop {
             let token = self.ids.token();
             let key = (endpoint, token);
@@ -186,7 +186,7 @@ impl<K: Clone + Eq + Hash> Client<K> {
     /// Stops listening for `token`'s notifications from `endpoint`: the
     /// next one is rejected with RST, which ends the relation at the
     /// device (RFC 7641 section 3.6).
-    pub fn forget(&mut self, endpoint: SocketAddr, token: Token) {
+    pub fn forget(&mut self, endpoint: Endpoint, token: Token) {
         self.listening.remove(&(endpoint, token));
     }
 
@@ -197,7 +197,7 @@ impl<K: Clone + Eq + Hash> Client<K> {
     pub fn confirm(
         &mut self,
         key: K,
-        endpoint: SocketAddr,
+        endpoint: Endpoint,
         code: u8,
         token: &[u8],
         options: &[(u16, &[u8])],
@@ -214,7 +214,7 @@ impl<K: Clone + Eq + Hash> Client<K> {
     /// A Message ID for a message to `endpoint` (a NON the caller sends on
     /// its own, or an exchange's): the endpoint's next one that no exchange
     /// uses. Its counter starts at random in the client's half of the space.
-    pub fn mid(&mut self, endpoint: SocketAddr, now: Instant) -> u16 {
+    pub fn mid(&mut self, endpoint: Endpoint, now: Instant) -> u16 {
         let start = self.ids.mid();
         let (last, used) = self.mids.entry(endpoint).or_insert((start, now));
         *used = now;
@@ -233,7 +233,7 @@ impl<K: Clone + Eq + Hash> Client<K> {
     fn start(
         &mut self,
         key: K,
-        endpoint: SocketAddr,
+        endpoint: Endpoint,
         mid: u16,
         token: Option<Token>,
         datagram: Vec<u8>,
@@ -268,7 +268,7 @@ impl<K: Clone + Eq + Hash> Client<K> {
     pub fn expire(
         &mut self,
         now: Instant,
-        mut send: impl FnMut(SocketAddr, &[u8]),
+        mut send: impl FnMut(Endpoint, &[u8]),
     ) -> Vec<GaveUp<K>> {
         let due: Vec<K> = self
             .exchanges
@@ -303,7 +303,7 @@ impl<K: Clone + Eq + Hash> Client<K> {
     /// any, is left in `out` (cleared first).
     pub fn receive<'a>(
         &mut self,
-        src: SocketAddr,
+        src: Endpoint,
         msg: &Message<'a>,
         now: Instant,
         out: &mut Vec<u8>,
@@ -344,7 +344,7 @@ impl<K: Clone + Eq + Hash> Client<K> {
                 if msg.mtype == CON
                     && self
                         .taken
-                        .lookup(&Origin::Address(src), msg.mid, now)
+                        .lookup(&Origin::Address(src.addr), msg.mid, now)
                         .is_some()
                 {
                     empty(out, ACK, msg.mid);
@@ -370,7 +370,7 @@ impl<K: Clone + Eq + Hash> Client<K> {
                     empty(out, ACK, msg.mid);
                     let answer = Answer::new(code::EMPTY, &[], None);
                     self.taken
-                        .insert(Origin::Address(src), msg.mid, answer, now);
+                        .insert(Origin::Address(src.addr), msg.mid, answer, now);
                 }
                 self.remove(&key);
                 Reply::Response(key, *msg)
@@ -417,10 +417,10 @@ mod tests {
     use super::*;
     use crate::coap::message::option;
 
-    const DEVICE: SocketAddr = SocketAddr::new(
+    const DEVICE: Endpoint = Endpoint::plain(std::net::SocketAddr::new(
         std::net::IpAddr::V4(std::net::Ipv4Addr::new(10, 0, 0, 7)),
         5683,
-    );
+    ));
 
     fn client() -> Client<&'static str> {
         Client::new(TransmissionParams::default(), Duration::from_secs(30))
@@ -469,7 +469,7 @@ mod tests {
             matches!(got, Reply::Nothing),
             "section 5.3.2: the token must match"
         );
-        let other = SocketAddr::from(([10, 0, 0, 8], 5683));
+        let other = Endpoint::plain(std::net::SocketAddr::from(([10, 0, 0, 8], 5683)));
         let ack = reply(ACK, code::CHANGED, mid, &token);
         let got = c.receive(other, &Message::decode(&ack).unwrap(), now, &mut out);
         assert!(matches!(got, Reply::Nothing), "another endpoint");
@@ -610,7 +610,7 @@ mod tests {
         // The whole half of the space comes round without it.
         assert!((0..0x8000).all(|_| c.mid(DEVICE, at) != busy));
         // Each endpoint counts on its own.
-        let other = SocketAddr::from(([10, 0, 0, 9], 5683));
+        let other = Endpoint::plain(std::net::SocketAddr::from(([10, 0, 0, 9], 5683)));
         let (a, b) = (c.mid(DEVICE, at), c.mid(other, at));
         c.mid(other, at);
         assert_eq!(c.mid(DEVICE, at), (a.wrapping_add(1) & 0x7fff) | 0x8000);

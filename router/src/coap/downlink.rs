@@ -5,7 +5,9 @@
 //!
 //! - The request goes to the peer's configured `endpoint`, else to the
 //!   source of its latest uplink datagram (so NAT rebinding follows), from
-//!   the CoAP listen socket itself (port 5683 stays the device's peer port).
+//!   the CoAP listen socket itself (port 5683 stays the device's peer port);
+//!   to a device last heard from over DTLS, through its session
+//!   ([`Transport`], never in plain CoAP).
 //! - The message layer's client (`coap::client`) sends it as a CON,
 //!   retransmits it (section 4.2) and matches the answer: piggybacked, or
 //!   an empty ACK and a separate response (section 5.2.2). No answer after
@@ -38,7 +40,7 @@
 //! (`coap::observe`): one message layer, one Message ID counter per device.
 
 use std::collections::{HashMap, HashSet, VecDeque};
-use std::net::{SocketAddr, UdpSocket};
+use std::net::UdpSocket;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant};
@@ -48,11 +50,13 @@ use tokio::sync::mpsc;
 
 use super::block::Block;
 use super::client::{Client, GaveUp, Reply};
+use super::dtls::Outbox;
 use super::message::{self, code, option, Message};
 use super::observe::{self, Full, ObserveEvent, Observers, RelationId, Sequence, SharedObservers};
 use super::params::TransmissionParams;
 use super::request::{content_format, content_type};
 use super::watch::{SharedWatches, WatchId};
+use super::Endpoint;
 use crate::config::DownlinkSettings;
 use crate::mapping::{Mapper, SharedMapper};
 use crate::mqtt::broker::{Broker, Delivery, Session};
@@ -193,7 +197,7 @@ pub struct LastSeen(RwLock<HashMap<String, Seen>>);
 
 #[derive(Clone, Copy, Default, PartialEq)]
 struct Seen {
-    addr: Option<SocketAddr>,
+    addr: Option<Endpoint>,
     asleep: bool,
     /// A watch of the peer failed: its next uplink is news.
     watches_waiting: bool,
@@ -208,7 +212,7 @@ impl LastSeen {
     /// Returns news for the downlink when the peer was asleep (commands
     /// wait for it), its watches wait for it, or it is heard from at a new
     /// address (watches register there); None when nothing changed.
-    pub fn note(&self, peer: &str, addr: SocketAddr, mapper: &Mapper) -> Option<Heard> {
+    pub fn note(&self, peer: &str, addr: Endpoint, mapper: &Mapper) -> Option<Heard> {
         let awake = Seen {
             addr: Some(addr),
             asleep: false,
@@ -255,7 +259,7 @@ impl LastSeen {
         self.len() == 0
     }
 
-    pub fn get(&self, peer: &str) -> Option<SocketAddr> {
+    pub fn get(&self, peer: &str) -> Option<Endpoint> {
         self.0.read().unwrap().get(peer).and_then(|s| s.addr)
     }
 }
@@ -290,7 +294,7 @@ impl Default for Relations {
 pub struct DownlinkHandle {
     pub last_seen: Arc<LastSeen>,
     /// ACKs, RSTs and responses the workers received.
-    pub replies: mpsc::Sender<(SocketAddr, Bytes)>,
+    pub replies: mpsc::Sender<(Endpoint, Bytes)>,
     /// Observe registrations and deregistrations.
     pub observe: mpsc::Sender<ObserveEvent>,
     /// Peers heard from again, or at a new address.
@@ -313,7 +317,7 @@ struct Command {
 /// A command on its way, and its block-wise transfer if it is one.
 struct InFlight {
     command: Command,
-    endpoint: SocketAddr,
+    endpoint: Endpoint,
     /// The Block1 block of the payload last sent.
     block1: Option<Block>,
     /// The response so far when it comes in Block2 blocks, and its ETag.
@@ -327,7 +331,7 @@ pub struct Downlink {
     broker: Arc<Broker>,
     mappers: Arc<SharedMapper>,
     last_seen: Arc<LastSeen>,
-    sockets: Vec<UdpSocket>,
+    transport: Transport,
     /// Commands' requests (one outstanding per peer, NSTART = 1) and CON
     /// notifications.
     client: Client<Key>,
@@ -347,7 +351,7 @@ pub struct Downlink {
     /// CON notifications from watched devices whose publication is being
     /// made durable: acknowledged once it is (never before, so a device
     /// retransmits what was not kept), and not handled twice meanwhile.
-    committing: HashSet<(SocketAddr, u16)>,
+    committing: HashSet<(Endpoint, u16)>,
     committed: mpsc::UnboundedSender<Committed>,
     committed_rx: Option<mpsc::UnboundedReceiver<Committed>>,
     /// Notifications larger than a block, their rest being fetched.
@@ -362,7 +366,7 @@ impl Downlink {
         broker: Arc<Broker>,
         mappers: Arc<SharedMapper>,
         shared: &DownlinkHandle,
-        sockets: Vec<UdpSocket>,
+        transport: Transport,
         stats: Arc<DownlinkStats>,
         relations: Relations,
     ) -> Downlink {
@@ -379,7 +383,7 @@ impl Downlink {
             broker,
             mappers,
             last_seen: shared.last_seen.clone(),
-            sockets,
+            transport,
             in_flight: HashMap::new(),
             waiting: HashMap::new(),
             last_sweep: Instant::now(),
@@ -397,7 +401,7 @@ impl Downlink {
 
     pub async fn run(
         mut self,
-        mut replies: mpsc::Receiver<(SocketAddr, Bytes)>,
+        mut replies: mpsc::Receiver<(Endpoint, Bytes)>,
         mut observe: mpsc::Receiver<ObserveEvent>,
         mut heard: mpsc::Receiver<Heard>,
     ) {
@@ -543,7 +547,10 @@ impl Downlink {
             Some(info) if info.deny => {
                 return self.refuse(&command, "the peer is denied by policy")
             }
-            Some(info) => info.endpoint.or_else(|| self.last_seen.get(peer)),
+            Some(info) => info
+                .endpoint
+                .map(Endpoint::plain)
+                .or_else(|| self.last_seen.get(peer)),
         };
         // Queue mode: no endpoint yet, or the last request timed out.
         let asleep = endpoint.is_none() || self.last_seen.is_asleep(peer);
@@ -627,7 +634,7 @@ impl Downlink {
         );
     }
 
-    fn start(&mut self, command: Command, endpoint: SocketAddr) {
+    fn start(&mut self, command: Command, endpoint: Endpoint) {
         let size = self.settings.block_size;
         let block1 = (command.payload.len() > size).then(|| Block {
             num: 0,
@@ -689,7 +696,7 @@ impl Downlink {
             payload,
             Instant::now(),
         );
-        send(&self.sockets, flight.endpoint, datagram);
+        self.transport.send(flight.endpoint, datagram);
     }
 
     /// A response to one block: asks for the next one if the transfer goes
@@ -788,9 +795,9 @@ impl Downlink {
 
     fn timeouts(&mut self) {
         self.sweep(Instant::now());
-        let (sockets, stats) = (&self.sockets, &self.stats);
+        let (transport, stats) = (&self.transport, &self.stats);
         let gave_up = self.client.expire(Instant::now(), |to, datagram| {
-            send(sockets, to, datagram);
+            transport.send(to, datagram);
             count(&stats.retransmissions);
         });
         for GaveUp {
@@ -837,7 +844,7 @@ impl Downlink {
         }
     }
 
-    fn reply(&mut self, src: SocketAddr, datagram: &[u8]) {
+    fn reply(&mut self, src: Endpoint, datagram: &[u8]) {
         let Ok(msg) = Message::decode(datagram) else {
             return;
         };
@@ -846,7 +853,7 @@ impl Downlink {
         let mut out = Vec::new();
         let reply = self.client.receive(src, &msg, now, &mut out);
         if !out.is_empty() {
-            send(&self.sockets, src, &out);
+            self.transport.send(src, &out);
         }
         let (peer, answer) = match reply {
             Reply::Response(Key::Watch(id), m) => return self.watched(id, src, &m, false),
@@ -1008,7 +1015,7 @@ impl Downlink {
     /// relations, or the broker's subscription bounds): a 5.03 response
     /// with its token ends the observation at the device (RFC 7641 section
     /// 3.2: a notification that is not 2.xx ends it).
-    fn decline(&mut self, endpoint: SocketAddr, token: &[u8]) {
+    fn decline(&mut self, endpoint: Endpoint, token: &[u8]) {
         count(&self.stats.observe_refused);
         let mid = self.client.mid(endpoint, Instant::now());
         let mut datagram = Vec::with_capacity(16);
@@ -1021,7 +1028,7 @@ impl Downlink {
             &[],
             &[],
         );
-        send(&self.sockets, endpoint, &datagram);
+        self.transport.send(endpoint, &datagram);
     }
 
     /// Sends relation `id` the state `m` (published at `qos`): CON for QoS
@@ -1089,7 +1096,7 @@ impl Downlink {
                 payload,
                 now,
             );
-            send(&self.sockets, endpoint, datagram);
+            self.transport.send(endpoint, datagram);
         } else {
             let mid = self.client.mid(endpoint, now);
             let mut datagram = Vec::with_capacity(64 + payload.len());
@@ -1102,7 +1109,7 @@ impl Downlink {
                 &opts,
                 payload,
             );
-            send(&self.sockets, endpoint, &datagram);
+            self.transport.send(endpoint, &datagram);
             relations.sent_non(id, mid);
         }
         count(&self.stats.notifications);
@@ -1154,10 +1161,11 @@ impl Downlink {
                 continue;
             }
             let (_, mapper) = self.mappers.load();
-            let endpoint = mapper
-                .peer_by_name(peer)
-                .filter(|i| !i.deny)
-                .and_then(|i| i.endpoint.or_else(|| self.last_seen.get(peer)));
+            let endpoint = mapper.peer_by_name(peer).filter(|i| !i.deny).and_then(|i| {
+                i.endpoint
+                    .map(Endpoint::plain)
+                    .or_else(|| self.last_seen.get(peer))
+            });
             match endpoint {
                 Some(ep) => return self.start(command, ep),
                 None => self.refuse(&command, "the peer is no longer reachable by policy"),
@@ -1221,17 +1229,35 @@ fn coap_code(c: u8) -> String {
 }
 
 /// Sends from the CoAP socket of `to`'s address family.
-fn send(sockets: &[UdpSocket], to: SocketAddr, datagram: &[u8]) {
-    let socket = sockets
-        .iter()
-        .find(|s| s.local_addr().is_ok_and(|a| a.is_ipv4() == to.is_ipv4()));
-    match socket {
-        Some(s) => {
-            if let Err(err) = s.send_to(datagram, to) {
-                tracing::warn!(%to, %err, "downlink send failed");
+/// How the downlink reaches devices: plain CoAP from the CoAP listen
+/// sockets (port 5683 stays the device's peer port), and DTLS sessions
+/// through the CoAPS worker that holds them.
+pub struct Transport {
+    pub sockets: Vec<UdpSocket>,
+    pub secure: Option<Outbox>,
+}
+
+impl Transport {
+    fn send(&self, to: Endpoint, datagram: &[u8]) {
+        if to.secure {
+            match &self.secure {
+                Some(outbox) => outbox.send(to.addr, datagram),
+                None => tracing::warn!(%to, "downlink: no CoAPS worker"),
             }
+            return;
         }
-        None => tracing::warn!(%to, "downlink: no CoAP socket of this address family"),
+        let socket = self.sockets.iter().find(|s| {
+            s.local_addr()
+                .is_ok_and(|a| a.is_ipv4() == to.addr.is_ipv4())
+        });
+        match socket {
+            Some(s) => {
+                if let Err(err) = s.send_to(datagram, to.addr) {
+                    tracing::warn!(%to, %err, "downlink send failed");
+                }
+            }
+            None => tracing::warn!(%to, "downlink: no CoAP socket of this address family"),
+        }
     }
 }
 
@@ -1254,7 +1280,7 @@ mod tests {
     #[test]
     fn last_seen_forgets_removed_peers() {
         let seen = LastSeen::default();
-        let addr: SocketAddr = "10.0.0.1:5683".parse().unwrap();
+        let addr = Endpoint::plain("10.0.0.1:5683".parse().unwrap());
         let before = mapper(&["a", "b"]);
         seen.note("a", addr, &before);
         seen.note("b", addr, &before);

@@ -42,3 +42,43 @@ pub enum Origin {
     Address(SocketAddr),
     Peer(u32),
 }
+
+/// Where the gateway reaches a device: its address, and whether through
+/// the DTLS session the device holds there. A secure endpoint is never
+/// sent plain CoAP (a command meant for an authenticated device does not
+/// go out in clear, even after its session closed), and a plain answer
+/// from its address does not match what was sent to it over DTLS.
+#[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct Endpoint {
+    pub addr: SocketAddr,
+    pub secure: bool,
+}
+
+impl Endpoint {
+    pub const fn plain(addr: SocketAddr) -> Endpoint {
+        Endpoint {
+            addr,
+            secure: false,
+        }
+    }
+
+    pub const fn secure(addr: SocketAddr) -> Endpoint {
+        Endpoint { addr, secure: true }
+    }
+}
+
+impl std::fmt::Display for Endpoint {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        if self.secure {
+            write!(f, "coaps://{}", self.addr)
+        } else {
+            write!(f, "{}", self.addr)
+        }
+    }
+}
+
+impl std::fmt::Debug for Endpoint {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        std::fmt::Display::fmt(self, f)
+    }
+}

@@ -11,7 +11,9 @@
 //! the latest state, not a queue).
 
 use std::collections::HashMap;
-use std::net::{IpAddr, SocketAddr};
+use std::net::IpAddr;
+
+use super::Endpoint;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant};
 
@@ -55,7 +57,7 @@ impl Sequence {
 }
 
 pub struct Relation {
-    pub endpoint: SocketAddr,
+    pub endpoint: Endpoint,
     pub token: Vec<u8>,
     pub topic: Bytes,
     last_con: Instant,
@@ -100,7 +102,7 @@ pub struct Registered {
 #[derive(Debug)]
 pub enum ObserveEvent {
     Register {
-        endpoint: SocketAddr,
+        endpoint: Endpoint,
         token: Vec<u8>,
         topic: Bytes,
         /// A CRC-32 of the state the registration's response carried
@@ -109,7 +111,7 @@ pub enum ObserveEvent {
         sent: Option<u32>,
     },
     Deregister {
-        endpoint: SocketAddr,
+        endpoint: Endpoint,
         token: Vec<u8>,
     },
 }
@@ -120,10 +122,10 @@ pub struct Full;
 
 pub struct Observers {
     relations: HashMap<RelationId, Relation>,
-    by_observer: HashMap<(SocketAddr, Vec<u8>), RelationId>,
+    by_observer: HashMap<(Endpoint, Vec<u8>), RelationId>,
     by_topic: HashMap<Bytes, Vec<RelationId>>,
     /// The latest NON notification of each relation, by where it went.
-    by_non_mid: HashMap<(SocketAddr, u16), RelationId>,
+    by_non_mid: HashMap<(Endpoint, u16), RelationId>,
     per_address: HashMap<IpAddr, usize>,
     next_id: RelationId,
     max: usize,
@@ -147,7 +149,7 @@ impl Observers {
     /// numbers go on); on another topic it replaces the earlier relation.
     pub fn register(
         &mut self,
-        endpoint: SocketAddr,
+        endpoint: Endpoint,
         token: &[u8],
         topic: Bytes,
         now: Instant,
@@ -165,7 +167,11 @@ impl Observers {
             replaced = Some(id);
             unsubscribe = self.remove(id);
         }
-        let held = self.per_address.get(&endpoint.ip()).copied().unwrap_or(0);
+        let held = self
+            .per_address
+            .get(&endpoint.addr.ip())
+            .copied()
+            .unwrap_or(0);
         if self.relations.len() >= self.max || held >= MAX_PER_ADDRESS {
             return Err(Full);
         }
@@ -175,7 +181,7 @@ impl Observers {
         let subscribe = observers.is_empty();
         observers.push(id);
         self.by_observer.insert((endpoint, token.to_vec()), id);
-        *self.per_address.entry(endpoint.ip()).or_default() += 1;
+        *self.per_address.entry(endpoint.addr.ip()).or_default() += 1;
         self.relations.insert(
             id,
             Relation {
@@ -211,12 +217,12 @@ impl Observers {
 
     /// Ends the relation of `endpoint`/`token`, if there is one; the topic
     /// it leaves without observers, if any.
-    pub fn deregister(&mut self, endpoint: SocketAddr, token: &[u8]) -> Option<Bytes> {
+    pub fn deregister(&mut self, endpoint: Endpoint, token: &[u8]) -> Option<Bytes> {
         let id = self.find(endpoint, token)?;
         self.remove(id)
     }
 
-    pub fn find(&self, endpoint: SocketAddr, token: &[u8]) -> Option<RelationId> {
+    pub fn find(&self, endpoint: Endpoint, token: &[u8]) -> Option<RelationId> {
         self.by_observer.get(&(endpoint, token.to_vec())).copied()
     }
 
@@ -226,10 +232,10 @@ impl Observers {
         if let Some(mid) = r.last_non_mid {
             self.by_non_mid.remove(&(r.endpoint, mid));
         }
-        if let Some(held) = self.per_address.get_mut(&r.endpoint.ip()) {
+        if let Some(held) = self.per_address.get_mut(&r.endpoint.addr.ip()) {
             *held -= 1;
             if *held == 0 {
-                self.per_address.remove(&r.endpoint.ip());
+                self.per_address.remove(&r.endpoint.addr.ip());
             }
         }
         self.by_observer.remove(&(r.endpoint, r.token));
@@ -248,7 +254,7 @@ impl Observers {
     }
 
     /// The relation whose latest NON notification to `endpoint` had `mid`.
-    pub fn by_non_mid(&self, endpoint: SocketAddr, mid: u16) -> Option<RelationId> {
+    pub fn by_non_mid(&self, endpoint: Endpoint, mid: u16) -> Option<RelationId> {
         self.by_non_mid.get(&(endpoint, mid)).copied()
     }
 
@@ -274,7 +280,7 @@ impl Observers {
             .map(|(_, r)| {
                 let token: String = r.token.iter().map(|b| format!("{b:02x}")).collect();
                 serde_json::json!({
-                    "peer": peer_of(r.endpoint.ip()),
+                    "peer": peer_of(r.endpoint.addr.ip()),
                     "endpoint": r.endpoint.to_string(),
                     "token": token,
                     "topic": String::from_utf8_lossy(&r.topic),
@@ -299,8 +305,8 @@ impl Observers {
 mod tests {
     use super::*;
 
-    fn ep(port: u16) -> SocketAddr {
-        SocketAddr::from(([10, 0, 0, 1], port))
+    fn ep(port: u16) -> Endpoint {
+        Endpoint::plain(std::net::SocketAddr::from(([10, 0, 0, 1], port)))
     }
 
     #[test]
@@ -349,7 +355,7 @@ mod tests {
                 .unwrap();
         }
         assert_eq!(o.register(ep(9999), b"more", topic.clone(), now), Err(Full));
-        let other = SocketAddr::from(([10, 0, 0, 2], 1));
+        let other = Endpoint::plain(std::net::SocketAddr::from(([10, 0, 0, 2], 1)));
         assert!(
             o.register(other, b"x", topic.clone(), now).is_ok(),
             "another address"

@@ -22,7 +22,7 @@ use super::ids::{Ids, MidSpace};
 use super::message::{self, code, option, peek_header, Message, ACK, CON, NON, RST};
 use super::observe::{self, ObserveEvent};
 use super::request::{self, content_type, RequestError};
-use super::Origin;
+use super::{Endpoint, Origin};
 use crate::mapping::{self, Access, Delivery, Mapper, SharedMapper};
 use crate::mqtt::{Broker, Message as MqttMessage, Ticket};
 
@@ -130,6 +130,14 @@ struct Source<'a> {
 }
 
 impl Source<'_> {
+    /// Where the downlink answers it: over its session when it has one.
+    fn endpoint(&self) -> Endpoint {
+        Endpoint {
+            addr: self.addr,
+            secure: self.identity.is_some(),
+        }
+    }
+
     fn origin(&self) -> Origin {
         match self.identity {
             Some(id) => Origin::Peer(id.key),
@@ -197,7 +205,7 @@ impl Uplink {
     }
 
     /// Passes a device's answer to the downlink; whether one is running.
-    fn to_downlink(&self, src: SocketAddr, dgram: &[u8]) -> bool {
+    fn to_downlink(&self, src: Endpoint, dgram: &[u8]) -> bool {
         match &self.downlink {
             Some(d) => {
                 if d.replies
@@ -302,11 +310,16 @@ impl Uplink {
         match (msg.mtype, msg.code) {
             (CON, code::EMPTY) => self.reset(msg.mid, out), // "CoAP ping", section 4.3
             (CON | NON, _) if msg.is_request() => {
-                // (Commands and watches reach DTLS peers through their
-                // sessions only, which the downlink does not do yet.)
-                if let (Some(d), None) = (&self.downlink, src.identity) {
-                    if let Some(peer) = self.mapper.peer(src.addr.ip()) {
-                        if let Some(heard) = d.last_seen.note(&peer.name, src.addr, &self.mapper) {
+                // Commands and watches follow the peer to where it was
+                // last heard from: over DTLS, the peer its credentials
+                // named, reached through that session.
+                if let Some(d) = &self.downlink {
+                    let peer = match src.identity {
+                        Some(id) => Some(&*id.name),
+                        None => self.mapper.peer(src.addr.ip()).map(|p| p.name.as_str()),
+                    };
+                    if let Some(peer) = peer {
+                        if let Some(heard) = d.last_seen.note(peer, src.endpoint(), &self.mapper) {
                             // Commands or watches wait for this peer. News
                             // lost to a full channel: the downlink's 1 s
                             // sweep finds waiting commands, and watches
@@ -318,7 +331,7 @@ impl Uplink {
                 self.request(&msg, src, now, out)
             }
             // ACKs, RSTs and responses answer downlink requests.
-            _ if src.identity.is_none() && self.to_downlink(src.addr, dgram) => false,
+            _ if self.to_downlink(src.endpoint(), dgram) => false,
             (CON, _) => {
                 // A response we did not ask for (section 4.2).
                 self.stats.ignored.fetch_add(1, Ordering::Relaxed);
@@ -546,10 +559,8 @@ impl Uplink {
                 // Only a 2.05 of a first block registers (RFC 7641
                 // section 4.1; RFC 7959 section 3.4), and it always is one.
                 let first_block = req.block2.is_none_or(|b| b.num == 0);
-                // (Notifications to DTLS peers would need their sessions:
-                // not yet, so their registrations are declined.)
-                let observing = if first_block && src.identity.is_none() {
-                    self.observe(req.observe, msg.token, src.addr, m.as_ref())
+                let observing = if first_block {
+                    self.observe(req.observe, msg.token, src.endpoint(), m.as_ref())
                 } else {
                     None
                 };
@@ -650,7 +661,7 @@ impl Uplink {
         &mut self,
         observe: Option<u32>,
         token: &[u8],
-        src: SocketAddr,
+        src: Endpoint,
         sent: Option<&MqttMessage>,
     ) -> Option<u32> {
         let d = self.downlink.as_ref()?;

@@ -20,8 +20,8 @@
 //!   Max-Age (at least [`MIN_POLL`]): the gateway polls what it cannot
 //!   observe.
 
+use crate::coap::Endpoint;
 use std::collections::HashMap;
-use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
 use super::ids::Token;
@@ -81,7 +81,7 @@ pub struct Watch {
     pub origin: Origin,
     pub state: State,
     /// Where the relation is (or is being registered).
-    pub endpoint: Option<SocketAddr>,
+    pub endpoint: Option<Endpoint>,
     pub token: Option<Token>,
     /// The sequence number and arrival of the freshest notification.
     freshest: Option<(u32, Instant)>,
@@ -130,7 +130,7 @@ impl Watch {
 
     /// A registration went to `endpoint` with `token`: its answer starts
     /// the sequence afresh (the device may have restarted its numbers).
-    pub fn registering(&mut self, endpoint: SocketAddr, token: Token) {
+    pub fn registering(&mut self, endpoint: Endpoint, token: Token) {
         self.freshest = None;
         self.endpoint = Some(endpoint);
         self.token = Some(token);
@@ -192,7 +192,7 @@ impl Watch {
     /// Heard from the device, whose endpoint is now `endpoint`: whether to
     /// register now (it is waiting, or the relation is with another
     /// endpoint).
-    pub fn heard_from(&mut self, endpoint: SocketAddr) -> bool {
+    pub fn heard_from(&mut self, endpoint: Endpoint) -> bool {
         let moved = self.endpoint.is_some_and(|e| e != endpoint);
         if self.state == State::Idle || moved {
             self.failures = 0;
@@ -384,10 +384,10 @@ impl Watches {
 mod tests {
     use super::*;
 
-    const EP: SocketAddr = SocketAddr::new(
+    const EP: Endpoint = Endpoint::plain(std::net::SocketAddr::new(
         std::net::IpAddr::V4(std::net::Ipv4Addr::new(10, 0, 0, 7)),
         5683,
-    );
+    ));
 
     #[test]
     fn newer_by_number_within_half_the_space_or_by_time() {
@@ -427,7 +427,10 @@ mod tests {
         w.registering(EP, [1, 2, 3, 4]);
         assert!(matches!(w.notified(Some(1), 60, now), Fresh::Yes(None)));
         assert_eq!(w.notified(Some(1), 60, now), Fresh::No, "then as before");
-        w.registering(SocketAddr::from(([10, 0, 0, 7], 40000)), [5; 4]);
+        w.registering(
+            Endpoint::plain(std::net::SocketAddr::from(([10, 0, 0, 7], 40000))),
+            [5; 4],
+        );
         assert!(matches!(w.notified(Some(0), 60, now), Fresh::Yes(None)));
     }
 
@@ -448,7 +451,10 @@ mod tests {
         w.notified(Some(1), 60, now);
         assert!(!w.heard_from(EP), "observing there already");
         assert!(
-            w.heard_from(SocketAddr::from(([10, 0, 0, 7], 40000))),
+            w.heard_from(Endpoint::plain(std::net::SocketAddr::from((
+                [10, 0, 0, 7],
+                40000
+            )))),
             "moved"
         );
         // Served without Observe: read again after Max-Age, at least MIN_POLL.

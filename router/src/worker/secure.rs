@@ -5,7 +5,11 @@
 //!
 //! Per receive batch, as the plain workers do: decrypt each datagram into
 //! its session, handle the messages, commit once (the 2.04s wait for it),
-//! then encrypt the replies and send everything with sendmmsg.
+//! then encrypt the replies and send everything with sendmmsg. What the
+//! downlink sends to devices with sessions (commands, notifications,
+//! watches) arrives through an outbox (`dtls::Outbox`), whose eventfd is
+//! polled beside the sockets; answers to it go back to the downlink as a
+//! plain worker's do.
 
 use std::io;
 use std::net::{SocketAddr, UdpSocket};
@@ -16,7 +20,7 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use super::{bind_reuseport, probe_free, socket_addr, Batch, BATCH};
-use crate::coap::dtls::{Link, Outgoing, Server};
+use crate::coap::dtls::{Link, OutboxReceiver, Outgoing, Server};
 use crate::coap::uplink::Uplink;
 
 pub struct SecureWorker {
@@ -30,6 +34,7 @@ impl SecureWorker {
         max_datagram: usize,
         mut uplink: Uplink,
         mut server: Server,
+        downlink: OutboxReceiver,
     ) -> io::Result<SecureWorker> {
         let mut sockets = Vec::new();
         for addr in addresses {
@@ -41,8 +46,15 @@ impl SecureWorker {
         let thread = std::thread::Builder::new()
             .name("coaps".into())
             .spawn(move || {
-                if let Err(err) = serve(&sockets, &mut uplink, &mut server, max_datagram, &stopping)
-                {
+                let serving = serve(
+                    &sockets,
+                    &mut uplink,
+                    &mut server,
+                    &downlink,
+                    max_datagram,
+                    &stopping,
+                );
+                if let Err(err) = serving {
                     tracing::error!(%err, "CoAPS worker stopped");
                 }
             })?;
@@ -64,6 +76,7 @@ fn serve(
     sockets: &[UdpSocket],
     uplink: &mut Uplink,
     server: &mut Server,
+    downlink: &OutboxReceiver,
     max_datagram: usize,
     stop: &AtomicBool,
 ) -> io::Result<()> {
@@ -75,10 +88,13 @@ fn serve(
     let mut reply_links: Vec<Link> = Vec::new();
     let mut reply = Vec::with_capacity(256);
     let mut last_sweep = Instant::now();
+    // The sockets, then the downlink's wake-up.
     let mut fds: Vec<libc::pollfd> = sockets
         .iter()
-        .map(|s| libc::pollfd {
-            fd: s.as_raw_fd(),
+        .map(|s| s.as_raw_fd())
+        .chain([downlink.fd()])
+        .map(|fd| libc::pollfd {
+            fd,
             events: libc::POLLIN,
             revents: 0,
         })
@@ -105,7 +121,7 @@ fn serve(
             uplink.sweep(now);
             last_sweep = now;
         }
-        for (local, pfd) in fds.iter().enumerate() {
+        for (local, pfd) in fds[..sockets.len()].iter().enumerate() {
             if pfd.revents & libc::POLLIN == 0 {
                 continue;
             }
@@ -133,6 +149,12 @@ fn serve(
         let _ = uplink.commit(&mut replies);
         for (link, plaintext) in reply_links.drain(..).zip(replies.drain(..)) {
             server.send(link, &plaintext, &mut out);
+        }
+        // Commands, notifications and watches for devices with sessions.
+        if fds[sockets.len()].revents & libc::POLLIN != 0 {
+            for (remote, message) in downlink.drain() {
+                server.send_downlink(remote, &message, &mut out);
+            }
         }
         send(sockets, &mut tx, &mut out);
     }

@@ -10,13 +10,13 @@
 //! published once (RFC 7959 section 3.4; the notification itself is
 //! acknowledged at once, as the RFC has it).
 
-use std::net::SocketAddr;
+use crate::coap::Endpoint;
 use std::sync::atomic::Ordering;
 use std::time::Instant;
 
 use bytes::Bytes;
 
-use super::{count, send, Command, Downlink, Key, MAX_RESPONSE_BODY};
+use super::{count, Command, Downlink, Key, MAX_RESPONSE_BODY};
 use crate::coap::block::Block;
 use crate::coap::client;
 use crate::coap::message::{self, code, option, Message, ACK, CON};
@@ -32,7 +32,7 @@ const MAX_COMMITTING: usize = 4096;
 
 /// A notification whose value comes in Block2 blocks, being fetched.
 pub struct Fetch {
-    endpoint: SocketAddr,
+    endpoint: Endpoint,
     path: String,
     body: Vec<u8>,
     etag: Option<Vec<u8>>,
@@ -55,7 +55,7 @@ pub struct Committed {
     /// The relation's token: a failure undoes freshness only if the watch
     /// is still in that relation.
     token: Vec<u8>,
-    src: SocketAddr,
+    src: Endpoint,
     mid: u16,
     seq: Option<u32>,
     before: Option<(u32, Instant)>,
@@ -144,11 +144,12 @@ impl Downlink {
 
     /// Where `peer`'s device is: its configured endpoint, else the source
     /// of its latest uplink (None if denied or never heard from).
-    fn endpoint_of(&self, mapper: &mapping::Mapper, peer: &str) -> Option<SocketAddr> {
-        mapper
-            .peer_by_name(peer)
-            .filter(|p| !p.deny)
-            .and_then(|p| p.endpoint.or_else(|| self.last_seen.get(peer)))
+    fn endpoint_of(&self, mapper: &mapping::Mapper, peer: &str) -> Option<Endpoint> {
+        mapper.peer_by_name(peer).filter(|p| !p.deny).and_then(|p| {
+            p.endpoint
+                .map(Endpoint::plain)
+                .or_else(|| self.last_seen.get(peer))
+        })
     }
 
     /// Sends watch `id`'s registration: GET with Observe 0 (RFC 7641
@@ -180,7 +181,7 @@ impl Downlink {
         let (token, datagram) =
             self.client
                 .register(Key::Watch(id), endpoint, token, code::GET, &opts, now);
-        send(&self.sockets, endpoint, datagram);
+        self.transport.send(endpoint, datagram);
         w.registering(endpoint, token);
         count(&self.stats.watch_registrations);
     }
@@ -241,7 +242,7 @@ impl Downlink {
     /// A response to watch `id`'s registration (piggybacked, `separate`
     /// false) or one of its notifications (`separate`: a CON one is to be
     /// acknowledged).
-    pub(super) fn watched(&mut self, id: WatchId, src: SocketAddr, msg: &Message, separate: bool) {
+    pub(super) fn watched(&mut self, id: WatchId, src: Endpoint, msg: &Message, separate: bool) {
         let con = separate && msg.mtype == CON;
         if con && self.committing.contains(&(src, msg.mid)) {
             return; // retransmitted while the first copy is being kept
@@ -385,7 +386,7 @@ impl Downlink {
             &[],
             Instant::now(),
         );
-        send(&self.sockets, endpoint, datagram);
+        self.transport.send(endpoint, datagram);
         count(&self.stats.blocks);
         self.fetches.insert(id, fetch);
     }
@@ -467,16 +468,21 @@ impl Downlink {
     fn publish_watched(
         &mut self,
         id: WatchId,
-        src: SocketAddr,
+        src: Endpoint,
         path: &str,
         payload: Bytes,
         format: Option<u32>,
     ) -> Publish {
         let (_, mapper) = self.mappers.load();
         let segments: Vec<&str> = path.split('/').collect();
+        // Over DTLS the device is the watch's peer, not its address's.
+        let peer = src
+            .secure
+            .then(|| self.watches().get_mut(id).map(|w| w.peer.clone()))
+            .flatten();
         let req = mapping::Request {
-            src,
-            identity: None,
+            src: src.addr,
+            identity: peer.as_deref(),
             method: code::POST,
             path: &segments,
         };
@@ -538,10 +544,10 @@ impl Downlink {
         }
     }
 
-    fn ack(&self, to: SocketAddr, mid: u16) {
+    fn ack(&self, to: Endpoint, mid: u16) {
         let mut out = Vec::with_capacity(4);
         client::empty(&mut out, ACK, mid);
-        send(&self.sockets, to, &out);
+        self.transport.send(to, &out);
     }
 
     /// An MQTT command with method `observe` (`start`) or `unobserve` on

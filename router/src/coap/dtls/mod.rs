@@ -18,6 +18,7 @@
 
 mod alerts;
 mod context;
+mod outbox;
 mod wire;
 
 use std::collections::HashMap;
@@ -33,6 +34,7 @@ use serde::Serialize;
 
 use crate::config::DtlsSettings;
 use crate::mapping::{Mapper, PeerInfo, SharedMapper};
+pub use outbox::{outbox, Outbox, OutboxReceiver};
 pub use wire::Wire;
 
 /// Record content type of a handshake (RFC 5246 section 6.2.1).
@@ -68,6 +70,13 @@ pub struct DtlsStats {
     /// Datagrams from a source with no session that were not a
     /// ClientHello (a session closed on our side, or noise).
     pub no_session: AtomicU64,
+    /// Downlink messages (commands, notifications, watches) sent over a
+    /// session; those for an address with no session (it closed: the
+    /// device is reached again once it shakes hands); those dropped with
+    /// the worker's queue full.
+    pub downlink_sent: AtomicU64,
+    pub downlink_no_session: AtomicU64,
+    pub outbox_dropped: AtomicU64,
     pub sessions: AtomicU64,
     pub handshaking: AtomicU64,
     /// Fatal alerts sent and received, by description.
@@ -94,6 +103,9 @@ impl DtlsStats {
             ("replaced", f(&self.replaced)),
             ("closed_by_peer", f(&self.closed_by_peer)),
             ("no_session", f(&self.no_session)),
+            ("downlink_sent", f(&self.downlink_sent)),
+            ("downlink_no_session", f(&self.downlink_no_session)),
+            ("outbox_dropped", f(&self.outbox_dropped)),
             ("sessions", f(&self.sessions)),
             ("handshaking", f(&self.handshaking)),
         ]
@@ -173,6 +185,9 @@ pub struct Server {
     /// first source that returns a valid cookie, and a fresh one replaces it.
     listener: SslStream<Wire>,
     sessions: HashMap<Link, Session>,
+    /// The socket of each device address's established session, for the
+    /// downlink, which knows devices by address.
+    by_remote: HashMap<SocketAddr, usize>,
     handshaking: usize,
     settings: DtlsSettings,
     mappers: Arc<SharedMapper>,
@@ -222,6 +237,7 @@ impl Server {
             ctx,
             listener,
             sessions: HashMap::new(),
+            by_remote: HashMap::new(),
             handshaking: 0,
             settings,
             mappers,
@@ -299,6 +315,33 @@ impl Server {
         }
         self.flush(dst, out);
         true
+    }
+
+    /// Encrypts a downlink message for the established session at device
+    /// address `remote` (counted either way).
+    pub fn send_downlink(
+        &mut self,
+        remote: SocketAddr,
+        message: &[u8],
+        out: &mut Vec<Outgoing>,
+    ) -> bool {
+        let sent = match self.by_remote.get(&remote) {
+            Some(&local) => {
+                let link = Link { local, remote };
+                if let Some(s) = self.sessions.get_mut(&link) {
+                    s.last_active = Instant::now();
+                }
+                self.send(link, message, out)
+            }
+            None => false,
+        };
+        let counter = if sent {
+            &self.stats.downlink_sent
+        } else {
+            &self.stats.downlink_no_session
+        };
+        counter.fetch_add(1, Ordering::Relaxed);
+        sent
     }
 
     /// Retransmits handshake flights whose timer ran out (RFC 6347 section
@@ -422,6 +465,7 @@ impl Server {
                     s.peer = Some(peer.clone());
                     self.established.push((src, key));
                     s.credential = credential;
+                    self.by_remote.insert(src.remote, src.local);
                     self.handshaking -= 1;
                     self.stats.handshaking.fetch_sub(1, Ordering::Relaxed);
                     self.stats.handshakes.fetch_add(1, Ordering::Relaxed);
@@ -531,6 +575,9 @@ impl Server {
             return false;
         };
         if s.peer.is_some() {
+            if self.by_remote.get(&addr.remote) == Some(&addr.local) {
+                self.by_remote.remove(&addr.remote);
+            }
             self.stats.sessions.fetch_sub(1, Ordering::Relaxed);
             self.registry.0.lock().unwrap().remove(&addr);
         } else {
