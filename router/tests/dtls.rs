@@ -784,3 +784,141 @@ fn commands_notifications_and_watches_reach_a_dtls_device_over_its_session() {
     assert_eq!(gw.dtls("downlink_sent"), sent, "nothing else went out");
     gw.daemon.stop();
 }
+
+/// The issue's flood: ClientHellos spoofed from 100,000 sources (addresses
+/// the gateway has no route back to) while 100 real devices, each its own
+/// peer, shake hands and publish 10 CON messages each. A ClientHello gets a
+/// stateless cookie and nothing else (RFC 6347 section 4.2.1), so the
+/// flood makes no session, evicts none, and leaves memory where it was; the
+/// devices publish at least 99.9% of their messages.
+#[test]
+fn spoofed_client_hellos_do_not_keep_real_devices_out() {
+    use m2m_router_tests::dtls::client_hello;
+    use m2m_router_tests::packet::UdpFrame;
+    use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+    use std::sync::Arc;
+
+    const DEVICES: usize = 100;
+    const MESSAGES: usize = 10;
+    const SOURCES: u32 = 100_000;
+    let key = |i: usize| format!("device-{i}-key").into_bytes();
+    let mut peers = String::new();
+    for i in 0..DEVICES {
+        peers += &format!(
+            "[[peer]]\nname = \"dev{i}\"\npsk_identity = \"dev-{i}\"\npsk_hex = \"{}\"\n",
+            hex(&key(i))
+        );
+    }
+    // Devices share the four device addresses: their handshakes must not
+    // trip the per-source ClientHello rate.
+    let gw = Gateway::with(
+        "flood",
+        "hello_rate = \"1000/s\"\nhello_burst = 200",
+        &peers,
+    );
+    let mut sub = MosquittoSub::start(&gw.topo.gw, &["m2m/#"], &[]);
+    let rss = || gw.daemon.counter("process", "rss_bytes");
+    let rss_before = rss();
+
+    let hello = client_hello("spoofed");
+    let frames: Vec<Vec<u8>> = (0..SOURCES)
+        .map(|k| {
+            let src = std::net::Ipv4Addr::new(10, 200 + (k >> 16) as u8, (k >> 8) as u8, k as u8);
+            UdpFrame::new(
+                src.into(),
+                GW_V4.into(),
+                1024 + (k % 60_000) as u16,
+                5684,
+                hello.clone(),
+            )
+            .build()
+        })
+        .collect();
+    let raw = gw.topo.raw_sender();
+    let devices_done = Arc::new(AtomicBool::new(false));
+    let flood_sent = Arc::new(AtomicUsize::new(0));
+    let flood = {
+        let (done, sent) = (devices_done.clone(), flood_sent.clone());
+        std::thread::spawn(move || {
+            // Round after round of the 100,000 sources until the devices
+            // are through; paced so the test's own threads get the CPU too.
+            let mut round = 0;
+            while round == 0 || !done.load(Ordering::Relaxed) {
+                for batch in frames.chunks(500) {
+                    let mut taken = 0;
+                    while taken < batch.len() {
+                        // A full device queue takes part of a batch.
+                        let n = raw.send_many(&batch[taken..]);
+                        if n == 0 {
+                            std::thread::sleep(Duration::from_millis(1));
+                        }
+                        taken += n;
+                    }
+                    sent.fetch_add(taken, Ordering::Relaxed);
+                    std::thread::sleep(Duration::from_millis(5));
+                }
+                round += 1;
+            }
+        })
+    };
+    while flood_sent.load(Ordering::Relaxed) < 20_000 {
+        std::thread::sleep(Duration::from_millis(10));
+    }
+
+    let devices: Vec<_> = (0..DEVICES)
+        .map(|i| {
+            let sock = gw.coaps_socket(DEV_V4[i % DEV_V4.len()].into());
+            let key = key(i);
+            std::thread::spawn(move || {
+                let mut c = DtlsClient::connect_psk(sock, &format!("dev-{i}"), &key, DEADLINE * 3)
+                    .unwrap_or_else(|e| panic!("device {i}: {e}"));
+                let mut acknowledged = 0;
+                for j in 0..MESSAGES {
+                    let post = coap_post(j as u16 + 1, format!("{i}-{j}").as_bytes());
+                    if let Some(answer) = c.exchange(&post, DEADLINE) {
+                        acknowledged +=
+                            usize::from(Message::decode(&answer).unwrap().code == code::CHANGED);
+                    }
+                }
+                c.close();
+                acknowledged
+            })
+        })
+        .collect();
+    let acknowledged: usize = devices.into_iter().map(|d| d.join().unwrap()).sum();
+    devices_done.store(true, Ordering::Relaxed);
+    flood.join().unwrap();
+
+    let published: std::collections::HashSet<String> = sub
+        .fence()
+        .into_iter()
+        .filter(|r| r.topic.ends_with("/sensors/temp"))
+        .map(|r| r.payload)
+        .collect();
+    let wanted = DEVICES * MESSAGES;
+    let stats = gw.daemon.ctl_json(&["stats"]);
+    let dtls = &stats["dtls"];
+    let growth = rss().saturating_sub(rss_before);
+    let report = format!(
+        "{} of {wanted} published, {acknowledged} acknowledged; flood: {} ClientHellos sent; \
+         RSS grew {} KiB; dtls {dtls}",
+        published.len(),
+        flood_sent.load(Ordering::Relaxed),
+        growth >> 10
+    );
+    eprintln!("{report}");
+    assert!(published.len() * 1000 >= wanted * 999, "{report}");
+    // Most of the flood reached the DTLS server (each got a cookie); a
+    // loaded host may drop some in the socket buffer.
+    assert!(
+        dtls["hello_verify"].as_u64().unwrap() >= u64::from(SOURCES / 2),
+        "the flood reached the DTLS server: {report}"
+    );
+    assert_eq!(dtls["evicted"], 0, "no device was evicted: {report}");
+    assert_eq!(
+        dtls["handshaking"], 0,
+        "the flood left no handshake: {report}"
+    );
+    assert!(growth < 32 << 20, "memory stays bounded: {report}");
+    gw.daemon.stop();
+}

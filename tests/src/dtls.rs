@@ -182,3 +182,39 @@ fn builder(cipher: &str) -> Result<SslContextBuilder, String> {
     b.set_options(SslOptions::NO_QUERY_MTU);
     Ok(b)
 }
+
+/// A PSK client's first ClientHello (no cookie yet), as it goes on the
+/// wire: the datagram floods are made of.
+pub fn client_hello(identity: &str) -> Vec<u8> {
+    /// A wire that keeps what is written and has nothing to read.
+    #[derive(Default)]
+    struct Capture(Vec<Vec<u8>>);
+    impl Read for Capture {
+        fn read(&mut self, _: &mut [u8]) -> io::Result<usize> {
+            Err(io::ErrorKind::WouldBlock.into())
+        }
+    }
+    impl Write for Capture {
+        fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+            self.0.push(buf.to_vec());
+            Ok(buf.len())
+        }
+        fn flush(&mut self) -> io::Result<()> {
+            Ok(())
+        }
+    }
+    let mut b = builder("PSK-AES128-CCM8").expect("a DTLS context");
+    let identity = identity.to_owned();
+    b.set_psk_client_callback(move |_, _, id_out, key_out| {
+        id_out[..identity.len()].copy_from_slice(identity.as_bytes());
+        id_out[identity.len()] = 0;
+        key_out[0] = 0;
+        Ok(1)
+    });
+    let mut ssl = Ssl::new(&b.build()).expect("an SSL object");
+    ssl.set_mtu(1200).expect("an MTU");
+    ssl.set_connect_state();
+    let mut stream = SslStream::new(ssl, Capture::default()).expect("a stream");
+    let _ = stream.do_handshake();
+    stream.get_mut().0.remove(0)
+}
