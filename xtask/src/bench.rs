@@ -191,6 +191,16 @@ pub fn run(bin: &Path, quick: bool) -> Result<String> {
     super::step("block-wise upload and Observe fan-out, beside aiocoap and Mosquitto");
     out.push_str(&coap_features(bin, quick)?);
 
+    super::step("CoAP over DTLS, beside plain CoAP and coap-server-openssl");
+    out.push_str("\n### CoAP over DTLS\n\n");
+    let seconds = if quick { "2" } else { "5" };
+    out.push_str(&capture(
+        Command::new(bin.join("dtls-bench")).args(["--seconds", seconds]),
+    )?);
+    out.push_str(&format!(
+        "\n`target/release/dtls-bench --seconds {seconds}` (4 client threads)\n"
+    ));
+
     super::step("disk spool write and replay");
     out.push_str("\n### Spool\n\n");
     let n = if quick { "5000" } else { "20000" };
