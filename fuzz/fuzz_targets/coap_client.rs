@@ -15,11 +15,12 @@ use m2m_router::coap::client::{Client, Reply};
 use m2m_router::coap::message::{self, code, option, Message};
 use m2m_router::coap::params::TransmissionParams;
 use m2m_router::coap::watch::{Origin, Watches};
+use m2m_router::coap::Endpoint;
 
-const DEVICE: SocketAddr = SocketAddr::new(
+const DEVICE: Endpoint = Endpoint::plain(SocketAddr::new(
     std::net::IpAddr::V4(std::net::Ipv4Addr::new(10, 0, 0, 7)),
     5683,
-);
+));
 
 fuzz_target!(|data: &[u8]| {
     let start = Instant::now();
