@@ -162,12 +162,7 @@ fn libcoap_psk_clients_publish_under_the_peer_their_identity_names() {
             "{program} from {src}: no 2.04\n{trace}"
         );
     }
-    let mut got: Vec<(String, String)> = sub
-        .take(cases.len())
-        .into_iter()
-        .map(|r| (r.topic, r.payload))
-        .collect();
-    got.sort();
+    let got = sorted(&sub, cases.len());
     assert_eq!(
         got,
         vec![
@@ -278,10 +273,7 @@ fn one_identity_from_two_addresses_is_one_peer() {
     let mut first = gw
         .session(DEV_V4[1].into(), IDENTITY, KEY.as_bytes())
         .expect("first session");
-    let answer = first
-        .exchange(&coap_post(7, b"one"), DEADLINE)
-        .expect("an answer");
-    assert_eq!(Message::decode(&answer).unwrap().code, code::CHANGED);
+    post(&mut first, 7, b"one");
     let mut second = gw
         .session(DEV_V6[1].into(), IDENTITY, KEY.as_bytes())
         .expect("second session");
@@ -305,10 +297,7 @@ fn one_identity_from_two_addresses_is_one_peer() {
     );
     let duplicates = gw.daemon.counter("coap", "duplicates");
     // The device lost the first ACK and moved: it sends MID 7 again.
-    let answer = second
-        .exchange(&coap_post(7, b"one"), DEADLINE)
-        .expect("an answer");
-    assert_eq!(Message::decode(&answer).unwrap().code, code::CHANGED);
+    post(&mut second, 7, b"one");
     assert_eq!(gw.daemon.counter("coap", "duplicates"), duplicates + 1);
     for (mid, payload) in [(8u16, "two"), (9, "three")] {
         let answer = second
@@ -365,10 +354,7 @@ fn a_peer_that_must_use_dtls_is_not_served_in_plain_coap() {
             ],
         )
         .expect("session");
-    let answer = session
-        .exchange(&coap_post(2, b"secure"), DEADLINE)
-        .expect("an answer");
-    assert_eq!(Message::decode(&answer).unwrap().code, code::CHANGED);
+    post(&mut session, 2, b"secure");
     let got = sub.take(1);
     assert_eq!(
         (got[0].topic.as_str(), got[0].payload.as_str()),
@@ -495,12 +481,7 @@ fn certificate_mode_names_the_peer_by_its_certificate() {
             "from {src}: no 2.04\n{trace}"
         );
     }
-    let mut got: Vec<(String, String)> = sub
-        .take(2)
-        .into_iter()
-        .map(|r| (r.topic, r.payload))
-        .collect();
-    got.sort();
+    let got = sorted(&sub, 2);
     assert_eq!(
         got,
         vec![
@@ -519,10 +500,7 @@ fn certificate_mode_names_the_peer_by_its_certificate() {
         DEADLINE,
     )
     .expect("a session for valve2's certificate");
-    let answer = first
-        .exchange(&coap_post(1, b"full"), DEADLINE)
-        .expect("an answer");
-    assert_eq!(Message::decode(&answer).unwrap().code, code::CHANGED);
+    post(&mut first, 1, b"full");
     let session = first.session().expect("a session to resume");
     first.close();
     let handshakes = gw.dtls("handshakes");
@@ -535,10 +513,7 @@ fn certificate_mode_names_the_peer_by_its_certificate() {
     )
     .expect("a resumed session");
     assert!(resumed.resumed(), "the gateway resumed the session");
-    let answer = resumed
-        .exchange(&coap_post(2, b"resumed"), DEADLINE)
-        .expect("an answer");
-    assert_eq!(Message::decode(&answer).unwrap().code, code::CHANGED);
+    post(&mut resumed, 2, b"resumed");
     assert_eq!(gw.dtls("handshakes"), handshakes + 1);
     let listed = gw.daemon.ctl_json(&["dtls", "ls"]);
     let sessions = listed["sessions"].as_array().unwrap();
@@ -554,11 +529,7 @@ fn certificate_mode_names_the_peer_by_its_certificate() {
             .starts_with("ECDHE-ECDSA"),
         "{listed}"
     );
-    let got: Vec<(String, String)> = sub
-        .take(2)
-        .into_iter()
-        .map(|r| (r.topic, r.payload))
-        .collect();
+    let got = sorted(&sub, 2);
     assert_eq!(
         got,
         vec![
@@ -604,14 +575,31 @@ fn certificate_mode_names_the_peer_by_its_certificate() {
         DEADLINE,
     )
     .expect("a session for the peer added at run time");
-    let answer = client
-        .exchange(&coap_post(1, b"late"), DEADLINE)
-        .expect("an answer");
-    assert_eq!(Message::decode(&answer).unwrap().code, code::CHANGED);
+    post(&mut client, 1, b"late");
     let got = sub.take(1);
     assert_eq!(got[0].topic, "m2m/latecomer/sensors/temp");
     assert_eq!(sub.fence(), vec![], "nothing else was published");
     gw.daemon.stop();
+}
+
+/// The next `n` messages `sub` receives, as (topic, payload), sorted.
+fn sorted(sub: &MosquittoSub, n: usize) -> Vec<(String, String)> {
+    let mut got: Vec<_> = sub
+        .take(n)
+        .into_iter()
+        .map(|r| (r.topic, r.payload))
+        .collect();
+    got.sort();
+    got
+}
+
+/// POSTs `payload` as CON `mid` over `session`; the gateway must answer
+/// 2.04 (it published the message).
+fn post(session: &mut DtlsClient, mid: u16, payload: &[u8]) {
+    let answer = session
+        .exchange(&coap_post(mid, payload), DEADLINE)
+        .expect("an answer");
+    assert_eq!(Message::decode(&answer).unwrap().code, code::CHANGED);
 }
 
 /// The next message the gateway sends over `session` that `wanted`
@@ -667,10 +655,7 @@ fn commands_notifications_and_watches_reach_a_dtls_device_over_its_session() {
     let mut session = gw
         .session(DEV_V4[1].into(), "s9", SENSOR_KEY)
         .expect("a session");
-    let answer = session
-        .exchange(&coap_post(1, b"hello"), DEADLINE)
-        .expect("an answer");
-    assert_eq!(Message::decode(&answer).unwrap().code, code::CHANGED);
+    post(&mut session, 1, b"hello");
     assert_eq!(data.take(1)[0].topic, "m2m/sensor9/sensors/temp");
 
     // The watch: heard from, the device is registered on over its session.
