@@ -547,10 +547,7 @@ impl Downlink {
             Some(info) if info.deny => {
                 return self.refuse(&command, "the peer is denied by policy")
             }
-            Some(info) => info
-                .endpoint
-                .map(Endpoint::plain)
-                .or_else(|| self.last_seen.get(peer)),
+            Some(_) => self.endpoint_of(&mapper, peer),
         };
         // Queue mode: no endpoint yet, or the last request timed out.
         let asleep = endpoint.is_none() || self.last_seen.is_asleep(peer);
@@ -632,6 +629,17 @@ impl Downlink {
             ),
             Some("application/json"),
         );
+    }
+
+    /// Where `peer`'s device is: its configured endpoint, else where its
+    /// latest uplink came from, over DTLS if it did (None if denied or
+    /// never heard from).
+    fn endpoint_of(&self, mapper: &Mapper, peer: &str) -> Option<Endpoint> {
+        mapper.peer_by_name(peer).filter(|p| !p.deny).and_then(|p| {
+            p.endpoint
+                .map(Endpoint::plain)
+                .or_else(|| self.last_seen.get(peer))
+        })
     }
 
     fn start(&mut self, command: Command, endpoint: Endpoint) {
@@ -1161,12 +1169,7 @@ impl Downlink {
                 continue;
             }
             let (_, mapper) = self.mappers.load();
-            let endpoint = mapper.peer_by_name(peer).filter(|i| !i.deny).and_then(|i| {
-                i.endpoint
-                    .map(Endpoint::plain)
-                    .or_else(|| self.last_seen.get(peer))
-            });
-            match endpoint {
+            match self.endpoint_of(&mapper, peer) {
                 Some(ep) => return self.start(command, ep),
                 None => self.refuse(&command, "the peer is no longer reachable by policy"),
             }

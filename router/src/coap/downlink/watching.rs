@@ -142,16 +142,6 @@ impl Downlink {
         }
     }
 
-    /// Where `peer`'s device is: its configured endpoint, else the source
-    /// of its latest uplink (None if denied or never heard from).
-    fn endpoint_of(&self, mapper: &mapping::Mapper, peer: &str) -> Option<Endpoint> {
-        mapper.peer_by_name(peer).filter(|p| !p.deny).and_then(|p| {
-            p.endpoint
-                .map(Endpoint::plain)
-                .or_else(|| self.last_seen.get(peer))
-        })
-    }
-
     /// Sends watch `id`'s registration: GET with Observe 0 (RFC 7641
     /// section 3.1), renewing the relation's token at the same endpoint.
     fn register_watch(&mut self, id: WatchId, now: Instant) {
