@@ -264,7 +264,7 @@ fn udp_datagram(frame: &[u8], policy: &impl Policy) -> Result<Datagram, Reason> 
 
 /// Step 4 on a CoAPS port: DTLS records, RFC 6347 section 4.1. Each record
 /// has a content type DTLS knows, version 1.2 (1.0 allowed in a
-/// ClientHello's record), and a length within the datagram; the records,
+/// ClientHello's or HelloVerifyRequest's record), and a length within the datagram; the records,
 /// at most [`DTLS_MAX_RECORDS`], fill it exactly. A tls12_cid record (RFC
 /// 9146) has its length after a connection ID of negotiated size, which the
 /// fast path does not know: it must be the datagram's last record. Returns
@@ -284,11 +284,16 @@ fn check_dtls(frame: &[u8], d: Datagram) -> Result<bool, Reason> {
         if !dtls_content_type_valid(ctype) {
             return Err(Reason::DropBadDtlsRecord);
         }
-        let client_hello = ctype == DTLS_HANDSHAKE
-            && epoch == 0
-            && len > 0
-            && frame.get(off + DTLS_RECORD_HLEN) == Some(&DTLS_CLIENT_HELLO);
-        if version != DTLS_1_2 && !(version == DTLS_1_0 && client_hello) {
+        // The handshake message type of an epoch-0 handshake record.
+        let hello_phase = if ctype == DTLS_HANDSHAKE && epoch == 0 && len > 0 {
+            frame.get(off + DTLS_RECORD_HLEN).copied()
+        } else {
+            None
+        };
+        let client_hello = hello_phase == Some(DTLS_CLIENT_HELLO);
+        if version != DTLS_1_2
+            && !(version == DTLS_1_0 && hello_phase.is_some_and(dtls_1_0_allowed))
+        {
             return Err(Reason::DropBadDtlsRecord);
         }
         if i == 0 {

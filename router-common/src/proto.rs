@@ -50,15 +50,25 @@ pub const DTLS_MAX_RECORDS: usize = 8;
 /// packet offsets is 64 KiB).
 pub const DTLS_MAX_OFFSET: usize = 0xfff0;
 pub const DTLS_1_2: u16 = 0xfefd;
-/// DTLS 1.0: what a ClientHello's record may carry (RFC 6347 section 4.2.1
-/// lets a client use it before the version is negotiated).
+/// DTLS 1.0: what the records of the hello exchange may carry before the
+/// version is negotiated (RFC 6347 section 4.2.1): a client's ClientHello,
+/// and the HelloVerifyRequest that servers SHOULD send as 1.0 whatever
+/// they will negotiate (a device's, when the gateway opens a session).
 pub const DTLS_1_0: u16 = 0xfeff;
 /// Content types: change_cipher_spec, alert, handshake, application_data
 /// (RFC 5246 section 6.2.1), and tls12_cid (RFC 9146).
 pub const DTLS_HANDSHAKE: u8 = 22;
 pub const DTLS_CID: u8 = 25;
-/// Handshake type of a ClientHello (RFC 5246 section 7.4).
+/// Handshake types of a ClientHello (RFC 5246 section 7.4) and a
+/// HelloVerifyRequest (RFC 6347 section 4.3.2).
 pub const DTLS_CLIENT_HELLO: u8 = 1;
+pub const DTLS_HELLO_VERIFY_REQUEST: u8 = 3;
+
+/// Whether an epoch-0 handshake record holding message `msg_type` may
+/// carry version [`DTLS_1_0`].
+pub const fn dtls_1_0_allowed(msg_type: u8) -> bool {
+    matches!(msg_type, DTLS_CLIENT_HELLO | DTLS_HELLO_VERIFY_REQUEST)
+}
 
 pub const fn dtls_content_type_valid(t: u8) -> bool {
     matches!(t, 20..=23 | DTLS_CID)

@@ -319,6 +319,14 @@ fn rfc6347_records_on_a_coaps_port() {
         );
     }
     assert_eq!(run(&dtls(&[record(23, 0xfefd, 1, &[0xaa; 40])])), accepted);
+    // A HelloVerifyRequest in a 1.0 record, as servers send it whatever
+    // they negotiate (section 4.2.1): a device's, when the gateway opens
+    // the session.
+    const HELLO_VERIFY_REQUEST: &[u8] = &[3, 0, 0, 3, 0, 0, 0, 0, 0, 0, 0, 3, 0xfe, 0xff, 0];
+    assert_eq!(
+        run(&dtls(&[record(22, 0xfeff, 0, HELLO_VERIFY_REQUEST)])),
+        accepted
+    );
     // A flight: several records in one datagram (section 4.1.1).
     let flight = [
         record(22, 0xfefd, 0, &[2; 20]),
@@ -330,8 +338,10 @@ fn rfc6347_records_on_a_coaps_port() {
     // connection ID of negotiated size, so it ends the datagram.
     assert_eq!(run(&dtls(&[record(25, 0xfefd, 1, &[7; 24])])), accepted);
     let bad = verdict(Reason::DropBadDtlsRecord, None);
-    // Only ClientHellos may say DTLS 1.0; TLS 1.2 (0x0303) is not DTLS.
+    // Only the hello exchange may say DTLS 1.0 (not a ServerHello, type 2,
+    // nor application data); TLS 1.2 (0x0303) is not DTLS.
     assert_eq!(run(&dtls(&[record(23, 0xfeff, 1, &[0; 8])])), bad);
+    assert_eq!(run(&dtls(&[record(22, 0xfeff, 0, &[2; 20])])), bad);
     assert_eq!(run(&dtls(&[record(22, 0x0303, 0, CLIENT_HELLO)])), bad);
     // Content types DTLS does not have (24 heartbeat is not one we take).
     for t in [0, 19, 24, 26, 255] {

@@ -211,12 +211,15 @@ fn check_dtls(ctx: &XdpContext, mut off: usize, end: usize) -> Result<bool, Reas
         if !dtls_content_type_valid(h[0]) {
             return Err(Reason::DropBadDtlsRecord);
         }
-        let client_hello = h[0] == DTLS_HANDSHAKE
-            && h[3] == 0
-            && h[4] == 0
-            && len > 0
-            && load::<u8>(ctx, off + DTLS_RECORD_HLEN) == Some(DTLS_CLIENT_HELLO);
-        if version != DTLS_1_2 && !(version == DTLS_1_0 && client_hello) {
+        let hello_phase = if h[0] == DTLS_HANDSHAKE && h[3] == 0 && h[4] == 0 && len > 0 {
+            load::<u8>(ctx, off + DTLS_RECORD_HLEN)
+        } else {
+            None
+        };
+        let client_hello = hello_phase == Some(DTLS_CLIENT_HELLO);
+        if version != DTLS_1_2
+            && !(version == DTLS_1_0 && hello_phase.is_some_and(dtls_1_0_allowed))
+        {
             return Err(Reason::DropBadDtlsRecord);
         }
         if i == 0 {

@@ -14,6 +14,7 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 use thiserror::Error;
 
+use crate::coap::Endpoint;
 use crate::mqtt::BrokerConfig;
 use crate::template::Template;
 
@@ -205,9 +206,6 @@ pub struct DefaultsSection {
     pub rate: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub burst: Option<u32>,
-    /// Where downlink commands go; default: the peer's last uplink source.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub endpoint: Option<String>,
     /// MQTT topic filters unknown peers may publish to, and read, through
     /// `[coap] pubsub_prefix`.
     #[serde(skip_serializing_if = "Vec::is_empty")]
@@ -453,7 +451,9 @@ pub struct Peer {
     pub topic: Option<Template>,
     pub rate: Option<Rate>,
     pub burst: Option<u32>,
-    pub endpoint: Option<SocketAddr>,
+    /// Where downlink commands go, when configured; a `coaps://` endpoint
+    /// is reached through a DTLS session the gateway opens.
+    pub endpoint: Option<Endpoint>,
     /// What the peer may publish to and read through the pubsub prefix
     /// (MQTT topic filters; `{peer}` stands for its name).
     pub publish: Vec<String>,
@@ -1094,6 +1094,7 @@ impl ConfigFile {
                 ));
             }
         }
+        check_secure_endpoints(&peers, &coaps_listen)?;
         let routes = validate_routes(self.route, &peers)?;
         let upstreams = validate_upstreams(self.upstream)?;
         let d = self.downlink;
@@ -1163,6 +1164,47 @@ impl ConfigFile {
     }
 }
 
+/// A `coaps://` endpoint is reached by a DTLS client session the gateway
+/// opens from its CoAPS socket of the same address family (so the device
+/// answers the CoAPS port the fast path guards), with the peer's
+/// credentials: its PSK, or the gateway's certificate, the device's
+/// certificate then naming the peer's `cert_name`. One peer per such
+/// endpoint: the session there is that peer.
+fn check_secure_endpoints(peers: &[Peer], coaps_listen: &[SocketAddr]) -> Result<(), ConfigError> {
+    let mut owners: HashMap<SocketAddr, &str> = HashMap::new();
+    for (i, p) in peers.iter().enumerate() {
+        let Some(endpoint) = p.endpoint.filter(|e| e.secure) else {
+            continue;
+        };
+        let field = format!("peer[{i}].endpoint");
+        if p.psk.is_none() && p.cert_name.is_none() {
+            return Err(invalid(
+                field,
+                "a coaps:// endpoint needs the peer's DTLS credentials (psk_identity or cert_name)",
+            ));
+        }
+        if !coaps_listen
+            .iter()
+            .any(|l| l.is_ipv4() == endpoint.addr.is_ipv4())
+        {
+            return Err(invalid(
+                field,
+                format!(
+                    "{endpoint} is reached from a coap.listen_dtls address of its family (IPv{}), and there is none",
+                    if endpoint.addr.is_ipv4() { 4 } else { 6 }
+                ),
+            ));
+        }
+        if let Some(other) = owners.insert(endpoint.addr, &p.name) {
+            return Err(invalid(
+                field,
+                format!("{endpoint} is already the endpoint of peer {other:?}"),
+            ));
+        }
+    }
+    Ok(())
+}
+
 fn validate_peers(sections: Vec<PeerSection>) -> Result<Vec<Peer>, ConfigError> {
     let mut names = HashMap::new();
     let mut owners: HashMap<Prefix, String> = HashMap::new();
@@ -1227,7 +1269,7 @@ fn validate_peers(sections: Vec<PeerSection>) -> Result<Vec<Peer>, ConfigError> 
             endpoint: p
                 .endpoint
                 .as_deref()
-                .map(|e| socket_addr(&at("endpoint"), e))
+                .map(|e| e.parse().map_err(|m| invalid(at("endpoint"), m)))
                 .transpose()?,
             topic: p
                 .topic
@@ -1667,6 +1709,53 @@ mod tests {
             field_of("[coap]\nlisten_dtls = [\"0.0.0.0:5683\"]"),
             "coap.listen_dtls[0]",
             "a port is plain or DTLS"
+        );
+    }
+
+    #[test]
+    fn a_coaps_endpoint_needs_credentials_a_socket_of_its_family_and_one_peer() {
+        let listen = "[coap]\nlisten_dtls = [\"0.0.0.0:5684\"]\n";
+        let psk = "psk_identity = \"m\"\npsk_hex = \"00\"";
+        let good =
+            format!("{listen}[[peer]]\nname = \"m\"\n{psk}\nendpoint = \"coaps://192.0.2.7\"\n");
+        let c = Config::parse(&good).unwrap();
+        assert_eq!(
+            c.peers[0].endpoint,
+            Some(Endpoint::secure("192.0.2.7:5684".parse().unwrap()))
+        );
+        for (text, why) in [
+            (
+                format!("{listen}[[peer]]\nname = \"m\"\nprefix = [\"192.0.2.7/32\"]\nendpoint = \"coaps://192.0.2.7\""),
+                "no credentials",
+            ),
+            (
+                format!("{listen}[[peer]]\nname = \"m\"\n{psk}\nendpoint = \"coaps://[2001:db8::7]\""),
+                "no IPv6 CoAPS socket",
+            ),
+            (
+                format!("[[peer]]\nname = \"m\"\n{psk}\nendpoint = \"coaps://192.0.2.7\""),
+                "no CoAPS socket",
+            ),
+            (
+                format!("{listen}[[peer]]\nname = \"m\"\n{psk}\nendpoint = \"coaps://meter.example\""),
+                "a host name",
+            ),
+        ] {
+            assert_eq!(field_of(&text), "peer[0].endpoint", "{why}");
+        }
+        let twice = format!(
+            "{good}[[peer]]\nname = \"n\"\npsk_identity = \"n\"\npsk_hex = \"00\"\nendpoint = \"coaps://192.0.2.7:5684\"\n"
+        );
+        assert_eq!(
+            field_of(&twice),
+            "peer[1].endpoint",
+            "one peer per endpoint"
+        );
+        // An endpoint is a peer's: `[defaults]` has none to ignore.
+        let defaults = Config::parse("[defaults]\nendpoint = \"192.0.2.7:5683\"");
+        assert!(
+            matches!(&defaults, Err(ConfigError::Syntax { message, .. }) if message.contains("unknown field `endpoint`")),
+            "{defaults:?}"
         );
     }
 

@@ -155,6 +155,7 @@ pub fn run(config: Config, raw: ConfigFile, config_path: Option<PathBuf>) -> any
             dtls::outbox(dtls_stats.clone()).context("the CoAPS worker's downlink queue")?;
         let server = dtls::Server::new(
             config.dtls.clone(),
+            config.coaps_listen.clone(),
             mapper.clone(),
             dtls_stats.clone(),
             dtls_sessions.clone(),

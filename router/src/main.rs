@@ -135,8 +135,9 @@ enum PeerCommand {
         #[arg(long = "observe", value_name = "PATH")]
         observe: Vec<String>,
         /// Where downlink commands and observations go (default: the
-        /// source of the peer's latest uplink).
-        #[arg(long, value_name = "ADDR:PORT")]
+        /// source of the peer's latest uplink); coaps://ADDR[:PORT] for a
+        /// device listening on DTLS, which the gateway opens a session to.
+        #[arg(long, value_name = "ADDR:PORT|coaps://ADDR")]
         endpoint: Option<String>,
         /// The PSK identity the peer presents over DTLS (coaps).
         #[arg(long, value_name = "IDENTITY")]

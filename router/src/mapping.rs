@@ -10,6 +10,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, RwLock};
 
 use crate::coap::request::method_name;
+use crate::coap::Endpoint;
 use crate::config::{Config, Prefix};
 use crate::mqtt::topic;
 use crate::template::{Part, Template};
@@ -20,8 +21,9 @@ pub struct PeerInfo {
     pub name: String,
     pub topic: Option<Template>,
     pub deny: bool,
-    /// Where downlink commands go, when configured.
-    pub endpoint: Option<SocketAddr>,
+    /// Where downlink commands go, when configured (`coaps://`: over a
+    /// DTLS session the gateway opens).
+    pub endpoint: Option<Endpoint>,
     /// Topic filters it may publish to and read through the pubsub prefix,
     /// `{peer}` replaced by its name.
     pub publish: Vec<String>,
@@ -200,6 +202,7 @@ pub struct Mapper {
     by_name: HashMap<String, u32>,
     by_psk_identity: HashMap<Vec<u8>, u32>,
     by_cert_name: HashMap<String, u32>,
+    by_secure_endpoint: HashMap<SocketAddr, u32>,
     requires_dtls: bool,
     routes: Vec<Route>,
     default_topic: Template,
@@ -286,6 +289,11 @@ impl Mapper {
             .enumerate()
             .filter_map(|(i, p)| Some((p.cert_name.clone()?, i as u32)))
             .collect();
+        let by_secure_endpoint = infos
+            .iter()
+            .enumerate()
+            .filter_map(|(i, p)| Some((p.endpoint.filter(|e| e.secure)?.addr, i as u32)))
+            .collect();
         Mapper {
             requires_dtls: infos.iter().any(|p| p.require_dtls),
             peers,
@@ -293,6 +301,7 @@ impl Mapper {
             by_name,
             by_psk_identity,
             by_cert_name,
+            by_secure_endpoint,
             routes,
             default_topic: config.defaults.topic.clone(),
             default_publish: config.defaults.publish.clone(),
@@ -392,6 +401,14 @@ impl Mapper {
         names
             .into_iter()
             .find_map(|n| self.by_cert_name.get(n))
+            .map(|&i| &self.infos[i as usize])
+    }
+
+    /// The peer whose endpoint is `coaps://addr` (config checks there is
+    /// at most one).
+    pub fn peer_at_secure_endpoint(&self, addr: SocketAddr) -> Option<&PeerInfo> {
+        self.by_secure_endpoint
+            .get(&addr)
             .map(|&i| &self.infos[i as usize])
     }
 

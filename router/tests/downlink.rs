@@ -8,6 +8,7 @@ use std::time::{Duration, Instant};
 
 use m2m_router::coap::message::{self, code, Message, ACK, CON, RST};
 use m2m_router_tests::daemon::Daemon;
+use m2m_router_tests::libcoap::CoapServer;
 use m2m_router_tests::mqtt::{mosquitto_pub, MosquittoSub, Received};
 use m2m_router_tests::netns::{recv_from, wait_for, Topology, DEADLINE, DEV_V4, GW_V4};
 use m2m_router_tests::packet::coap_post;
@@ -454,26 +455,12 @@ fn a_large_command_goes_in_blocks_and_a_large_answer_is_fetched_whole() {
             "block_size = 256\n[[peer]]\nname = \"server\"\nprefix = [\"{server_addr}/32\"]\nendpoint = \"{server_addr}:5683\"\n"
         ),
     );
-    let mut server = s
-        .topo
-        .dev
-        .command("coap-server-notls")
-        .args(["-A", &server_addr.to_string(), "-d", "10"])
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null())
-        .spawn()
-        .expect("coap-server-notls (Debian package libcoap3-bin)");
-    let listening = || {
-        let out = s
-            .topo
-            .dev
-            .command("ss")
-            .args(["-Huln", "src", &format!("{server_addr}:5683")])
-            .output()
-            .expect("ss");
-        !out.stdout.is_empty()
-    };
-    assert!(wait_for(DEADLINE, listening), "coap-server did not start");
+    let server = CoapServer::start(
+        &s.topo.dev,
+        "coap-server-notls",
+        SocketAddr::new(server_addr.into(), 5683),
+        &["-A", &server_addr.to_string(), "-d", "10"],
+    );
     let sub = subscriber(&s, "m2m-resp/#");
     let body: String = (0..5000)
         .map(|i| char::from(b'a' + (i % 26) as u8))
@@ -516,8 +503,7 @@ fn a_large_command_goes_in_blocks_and_a_large_answer_is_fetched_whole() {
     // one: at least 4 more).
     let blocks = s.daemon.counter("downlink", "blocks");
     assert!(blocks >= 19 + 4, "{blocks} further block requests");
-    let _ = server.kill();
-    let _ = server.wait();
+    drop(server);
     s.daemon.stop();
 }
 

@@ -9,10 +9,11 @@ use std::net::{IpAddr, SocketAddr};
 use std::time::Duration;
 
 use m2m_router::coap::message::{self, code, option, Message, ACK, CON};
-use m2m_router_tests::certs::{Names, Pki};
+use m2m_router_tests::certs::{Issued, Names, Pki};
 use m2m_router_tests::daemon::Daemon;
 use m2m_router_tests::dtls::DtlsClient;
-use m2m_router_tests::mqtt::{mosquitto_pub, MosquittoSub};
+use m2m_router_tests::libcoap::CoapServer;
+use m2m_router_tests::mqtt::{mosquitto_pub, MosquittoSub, Received};
 use m2m_router_tests::netns::{wait_for, Topology, DEADLINE, DEV_V4, DEV_V6, GW_V4, GW_V6};
 use m2m_router_tests::packet::coap_post;
 use m2m_router_tests::{require_root, TempPath};
@@ -436,12 +437,7 @@ fn certificate_mode_names_the_peer_by_its_certificate() {
     let foreign = Pki::new("dtls-foreign").issue("sensor-7.example", &Names::default());
     let gw = Gateway::with(
         "cert",
-        &format!(
-            "certificate = \"{}\"\nprivate_key = \"{}\"\nca_file = \"{}\"",
-            gateway.cert_file.as_str(),
-            gateway.key_file.as_str(),
-            pki.ca.cert_file.as_str()
-        ),
+        &certificate_mode(&pki, &gateway),
         r#"
         [[peer]]
         name = "sensor"
@@ -580,6 +576,17 @@ fn certificate_mode_names_the_peer_by_its_certificate() {
     assert_eq!(got[0].topic, "m2m/latecomer/sensors/temp");
     assert_eq!(sub.fence(), vec![], "nothing else was published");
     gw.daemon.stop();
+}
+
+/// The `[dtls]` lines of certificate mode: the gateway shows `gateway`,
+/// and trusts `pki`'s CA.
+fn certificate_mode(pki: &Pki, gateway: &Issued) -> String {
+    format!(
+        "certificate = \"{}\"\nprivate_key = \"{}\"\nca_file = \"{}\"",
+        gateway.cert_file.as_str(),
+        gateway.key_file.as_str(),
+        pki.ca.cert_file.as_str()
+    )
 }
 
 /// The next `n` messages `sub` receives, as (topic, payload), sorted.
@@ -905,5 +912,224 @@ fn spoofed_client_hellos_do_not_keep_real_devices_out() {
         "the flood left no handshake: {report}"
     );
     assert!(growth < 32 << 20, "memory stays bounded: {report}");
+    gw.daemon.stop();
+}
+
+/// Sends an MQTT command to `peer` (PUT of `payload` to `path`, or GET when
+/// `payload` is None) and returns its answer as `responses` got it.
+fn command(
+    gw: &Gateway,
+    responses: &MosquittoSub,
+    peer: &str,
+    path: &str,
+    payload: Option<&str>,
+) -> Received {
+    let method = if payload.is_some() { "PUT" } else { "GET" };
+    mosquitto_pub(
+        &gw.topo.gw,
+        &format!("m2m-cmd/{peer}/{path}"),
+        payload.unwrap_or(""),
+        &[&format!("user-property method {method}")],
+    );
+    let mut got = responses.take(1);
+    assert_eq!(got.len(), 1, "no answer to the {method} from {peer}");
+    let answer = got.remove(0);
+    assert_eq!(answer.topic, format!("m2m-resp/{peer}/{path}"));
+    answer
+}
+
+/// The DTLS sessions `ctl dtls ls` lists, as (peer, address, opened_by,
+/// cipher).
+fn sessions(gw: &Gateway) -> Vec<(String, String, String, String)> {
+    let listed = gw.daemon.ctl_json(&["dtls", "ls"]);
+    let text = |v: &serde_json::Value| v.as_str().unwrap_or_default().to_owned();
+    listed["sessions"]
+        .as_array()
+        .unwrap_or_else(|| panic!("{listed}"))
+        .iter()
+        .map(|s| {
+            (
+                text(&s["peer"]),
+                text(&s["address"]),
+                text(&s["opened_by"]),
+                text(&s["cipher"]),
+            )
+        })
+        .collect()
+}
+
+/// Devices that listen on DTLS (RFC 7252 section 9.1: either end may open
+/// the session), each a peer with `endpoint = "coaps://..."`: libcoap's
+/// `coap-server-openssl` over IPv4 and `coap-server-gnutls` over IPv6,
+/// knowing the peer's PSK. An MQTT command opens a session from the
+/// gateway's CoAPS socket (the devices' HelloVerifyRequests, DTLS 1.0
+/// records, pass XDP), creates a resource with PUT and reads it back with
+/// GET; the answers are published under the peer. A device that does not
+/// know the peer's key gets no command: the handshake times out, and what
+/// waited for it is counted.
+#[test]
+fn devices_listening_on_coaps_are_reached_with_the_peers_psk() {
+    let devices = [
+        (
+            "coap-server-openssl",
+            IpAddr::from(DEV_V4[2]),
+            "srv-openssl",
+            KEY,
+        ),
+        (
+            "coap-server-gnutls",
+            IpAddr::from(DEV_V6[2]),
+            "srv-gnutls",
+            KEY,
+        ),
+        (
+            "coap-server-openssl",
+            IpAddr::from(DEV_V4[3]),
+            "liar",
+            "another-key-0123",
+        ),
+    ];
+    let peers: String = devices
+        .iter()
+        .map(|(_, ip, name, _)| {
+            format!(
+                "[[peer]]\nname = \"{name}\"\npsk_identity = \"{name}\"\npsk_hex = \"{}\"\nendpoint = \"coaps://{}\"\n",
+                hex(KEY.as_bytes()),
+                SocketAddr::new(*ip, 5684)
+            )
+        })
+        .collect();
+    let gw = Gateway::with("coaps-psk", "", &peers);
+    let _servers: Vec<CoapServer> = devices
+        .iter()
+        .map(|(program, ip, _, key)| {
+            CoapServer::start(
+                &gw.topo.dev,
+                program,
+                SocketAddr::new(*ip, 5684),
+                &["-A", &ip.to_string(), "-k", key, "-d", "10"],
+            )
+        })
+        .collect();
+    let responses = MosquittoSub::start(&gw.topo.gw, &["m2m-resp/#"], &["-F", "%t|%p|%D %P"]);
+    for (_, _, peer, _) in &devices[..2] {
+        let body = format!("set by {peer}");
+        let created = command(&gw, &responses, peer, "store", Some(&body));
+        assert!(
+            created.content_type.contains("coap-code:2.01"),
+            "{created:?}"
+        );
+        let read = command(&gw, &responses, peer, "store", None);
+        assert!(read.content_type.contains("coap-code:2.05"), "{read:?}");
+        assert_eq!(read.payload, body);
+    }
+    let mut listed = sessions(&gw);
+    listed.sort();
+    assert_eq!(
+        listed
+            .iter()
+            .map(|(peer, address, by, _)| (peer.as_str(), address.clone(), by.as_str()))
+            .collect::<Vec<_>>(),
+        vec![
+            ("srv-gnutls", format!("[{}]:5684", DEV_V6[2]), "gateway"),
+            ("srv-openssl", format!("{}:5684", DEV_V4[2]), "gateway"),
+        ]
+    );
+    assert!(listed.iter().all(|s| s.3.starts_with("PSK-")), "{listed:?}");
+    assert_eq!(gw.dtls("connects"), 2, "one session per device");
+    assert!(gw.dtls("downlink_sent") >= 4, "two commands to each");
+
+    // The device without the peer's key: the gateway's Finished does not
+    // decrypt there, so the handshake ends at its timeout (3 s here).
+    mosquitto_pub(
+        &gw.topo.gw,
+        "m2m-cmd/liar/store",
+        "x",
+        &["user-property method PUT"],
+    );
+    assert!(
+        wait_for(DEADLINE, || gw.dtls("handshake_timeouts") >= 1
+            && gw.dtls("downlink_no_session") >= 1),
+        "the failed handshake and the command that waited for it are counted"
+    );
+    assert!(sessions(&gw).iter().all(|s| s.0 != "liar"));
+    gw.daemon.stop();
+}
+
+/// Certificate mode with the gateway as the client: it shows its own
+/// certificate to `coap-server-openssl -c -j -C`, and takes the device for
+/// the peer only if the device's certificate chains to the CA and names
+/// the peer's `cert_name`; a device showing another name gets an alert.
+#[test]
+fn a_device_listening_on_coaps_is_reached_with_the_gateways_certificate() {
+    let pki = Pki::new("dtls-cert-client");
+    let gateway = pki.issue("gateway.example", &Names::default());
+    let device = pki.issue("meter-srv.example", &Names::default());
+    let impostor = pki.issue("someone-else.example", &Names::default());
+    let gw = Gateway::with(
+        "coaps-cert",
+        &certificate_mode(&pki, &gateway),
+        &format!(
+            r#"
+            [[peer]]
+            name = "metersrv"
+            cert_name = "meter-srv.example"
+            endpoint = "coaps://{}"
+            [[peer]]
+            name = "impostor"
+            cert_name = "impostor.example"
+            endpoint = "coaps://{}"
+            "#,
+            DEV_V4[2], DEV_V4[3]
+        ),
+    );
+    let _servers: Vec<CoapServer> = [(DEV_V4[2], &device), (DEV_V4[3], &impostor)]
+        .into_iter()
+        .map(|(ip, cert)| {
+            CoapServer::start(
+                &gw.topo.dev,
+                "coap-server-openssl",
+                SocketAddr::new(ip.into(), 5684),
+                &[
+                    "-A",
+                    &ip.to_string(),
+                    "-c",
+                    cert.cert_file.as_str(),
+                    "-j",
+                    cert.key_file.as_str(),
+                    "-C",
+                    pki.ca.cert_file.as_str(),
+                    "-d",
+                    "10",
+                ],
+            )
+        })
+        .collect();
+    let responses = MosquittoSub::start(&gw.topo.gw, &["m2m-resp/#"], &["-F", "%t|%p|%D %P"]);
+    let created = command(&gw, &responses, "metersrv", "store", Some("42"));
+    assert!(
+        created.content_type.contains("coap-code:2.01"),
+        "{created:?}"
+    );
+    let listed = sessions(&gw);
+    assert_eq!(listed.len(), 1, "{listed:?}");
+    assert_eq!(
+        (listed[0].0.as_str(), listed[0].2.as_str()),
+        ("metersrv", "gateway")
+    );
+    assert!(listed[0].3.starts_with("ECDHE-ECDSA"), "{listed:?}");
+
+    mosquitto_pub(
+        &gw.topo.gw,
+        "m2m-cmd/impostor/store",
+        "x",
+        &["user-property method PUT"],
+    );
+    assert!(
+        wait_for(DEADLINE, || gw.dtls("unknown_identity") >= 1
+            && gw.dtls("handshake_failures") >= 1),
+        "the device's certificate does not name the peer: refused and counted"
+    );
+    assert_eq!(sessions(&gw).len(), 1, "no session with the impostor");
     gw.daemon.stop();
 }

@@ -10,6 +10,7 @@ use std::net::{SocketAddr, UdpSocket};
 use m2m_router::coap::message::{self, code, option, Message, ACK, CON, NON, RST};
 use m2m_router_tests::daemon::Daemon;
 use m2m_router_tests::faultfs::FaultFs;
+use m2m_router_tests::libcoap::CoapServer;
 use m2m_router_tests::mqtt::{mosquitto_pub, MosquittoSub};
 use m2m_router_tests::netns::{
     confirm, next_datagram, wait_for, Topology, DEADLINE, DEV_V4, GW_V4,
@@ -231,21 +232,17 @@ fn payloads(sub: &mut MosquittoSub) -> Vec<String> {
 #[test]
 fn coap_server_time_notifications_reach_mosquitto_sub() {
     let gw = gateway("watch-libcoap", "[\"time\"]");
-    let mut server = gw
-        .topo
-        .dev
-        .command("coap-server-notls")
-        .args(["-A", &DEV_V4[0].to_string(), "-p", "5683"])
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null())
-        .spawn()
-        .expect("coap-server-notls (Debian package libcoap3-bin)");
+    let server = CoapServer::start(
+        &gw.topo.dev,
+        "coap-server-notls",
+        SocketAddr::new(DEV_V4[0].into(), 5683),
+        &["-A", &DEV_V4[0].to_string(), "-p", "5683"],
+    );
     let sub = MosquittoSub::start(&gw.topo.gw, &["dev/#"], &[]);
-    // The server may have started after the first registration: the
-    // gateway tries again (backoff from 4 s) until it answers.
+    // The gateway's first registration may have gone out before the
+    // server listened: it tries again (backoff from 4 s) until answered.
     let got = sub.take(4);
-    let _ = server.kill();
-    let _ = server.wait();
+    drop(server);
     assert_eq!(got.len(), 4, "four time notifications, got {got:?}");
     assert!(got.iter().all(|r| r.topic == "dev/meter/time"), "{got:?}");
     let distinct: std::collections::HashSet<&str> =

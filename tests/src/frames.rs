@@ -101,6 +101,13 @@ fn dtls_datagrams() -> Vec<Vec<u8>> {
     let mut d = vec![
         dtls_record(22, 0xfeff, 0, &hello),
         dtls_record(22, 0xfefd, 0, &hello),
+        // A HelloVerifyRequest (type 3) as servers send it, in 1.0.
+        dtls_record(
+            22,
+            0xfeff,
+            0,
+            &[3, 0, 0, 3, 0, 0, 0, 0, 0, 0, 0, 3, 0xfe, 0xff, 0],
+        ),
         dtls_record(23, 0xfefd, 1, &[0x42; 64]),
         [
             dtls_record(22, 0xfefd, 0, &[2; 40]),
@@ -110,9 +117,11 @@ fn dtls_datagrams() -> Vec<Vec<u8>> {
         .concat(),
         dtls_record(21, 0xfefd, 1, &[0x44; 26]),
         dtls_record(25, 0xfefd, 1, &[0x66; 30]),
-        // Errors: 1.0 outside a ClientHello, not DTLS at all, unknown types,
+        // Errors: 1.0 outside the hello exchange (a ServerHello, application
+        // data), not DTLS at all, unknown types,
         // lengths over and under the datagram, too many records, empty.
         dtls_record(23, 0xfeff, 1, &[0; 16]),
+        dtls_record(22, 0xfeff, 0, &[2; 40]),
         dtls_record(22, 0x0303, 0, &hello),
         dtls_record(24, 0xfefd, 1, &[0; 8]),
         dtls_record(26, 0xfefd, 1, &[0; 8]),

@@ -635,11 +635,10 @@ impl Downlink {
     /// latest uplink came from, over DTLS if it did (None if denied or
     /// never heard from).
     fn endpoint_of(&self, mapper: &Mapper, peer: &str) -> Option<Endpoint> {
-        mapper.peer_by_name(peer).filter(|p| !p.deny).and_then(|p| {
-            p.endpoint
-                .map(Endpoint::plain)
-                .or_else(|| self.last_seen.get(peer))
-        })
+        mapper
+            .peer_by_name(peer)
+            .filter(|p| !p.deny)
+            .and_then(|p| p.endpoint.or_else(|| self.last_seen.get(peer)))
     }
 
     fn start(&mut self, command: Command, endpoint: Endpoint) {

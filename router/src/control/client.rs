@@ -151,14 +151,15 @@ fn human(command: &str, v: &Value) -> String {
         }
         "dtls.ls" => {
             out.push_str(&format!(
-                "{:<16} {:<40} {:<28} {:<7} {:>8}\n",
-                "PEER", "ADDRESS", "CIPHER", "RESUMED", "AGE_S"
+                "{:<16} {:<40} {:<9} {:<28} {:<7} {:>8}\n",
+                "PEER", "ADDRESS", "OPENED_BY", "CIPHER", "RESUMED", "AGE_S"
             ));
             for s in v["sessions"].as_array().into_iter().flatten() {
                 out.push_str(&format!(
-                    "{:<16} {:<40} {:<28} {:<7} {:>8}\n",
+                    "{:<16} {:<40} {:<9} {:<28} {:<7} {:>8}\n",
                     s["peer"].as_str().unwrap_or(""),
                     s["address"].as_str().unwrap_or(""),
+                    s["opened_by"].as_str().unwrap_or(""),
                     s["cipher"].as_str().unwrap_or(""),
                     if s["resumed"].as_bool().unwrap_or(false) {
                         "yes"
@@ -208,7 +209,7 @@ mod tests {
     #[test]
     fn dtls_sessions_are_a_table() {
         let v = serde_json::json!({ "sessions": [
-            { "peer": "meter", "address": "[fd77::1]:40000", "cipher": "PSK-AES128-CCM8", "resumed": true, "age_s": 12 }
+            { "peer": "meter", "address": "[fd77::1]:40000", "opened_by": "gateway", "cipher": "PSK-AES128-CCM8", "resumed": true, "age_s": 12 }
         ]});
         let table = human("dtls.ls", &v);
         let lines: Vec<&str> = table.lines().collect();
@@ -219,7 +220,14 @@ mod tests {
         let row: Vec<&str> = lines[1].split_whitespace().collect();
         assert_eq!(
             row,
-            ["meter", "[fd77::1]:40000", "PSK-AES128-CCM8", "yes", "12"]
+            [
+                "meter",
+                "[fd77::1]:40000",
+                "gateway",
+                "PSK-AES128-CCM8",
+                "yes",
+                "12"
+            ]
         );
     }
 }

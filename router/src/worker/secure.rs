@@ -153,7 +153,7 @@ fn serve(
         // Commands, notifications and watches for devices with sessions.
         if fds[sockets.len()].revents & libc::POLLIN != 0 {
             for (remote, message) in downlink.drain() {
-                server.send_downlink(remote, &message, &mut out);
+                server.send_downlink(remote, &message, now, &mut out);
             }
         }
         send(sockets, &mut tx, &mut out);

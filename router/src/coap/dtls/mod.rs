@@ -11,10 +11,16 @@
 //! the worker's batched socket does the I/O, the sessions are found by the
 //! datagram's source address (no socket per session).
 //!
+//! The gateway is also a DTLS client: a downlink message for a device the
+//! config reaches at `coaps://ADDRESS` opens a session to it from the
+//! CoAPS socket of the address's family (RFC 7252 section 9.1: either end
+//! may start one), and waits in it until the handshake is done.
+//!
 //! Bounds: at most `max_sessions` sessions and `max_handshakes` of them
 //! unfinished; past either, the least recently active is closed (counted).
 //! A handshake unfinished after `handshake_timeout` and a session idle for
-//! `idle_timeout` are closed too.
+//! `idle_timeout` are closed too. At most `MAX_WAITING` downlink messages
+//! wait in a handshake the gateway opened.
 
 mod alerts;
 mod context;
@@ -41,6 +47,10 @@ pub use wire::Wire;
 const HANDSHAKE: u8 = 22;
 /// Largest plaintext of one record (RFC 6347 section 4.1.1).
 const MAX_PLAINTEXT: usize = 16384;
+/// Downlink messages that wait in one handshake the gateway opened; more
+/// are dropped (counted), as CoAP's retransmission covers (the client
+/// resends a CON request after 2 to 3 s, RFC 7252 section 4.2).
+pub const MAX_WAITING: usize = 16;
 
 /// DTLS counters, shared by the workers.
 #[derive(Debug, Default)]
@@ -70,13 +80,18 @@ pub struct DtlsStats {
     /// Datagrams from a source with no session that were not a
     /// ClientHello (a session closed on our side, or noise).
     pub no_session: AtomicU64,
+    /// Sessions the gateway opened to devices at `coaps://` endpoints.
+    pub connects: AtomicU64,
     /// Downlink messages (commands, notifications, watches) sent over a
-    /// session; those for an address with no session (it closed: the
-    /// device is reached again once it shakes hands); those dropped with
-    /// the worker's queue full.
+    /// session; those for an address where no session was to be had (it
+    /// closed, and the device is reached again once it shakes hands; or
+    /// the gateway's handshake to it failed); those dropped with the
+    /// worker's queue full, or with `MAX_WAITING` already waiting for a
+    /// handshake.
     pub downlink_sent: AtomicU64,
     pub downlink_no_session: AtomicU64,
     pub outbox_dropped: AtomicU64,
+    pub waiting_dropped: AtomicU64,
     pub sessions: AtomicU64,
     pub handshaking: AtomicU64,
     /// Fatal alerts sent and received, by description.
@@ -103,9 +118,11 @@ impl DtlsStats {
             ("replaced", f(&self.replaced)),
             ("closed_by_peer", f(&self.closed_by_peer)),
             ("no_session", f(&self.no_session)),
+            ("connects", f(&self.connects)),
             ("downlink_sent", f(&self.downlink_sent)),
             ("downlink_no_session", f(&self.downlink_no_session)),
             ("outbox_dropped", f(&self.outbox_dropped)),
+            ("waiting_dropped", f(&self.waiting_dropped)),
             ("sessions", f(&self.sessions)),
             ("handshaking", f(&self.handshaking)),
         ]
@@ -131,6 +148,8 @@ pub type Outgoing = (Link, Vec<u8>);
 pub struct SessionInfo {
     pub peer: String,
     pub address: SocketAddr,
+    /// "device", or "gateway" for a session to a `coaps://` endpoint.
+    pub opened_by: &'static str,
     pub cipher: String,
     pub resumed: bool,
     #[serde(skip)]
@@ -163,9 +182,16 @@ struct Session {
     stream: SslStream<Wire>,
     /// The peer its credentials named, once the handshake is done.
     peer: Option<Identity>,
-    /// What it was admitted with, to notice a change of its peer's.
+    /// What it was admitted with, to notice a change of its peer's; for a
+    /// session the gateway opened, what it presented.
     credential: Credential,
+    /// The gateway opened it, to a `coaps://` endpoint.
+    opened_by_gateway: bool,
+    /// Downlink messages for its device, until the handshake is done.
+    waiting: Vec<Vec<u8>>,
     started: Instant,
+    /// When its device was last heard from (and, for a session the device
+    /// opened, last sent to: it cannot be reached without it).
     last_active: Instant,
 }
 
@@ -181,6 +207,10 @@ pub struct Received {
 /// The DTLS sessions of one worker.
 pub struct Server {
     ctx: SslContext,
+    /// For sessions the gateway opens.
+    client_ctx: SslContext,
+    /// The worker's socket addresses, by index (`Link::local`).
+    locals: Vec<SocketAddr>,
     /// The object `DTLSv1_listen` runs on; it becomes the session of the
     /// first source that returns a valid cookie, and a fresh one replaces it.
     listener: SslStream<Wire>,
@@ -222,6 +252,7 @@ const DTLS_CTRL_HANDLE_TIMEOUT: c_int = 74;
 impl Server {
     pub fn new(
         settings: DtlsSettings,
+        locals: Vec<SocketAddr>,
         mappers: Arc<SharedMapper>,
         stats: Arc<DtlsStats>,
         registry: Arc<Sessions>,
@@ -231,10 +262,13 @@ impl Server {
             stats.clone(),
             settings.certificates.as_ref(),
         )?;
+        let client_ctx = context::client(stats.clone(), settings.certificates.as_ref())?;
         let listener = new_stream(&ctx, settings.mtu)?;
         let mapper_generation = mappers.generation();
         Ok(Server {
             ctx,
+            client_ctx,
+            locals,
             listener,
             sessions: HashMap::new(),
             by_remote: HashMap::new(),
@@ -283,14 +317,18 @@ impl Server {
     }
 
     /// Closes the older sessions of a peer that just shook hands again,
-    /// with a close_notify in case the device is still there.
+    /// with a close_notify in case the device is still there. Only among
+    /// the sessions its device opened: one the gateway opened to the
+    /// device's own server lives beside them.
     fn close_replaced(&mut self, out: &mut Vec<Outgoing>) {
         while let Some((fresh, key)) = self.established.pop() {
             let older: Vec<Link> = self
                 .sessions
                 .iter()
                 .filter(|(link, s)| {
-                    **link != fresh && s.peer.as_ref().is_some_and(|p| p.key == key)
+                    **link != fresh
+                        && !s.opened_by_gateway
+                        && s.peer.as_ref().is_some_and(|p| p.key == key)
                 })
                 .map(|(link, _)| *link)
                 .collect();
@@ -318,30 +356,105 @@ impl Server {
     }
 
     /// Encrypts a downlink message for the established session at device
-    /// address `remote` (counted either way).
+    /// address `remote`. Without one, the message waits in the handshake
+    /// under way there, or in one the gateway opens if the config reaches
+    /// a peer at `coaps://remote`; else it is counted and dropped.
     pub fn send_downlink(
         &mut self,
         remote: SocketAddr,
         message: &[u8],
+        now: Instant,
         out: &mut Vec<Outgoing>,
-    ) -> bool {
-        let sent = match self.by_remote.get(&remote) {
-            Some(&local) => {
-                let link = Link { local, remote };
-                if let Some(s) = self.sessions.get_mut(&link) {
-                    s.last_active = Instant::now();
-                }
-                self.send(link, message, out)
-            }
-            None => false,
+    ) {
+        let link = match self.by_remote.get(&remote) {
+            Some(&local) => Some(Link { local, remote }),
+            None => self.link_to(remote),
         };
-        let counter = if sent {
+        let Some(link) = link else {
+            count(&self.stats.downlink_no_session);
+            return;
+        };
+        if !self.sessions.contains_key(&link) && !self.connect(link, now, out) {
+            count(&self.stats.downlink_no_session);
+            return;
+        }
+        let s = self.sessions.get_mut(&link).expect("found or opened");
+        if s.peer.is_none() {
+            if s.waiting.len() < MAX_WAITING {
+                s.waiting.push(message.to_vec());
+            } else {
+                count(&self.stats.waiting_dropped);
+            }
+            return;
+        }
+        if !s.opened_by_gateway {
+            s.last_active = now;
+        }
+        let sent = self.send(link, message, out);
+        count(if sent {
             &self.stats.downlink_sent
         } else {
             &self.stats.downlink_no_session
+        });
+    }
+
+    /// The socket a session to `remote` goes from: the first of its
+    /// address family (config checks a `coaps://` endpoint has one).
+    fn link_to(&self, remote: SocketAddr) -> Option<Link> {
+        let local = self
+            .locals
+            .iter()
+            .position(|l| l.is_ipv4() == remote.is_ipv4())?;
+        Some(Link { local, remote })
+    }
+
+    /// Opens a session to the device of the peer whose endpoint is
+    /// `coaps://link.remote`: its ClientHello goes to `out`. False when no
+    /// peer is reached there.
+    fn connect(&mut self, link: Link, now: Instant, out: &mut Vec<Outgoing>) -> bool {
+        let (_, mapper) = self.mappers.load();
+        let Some(peer) = mapper.peer_at_secure_endpoint(link.remote) else {
+            return false;
         };
-        counter.fetch_add(1, Ordering::Relaxed);
-        sent
+        let credential = match (&peer.psk, &peer.cert_name) {
+            (Some(psk), _) => Credential::Psk(psk.identity.clone()),
+            (None, Some(name)) => Credential::Certificate(vec![name.clone()]),
+            (None, None) => return false,
+        };
+        let stream = context::connect(
+            &self.client_ctx,
+            peer,
+            self.settings.mtu,
+            self.stats.clone(),
+        )
+        .and_then(|ssl| SslStream::new(ssl, Wire::default()));
+        let Ok(stream) = stream else {
+            return false;
+        };
+        self.make_room();
+        self.sessions.insert(
+            link,
+            Session {
+                stream,
+                peer: None,
+                credential,
+                opened_by_gateway: true,
+                waiting: Vec::new(),
+                started: now,
+                last_active: now,
+            },
+        );
+        self.handshaking += 1;
+        self.stats.handshaking.fetch_add(1, Ordering::Relaxed);
+        count(&self.stats.connects);
+        tracing::debug!(dst = %link.remote, peer = %peer.name, "opening a DTLS session");
+        let outcome = self.advance(link, &mut Received::default());
+        self.flush(link, out);
+        if let Err(reason) = outcome {
+            self.close(link, reason);
+            return false;
+        }
+        true
     }
 
     /// Retransmits handshake flights whose timer ran out (RFC 6347 section
@@ -431,6 +544,8 @@ impl Server {
                 stream,
                 peer: None,
                 credential: Credential::None,
+                opened_by_gateway: false,
+                waiting: Vec::new(),
                 started: now,
                 last_active: now,
             },
@@ -454,8 +569,13 @@ impl Server {
             match s.stream.do_handshake() {
                 Ok(()) => {
                     let (_, mapper) = self.mappers.load();
-                    let credential = Credential::of(s.stream.ssl());
-                    let Some(peer) = credential.peer(&mapper) else {
+                    // A device's credentials name its peer; the gateway's
+                    // own session presented the peer's, and checked the
+                    // device's (context::connect).
+                    if !s.opened_by_gateway {
+                        s.credential = Credential::of(s.stream.ssl());
+                    }
+                    let Some(peer) = s.credential.peer(&mapper) else {
                         return Err(Close::Revoked);
                     };
                     let name: Arc<str> = Arc::from(peer.name.as_str());
@@ -463,8 +583,16 @@ impl Server {
                     let key = *self.keys.entry(name.clone()).or_insert(next);
                     let peer = Identity { name, key };
                     s.peer = Some(peer.clone());
-                    self.established.push((src, key));
-                    s.credential = credential;
+                    if !s.opened_by_gateway {
+                        self.established.push((src, key));
+                    }
+                    for message in std::mem::take(&mut s.waiting) {
+                        count(if s.stream.ssl_write(&message).is_ok() {
+                            &self.stats.downlink_sent
+                        } else {
+                            &self.stats.downlink_no_session
+                        });
+                    }
                     self.by_remote.insert(src.remote, src.local);
                     self.handshaking -= 1;
                     self.stats.handshaking.fetch_sub(1, Ordering::Relaxed);
@@ -474,6 +602,11 @@ impl Server {
                     let info = SessionInfo {
                         peer: peer.name.to_string(),
                         address: src.remote,
+                        opened_by: if s.opened_by_gateway {
+                            "gateway"
+                        } else {
+                            "device"
+                        },
                         cipher: ssl
                             .current_cipher()
                             .map_or_else(String::new, |c| c.name().to_owned()),
@@ -574,6 +707,10 @@ impl Server {
         let Some(s) = self.sessions.remove(&addr) else {
             return false;
         };
+        // What waited for a handshake that did not finish.
+        self.stats
+            .downlink_no_session
+            .fetch_add(s.waiting.len() as u64, Ordering::Relaxed);
         if s.peer.is_some() {
             if self.by_remote.get(&addr.remote) == Some(&addr.local) {
                 self.by_remote.remove(&addr.remote);
@@ -639,6 +776,10 @@ enum Close {
     Replaced,
 }
 
+fn count(counter: &AtomicU64) {
+    counter.fetch_add(1, Ordering::Relaxed);
+}
+
 fn new_stream(ctx: &SslContext, mtu: u32) -> Result<SslStream<Wire>, openssl::error::ErrorStack> {
     let mut ssl = Ssl::new(ctx)?;
     ssl.set_mtu(mtu)?;
@@ -653,23 +794,75 @@ mod tests {
     use openssl::ssl::SslMethod;
 
     const DEVICE: &str = "10.0.0.7:40000";
+    const GATEWAY: &str = "10.0.0.1:5684";
+
+    const KEY_HEX: &str = "00112233445566778899aabbccddeeff";
 
     fn server(settings: DtlsSettings) -> (Server, Arc<DtlsStats>, Arc<Sessions>) {
         // "meter" is meter-1; "m2" to "m5" are m2 to m5, all with one key.
-        let mut text = String::from(
-            "[[peer]]\nname = \"meter\"\npsk_identity = \"meter-1\"\npsk_hex = \"00112233445566778899aabbccddeeff\"\n",
+        let mut text = format!(
+            "[[peer]]\nname = \"meter\"\npsk_identity = \"meter-1\"\npsk_hex = \"{KEY_HEX}\"\n",
         );
         for i in 2..=5 {
             text += &format!(
-                "[[peer]]\nname = \"m{i}\"\npsk_identity = \"m{i}\"\npsk_hex = \"00112233445566778899aabbccddeeff\"\n"
+                "[[peer]]\nname = \"m{i}\"\npsk_identity = \"m{i}\"\npsk_hex = \"{KEY_HEX}\"\n"
             );
         }
-        let config = Config::parse(&text).unwrap();
+        server_of(&text, settings)
+    }
+
+    fn server_of(config: &str, settings: DtlsSettings) -> (Server, Arc<DtlsStats>, Arc<Sessions>) {
+        let config = Config::parse(config).unwrap();
         let mappers = SharedMapper::new(Mapper::from_config(&config));
         let stats = Arc::new(DtlsStats::default());
         let registry = Arc::new(Sessions::default());
-        let s = Server::new(settings, mappers, stats.clone(), registry.clone()).unwrap();
+        let s = Server::new(
+            settings,
+            vec!["0.0.0.0:5684".parse().unwrap()],
+            mappers,
+            stats.clone(),
+            registry.clone(),
+        )
+        .unwrap();
         (s, stats, registry)
+    }
+
+    /// A gateway that reaches peer "meter" at `coaps://DEVICE`, presenting
+    /// identity meter-1 and `key_hex`.
+    fn gateway(key_hex: &str) -> (Server, Arc<DtlsStats>, Arc<Sessions>) {
+        server_of(
+            &format!(
+                "[coap]\nlisten_dtls = [\"0.0.0.0:5684\"]\n[[peer]]\nname = \"meter\"\n\
+                 psk_identity = \"meter-1\"\npsk_hex = \"{key_hex}\"\nendpoint = \"coaps://{DEVICE}\"\n"
+            ),
+            DtlsSettings::default(),
+        )
+    }
+
+    /// Delivers datagrams between a gateway and a device listening on
+    /// DTLS (a `Server` of its own) until neither has more to send; what
+    /// the device decrypted, and from whom.
+    fn pump(gw: &mut Server, device: &mut Server, mut to_device: Vec<Outgoing>) -> Received {
+        let gateway_side = link(GATEWAY);
+        let mut got = Received::default();
+        let now = Instant::now();
+        for _ in 0..20 {
+            let mut to_gateway = Vec::new();
+            for (to, d) in to_device.drain(..) {
+                assert_eq!(to, link(DEVICE));
+                let r = device.receive(gateway_side, &d, now, &mut to_gateway);
+                got.messages.extend(r.messages);
+                got.peer = got.peer.or(r.peer);
+            }
+            for (to, d) in to_gateway {
+                assert_eq!(to, gateway_side);
+                gw.receive(link(DEVICE), &d, now, &mut to_device);
+            }
+            if to_device.is_empty() {
+                break;
+            }
+        }
+        got
     }
 
     /// An OpenSSL PSK client over a wire of its own.
@@ -914,5 +1107,95 @@ mod tests {
         assert_eq!(stats.evicted.load(Ordering::Relaxed), 2);
         assert_eq!(stats.sessions.load(Ordering::Relaxed), 3);
         assert_eq!(stats.replaced.load(Ordering::Relaxed), 0);
+    }
+
+    /// A downlink message for a peer reached at `coaps://` opens a session
+    /// to its device with the peer's PSK; what waited goes out once the
+    /// handshake is done, in order; the device's answers come back as from
+    /// the peer.
+    #[test]
+    fn the_gateway_opens_a_session_to_a_coaps_endpoint_and_sends_what_waited() {
+        let (mut gw, stats, registry) = gateway(KEY_HEX);
+        let (mut device, device_stats, _) = server(DtlsSettings::default());
+        let device_addr: SocketAddr = DEVICE.parse().unwrap();
+        let now = Instant::now();
+        let mut out = Vec::new();
+        gw.send_downlink(device_addr, b"first", now, &mut out);
+        assert_eq!(out.len(), 1, "a ClientHello");
+        assert_eq!(out[0].0, link(DEVICE));
+        gw.send_downlink(device_addr, b"second", now, &mut out);
+        assert_eq!(out.len(), 1, "the second message waits too");
+        assert_eq!(stats.connects.load(Ordering::Relaxed), 1);
+        assert_eq!(stats.handshaking.load(Ordering::Relaxed), 1);
+
+        let got = pump(&mut gw, &mut device, out);
+        assert_eq!(got.messages, vec![b"first".to_vec(), b"second".to_vec()]);
+        assert_eq!(got.peer.map(|p| p.name), Some(Arc::from("meter")));
+        assert_eq!(device_stats.hello_verify.load(Ordering::Relaxed), 1);
+        assert_eq!(stats.handshakes.load(Ordering::Relaxed), 1);
+        assert_eq!(stats.downlink_sent.load(Ordering::Relaxed), 2);
+        assert_eq!(gw.peer(&link(DEVICE)).map(|p| &*p.name), Some("meter"));
+        let listed = registry.list();
+        assert_eq!(
+            (listed.len(), listed[0].opened_by),
+            (1, "gateway"),
+            "{listed:?}"
+        );
+
+        // Once established, a message goes straight out; the answer is
+        // the peer's.
+        let mut out = Vec::new();
+        gw.send_downlink(device_addr, b"third", now, &mut out);
+        assert_eq!(
+            pump(&mut gw, &mut device, out).messages,
+            vec![b"third".to_vec()]
+        );
+        let mut back = Vec::new();
+        assert!(device.send(link(GATEWAY), b"answer", &mut back));
+        let (to, answer) = back.pop().unwrap();
+        assert_eq!(to, link(GATEWAY));
+        let r = gw.receive(link(DEVICE), &answer, now, &mut Vec::new());
+        assert_eq!(r.messages, vec![b"answer".to_vec()]);
+        assert_eq!(r.peer.map(|p| p.name), Some(Arc::from("meter")));
+        assert_eq!(stats.connects.load(Ordering::Relaxed), 1, "one session");
+    }
+
+    /// A device that does not know the key never completes the handshake:
+    /// what waited is counted as finding no session when it times out, and
+    /// at most `MAX_WAITING` messages wait. An address no peer is reached
+    /// at gets no session at all.
+    #[test]
+    fn a_failed_handshake_to_a_device_drops_what_waited_counted() {
+        let (mut gw, stats, _) = gateway("ffeeddccbbaa99887766554433221100");
+        let (mut device, _, _) = server(DtlsSettings::default());
+        let device_addr: SocketAddr = DEVICE.parse().unwrap();
+        let now = Instant::now();
+        let mut out = Vec::new();
+        for _ in 0..MAX_WAITING + 4 {
+            gw.send_downlink(device_addr, b"command", now, &mut out);
+        }
+        assert_eq!(stats.waiting_dropped.load(Ordering::Relaxed), 4);
+        let got = pump(&mut gw, &mut device, out);
+        assert!(got.messages.is_empty());
+        assert!(gw.peer(&link(DEVICE)).is_none());
+        gw.sweep(
+            now + DtlsSettings::default().handshake_timeout * 2,
+            &mut Vec::new(),
+        );
+        assert_eq!(stats.handshake_timeouts.load(Ordering::Relaxed), 1);
+        assert_eq!(
+            stats.downlink_no_session.load(Ordering::Relaxed),
+            MAX_WAITING as u64
+        );
+        assert_eq!(stats.handshaking.load(Ordering::Relaxed), 0);
+
+        let mut out = Vec::new();
+        gw.send_downlink("10.0.0.9:5684".parse().unwrap(), b"x", now, &mut out);
+        assert!(out.is_empty(), "no peer is reached there");
+        assert_eq!(
+            stats.downlink_no_session.load(Ordering::Relaxed),
+            MAX_WAITING as u64 + 1
+        );
+        assert_eq!(stats.connects.load(Ordering::Relaxed), 1);
     }
 }
