@@ -12,7 +12,7 @@ use m2m_router::coap::message::{self, code, option, Message, ACK, CON};
 use m2m_router_tests::certs::{Issued, Names, Pki};
 use m2m_router_tests::daemon::Daemon;
 use m2m_router_tests::dtls::DtlsClient;
-use m2m_router_tests::libcoap::CoapServer;
+use m2m_router_tests::libcoap::{CoapClient, CoapServer};
 use m2m_router_tests::mqtt::{mosquitto_pub, MosquittoSub, Received};
 use m2m_router_tests::netns::{wait_for, Topology, DEADLINE, DEV_V4, DEV_V6, GW_V4, GW_V6};
 use m2m_router_tests::packet::coap_post;
@@ -403,6 +403,66 @@ fn a_body_in_blocks_over_dtls_arrives_whole() {
     );
     assert_eq!(sub.fence(), vec![], "published once");
     assert!(gw.daemon.counter("coap", "blocks") >= 80);
+    gw.daemon.stop();
+}
+
+/// Observe over DTLS with a stock client: libcoap's GnuTLS build observes
+/// `ps/<topic>` over IPv6 with its PSK (`-s`), as the peer its identity
+/// names (whose `subscribe` lets it read the topic; `ctl observe ls` names
+/// it), and prints each state
+/// mosquitto_pub publishes there, in order, each sent over its session.
+#[test]
+fn coap_client_observes_a_topic_over_dtls() {
+    let gw = Gateway::with(
+        "observe",
+        "",
+        &format!(
+            "[[peer]]\nname = \"watcher\"\npsk_identity = \"watcher-1\"\npsk_hex = \"{}\"\nsubscribe = [\"plant/#\"]\n",
+            hex(KEY.as_bytes())
+        ),
+    );
+    let client = CoapClient::spawn(
+        &gw.topo.dev,
+        "coap-client-gnutls",
+        &[
+            "-a",
+            &DEV_V6[1].to_string(),
+            "-u",
+            "watcher-1",
+            "-k",
+            KEY,
+            "-s",
+            "120",
+            "-w",
+            "-m",
+            "get",
+            &format!("coaps://[{GW_V6}]/ps/plant/valve"),
+        ],
+    );
+    gw.daemon.wait_ctl(&["stats"], DEADLINE, |v| {
+        v["downlink"]["observers"].as_u64() == Some(1)
+    });
+    let ls = gw.daemon.ctl_json(&["observe", "ls"]);
+    let observer = &ls["observers"][0];
+    assert_eq!(
+        (&observer["peer"], &observer["topic"]),
+        (
+            &serde_json::json!("watcher"),
+            &serde_json::json!("plant/valve")
+        ),
+        "the observer is the peer of its session: {ls}"
+    );
+    let sent = gw.dtls("downlink_sent");
+    for i in 1..=3 {
+        let state = format!("state-{i}");
+        mosquitto_pub(&gw.topo.gw, "plant/valve", &state, &[]);
+        assert_eq!(client.next_line_starting("state-"), state, "in order");
+    }
+    assert!(
+        gw.dtls("downlink_sent") >= sent + 3,
+        "the notifications went over the session"
+    );
+    drop(client);
     gw.daemon.stop();
 }
 

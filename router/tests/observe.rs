@@ -8,6 +8,7 @@ use std::net::{IpAddr, SocketAddr, UdpSocket};
 
 use m2m_router::coap::message::{self, code, option, Message, ACK, CON, NON, RST};
 use m2m_router_tests::daemon::Daemon;
+use m2m_router_tests::libcoap::CoapClient;
 use m2m_router_tests::mqtt::RawClient;
 use m2m_router_tests::netns::{
     deep_receive_buffer, next_datagram, Topology, DEADLINE, DEV_V4, GW_V4,
@@ -345,27 +346,21 @@ fn ten_thousand_messages_from_device_a_reach_observing_device_b_in_order() {
 /// prints each state mosquitto_pub publishes there, in order.
 #[test]
 fn coap_client_observes_a_topic_and_gets_each_state_mosquitto_pub_publishes() {
-    use std::io::BufRead;
     let gw = gateway("obs-libcoap");
-    // stdbuf: one line at a time through the pipe, not at exit.
-    let mut client = gw
-        .topo
-        .dev
-        .command("stdbuf")
-        .args(["-oL", "coap-client-notls", "-a", &DEV_V4[0].to_string()])
-        .args(["-s", "120", "-w", "-m", "get"])
-        .arg(format!("coap://{GW_V4}/ps/plant/valve"))
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::null())
-        .spawn()
-        .expect("coap-client-notls (Debian package libcoap3-bin)");
-    let (tx, lines) = std::sync::mpsc::channel();
-    let out = client.stdout.take().unwrap();
-    std::thread::spawn(move || {
-        for line in std::io::BufReader::new(out).lines().map_while(Result::ok) {
-            let _ = tx.send(line);
-        }
-    });
+    let client = CoapClient::spawn(
+        &gw.topo.dev,
+        "coap-client-notls",
+        &[
+            "-a",
+            &DEV_V4[0].to_string(),
+            "-s",
+            "120",
+            "-w",
+            "-m",
+            "get",
+            &format!("coap://{GW_V4}/ps/plant/valve"),
+        ],
+    );
     gw.wait_counter("observers", 1);
     for (i, qos) in [(1, "0"), (2, "1"), (3, "0"), (4, "1"), (5, "1")] {
         let state = format!("state-{i}");
@@ -387,17 +382,9 @@ fn coap_client_observes_a_topic_and_gets_each_state_mosquitto_pub_publishes() {
             .expect("mosquitto_pub");
         assert!(ok.success());
         // Lines other than states (the empty registration answer) pass.
-        let got = loop {
-            let line = lines
-                .recv_timeout(DEADLINE)
-                .unwrap_or_else(|_| panic!("{state} did not reach coap-client"));
-            if line.starts_with("state-") {
-                break line;
-            }
-        };
+        let got = client.next_line_starting("state-");
         assert_eq!(got, state, "in order");
     }
-    let _ = client.kill();
-    let _ = client.wait();
+    drop(client);
     gw.daemon.stop();
 }

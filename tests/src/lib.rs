@@ -6,7 +6,7 @@
 //! - [`dtls`], [`certs`]: a DTLS client with a PSK or a certificate, and a
 //!   test PKI that issues certificates;
 //! - [`frames`]: the differential corpus of Ethernet frames;
-//! - [`libcoap`]: libcoap's example server as a device that listens;
+//! - [`libcoap`]: libcoap's example server and a long-running client;
 //! - [`packet`]: an Ethernet/VLAN/IPv4/IPv6/UDP/CoAP frame builder;
 //! - [`disk`]: a small tmpfs that fills up and gets room back on demand;
 //! - [`faultfs`]: a FUSE filesystem whose writes and fsyncs fail or wait

@@ -267,11 +267,11 @@ impl Observers {
     }
 
     /// Every relation as `ctl observe ls` shows it, oldest first;
-    /// `peer_of` names the peer an address belongs to.
+    /// `peer_of` names the peer an observer's endpoint is.
     pub fn list(
         &self,
         now: Instant,
-        peer_of: impl Fn(IpAddr) -> Option<String>,
+        peer_of: impl Fn(Endpoint) -> Option<String>,
     ) -> Vec<serde_json::Value> {
         let mut relations: Vec<(&RelationId, &Relation)> = self.relations.iter().collect();
         relations.sort_by_key(|(id, _)| **id);
@@ -280,7 +280,7 @@ impl Observers {
             .map(|(_, r)| {
                 let token: String = r.token.iter().map(|b| format!("{b:02x}")).collect();
                 serde_json::json!({
-                    "peer": peer_of(r.endpoint.addr.ip()),
+                    "peer": peer_of(r.endpoint),
                     "endpoint": r.endpoint.to_string(),
                     "token": token,
                     "topic": String::from_utf8_lossy(&r.topic),

@@ -14,6 +14,7 @@ use std::time::Instant;
 use serde::Deserialize;
 use serde_json::{json, Value};
 
+use crate::coap::Endpoint;
 use crate::config::{Config, ConfigError, ConfigFile, PeerSection, RouteSection};
 use crate::daemon::Running;
 use crate::fastpath::PolicyTables;
@@ -170,7 +171,16 @@ impl Control {
                 let now = std::time::Instant::now();
                 let relations = &self.running.relations;
                 let (_, mapper) = self.mappers.load();
-                let peer_of = |ip| mapper.peer(ip).map(|p| p.name.clone());
+                // A DTLS observer is the peer of its session; a plain one,
+                // the peer its address belongs to.
+                let sessions = self.running.dtls_sessions.list();
+                let peer_of = |e: Endpoint| {
+                    if e.secure {
+                        sessions.iter().find(|s| s.address == e.addr).map(|s| s.peer.clone())
+                    } else {
+                        mapper.peer(e.addr.ip()).map(|p| p.name.clone())
+                    }
+                };
                 let observers = relations.observers.lock().unwrap().list(now, peer_of);
                 let watches = relations.watches.lock().unwrap().list(now);
                 Ok(json!({ "observers": observers, "watches": watches }))
