@@ -13,6 +13,15 @@
 //! atomic compare-and-swap is exact across CPUs without a lock, and costs one
 //! CAS per accepted packet.
 
+//!
+//! The fast path's clock is the kernel's coarse one (`bpf_ktime_get_coarse_ns`,
+//! CLOCK_MONOTONIC_COARSE): it advances once per tick (1/HZ, 1 to 10 ms) and
+//! costs a fraction of the precise clock's read. Every packet within a tick
+//! sees the same time, so a burst tolerance below one tick would admit one
+//! packet per tick whatever the rate; [`with_clock_tick`] widens it by a
+//! tick, which keeps the long-run rate exact and lets at most one tick's worth
+//! of packets more through after an idle period.
+
 /// The TAT after admitting a packet at `now_ns`, or `None` if the packet is
 /// over the rate. `interval_ns == 0` means unlimited.
 #[inline(always)]
@@ -36,9 +45,56 @@ pub const fn gcra_params(rate_per_sec: u32, burst: u32) -> (u64, u64) {
     (interval, (burst - 1) * interval)
 }
 
+/// `(interval_ns, burst_ns)` for a clock that advances every `tick_ns`: the
+/// burst tolerance one tick wider (unlimited stays unlimited).
+pub const fn with_clock_tick(params: (u64, u64), tick_ns: u64) -> (u64, u64) {
+    let (interval, burst) = params;
+    if interval == 0 {
+        return params;
+    }
+    (interval, burst + tick_ns)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Like [`offered`], with the clock read advancing only every
+    /// `tick_ns` (a coarse clock).
+    fn offered_coarse(params: (u64, u64), gap_ns: u64, duration_ns: u64, tick_ns: u64) -> u64 {
+        let (interval, tolerance) = params;
+        let (mut tat, mut now, mut passed) = (0, 1_000_000_000, 0);
+        let end = now + duration_ns;
+        while now < end {
+            let coarse = now - now % tick_ns;
+            if let Some(next) = gcra_admit(tat, coarse, interval, tolerance) {
+                tat = next;
+                passed += 1;
+            }
+            now += gap_ns;
+        }
+        passed
+    }
+
+    #[test]
+    fn a_coarse_clock_keeps_the_rate_once_the_tolerance_spans_a_tick() {
+        // 1000/s, burst 1, offered at 100k/s for 10 s on a 4 ms clock.
+        let tick = 4_000_000;
+        let params = gcra_params(1000, 1);
+        let starved = offered_coarse(params, 10_000, 10_000_000_000, tick);
+        assert!(
+            (2_400..=2_600).contains(&starved),
+            "one per tick without the tick's tolerance: {starved}"
+        );
+        let passed = offered_coarse(with_clock_tick(params, tick), 10_000, 10_000_000_000, tick);
+        // The rate, plus at most one tick's worth (4 packets) more.
+        assert!((10_000..=10_005).contains(&passed), "passed {passed}");
+        assert_eq!(
+            with_clock_tick(gcra_params(0, 5), tick),
+            (0, 0),
+            "unlimited"
+        );
+    }
 
     /// Offers packets every `gap_ns` for `duration_ns`; returns how many pass.
     fn offered(rate: u32, burst: u32, gap_ns: u64, duration_ns: u64) -> u64 {

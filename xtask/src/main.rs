@@ -190,8 +190,9 @@ fn bench(quick: bool) -> Result<()> {
     ensure_packages(BUILD_PACKAGES)?;
     ensure_bpf_linker()?;
     bench_peers()?;
-    // perf profiles the router at its capacity (bench.rs).
-    ensure_packages(&["linux-perf"])?;
+    // perf profiles the router at its capacity (bench.rs); xdp-cost runs
+    // xdp-filter (xdp-tools) beside the fast path.
+    ensure_packages(&["linux-perf", "xdp-tools"])?;
     build_release()?;
     let generated = bench::run(&workspace().join("target/release"), quick)?;
     let path = workspace().join("BENCHMARKS.md");

@@ -5,7 +5,7 @@ mod pins;
 mod tables;
 
 pub use pins::PinDir;
-pub use tables::PolicyTables;
+pub use tables::{coarse_tick_ns, PolicyTables};
 
 use std::collections::{BTreeMap, HashMap};
 use std::io;

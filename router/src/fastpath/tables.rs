@@ -12,7 +12,7 @@ use router_common::maps::{
     PeerPolicy, MAX_PEERS, POLICY_ALLOW, POLICY_DENY, POLICY_REQUIRE_DTLS, PORT_COAP, PORT_COAPS,
     UNKNOWN_PEER_ID,
 };
-use router_common::rate::gcra_params;
+use router_common::rate::{gcra_params, with_clock_tick};
 
 use crate::config::{Config, Prefix, Rate, UnknownPeers};
 
@@ -34,8 +34,30 @@ pub struct PolicyTables {
     ids: HashMap<String, u32>,
 }
 
+/// GCRA parameters for the fast path, whose clock is the coarse one: the
+/// burst tolerance spans one more of its ticks (`router_common::rate`).
 fn rate_params(rate: Rate, burst: u32) -> (u64, u64) {
-    gcra_params(rate.0.unwrap_or(0), burst)
+    with_clock_tick(gcra_params(rate.0.unwrap_or(0), burst), coarse_tick_ns())
+}
+
+/// The resolution of CLOCK_MONOTONIC_COARSE, which is what
+/// `bpf_ktime_get_coarse_ns` reads: one tick (1/HZ).
+pub fn coarse_tick_ns() -> u64 {
+    static TICK: std::sync::OnceLock<u64> = std::sync::OnceLock::new();
+    *TICK.get_or_init(|| {
+        let mut res = libc::timespec {
+            tv_sec: 0,
+            tv_nsec: 0,
+        };
+        // SAFETY: clock_getres writes one timespec into a live one.
+        let ok = unsafe { libc::clock_getres(libc::CLOCK_MONOTONIC_COARSE, &mut res) } == 0;
+        if ok {
+            res.tv_sec as u64 * 1_000_000_000 + res.tv_nsec as u64
+        } else {
+            // The coarsest tick Linux has (HZ=100).
+            10_000_000
+        }
+    })
 }
 
 impl PolicyTables {
