@@ -19,7 +19,7 @@ use openssl::ssl::{
     Ssl, SslContext, SslContextBuilder, SslMethod, SslMode, SslOptions, SslRef,
     SslSessionCacheMode, SslVerifyMode, SslVersion,
 };
-use openssl::x509::{X509Ref, X509VerifyResult};
+use openssl::x509::{X509Ref, X509StoreContextRef, X509VerifyResult};
 
 use super::DtlsStats;
 use crate::config::{Certificates, Psk};
@@ -163,17 +163,7 @@ pub fn connect(
             ssl.set_cipher_list(ECDSA_CIPHERS)?;
             let name = name.clone();
             ssl.set_verify_callback(SslVerifyMode::PEER, move |chain_ok, ctx| {
-                if !chain_ok || ctx.error_depth() > 0 {
-                    return chain_ok;
-                }
-                let named = ctx
-                    .current_cert()
-                    .is_some_and(|cert| certificate_names(cert).contains(&name));
-                if !named {
-                    stats.unknown_identity.fetch_add(1, Ordering::Relaxed);
-                    ctx.set_error(X509VerifyResult::APPLICATION_VERIFICATION);
-                }
-                named
+                verify_device(chain_ok, ctx, &stats, |names| names.contains(&name))
             });
         }
         // Config refuses a coaps:// endpoint without credentials.
@@ -213,27 +203,37 @@ fn certificate_mode(b: &mut SslContextBuilder, mappers: Arc<SharedMapper>, stats
     b.set_verify_callback(
         SslVerifyMode::PEER | SslVerifyMode::FAIL_IF_NO_PEER_CERT,
         move |chain_ok, ctx| {
-            // Depth 0 is the device's own certificate; the CAs above it
-            // only need OpenSSL's verdict.
-            if !chain_ok || ctx.error_depth() > 0 {
-                return chain_ok;
-            }
-            let Some(cert) = ctx.current_cert() else {
-                return false;
-            };
-            let (_, mapper) = mappers.load();
-            let names = certificate_names(cert);
-            if mapper
-                .certificate(names.iter().map(String::as_str))
-                .is_some()
-            {
-                return true;
-            }
-            stats.unknown_identity.fetch_add(1, Ordering::Relaxed);
-            ctx.set_error(X509VerifyResult::APPLICATION_VERIFICATION);
-            false
+            verify_device(chain_ok, ctx, &stats, |names| {
+                let (_, mapper) = mappers.load();
+                mapper
+                    .certificate(names.iter().map(String::as_str))
+                    .is_some()
+            })
         },
     );
+}
+
+/// OpenSSL's verify callback for a device's certificate chain: the CAs
+/// above the device's own certificate (depth 0) only need OpenSSL's
+/// verdict; the device's must also have names `accepts`, else it is an
+/// unknown identity (counted) and the handshake fails.
+fn verify_device(
+    chain_ok: bool,
+    ctx: &mut X509StoreContextRef,
+    stats: &DtlsStats,
+    accepts: impl Fn(&[String]) -> bool,
+) -> bool {
+    if !chain_ok || ctx.error_depth() > 0 {
+        return chain_ok;
+    }
+    let named = ctx
+        .current_cert()
+        .is_some_and(|cert| accepts(&certificate_names(cert)));
+    if !named {
+        stats.unknown_identity.fetch_add(1, Ordering::Relaxed);
+        ctx.set_error(X509VerifyResult::APPLICATION_VERIFICATION);
+    }
+    named
 }
 
 /// The names a certificate gives its subject, as `[[peer]] cert_name`
